@@ -1,0 +1,75 @@
+"""Loss slices: the loss (and accuracy, metrics) on a 1D line or a 2D grid of parameter points.
+
+A slice along directions ``d_1[, d_2]`` evaluates ``f(a[, b]) = L(theta0 + a d_1 [+ b d_2])`` at
+``a = x[i]`` (and ``b = y[j]``). Values are stored so that ``loss[i, j]`` is the value at
+``(x[i], y[j])``; the original loss-landscape code stored ``[y, x]``, which scrambles
+non-square grids. Points are numbered in C order (``p = i * ny + j``) and evaluated in blocks
+of fixed, aligned size, so a resumed slice evaluates exactly the same blocks as an
+uninterrupted one and gives the same bits.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .problem import Problem
+
+
+def axis(lo: float, hi: float, steps: int) -> np.ndarray:
+    """``steps`` evenly spaced coordinates on ``[lo, hi]``; 0 is hit exactly when it is a grid point.
+
+    >>> axis(-1, 1, 5).tolist()
+    [-1.0, -0.5, 0.0, 0.5, 1.0]
+    """
+    if steps < 1:
+        raise ValueError("steps must be at least 1")
+    return np.linspace(lo, hi, steps, dtype=np.float64)
+
+
+def grid_coefficients(axes: Sequence[np.ndarray]) -> np.ndarray:
+    """All grid points as rows ``(x[i], y[j])`` in C order (``p = i * ny + j``)."""
+    mesh = np.meshgrid(*axes, indexing="ij")
+    return np.stack([m.reshape(-1) for m in mesh], axis=1)
+
+
+def missing_blocks(done: np.ndarray, block: int) -> list[np.ndarray]:
+    """Flat index arrays of the aligned blocks that still have a point to compute."""
+    flat = done.reshape(-1)
+    out = []
+    for start in range(0, flat.size, block):
+        if not flat[start:start + block].all():
+            out.append(np.arange(start, min(start + block, flat.size)))
+    return out
+
+
+def compute_slice(
+    problem: Problem,
+    directions: Sequence[Mapping[str, torch.Tensor]],
+    axes: Sequence[np.ndarray],
+    *,
+    done: np.ndarray | None = None,
+    block: int = 1,
+    on_block: Callable[[np.ndarray, Mapping[str, np.ndarray]], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """Evaluate every grid point not yet ``done``; returns arrays shaped like the grid.
+
+    ``on_block(index, values)`` is called after each block (flat indices and their values),
+    which is how the scan journals progress. Points already done are left as NaN in the
+    returned arrays.
+    """
+    shape = tuple(len(a) for a in axes)
+    done = np.zeros(shape, dtype=bool) if done is None else done
+    coeffs = grid_coefficients(axes)
+    dirs = [problem.as_list(d) for d in directions]
+    out: dict[str, np.ndarray] = {}
+    for idx in missing_blocks(done, block):
+        vals = problem.evaluate_points(coeffs[idx], dirs)
+        for k, v in vals.items():
+            out.setdefault(k, np.full(math.prod(shape), np.nan))[idx] = v
+        if on_block is not None:
+            on_block(idx, vals)
+    return {k: v.reshape(shape) for k, v in out.items()}
