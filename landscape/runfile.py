@@ -40,7 +40,9 @@ RESERVED = ("x", "y", "done", "directions")
 
 def encode_attr(value: Any) -> Any:
     """HDF5-storable attribute: scalars and strings as they are, anything else as JSON text."""
-    if isinstance(value, (bool, int, float, str, np.integer, np.floating, np.bool_)):
+    if isinstance(value, str):
+        return str(value)  # plain str: h5py cannot store str subclasses such as torch's TorchVersion
+    if isinstance(value, (bool, int, float, np.integer, np.floating, np.bool_)):
         return value
     return json.dumps(value, sort_keys=True, default=str)
 

@@ -1,0 +1,271 @@
+"""The ``landscape`` command: a thin typer front end over the library.
+
+Errors in the user's input are one line on stderr and exit code 2; ``--debug`` shows the
+traceback. Progress bars go to stderr, so ``--json`` output on stdout stays clean.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, SpinnerColumn, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.table import Table
+from rich.text import Text
+
+from landscape import __version__
+from landscape.errors import LandscapeError
+
+err_console = Console(stderr=True)
+out_console = Console()
+
+app = typer.Typer(
+    name="landscape",
+    help="Look inside trained PyTorch checkpoints: loss slices, curvature, sharpness, gradient coherence.",
+    epilog="Examples:\n\n"
+           "  landscape scan data/examples/mlp_sgd_s2000.pt\n\n"
+           "  landscape scan ckpt.pt --model mypkg.models:resnet20 --data mypkg.data:cifar_subset --loss cross_entropy\n\n"
+           "  landscape inspect reports/mlp_sgd_s2000/run.h5 --json",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"landscape {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Look inside trained PyTorch checkpoints."""
+
+
+@contextmanager
+def _errors(debug: bool) -> Iterator[None]:
+    """One line and exit 2 for bad input; exit 1 for a bug; tracebacks only with --debug."""
+    try:
+        yield
+    except LandscapeError as err:
+        if debug:
+            raise
+        err_console.print(Text(f"error: {err}"), soft_wrap=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        err_console.print("interrupted; finished points are saved, continue with --resume")
+        raise typer.Exit(130) from None
+    except (typer.Exit, SystemExit):
+        raise
+    except Exception as err:
+        if debug:
+            raise
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        err_console.print(Text(f"error: unexpected {type(err).__name__}: {msg} (this is a bug in landscape; "
+                               "re-run with --debug for the traceback and report it)"), soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task: Any) -> Text:
+        return Text(f"{task.speed:.1f} pts/s" if task.speed else "", style="progress.data.speed")
+
+
+def _parse_range(text: str) -> tuple[float, float]:
+    parts = text.replace(":", ",").split(",")
+    try:
+        vals = [float(p) for p in parts if p.strip()]
+    except ValueError:
+        raise LandscapeError(f"--range {text!r} is not a number or MIN,MAX", hint="e.g. --range 1 or --range=-0.5,1.5")
+    if len(vals) == 1:
+        return (-abs(vals[0]), abs(vals[0]))
+    if len(vals) == 2:
+        return (vals[0], vals[1])
+    raise LandscapeError(f"--range {text!r} is not a number or MIN,MAX", hint="e.g. --range 1 or --range=-0.5,1.5")
+
+
+def _parse_steps(text: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(p) for p in text.lower().replace(",", "x").split("x"))
+    except ValueError:
+        raise LandscapeError(f"--steps {text!r} is not N or NXxNY", hint="e.g. --steps 51 or --steps 41x31")
+    return vals
+
+
+@app.command(epilog="Examples:\n\n"
+                    "  landscape scan data/examples/cnn_adam_s2000.pt\n\n"
+                    "  landscape scan ckpt.pt --model pkg.models:Net --model-arg width=64 --data digits --max-samples 500\n\n"
+                    "  landscape scan a.pt --interpolate b.pt --dims 1 --steps 101\n\n"
+                    "  landscape scan ckpt.pt --dry-run")
+def scan(
+    checkpoint: str = typer.Argument(..., help="Checkpoint file (.pt, .pth, .ckpt, .safetensors)."),
+    model: Optional[str] = typer.Option(None, help="Model factory, module:callable or file.py:callable "
+                                                   "(default: the checkpoint's manifest)."),
+    model_arg: Optional[list[str]] = typer.Option(None, "--model-arg", help="key=value for the model factory; repeatable."),
+    data: Optional[str] = typer.Option(None, help="Built-in (digits, gaussian_mixture, teacher_student), a .pt/.npz/.h5 "
+                                                  "file with X and y, or module:callable."),
+    data_arg: Optional[list[str]] = typer.Option(None, "--data-arg", help="key=value for the data spec; repeatable."),
+    loss: Optional[str] = typer.Option(None, help="cross_entropy, mse or module:callable (default: from the "
+                                                  "checkpoint, else from the targets)."),
+    state_key: Optional[str] = typer.Option(None, help="Key of the state dict inside a training checkpoint (dotted)."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow pickled modules and TorchScript: runs code "
+                                                                    "from the file."),
+    max_samples: Optional[int] = typer.Option(None, help="Evaluate on a seeded random subset of this size."),
+    seed: int = typer.Option(0, help="Seed for directions and the data subset."),
+    dims: int = typer.Option(2, help="1 or 2 random directions."),
+    steps: str = typer.Option("51", help="Points per axis: N, or NXxNY for a non-square grid."),
+    range_: str = typer.Option("1", "--range", help="Axis range: R for [-R, R], or MIN,MAX (write --range=-0.5,1.5)."),
+    y_range: Optional[str] = typer.Option(None, "--y-range", help="Range of the second axis (default: --range)."),
+    norm: str = typer.Option("filter", help="Direction normalization: filter, layer or none."),
+    ignore: str = typer.Option("biasbn", help="Zero directions for biases and BatchNorm (biasbn) or keep them (none)."),
+    orthogonalize: bool = typer.Option(False, help="Orthogonalize the second direction against the first."),
+    interpolate: Optional[str] = typer.Option(None, help="Second checkpoint: add a 1D slice from this one to it."),
+    name: Optional[str] = typer.Option(None, help="Name of the random slice in the run file."),
+    bn: str = typer.Option("frozen", help="BatchNorm statistics: frozen (checkpoint's) or recompute at each point."),
+    bn_batches: int = typer.Option(10, help="Batches used to recompute BatchNorm statistics."),
+    batch_size: int = typer.Option(2048, help="Samples per forward pass."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
+    dtype: Optional[str] = typer.Option(None, help="float32 or float64 (default: the checkpoint's)."),
+    strategy: str = typer.Option("auto", help="Evaluation strategy: auto (measured), inplace or vmap."),
+    output: Optional[str] = typer.Option(None, "-o", "--output", help="Run file or directory (default: "
+                                                                       "reports/<checkpoint stem>/run.h5)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an existing run file, computing only missing points."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run file."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print forward passes, time and memory estimates; compute nothing."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Scan the loss landscape around a checkpoint and write a run file.
+
+    With no options, a self-describing checkpoint (see landscape.save_checkpoint) gets a
+    51x51 filter-normalized 2D slice on [-1, 1], written to reports/<name>/run.h5.
+    """
+    from landscape.scan import ScanConfig, estimate, run_scan, setup
+    from landscape.specs import Spec, parse_kv
+
+    with _errors(debug):
+        if dtype not in (None, "float32", "float64"):
+            raise LandscapeError(f"--dtype {dtype!r} is unknown", hint="use float32 or float64")
+        if resume and overwrite:
+            raise LandscapeError("--resume and --overwrite contradict each other", hint="pick one")
+        config = ScanConfig(
+            checkpoint=checkpoint,
+            model=Spec(model, parse_kv(model_arg, "--model-arg")) if model else None,
+            data=Spec(data, parse_kv(data_arg, "--data-arg")) if data else None,
+            loss=loss, state_key=state_key, trust_pickle=trust_pickle, max_samples=max_samples, seed=seed,
+            device=device, dtype=dtype, bn=bn, bn_batches=bn_batches, batch_size=batch_size, strategy=strategy,
+            dims=dims, steps=_parse_steps(steps), range=_parse_range(range_),
+            y_range=_parse_range(y_range) if y_range else None, norm=norm, ignore=ignore,
+            orthogonalize=orthogonalize, interpolate=interpolate, name=name, output=output, resume=resume,
+            overwrite=overwrite,
+        )
+        if model is None and model_arg:
+            raise LandscapeError("--model-arg needs --model", hint="name the model factory with --model")
+        if data is None and data_arg:
+            raise LandscapeError("--data-arg needs --data", hint="name the data with --data")
+        with err_console.status("loading checkpoint, model and data", spinner="dots"):
+            st = setup(config)
+        if dry_run:
+            est = estimate(config, st)
+            if json_out:
+                print(json.dumps(est.to_json(), indent=2))
+                return
+            t = Table(title=f"dry run: {checkpoint}", show_header=False)
+            t.add_row("parameters", f"{est.n_parameters:,}")
+            t.add_row("samples", f"{est.n_samples:,}")
+            t.add_row("grid points", f"{est.points:,}")
+            t.add_row("forward passes", f"{est.forward_passes:,}")
+            t.add_row("strategy", est.strategy)
+            t.add_row("time per point", f"{est.seconds_per_point * 1e3:.2f} ms")
+            t.add_row("estimated time", f"{est.seconds:.1f} s")
+            t.add_row("memory", f"{est.memory_bytes / 2**20:.1f} MiB ({est.memory_note})")
+            out_console.print(t)
+            return
+        columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   _RateColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+        with Progress(*columns, console=err_console, transient=False) as prog:
+            tasks: dict[str, Any] = {}
+
+            def progress(slice_name: str, done: int, total: int) -> None:
+                if slice_name not in tasks:
+                    tasks[slice_name] = prog.add_task(slice_name, total=total, completed=done)
+                prog.update(tasks[slice_name], completed=done)
+
+            summary = run_scan(config, progress=progress, prepared=st)
+        if json_out:
+            print(json.dumps(summary.to_json(), indent=2))
+            return
+        _print_summary(summary)
+
+
+def _fmt(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:.6g}"
+
+
+def _print_summary(summary: Any) -> None:
+    t = Table(title=f"run file: {summary.run_file}")
+    for c in ("slice", "grid", "loss at origin", "min loss", "max loss", "non-finite", "computed now", "seconds"):
+        t.add_column(c)
+    for s in summary.slices:
+        t.add_row(s.name, "x".join(map(str, s.shape)), _fmt(s.loss_at_origin), _fmt(s.loss_min), _fmt(s.loss_max),
+                  str(s.n_nonfinite), str(s.computed), f"{s.seconds:.1f}")
+    out_console.print(t)
+    for s in summary.slices:
+        if s.n_nonfinite:
+            err_console.print(Text(f"warning: slice {s.name} has {s.n_nonfinite} NaN/Inf points (kept in the run file)"))
+
+
+@app.command(epilog="Examples:\n\n  landscape inspect reports/mlp_sgd_s2000/run.h5\n\n"
+                    "  landscape inspect reports/mlp_sgd_s2000/run.h5 --json | jq .attrs.checkpoint_sha256")
+def inspect(
+    run_file: str = typer.Argument(..., help="A run file written by landscape."),
+    json_out: bool = typer.Option(False, "--json", help="Print everything as JSON."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Print every attribute and scalar result of a run file."""
+    from landscape.runfile import describe
+
+    with _errors(debug):
+        info = describe(run_file)
+        if json_out:
+            print(json.dumps(_nan_to_none(info), indent=2, default=str))
+            return
+        t = Table(title=f"{run_file}", show_header=False)
+        for k, v in info["attrs"].items():
+            t.add_row(Text(k), Text(json.dumps(v) if isinstance(v, (dict, list)) else str(v)))
+        out_console.print(t)
+        for gname, g in info["groups"].items():
+            t = Table(title=gname, show_header=False)
+            for k, v in g["attrs"].items():
+                t.add_row(Text(k), Text(str(v)))
+            for k, v in g["datasets"].items():
+                t.add_row(Text(k), Text(str(v)))
+            out_console.print(t)
+
+
+def _nan_to_none(obj: Any) -> Any:
+    """NaN and Inf become null: JSON has no spelling for them."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_nan_to_none(v) for v in obj]
+    return obj
+
+
+def main() -> None:
+    app(prog_name="landscape")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

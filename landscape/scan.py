@@ -1,0 +1,434 @@
+"""``landscape scan``: checkpoint -> Problem -> slices -> run file, resumable.
+
+:func:`setup` turns a :class:`ScanConfig` into a ready :class:`Setup` (checkpoint, model,
+data, loss, Problem); :func:`plan_slices` lists the slices to compute; :func:`run_scan` does
+the work and writes the run file, calling ``progress`` as points finish;
+:func:`estimate` gives the ``--dry-run`` cost without computing a slice.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import h5py
+import numpy as np
+import torch
+
+from . import __version__
+from .checkpoint import Checkpoint, apply_state_dict, check_finite, load_checkpoint
+from .data import EvalData, load_data
+from .directions import difference_direction, random_directions
+from .errors import LandscapeError
+from .losses import default_loss_name, resolve_loss
+from .problem import Problem
+from .runfile import RESERVED, RunFile, encode_attr, read_attrs
+from .slices import axis, compute_slice, missing_blocks
+from .specs import Spec, call_spec
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: Root attributes that must agree between a run file and the scan that resumes it.
+IDENTITY_ATTRS = ("checkpoint_sha256", "model_spec", "data_spec", "loss", "data_sha256", "dtype", "bn", "bn_batches")
+
+
+@dataclass(frozen=True)
+class SliceSettings:
+    """One slice to compute: its name, kind, grid and direction recipe."""
+
+    name: str
+    kind: str  # "random" or "interpolation"
+    axes: tuple[np.ndarray, ...]
+    norm: str = "filter"
+    ignore: str = "biasbn"
+    seed: int = 0
+    orthogonalize: bool = False
+    other_checkpoint: str | None = None
+
+    @property
+    def dims(self) -> int:
+        return len(self.axes)
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    """Everything ``landscape scan`` is told; the defaults are the defaults of the CLI."""
+
+    checkpoint: str
+    model: Spec | None = None
+    data: Spec | None = None
+    loss: str | None = None
+    state_key: str | None = None
+    trust_pickle: bool = False
+    max_samples: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    dtype: str | None = None
+    bn: str = "frozen"
+    bn_batches: int = 10
+    batch_size: int = 2048
+    strategy: str = "auto"
+    dims: int = 2
+    steps: tuple[int, ...] = (51,)
+    range: tuple[float, float] = (-1.0, 1.0)
+    y_range: tuple[float, float] | None = None
+    norm: str = "filter"
+    ignore: str = "biasbn"
+    orthogonalize: bool = False
+    interpolate: str | None = None
+    interp_range: tuple[float, float] = (-0.5, 1.5)
+    interp_steps: int = 51
+    name: str | None = None
+    output: str | None = None
+    resume: bool = False
+    overwrite: bool = False
+    compact_every: float = 30.0
+
+    def run_path(self) -> Path:
+        if self.output:
+            out = Path(self.output)
+            return out if out.suffix in (".h5", ".hdf5") else out / "run.h5"
+        return Path("reports") / Path(self.checkpoint).stem / "run.h5"
+
+
+@dataclass(frozen=True)
+class Setup:
+    checkpoint: Checkpoint
+    model: torch.nn.Module
+    data: EvalData
+    loss_name: str
+    problem: Problem
+    model_spec: Mapping[str, Any] | None
+    state_prefix: str
+
+
+@dataclass(frozen=True)
+class SliceResult:
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    computed: int
+    loss_at_origin: float | None
+    loss_min: float
+    loss_max: float
+    n_nonfinite: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ScanSummary:
+    run_file: str
+    checkpoint: str
+    n_parameters: int
+    n_samples: int
+    strategy: str
+    slices: tuple[SliceResult, ...] = field(default_factory=tuple)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_file": self.run_file, "checkpoint": self.checkpoint, "n_parameters": self.n_parameters,
+            "n_samples": self.n_samples, "strategy": self.strategy,
+            "slices": [{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                        for k, v in s.__dict__.items()} for s in self.slices],
+        }
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise LandscapeError("--device cuda was asked for, but CUDA is not available", hint="use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as err:
+        raise LandscapeError(f"unknown device {name!r}", hint="use cpu, cuda, cuda:N or auto") from err
+
+
+def build_model(ck: Checkpoint, model_spec: Spec | None) -> tuple[torch.nn.Module, Mapping[str, Any] | None, str]:
+    """The model with the checkpoint's weights, its spec (as JSON) and the stripped key prefix."""
+    if model_spec is not None:
+        model = call_spec(model_spec, what="model")
+        spec_json: Mapping[str, Any] | None = model_spec.to_json()
+    elif ck.manifest and ck.manifest.get("model"):
+        spec = Spec.from_json(ck.manifest["model"])
+        model = call_spec(spec, what="model", from_checkpoint=True)
+        spec_json = spec.to_json()
+    elif ck.module is not None:
+        check_finite(ck.state_dict)
+        return ck.module, None, ""
+    else:
+        raise LandscapeError(f"{ck.path} does not say which model it holds",
+                             hint="pass --model module:callable (and --model-arg key=value)")
+    if not isinstance(model, torch.nn.Module):
+        raise LandscapeError(f"the model spec returned a {type(model).__name__}, not an nn.Module")
+    prefix = apply_state_dict(model, ck.state_dict)
+    check_finite(dict(model.state_dict()))
+    return model, spec_json, prefix
+
+
+def setup(config: ScanConfig) -> Setup:
+    """Load the checkpoint, build model, data and loss, and make the Problem."""
+    ck = load_checkpoint(config.checkpoint, state_key=config.state_key, trust_pickle=config.trust_pickle)
+    model, model_spec, prefix = build_model(ck, config.model)
+    manifest = ck.manifest or {}
+    if config.data is not None:
+        data = load_data(config.data, max_samples=config.max_samples, seed=config.seed)
+    elif manifest.get("data"):
+        data = load_data(Spec.from_json(manifest["data"]), max_samples=config.max_samples, seed=config.seed,
+                         from_checkpoint=True)
+    else:
+        raise LandscapeError(f"{config.checkpoint} does not say which data to evaluate on",
+                             hint="pass --data (a built-in such as digits, a .pt/.npz/.h5 file, or module:callable)")
+    loss_name = config.loss or manifest.get("loss") or default_loss_name(data.y)
+    loss_fn = resolve_loss(loss_name, from_checkpoint=config.loss is None and bool(manifest.get("loss")))
+    dtype = DTYPES[config.dtype] if config.dtype else None
+    problem = Problem(model, data.X, data.y, loss_fn, device=resolve_device(config.device), dtype=dtype,
+                      batch_size=config.batch_size, bn=config.bn, bn_batches=config.bn_batches,
+                      strategy=config.strategy, seed=config.seed)
+    try:
+        problem.evaluate()
+    except LandscapeError:
+        raise
+    except Exception as err:  # the user's model, data and loss do not fit together
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LandscapeError(f"running the model on the data failed ({type(err).__name__}: {msg})",
+                             hint="check that --data matches the model's inputs and --loss its outputs") from err
+    return Setup(ck, model, data, loss_name, problem, model_spec, prefix)
+
+
+def plan_slices(config: ScanConfig) -> list[SliceSettings]:
+    """The slices a scan computes: one random 1D or 2D slice, plus an interpolation if asked."""
+    if config.dims not in (1, 2):
+        raise LandscapeError(f"--dims must be 1 or 2, got {config.dims}")
+    steps = tuple(config.steps) or (51,)
+    if any(s < 1 for s in steps) or len(steps) > 2:
+        raise LandscapeError(f"--steps {steps} is not one or two positive counts", hint="e.g. --steps 51 or --steps 41 31")
+    nx, ny = steps[0], steps[-1]
+    lo, hi = config.range
+    ylo, yhi = config.y_range or config.range
+    if not (lo < hi and ylo < yhi):
+        raise LandscapeError(f"--range {lo} {hi} is empty", hint="give MIN MAX with MIN < MAX")
+    axes = (axis(lo, hi, nx),) if config.dims == 1 else (axis(lo, hi, nx), axis(ylo, yhi, ny))
+    out = [SliceSettings(name=config.name or f"random_{config.dims}d", kind="random", axes=axes, norm=config.norm,
+                         ignore=config.ignore, seed=config.seed, orthogonalize=config.orthogonalize)]
+    if config.interpolate:
+        ilo, ihi = config.interp_range
+        out.append(SliceSettings(name="interpolation", kind="interpolation",
+                                 axes=(axis(ilo, ihi, config.interp_steps),), norm="none", ignore="none",
+                                 other_checkpoint=config.interpolate))
+    return out
+
+
+def make_directions(s: SliceSettings, st: Setup, config: ScanConfig) -> list[dict[str, torch.Tensor]]:
+    if s.kind == "random":
+        return random_directions(st.problem.theta0, s.dims, seed=s.seed, norm=s.norm, ignore=s.ignore,
+                                 orthogonalize=s.orthogonalize)
+    other = load_checkpoint(s.other_checkpoint, state_key=config.state_key, trust_pickle=config.trust_pickle)
+    model_b, _, _ = build_model(other, config.model)
+    theta_b = {n: p.detach() for n, p in model_b.named_parameters()}
+    return [difference_direction(st.problem.theta0, theta_b)]
+
+
+def provenance(config: ScanConfig, st: Setup) -> dict[str, Any]:
+    ck = st.checkpoint
+    return {
+        "tool": "landscape", "tool_version": __version__, "torch_version": torch.__version__,
+        "h5py_version": h5py.__version__, "numpy_version": np.__version__,
+        "python_version": platform.python_version(), "platform": platform.platform(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "checkpoint_path": str(Path(config.checkpoint).resolve()), "checkpoint_sha256": ck.sha256,
+        "checkpoint_format": ck.format, "state_key": ck.state_key or "", "state_prefix": st.state_prefix,
+        "model_spec": st.model_spec, "data_spec": st.data.spec, "loss": st.loss_name,
+        "optimizer": ck.optimizer, "step": ck.step if ck.step is not None else -1,
+        "seed": config.seed, "max_samples": config.max_samples if config.max_samples else -1,
+        "n_samples": len(st.data), "n_source_samples": st.data.n_source, "data_sha256": st.data.sha256,
+        "n_parameters": st.problem.num_parameters, "device": str(st.problem.device),
+        "dtype": str(st.problem.dtype).replace("torch.", ""), "bn": config.bn, "bn_batches": config.bn_batches,
+        "batch_size": st.problem.batch_size, "classification": st.problem.classification,
+    }
+
+
+def _check_identity(stored: Mapping[str, Any], current: Mapping[str, Any], path: Path) -> None:
+    for k in IDENTITY_ATTRS:
+        if k in stored and stored[k] != current[k]:
+            raise LandscapeError(f"cannot resume {path}: it was made with a different {k} "
+                                 f"({stored[k]!r}, now {current[k]!r})",
+                                 hint="use --overwrite to start again, or -o to write elsewhere")
+
+
+def _slice_attrs(s: SliceSettings, strategy: str, block: int, config: ScanConfig) -> dict[str, Any]:
+    return {"kind": s.kind, "dims": s.dims, "norm": s.norm, "ignore": s.ignore, "seed": s.seed,
+            "orthogonalize": s.orthogonalize, "bn": config.bn, "strategy": strategy, "block": block,
+            "other_checkpoint": s.other_checkpoint or ""}
+
+
+def _create_slice(f: h5py.File, s: SliceSettings, dirs: Sequence[Mapping[str, torch.Tensor]],
+                  keys: Sequence[str], attrs: Mapping[str, Any]) -> None:
+    g = f.require_group("slices").create_group(s.name)
+    shape = tuple(len(a) for a in s.axes)
+    for label, a in zip(("x", "y"), s.axes):
+        g.create_dataset(label, data=a)
+    for k in keys:
+        g.create_dataset(k, data=np.full(shape, np.nan))
+    g.create_dataset("done", data=np.zeros(shape, dtype=bool))
+    for k, d in enumerate(dirs):
+        dg = g.create_group(f"directions/{k}")
+        for name, t in d.items():
+            dg.create_dataset(name, data=t.detach().cpu().numpy())
+    for k, v in attrs.items():
+        g.attrs[k] = encode_attr(v)
+
+
+def _load_directions(g: h5py.Group) -> list[dict[str, torch.Tensor]]:
+    dg = g["directions"]
+    return [{n: torch.from_numpy(dg[str(k)][n][()]) for n in dg[str(k)]} for k in range(len(dg))]
+
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+def run_scan(config: ScanConfig, *, progress: ProgressFn | None = None,
+             prepared: Setup | None = None) -> ScanSummary:
+    """Compute every planned slice into the run file; resumable (``config.resume``)."""
+    st = prepared or setup(config)
+    pb = st.problem
+    plan = plan_slices(config)
+    path = config.run_path()
+    mode = "overwrite" if config.overwrite else ("resume" if config.resume else "create")
+    prov = provenance(config, st)
+    results: list[SliceResult] = []
+    with RunFile(path, mode=mode, compact_every=config.compact_every) as rf:
+        with rf.read() as f:
+            stored = read_attrs(f)
+            existing = {n: (read_attrs(f["slices"][n]), _load_directions(f["slices"][n]),
+                            f["slices"][n]["done"][()]) for n in (f["slices"] if "slices" in f else [])}
+        if "checkpoint_sha256" in stored:
+            _check_identity(stored, prov, path)
+        else:
+            with rf.transaction() as f:
+                for k, v in prov.items():
+                    f.attrs[k] = encode_attr(v)
+                f.create_dataset("data/subset_index", data=st.data.indices)
+        keys = ["loss"] + (["accuracy"] if pb.classification else []) + sorted(pb.metrics)
+        for k in keys[1:]:
+            if k in RESERVED:
+                raise LandscapeError(f"metric name {k!r} is reserved in the run file", hint="rename the metric")
+        for s in plan:
+            t0 = time.perf_counter()
+            if s.name in existing:
+                attrs, dirs, done = existing[s.name]
+                want = _slice_attrs(s, attrs["strategy"], attrs["block"], config)
+                diff = [k for k in want if attrs.get(k) != want[k]]
+                with rf.read() as f:
+                    axes_match = all(np.array_equal(f["slices"][s.name][lab][()], a) for lab, a in zip("xy", s.axes))
+                if diff or not axes_match:
+                    raise LandscapeError(f"cannot resume slice {s.name!r} of {path}: its settings differ "
+                                         f"({', '.join(diff) or 'grid'})",
+                                         hint="use --overwrite, another -o, or --name for a new slice")
+                pb.strategy = attrs["strategy"]
+                block = int(attrs["block"])
+            else:
+                dirs = make_directions(s, st, config)
+                strategy = pb.choose_strategy([pb.as_list(d) for d in dirs])
+                block = pb.vmap_width if strategy == "vmap" else 1
+                done = np.zeros(tuple(len(a) for a in s.axes), dtype=bool)
+                with rf.transaction() as f:
+                    _create_slice(f, s, dirs, keys, _slice_attrs(s, strategy, block, config))
+            total = done.size
+            n_done = int(done.sum())
+            todo = sum(len(b) for b in missing_blocks(done, block))
+            if progress:
+                progress(s.name, total - todo, total)
+
+            def on_block(idx: np.ndarray, vals: Mapping[str, np.ndarray], _name: str = s.name) -> None:
+                nonlocal n_done
+                rf.append(_name, idx, vals)
+                n_done += len(idx)
+                if progress:
+                    progress(_name, min(n_done, total), total)
+
+            compute_slice(pb, dirs, s.axes, done=done, block=block, on_block=on_block)
+            rf.compact()
+            results.append(_summarize(rf, s, todo, time.perf_counter() - t0))
+        with rf.transaction() as f:
+            f.attrs["completed"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            for r in results:
+                g = f["slices"][r.name]
+                g.attrs["loss_at_origin"] = np.nan if r.loss_at_origin is None else r.loss_at_origin
+                g.attrs["loss_min"], g.attrs["loss_max"] = r.loss_min, r.loss_max
+                g.attrs["n_nonfinite"] = r.n_nonfinite
+    return ScanSummary(str(path), config.checkpoint, pb.num_parameters, pb.n, pb.strategy, tuple(results))
+
+
+def _summarize(rf: RunFile, s: SliceSettings, computed: int, seconds: float) -> SliceResult:
+    with rf.read() as f:
+        g = f["slices"][s.name]
+        loss = g["loss"][()]
+    finite = np.isfinite(loss)
+    origin = tuple(int(np.argmin(np.abs(a))) for a in s.axes)
+    at_origin = all(abs(a[i]) < 1e-12 for a, i in zip(s.axes, origin))
+    return SliceResult(
+        name=s.name, kind=s.kind, shape=loss.shape, computed=computed,
+        loss_at_origin=float(loss[origin]) if at_origin else None,
+        loss_min=float(loss[finite].min()) if finite.any() else float("nan"),
+        loss_max=float(loss[finite].max()) if finite.any() else float("nan"),
+        n_nonfinite=int((~finite).sum()), seconds=seconds,
+    )
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What ``--dry-run`` prints: the cost of a scan before it runs."""
+
+    points: int
+    forward_passes: int
+    seconds_per_point: float
+    seconds: float
+    strategy: str
+    memory_bytes: int
+    memory_note: str
+    n_parameters: int
+    n_samples: int
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
+    """Time a few points on the real model and data and extrapolate to the planned slices."""
+    st = prepared or setup(config)
+    pb = st.problem
+    plan = plan_slices(config)
+    points = sum(math.prod(len(a) for a in s.axes) for s in plan)
+    dirs = random_directions(pb.theta0, 2, seed=config.seed, norm=config.norm, ignore=config.ignore)
+    lists = [pb.as_list(d) for d in dirs]
+    strategy = pb.choose_strategy(lists)
+    n = pb.vmap_width if strategy == "vmap" else 3
+    coeffs = np.linspace(-0.5, 0.5, 2 * n).reshape(n, 2)
+    if pb.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(pb.device)
+    pb.evaluate_points(coeffs, lists)
+    t = time.perf_counter()
+    pb.evaluate_points(coeffs, lists)
+    per_point = (time.perf_counter() - t) / n
+    chunks = math.ceil(pb.n / pb.batch_size)
+    param_bytes = sum(t.numel() * t.element_size() for t in pb.theta0.values())
+    data_bytes = pb.X.numel() * pb.X.element_size() + pb.y.numel() * pb.y.element_size()
+    if pb.device.type == "cuda":
+        mem, note = torch.cuda.max_memory_allocated(pb.device), "peak CUDA memory measured on a few points"
+    else:
+        mem = param_bytes * (4 + (pb.vmap_width if strategy == "vmap" else 0)) + data_bytes
+        note = "model copies, directions and data; activations of one chunk come on top"
+    return Estimate(points=points, forward_passes=points * chunks, seconds_per_point=per_point,
+                    seconds=per_point * points, strategy=strategy, memory_bytes=int(mem), memory_note=note,
+                    n_parameters=pb.num_parameters, n_samples=pb.n)
+
+
+__all__ = ["ScanConfig", "ScanSummary", "SliceResult", "Setup", "Estimate", "setup", "run_scan", "estimate",
+           "plan_slices"]
