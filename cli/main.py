@@ -140,6 +140,8 @@ def scan(
                                                                        "reports/<checkpoint stem>/run.h5)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an existing run file, computing only missing points."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run file."),
+    save_every: float = typer.Option(30.0, "--save-every", help="Merge finished points into the run file at least "
+                                                                "this often (seconds); they are journaled at once."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print forward passes, time and memory estimates; compute nothing."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
@@ -166,7 +168,7 @@ def scan(
             dims=dims, steps=_parse_steps(steps), range=_parse_range(range_),
             y_range=_parse_range(y_range) if y_range else None, norm=norm, ignore=ignore,
             orthogonalize=orthogonalize, interpolate=interpolate, name=name, output=output, resume=resume,
-            overwrite=overwrite,
+            overwrite=overwrite, compact_every=save_every,
         )
         if model is None and model_arg:
             raise LandscapeError("--model-arg needs --model", hint="name the model factory with --model")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,7 +85,9 @@ def _is_torchscript(path: Path) -> bool:
 
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+        with warnings.catch_warnings():  # torch's unpickler warns about protocols; our error says what matters
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as err:
         if "weights only" in str(err).lower() or "weights_only" in str(err):
             first = str(err).strip().splitlines()
@@ -97,7 +100,7 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
             ) from err
         raise LandscapeError(f"{path} is not a readable PyTorch checkpoint ({err})",
                              hint="the file may be corrupt or truncated; re-save or re-download it") from err
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+    except Exception as err:  # the unpickler fails in many ways on damaged bytes (IndexError, KeyError, ...)
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise LandscapeError(f"{path} is not a readable PyTorch checkpoint ({msg})",
                              hint="the file may be corrupt or truncated; re-save or re-download it") from err

@@ -1,0 +1,46 @@
+"""Shared fixtures: small float64 models and data, the shipped example checkpoints."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(int(os.environ.get("LANDSCAPE_TEST_THREADS", "2")))
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "data" / "examples"
+
+
+@pytest.fixture
+def mlp_ckpt() -> Path:
+    return EXAMPLES / "mlp_sgd_s2000.pt"
+
+
+@pytest.fixture
+def cnn_ckpt() -> Path:
+    return EXAMPLES / "cnn_adam_s2000.pt"
+
+
+def relu_mlp(sizes=(4, 8, 3), seed: int = 0) -> torch.nn.Sequential:
+    torch.manual_seed(seed)
+    layers: list[torch.nn.Module] = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers[:-1]).double()
+
+
+def blobs(n: int = 40, d: int = 4, c: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=torch.float64), torch.randint(0, c, (n,), generator=g)
+
+
+def cli(*args: str, cwd: Path | None = None, timeout: float = 300):
+    """Run the installed ``landscape`` command line in a subprocess."""
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "landscape", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "COLUMNS": "200"})

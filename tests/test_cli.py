@@ -1,0 +1,113 @@
+"""The command line end to end: the shipped example, JSON output, and one-line errors with exit code 2."""
+
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import EXAMPLES, cli, relu_mlp
+from landscape import load_checkpoint
+from landscape.data import digits
+from landscape_data.models import MLP
+
+
+def assert_clean_error(res, *needles):
+    assert res.returncode == 2, res.stderr + res.stdout
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert "Traceback" not in res.stderr
+    for n in needles:
+        assert n in res.stderr, res.stderr
+
+
+def test_scan_example_and_inspect(tmp_path, mlp_ckpt):
+    res = cli("scan", str(mlp_ckpt), "--steps", "7x5", "--json", "--strategy", "inplace", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    run = tmp_path / "reports" / "mlp_sgd_s2000" / "run.h5"  # the default location
+    assert summary["run_file"] == os.path.join("reports", "mlp_sgd_s2000", "run.h5")
+    net = MLP()
+    net.load_state_dict(load_checkpoint(mlp_ckpt).state_dict)
+    X, y = digits("train")
+    direct = F.cross_entropy(net(X), y).item()
+    with h5py.File(run) as f:
+        assert f.attrs["schema"] == "landscape/1"
+        loss = f["slices/random_2d/loss"][()]
+        assert loss.shape == (7, 5) and f["slices/random_2d/done"][()].all()
+        assert loss[3, 2] == pytest.approx(direct, rel=1e-6)  # loss at the origin = a direct evaluation
+        assert set(f["slices/random_2d/directions/0"]) == {n for n, _ in net.named_parameters()}
+    assert summary["slices"][0]["loss_at_origin"] == pytest.approx(direct, rel=1e-6)
+    info = json.loads(cli("inspect", str(run), "--json").stdout)
+    assert info["attrs"]["checkpoint_sha256"] == load_checkpoint(mlp_ckpt).sha256
+    assert info["attrs"]["optimizer"]["hyperparameters"]["lr"] == 0.1
+    assert info["groups"]["slices/random_2d"]["attrs"]["norm"] == "filter"
+    again = cli("scan", str(mlp_ckpt), "--steps", "7x5", cwd=tmp_path)
+    assert_clean_error(again, "already exists", "--resume")
+
+
+def test_dry_run_and_interpolation(tmp_path, cnn_ckpt):
+    res = cli("scan", str(cnn_ckpt), "--dry-run", "--json", "--max-samples", "200", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    est = json.loads(res.stdout)
+    assert est["points"] == 51 * 51 and est["forward_passes"] == 51 * 51 and est["seconds"] > 0
+    assert not (tmp_path / "reports").exists()
+    other = EXAMPLES / "cnn_sgd_s2000.pt"
+    out = tmp_path / "interp.h5"
+    res = cli("scan", str(cnn_ckpt), "--dims", "1", "--steps", "5", "--interpolate", str(other),
+              "--max-samples", "100", "-o", str(out), "--json")
+    assert res.returncode == 0, res.stderr
+    with h5py.File(out) as f:
+        x = f["slices/interpolation/x"][()]
+        loss = f["slices/interpolation/loss"][()]
+        assert x[0] == -0.5 and x[-1] == 1.5 and len(x) == 51 and np.isfinite(loss).all()
+        assert f["slices/random_1d/loss"].shape == (5,)
+
+
+def test_help_has_examples():
+    for args in (("--help",), ("scan", "--help"), ("inspect", "--help")):
+        res = cli(*args)
+        assert res.returncode == 0 and "Examples" in res.stdout and "landscape " in res.stdout
+
+
+def test_bad_inputs_exit_2_with_one_line(tmp_path, mlp_ckpt):
+    trunc = tmp_path / "trunc.pt"
+    trunc.write_bytes(mlp_ckpt.read_bytes()[:5000])
+    assert_clean_error(cli("scan", str(trunc)), "corrupt or truncated")
+    assert_clean_error(cli("scan", str(tmp_path / "nope.pt")), "does not exist")
+    assert_clean_error(cli("scan", str(mlp_ckpt), "--model", "landscape_data.models:SmallCNN"), "does not fit the model")
+    assert_clean_error(cli("scan", str(mlp_ckpt), "--model", "landscape_data.models:MLP", "--model-arg", "width=32"),
+                       "shape mismatch: net.1.weight checkpoint (64, 64) vs model (32, 64)")
+    bare = tmp_path / "bare.pt"
+    torch.save(relu_mlp().state_dict(), bare)
+    assert_clean_error(cli("scan", str(bare)), "--model")
+    nan = tmp_path / "nan.pt"
+    sd = relu_mlp().state_dict()
+    sd["0.weight"][1, 2] = float("inf")
+    torch.save(sd, nan)
+    assert_clean_error(cli("scan", str(nan), "--model", str(tmp_path / "m.py") + ":f"), "does not exist")
+    (tmp_path / "m.py").write_text("import torch\n"
+                                   "def f():\n"
+                                   "    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(),"
+                                   " torch.nn.Linear(8, 3)).double()\n")
+    assert_clean_error(cli("scan", str(nan), "--model", f"{tmp_path / 'm.py'}:f", "--data", "digits"), "NaN or Inf",
+                       "0.weight")
+    empty = tmp_path / "empty.npz"
+    np.savez(empty, X=np.zeros((0, 4)), y=np.zeros((0,), dtype=np.int64))
+    assert_clean_error(cli("scan", str(bare), "--model", f"{tmp_path / 'm.py'}:f", "--data", str(empty)), "no samples")
+    assert_clean_error(cli("scan", str(bare), "--model", f"{tmp_path / 'm.py'}:f", "--data", "digits"),
+                       "running the model on the data failed")
+    res = cli("scan", str(trunc), "--debug")
+    assert res.returncode != 0 and "Traceback" in res.stderr
+
+
+def test_malicious_pickle_cli(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(b"\x80\x04\x95" + b"\x00" * 8 + f"cos\nsystem\n(Vtouch {marker}\ntR.".encode())
+    res = cli("scan", str(evil))
+    assert_clean_error(res)
+    assert not marker.exists()

@@ -1,0 +1,104 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import blobs, relu_mlp
+from landscape import Problem
+from landscape.directions import random_directions
+
+
+def flat(d, names):
+    return torch.cat([d[n].reshape(-1) for n in names])
+
+
+def dense_hessian(model, X, y):
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def f(vec):
+        out, i = {}, 0
+        for n, s in zip(names, shapes):
+            k = int(np.prod(s))
+            out[n] = vec[i:i + k].reshape(s)
+            i += k
+        return F.cross_entropy(torch.func.functional_call(model, out, (X,)), y)
+
+    return torch.autograd.functional.hessian(f, theta), torch.autograd.functional.jacobian(f, theta)
+
+
+def test_loss_gradient_hvp_exact_and_chunk_invariant():
+    net, (X, y) = relu_mlp(), blobs(37)
+    H, G = dense_hessian(net, X, y)
+    v = {n: torch.randn_like(p) for n, p in net.named_parameters()}
+    names = list(v)
+    for bs in (37, 10, 7):  # one chunk, uneven chunks
+        pb = Problem(net, X, y, F.cross_entropy, batch_size=bs)
+        loss, g = pb.loss_and_gradient()
+        assert loss == pytest.approx(F.cross_entropy(net(X), y).item(), rel=1e-12)
+        torch.testing.assert_close(flat(g, names), G, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(flat(pb.hvp(v), names), H @ flat(v, names), rtol=1e-10, atol=1e-12)
+
+
+def test_inplace_and_vmap_strategies_agree():
+    net, (X, y) = relu_mlp(), blobs(50)
+    dirs = random_directions({n: p for n, p in net.named_parameters()}, 2, seed=1)
+    coeffs = np.array([[0.0, 0.0], [0.3, -0.2], [-1.0, 1.0], [0.5, 0.5], [0.1, 0.9]])
+    a = Problem(net, X, y, F.cross_entropy, strategy="inplace", batch_size=16).evaluate_points(coeffs, dirs)
+    b = Problem(net, X, y, F.cross_entropy, strategy="vmap", vmap_width=2, batch_size=16).evaluate_points(coeffs, dirs)
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-12)
+    np.testing.assert_allclose(a["accuracy"], b["accuracy"])
+    auto = Problem(net, X, y, F.cross_entropy)
+    assert auto.choose_strategy() in ("inplace", "vmap")
+
+
+def test_point_evaluation_matches_direct_forward():
+    net, (X, y) = relu_mlp(), blobs(30)
+    pb = Problem(net, X, y, F.cross_entropy, metrics={"mse_logits": lambda o, t: (o ** 2).mean()})
+    d1, d2 = random_directions(pb.theta0, 2, seed=0)
+    res = pb.evaluate_points(np.array([[0.25, -0.5]]), [d1, d2])
+    moved = {n: pb.theta0[n] + 0.25 * d1[n] - 0.5 * d2[n] for n in pb.names}
+    out = torch.func.functional_call(net, moved, (X,))
+    assert res["loss"][0] == pytest.approx(F.cross_entropy(out, y).item(), rel=1e-12)
+    assert res["accuracy"][0] == pytest.approx((out.argmax(1) == y).double().mean().item())
+    assert res["mse_logits"][0] == pytest.approx((out ** 2).mean().item(), rel=1e-12)
+
+
+def snapshot(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}, m.training
+
+
+def test_model_bitwise_unchanged_also_after_error():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    net.train()
+    X, y = blobs(40)
+    X = X.float()
+    before, mode = snapshot(net)
+    pb = Problem(net, X, y, F.cross_entropy, bn="recompute", bn_batches=2, bn_batch_size=16)
+    pb.evaluate_points(np.array([[0.5], [1.0]]), random_directions(pb.theta0, 1, seed=0))
+    pb.hvp(pb.gradient())
+
+    def bad_loss(out, t):
+        raise RuntimeError("boom")
+
+    pb2 = Problem(net, X, y, bad_loss)
+    with pytest.raises(RuntimeError):
+        pb2.evaluate_points(np.array([[0.5]]), random_directions(pb2.theta0, 1, seed=0))
+    after, mode_after = snapshot(net)
+    assert mode_after == mode
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_bn_recompute_matches_manual_estimate():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.BatchNorm1d(5)).double()
+    X = torch.randn(64, 4, dtype=torch.float64) * 3 + 1
+    y = torch.randn(64, 5, dtype=torch.float64)
+    pb = Problem(net, X, y, F.mse_loss, bn="recompute", bn_batches=100, bn_batch_size=64)
+    # all 64 samples in one batch: running stats = batch mean and unbiased variance
+    h = net[0](X).detach()
+    ref = (h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=True) + 1e-5) * net[1].weight + net[1].bias
+    assert pb.evaluate().loss == pytest.approx(F.mse_loss(ref, y).item(), rel=1e-10)
+    frozen = Problem(net, X, y, F.mse_loss)
+    assert frozen.evaluate().loss != pytest.approx(pb.evaluate().loss, rel=1e-3)

@@ -1,0 +1,90 @@
+"""A scan SIGKILLed at random moments and resumed equals an uninterrupted scan, bit for bit."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import cli
+
+VOLATILE = {"created", "completed", "command"}
+ARGS = ["--steps", "45x41", "--strategy", "inplace", "--save-every", "0.3"]
+
+
+def contents(path):
+    out = {}
+    with h5py.File(path) as f:
+        out["/"] = {k: v for k, v in f.attrs.items() if k not in VOLATILE}
+
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset):
+                out[name] = obj[()]
+            out[name + "@"] = dict(obj.attrs)
+
+        f.visititems(visit)
+    return out
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], np.ndarray):
+            assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+            assert a[k].tobytes() == b[k].tobytes(), k  # bitwise, NaN included
+        else:
+            assert str(a[k]) == str(b[k]), k
+
+
+def journal_points(path):
+    j = path.with_name(path.name + ".journal")
+    return j.exists() and j.stat().st_size > 0
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, mlp_ckpt):
+    ref = tmp_path / "ref.h5"
+    res = cli("scan", str(mlp_ckpt), *ARGS, "-o", str(ref))
+    assert res.returncode == 0, res.stderr
+
+    run = tmp_path / "killed.h5"
+    rng = random.Random(0)
+    kills = 0
+    for attempt in range(2):
+        proc = subprocess.Popen([sys.executable, "-m", "landscape", "scan", str(mlp_ckpt), *ARGS, "-o", str(run),
+                                 *(["--resume"] if attempt else [])],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while not journal_points(run) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.6))
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills >= 1, "the scan finished before it could be killed; make the grid larger"
+    with h5py.File(run) as f:  # the file on disk is a complete run file at any moment
+        partial = int(f["slices/random_2d/done"][()].sum())
+    assert partial < 45 * 41
+    res = cli("scan", str(mlp_ckpt), *ARGS, "-o", str(run), "--resume", "--json")
+    assert res.returncode == 0, res.stderr
+    import json
+
+    computed = json.loads(res.stdout)["slices"][0]["computed"]
+    assert computed < 45 * 41  # only missing points were computed
+    assert_same(contents(ref), contents(run))
+    assert not list(tmp_path.glob("*.journal")) and not list(tmp_path.glob("*.lock"))
+
+
+def test_resume_refuses_a_different_run(tmp_path, mlp_ckpt, cnn_ckpt):
+    out = tmp_path / "run.h5"
+    assert cli("scan", str(mlp_ckpt), "--steps", "3", "-o", str(out)).returncode == 0
+    res = cli("scan", str(cnn_ckpt), "--steps", "3", "-o", str(out), "--resume")
+    assert res.returncode == 2 and "different checkpoint_sha256" in res.stderr
+    res = cli("scan", str(mlp_ckpt), "--steps", "5", "-o", str(out), "--resume")
+    assert res.returncode == 2 and "settings differ" in res.stderr
+    assert cli("scan", str(mlp_ckpt), "--steps", "3", "-o", str(out), "--resume").returncode == 0
