@@ -93,6 +93,13 @@ def _parse_range(text: str) -> tuple[float, float]:
     raise LandscapeError(f"--range {text!r} is not a number or MIN,MAX", hint="e.g. --range 1 or --range=-0.5,1.5")
 
 
+def _parse_metric(text: str) -> tuple[str, str]:
+    name, sep, target = text.partition("=")
+    if not sep or not name or ":" not in target:
+        raise LandscapeError(f"--metric {text!r} is not name=module:callable", hint="e.g. --metric nll=mypkg.metrics:nll")
+    return name.strip(), target.strip()
+
+
 def _parse_steps(text: str) -> tuple[int, ...]:
     try:
         vals = tuple(int(p) for p in text.lower().replace(",", "x").split("x"))
@@ -116,6 +123,8 @@ def scan(
     data_arg: Optional[list[str]] = typer.Option(None, "--data-arg", help="key=value for the data spec; repeatable."),
     loss: Optional[str] = typer.Option(None, help="cross_entropy, mse or module:callable (default: from the "
                                                   "checkpoint, else from the targets)."),
+    metric: Optional[list[str]] = typer.Option(None, "--metric", help="Extra metric name=module:callable, called as "
+                                                                      "f(output, target) -> batch mean; repeatable."),
     state_key: Optional[str] = typer.Option(None, help="Key of the state dict inside a training checkpoint (dotted)."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow pickled modules and TorchScript: runs code "
                                                                     "from the file."),
@@ -163,7 +172,7 @@ def scan(
             checkpoint=checkpoint,
             model=Spec(model, parse_kv(model_arg, "--model-arg")) if model else None,
             data=Spec(data, parse_kv(data_arg, "--data-arg")) if data else None,
-            loss=loss, state_key=state_key, trust_pickle=trust_pickle, max_samples=max_samples, seed=seed,
+            loss=loss, metrics=tuple(_parse_metric(m) for m in metric or ()), state_key=state_key, trust_pickle=trust_pickle, max_samples=max_samples, seed=seed,
             device=device, dtype=dtype, bn=bn, bn_batches=bn_batches, batch_size=batch_size, strategy=strategy,
             dims=dims, steps=_parse_steps(steps), range=_parse_range(range_),
             y_range=_parse_range(y_range) if y_range else None, norm=norm, ignore=ignore,
@@ -252,6 +261,23 @@ def inspect(
             for k, v in g["datasets"].items():
                 t.add_row(Text(k), Text(str(v)))
             out_console.print(t)
+
+
+@app.command("import-surface", epilog="Example:\n\n  landscape import-surface old/model.h5_[-1.0,1.0,51]x[-1.0,1.0,51].h5 "
+                                       "-o reports/old/run.h5")
+def import_surface(
+    surface_file: str = typer.Argument(..., help="A surface file of the original loss-landscape code."),
+    output: str = typer.Option(..., "-o", "--output", help="Run file to write."),
+    name: str = typer.Option("imported", help="Slice name in the run file."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run file."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Convert a loss-landscape surface file ([y, x] order) into a run file ([x, y] order)."""
+    from landscape.importers import import_loss_landscape
+
+    with _errors(debug):
+        path = import_loss_landscape(surface_file, output, name=name, overwrite=overwrite)
+        out_console.print(Text(f"wrote {path}"))
 
 
 def _nan_to_none(obj: Any) -> Any:

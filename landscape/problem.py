@@ -174,7 +174,7 @@ class Problem:
 
     def _evaluate_inplace(self, coeffs: np.ndarray, dirs: Sequence[list[torch.Tensor]]) -> dict[str, np.ndarray]:
         rows: list[dict[str, torch.Tensor]] = []
-        with torch.no_grad():
+        with torch.inference_mode():
             for c in coeffs:
                 self._set_point(c, dirs)
                 rows.append(self._forward_sums(self._model))

@@ -30,11 +30,12 @@ from .losses import default_loss_name, resolve_loss
 from .problem import Problem
 from .runfile import RESERVED, RunFile, encode_attr, read_attrs
 from .slices import axis, compute_slice, missing_blocks
-from .specs import Spec, call_spec
+from .specs import Spec, call_spec, resolve
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 #: Root attributes that must agree between a run file and the scan that resumes it.
-IDENTITY_ATTRS = ("checkpoint_sha256", "model_spec", "data_spec", "loss", "data_sha256", "dtype", "bn", "bn_batches")
+IDENTITY_ATTRS = ("checkpoint_sha256", "model_spec", "data_spec", "loss", "metrics", "data_sha256", "dtype", "bn",
+                  "bn_batches")
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class ScanConfig:
     model: Spec | None = None
     data: Spec | None = None
     loss: str | None = None
+    metrics: tuple[tuple[str, str], ...] = ()
     state_key: str | None = None
     trust_pickle: bool = False
     max_samples: int | None = None
@@ -187,7 +189,13 @@ def setup(config: ScanConfig) -> Setup:
     loss_name = config.loss or manifest.get("loss") or default_loss_name(data.y)
     loss_fn = resolve_loss(loss_name, from_checkpoint=config.loss is None and bool(manifest.get("loss")))
     dtype = DTYPES[config.dtype] if config.dtype else None
-    problem = Problem(model, data.X, data.y, loss_fn, device=resolve_device(config.device), dtype=dtype,
+    metrics = {}
+    for mname, target in config.metrics:
+        if not mname.isidentifier() or mname in RESERVED + ("loss", "accuracy"):
+            raise LandscapeError(f"metric name {mname!r} is not allowed",
+                                 hint="use an identifier other than loss, accuracy, x, y, done, directions")
+        metrics[mname] = resolve(target, what="metric")
+    problem = Problem(model, data.X, data.y, loss_fn, metrics=metrics, device=resolve_device(config.device), dtype=dtype,
                       batch_size=config.batch_size, bn=config.bn, bn_batches=config.bn_batches,
                       strategy=config.strategy, seed=config.seed)
     try:
@@ -251,6 +259,7 @@ def provenance(config: ScanConfig, st: Setup) -> dict[str, Any]:
         "n_parameters": st.problem.num_parameters, "device": str(st.problem.device),
         "dtype": str(st.problem.dtype).replace("torch.", ""), "bn": config.bn, "bn_batches": config.bn_batches,
         "batch_size": st.problem.batch_size, "classification": st.problem.classification,
+        "metrics": dict(config.metrics),
     }
 
 
@@ -316,9 +325,6 @@ def run_scan(config: ScanConfig, *, progress: ProgressFn | None = None,
                     f.attrs[k] = encode_attr(v)
                 f.create_dataset("data/subset_index", data=st.data.indices)
         keys = ["loss"] + (["accuracy"] if pb.classification else []) + sorted(pb.metrics)
-        for k in keys[1:]:
-            if k in RESERVED:
-                raise LandscapeError(f"metric name {k!r} is reserved in the run file", hint="rename the metric")
         for s in plan:
             t0 = time.perf_counter()
             if s.name in existing:

@@ -71,3 +71,26 @@ def test_not_a_run_file(tmp_path):
     path.write_bytes(b"garbage")
     with pytest.raises(LandscapeError, match="not a readable"):
         describe(path)
+
+
+def test_import_loss_landscape_surface_non_square(tmp_path):
+    from landscape.importers import import_loss_landscape
+
+    src = tmp_path / "surf.h5"
+    x, y = np.linspace(-1, 1, 4), np.linspace(-0.5, 0.5, 3)
+    ours = np.add.outer(x ** 2, 10 * y)  # value at (x[i], y[j])
+    with h5py.File(src, "w") as f:
+        f["xcoordinates"], f["ycoordinates"] = x, y
+        stored = ours.T.copy()  # that code stores [y, x]
+        stored[2, 3] = -1  # not computed yet
+        f["train_loss"] = stored
+        f["train_acc"] = np.full((3, 4), 50.0)
+    out = import_loss_landscape(src, tmp_path / "run.h5")
+    with h5py.File(out) as f:
+        loss, done = f["slices/imported/loss"][()], f["slices/imported/done"][()]
+        assert f.attrs["schema"] == "landscape/1"
+        assert f["slices/imported/accuracy"][0, 0] == 0.5
+    assert loss.shape == (4, 3) and loss[1, 2] == ours[1, 2] and loss[3, 0] == ours[3, 0]
+    assert not done[3, 2] and np.isnan(loss[3, 2]) and done.sum() == 11
+    with pytest.raises(LandscapeError, match="xcoordinates"):
+        import_loss_landscape(tmp_path / "run.h5", tmp_path / "again.h5")

@@ -1,0 +1,178 @@
+"""Benchmark: a 51x51 filter-normalized 2D slice vs the forward limit and loss-landscapes 3.0.6.
+
+    python benchmarks/bench_slice.py [--threads 2] [--repeats 3] [--models mlp,cnn]
+
+For each shipped model (digits train split, 1,438 samples, one forward per point):
+
+* forward limit: 51*51 plain ``model(X)`` passes under ``torch.no_grad()`` in eval mode;
+* forward+loss+accuracy limit: the same plus the cross-entropy and top-1 count read back per point, the least any
+  tool that reports loss and accuracy must do;
+* landscape ``compute_slice``: the slice alone (directions, point updates, loss and accuracy);
+* landscape ``run_scan``: the whole scan minus start-up (slice + run file with journal and merges);
+* ``loss_landscapes.random_plane(..., steps=51, normalization='filter')`` with its ``Loss`` metric.
+
+Times are the best of ``--repeats`` interleaved rounds. It then checks where loss-landscapes evaluates each stored grid entry
+(by recording the parameter vectors its evaluator sees) and prints the findings. Results go to stdout as a
+markdown table and to ``benchmarks/out/bench_slice.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from landscape.directions import random_directions
+from landscape.scan import ScanConfig, run_scan, setup
+from landscape.slices import axis, compute_slice
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "data" / "examples"
+CKPTS = {"mlp": EXAMPLES / "mlp_sgd_s2000.pt", "cnn": EXAMPLES / "cnn_adam_s2000.pt"}
+STEPS = 51
+
+
+def best_of_interleaved(fns: dict, repeats: int) -> dict:
+    """Best time of each function over ``repeats`` rounds; every round runs all of them, so drifts in machine
+    speed hit every method alike."""
+    best = {k: float("inf") for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - t)
+    return best
+
+
+def bench_model(name: str, repeats: int) -> dict:
+    cfg = ScanConfig(str(CKPTS[name]), device="cpu", strategy="auto")
+    st = setup(cfg)
+    model, X, y = st.model.eval(), st.data.X, st.data.y
+    pb = st.problem
+    axes = (axis(-1, 1, STEPS), axis(-1, 1, STEPS))
+    dirs = random_directions(pb.theta0, 2, seed=0)
+    strategy = pb.choose_strategy([pb.as_list(d) for d in dirs])
+
+    def forward_limit():
+        with torch.no_grad():
+            for _ in range(STEPS * STEPS):
+                model(X)
+
+    def evaluation_limit():
+        with torch.no_grad():
+            for _ in range(STEPS * STEPS):
+                out = model(X)
+                F.cross_entropy(out, y).item()
+                (out.argmax(1) == y).sum().item()
+
+    def ours_slice():
+        compute_slice(pb, dirs, axes)
+
+    def ours_scan():
+        with tempfile.TemporaryDirectory() as tmp:
+            run_scan(ScanConfig(str(CKPTS[name]), device="cpu", output=f"{tmp}/run.h5"), prepared=st)
+
+    import loss_landscapes
+    from loss_landscapes.metrics import Loss
+
+    metric = Loss(F.cross_entropy, X, y)
+
+    def ll_plane():
+        loss_landscapes.random_plane(model, metric, distance=2, steps=STEPS, normalization="filter",
+                                     deepcopy_model=True)
+
+    t = best_of_interleaved({"forward_limit": forward_limit, "forward_loss_accuracy_limit": evaluation_limit,
+                             "landscape_compute_slice": ours_slice, "landscape_run_scan": ours_scan,
+                             "loss_landscapes_random_plane": ll_plane}, repeats)
+    return {"model": name, "n_parameters": pb.num_parameters, "n_samples": pb.n, "strategy": strategy,
+            "strategy_timings_s_per_point": getattr(pb, "strategy_timings", None), "seconds": t,
+            "ratio_to_forward_limit": {k: v / t["forward_limit"] for k, v in t.items()}}
+
+
+def loss_landscapes_geometry(steps: int = 7) -> dict:
+    """Where does ``random_plane`` evaluate stored entry [i][j]? Record every point it visits.
+
+    The metric returns its call counter, so the returned grid says which recorded parameter vector each entry
+    belongs to; the points are then expressed in grid steps along the two step vectors.
+    """
+    import loss_landscapes
+    from loss_landscapes.metrics.metric import Metric
+
+    def run(distance: float, deepcopy: bool) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.nn.Module]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)).double()
+        theta0 = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+
+        class Record(Metric):
+            def __init__(self) -> None:
+                super().__init__()
+                self.points: list[torch.Tensor] = []
+
+            def __call__(self, wrapper) -> float:
+                params = wrapper.get_module_parameters().parameters
+                self.points.append(torch.cat([p.detach().reshape(-1).clone() for p in params]))
+                return float(len(self.points) - 1)
+
+        rec = Record()
+        grid = loss_landscapes.random_plane(model, rec, distance=distance, steps=steps, normalization="filter",
+                                            deepcopy_model=deepcopy)
+        return np.asarray(grid, dtype=int), torch.stack(rec.points) - theta0, theta0, model
+
+    grid, P, theta0, model = run(2.0, deepcopy=False)
+    moved = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    step_b = P[1] - P[0]  # consecutive evaluations in the first stored row move along dir_two
+    step_a = P[steps] - P[steps - 1] + step_b  # row 1 starts one dir_one step over and one dir_two step back
+    coords = torch.linalg.lstsq(torch.stack([step_a, step_b], 1), P.T).solution.T.numpy()
+    a, b = coords[grid][..., 0], coords[grid][..., 1]
+    spans = {}
+    for distance in (0.5, 2.0, 8.0):
+        _, Pd, th, _ = run(distance, deepcopy=True)
+        spans[distance] = float(Pd.norm(dim=1).max() / th.norm())
+    return {
+        "steps": steps,
+        "stored_row_i_first_b_coordinate_in_steps": [round(float(b[i, 0]), 6) for i in range(steps)],
+        "stored_row_i_a_coordinate_in_steps": [round(float(a[i, 0]), 6) for i in range(steps)],
+        "max_distance_from_theta0_over_norm_theta0_by_distance_arg": spans,
+        "theta0_on_grid": bool(((np.abs(a) < 1e-6) & (np.abs(b) < 1e-6)).any()),
+        "model_left_modified_with_deepcopy_false": bool(not torch.allclose(moved, theta0)),
+        "direction_entries_drawn_from": "U[0, 1) (torch.rand), all positive before normalization",
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--models", default="mlp,cnn")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    results = {"machine": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
+               "threads": args.threads, "models": [bench_model(m, args.repeats) for m in args.models.split(",")],
+               "loss_landscapes_geometry": loss_landscapes_geometry()}
+    out = Path(__file__).resolve().parent / "out"
+    out.mkdir(exist_ok=True)
+    (out / "bench_slice.json").write_text(json.dumps(results, indent=2))
+    print(f"torch {torch.__version__}, {args.threads} threads, best of {args.repeats}\n")
+    print("| model | params | strategy | forward limit (s) | fwd+loss+acc limit (s) | compute_slice (s) | run_scan (s) |"
+          " loss-landscapes (s) | compute_slice / fwd | run_scan / fwd | run_scan / fwd+loss+acc |"
+          " loss-landscapes / fwd |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results["models"]:
+        s, q = r["seconds"], r["ratio_to_forward_limit"]
+        print(f"| {r['model']} | {r['n_parameters']:,} | {r['strategy']} | {s['forward_limit']:.2f} | "
+              f"{s['forward_loss_accuracy_limit']:.2f} | {s['landscape_compute_slice']:.2f} | "
+              f"{s['landscape_run_scan']:.2f} | {s['loss_landscapes_random_plane']:.2f} | "
+              f"{q['landscape_compute_slice']:.3f} | {q['landscape_run_scan']:.3f} | "
+              f"{s['landscape_run_scan'] / s['forward_loss_accuracy_limit']:.3f} | "
+              f"{q['loss_landscapes_random_plane']:.3f} |")
+    print("\nloss-landscapes 3.0.6 random_plane geometry:", json.dumps(results["loss_landscapes_geometry"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
