@@ -4,7 +4,8 @@
 
 For each shipped model (digits train split, 1,438 samples, one forward per point):
 
-* forward limit: 51*51 plain ``model(X)`` passes under ``torch.no_grad()`` in eval mode;
+* forward limit: 51*51 plain ``model(X)`` passes under ``torch.inference_mode()`` in eval mode (faster than
+  ``no_grad``: the fastest plain forward);
 * forward+loss+accuracy limit: the same plus the cross-entropy and top-1 count read back per point, the least any
   tool that reports loss and accuracy must do;
 * landscape ``compute_slice``: the slice alone (directions, point updates, loss and accuracy);
@@ -60,12 +61,12 @@ def bench_model(name: str, repeats: int) -> dict:
     strategy = pb.choose_strategy([pb.as_list(d) for d in dirs])
 
     def forward_limit():
-        with torch.no_grad():
+        with torch.inference_mode():
             for _ in range(STEPS * STEPS):
                 model(X)
 
     def evaluation_limit():
-        with torch.no_grad():
+        with torch.inference_mode():
             for _ in range(STEPS * STEPS):
                 out = model(X)
                 F.cross_entropy(out, y).item()

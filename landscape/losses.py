@@ -43,6 +43,35 @@ def resolve_loss(name: str, *, from_checkpoint: bool = False) -> LossFn:
     return resolve(name, what="loss", from_checkpoint=from_checkpoint)
 
 
-def top1_correct(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Number of samples whose arg-max class equals the integer target."""
-    return (output.argmax(dim=-1) == target).sum()
+def stacked_cross_entropy(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of each of K stacked outputs ``out[k]`` (shape ``(K, n, C)``) against ``target`` (n,).
+
+    ``l_i = -log_softmax(z_i)[y_i]``, computed like ``F.cross_entropy`` (log-softmax, then pick), for K points in
+    one pass instead of K calls. Writing it as ``logsumexp(z_i) - z_{i, y_i}`` instead would cancel
+    catastrophically near a minimum, where the loss is far below the logits' rounding error.
+    """
+    logp = torch.log_softmax(out, dim=-1)
+    return -logp.gather(-1, target.expand(out.shape[0], -1).unsqueeze(-1)).squeeze(-1).mean(dim=-1)
+
+
+def stacked_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``F.mse_loss(out[k], target)`` (mean over samples and output dimensions) for each k of ``(K, *target.shape)``."""
+    return (out - target).pow(2).flatten(1).mean(dim=-1)
+
+
+def stacked_loss(loss: LossFn, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Batch-mean ``loss(out[k], target)`` for each of the K stacked outputs, as a tensor of shape (K,).
+
+    The built-in losses have closed forms over the stack (when the shapes are the plain ones: logits ``(n, C)``
+    with class targets ``(n,)``, or outputs shaped like the targets); any other loss is called once per k.
+    """
+    if loss is F.cross_entropy and out.ndim == 3 and target.ndim == 1 and not target.is_floating_point():
+        return stacked_cross_entropy(out, target)
+    if loss is F.mse_loss and tuple(out.shape[1:]) == tuple(target.shape):
+        return stacked_mse(out, target)
+    return torch.stack([loss(o, target) for o in out])
+
+
+def stacked_correct(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Number of samples whose arg-max class equals the integer target, for each of K stacked ``(n, C)`` outputs."""
+    return (out.argmax(dim=-1) == target).sum(dim=-1)

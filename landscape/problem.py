@@ -17,10 +17,14 @@ running statistics; ``recompute`` re-estimates the running statistics at every p
 fixed set of ``bn_batches`` batches (cumulative average, train mode), then evaluates in eval
 mode. Gradients and HVPs always use the frozen statistics.
 
-Evaluation strategy (``strategy``): ``inplace`` writes each point into the private model's
-parameters and runs a plain forward pass; ``vmap`` evaluates a block of points in one
-batched forward with ``torch.func.vmap`` over ``functional_call``; ``auto`` times both on the
-actual model and data and keeps the faster (see :meth:`Problem.choose_strategy`).
+Evaluation strategy (``strategy``): points are evaluated in blocks. ``inplace`` writes each
+point of a block into the private model's parameters and runs a plain forward pass;
+``vmap`` runs the whole block in one batched forward with ``torch.func.vmap`` over
+``functional_call``. Either way the block's outputs are stacked and the loss and accuracy of
+all its points are reduced at once, which matters for small models where a cross-entropy
+costs half a forward pass. ``auto`` times both on the actual model and data and keeps the
+faster; the block size follows from a memory budget and the measured time per point (see
+:meth:`Problem.choose_strategy`).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import torch
 from torch.func import functional_call, grad, jvp, vmap
 
 from .errors import LandscapeError
-from .losses import LossFn, top1_correct
+from .losses import LossFn, stacked_correct, stacked_loss
 
 Params = dict[str, torch.Tensor]
 Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -79,7 +83,9 @@ class Problem:
         bn_batches: int = 10,
         bn_batch_size: int = 128,
         strategy: str = "auto",
-        vmap_width: int = 8,
+        max_block: int = 32,
+        memory_budget: float = 256 * 2**20,
+        block_seconds: float = 0.5,
         seed: int = 0,
     ) -> None:
         if bn not in ("frozen", "recompute"):
@@ -106,7 +112,9 @@ class Problem:
         self.X = X.to(self.device, self.dtype if X.is_floating_point() else X.dtype)
         self.y = y.to(self.device, self.dtype if y.is_floating_point() else y.dtype)
         self.n = int(X.shape[0])
-        self.classification = (not y.is_floating_point()) if classification is None else classification
+        if classification is None:
+            classification = not y.is_floating_point() and y.ndim == 1
+        self.classification = classification
         self.batch_size = max(1, int(batch_size))
         self._chunks = [(s, min(s + self.batch_size, self.n)) for s in range(0, self.n, self.batch_size)]
         self.bn = bn
@@ -122,7 +130,10 @@ class Problem:
             self._bn_batches = [self.X[perm[s:s + size]] for s in range(0, min(bn_batches * size, self.n), size)]
             if strategy == "vmap":
                 raise LandscapeError("--bn recompute needs the in-place strategy", hint="drop --strategy vmap")
-        self.vmap_width = max(1, int(vmap_width))
+        self.max_block = max(1, int(max_block))
+        self.memory_budget = memory_budget
+        self.block_seconds = block_seconds
+        self.block: int | None = None
         self.strategy = strategy if strategy != "auto" else ("inplace" if bn == "recompute" else "auto")
 
     # ------------------------------------------------------------------ basics
@@ -157,29 +168,33 @@ class Problem:
                 self._model(xb)
             self._model.eval()
 
-    def _forward_sums(self, forward: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Chunk-weighted sums of the loss, correct counts and metrics (0-d tensors, float64)."""
-        acc: dict[str, torch.Tensor] = {}
-        for s, e in self._chunks:
-            out = forward(self.X[s:e])
-            yb = self.y[s:e]
-            vals = {"loss": self.loss_fn(out, yb) * (e - s)}
-            if self.classification:
-                vals["accuracy"] = top1_correct(out, yb)
-            for k, m in self.metrics.items():
-                vals[k] = m(out, yb) * (e - s)
-            for k, v in vals.items():
-                acc[k] = acc[k] + v.double() if k in acc else v.double()
-        return acc
+    def _reduce(self, outs: Sequence[torch.Tensor]) -> dict[str, np.ndarray]:
+        """Mean loss, accuracy and metrics of K points from their stacked outputs, one ``(K, n_c, ...)`` per chunk.
 
-    def _evaluate_inplace(self, coeffs: np.ndarray, dirs: Sequence[list[torch.Tensor]]) -> dict[str, np.ndarray]:
-        rows: list[dict[str, torch.Tensor]] = []
+        Each chunk's batch-mean loss is weighted by its sample count ``n_c / n``; the K points are reduced
+        together (one cross-entropy over the stack instead of K calls).
+        """
+        acc: dict[str, torch.Tensor] = {}
+        for (s, e), out in zip(self._chunks, outs):
+            yb = self.y[s:e]
+            vals = {"loss": stacked_loss(self.loss_fn, out, yb).double() * (e - s)}
+            if self.classification:
+                vals["accuracy"] = stacked_correct(out, yb).double()
+            for k, m in self.metrics.items():
+                vals[k] = torch.stack([m(o, yb) for o in out]).double() * (e - s)
+            for k, v in vals.items():
+                acc[k] = acc[k] + v if k in acc else v
+        return {k: (v / self.n).cpu().numpy() for k, v in acc.items()}
+
+    def _evaluate_inplace(self, coeffs: np.ndarray, dirs: Sequence[list[torch.Tensor]],
+                          origin: list[torch.Tensor] | None = None) -> dict[str, np.ndarray]:
+        per_chunk: list[list[torch.Tensor]] = [[] for _ in self._chunks]
         with torch.inference_mode():
             for c in coeffs:
-                self._set_point(c, dirs)
-                rows.append(self._forward_sums(self._model))
-        keys = rows[0].keys()
-        return {k: (torch.stack([r[k] for r in rows]) / self.n).cpu().numpy() for k in keys}
+                self._set_point(c, dirs, origin)
+                for i, (s, e) in enumerate(self._chunks):
+                    per_chunk[i].append(self._model(self.X[s:e]))
+            return self._reduce([torch.stack(o) for o in per_chunk])
 
     def _stacked_params(self, coeffs: np.ndarray, dirs: Sequence[list[torch.Tensor]]) -> Params:
         c = torch.as_tensor(coeffs, dtype=self.dtype, device=self.device)
@@ -194,13 +209,10 @@ class Problem:
 
     def _evaluate_vmap(self, coeffs: np.ndarray, dirs: Sequence[list[torch.Tensor]]) -> dict[str, np.ndarray]:
         P = self._stacked_params(coeffs, dirs)
-
-        def sums(p: Params) -> dict[str, torch.Tensor]:
-            return self._forward_sums(lambda x: functional_call(self._model, (p, self.buffers), (x,)))
-
         with torch.no_grad():
-            res = vmap(sums, randomness="different")(P)
-        return {k: (v / self.n).cpu().numpy() for k, v in res.items()}
+            outs = [vmap(lambda p: functional_call(self._model, (p, self.buffers), (self.X[s:e],)),
+                         randomness="different")(P) for s, e in self._chunks]
+            return self._reduce(outs)
 
     def evaluate_points(self, coeffs: np.ndarray,
                         directions: Sequence[Mapping[str, torch.Tensor] | list[torch.Tensor]]) -> dict[str, np.ndarray]:
@@ -208,59 +220,65 @@ class Problem:
 
         A direction is a dict keyed by parameter name, or a list already made by :meth:`as_list`.
         Returns arrays of length ``len(coeffs)`` keyed ``loss``, ``accuracy`` (classification)
-        and each metric name. Non-finite values are returned as they are.
+        and each metric name. Non-finite values are returned as they are. Points are evaluated in
+        blocks of :attr:`block` (see :meth:`choose_strategy`).
         """
         coeffs = np.atleast_2d(np.asarray(coeffs, dtype=np.float64))
         dirs = [d if isinstance(d, list) else self.as_list(d) for d in directions]
         if coeffs.shape[1] != len(dirs):
             raise ValueError(f"{coeffs.shape[1]} coefficients per point for {len(dirs)} directions")
-        if self.strategy == "auto":
+        if self.block is None:
             self.choose_strategy(dirs)
-        if self.strategy == "vmap":
-            parts = [self._evaluate_vmap(coeffs[s:s + self.vmap_width], dirs)
-                     for s in range(0, len(coeffs), self.vmap_width)]
-            return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        return self._evaluate_inplace(coeffs, dirs)
+        fn = self._evaluate_vmap if self.strategy == "vmap" else self._evaluate_inplace
+        parts = [fn(coeffs[s:s + self.block], dirs) for s in range(0, len(coeffs), self.block)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def evaluate(self, point: Mapping[str, torch.Tensor] | None = None) -> Evaluation:
         """Loss, accuracy and metrics at ``point`` (a full parameter dict; ``theta0`` when None)."""
-        with torch.no_grad():
-            self._set_point((), (), origin=None if point is None else self.as_list(point))
-            sums = self._forward_sums(self._model)
-        vals = {k: float(v) / self.n for k, v in sums.items()}
+        vals = {k: float(v[0]) for k, v in self._evaluate_inplace(
+            np.zeros((1, 0)), (), origin=None if point is None else self.as_list(point)).items()}
         return Evaluation(loss=vals.pop("loss"), accuracy=vals.pop("accuracy", None), metrics=vals)
 
     def choose_strategy(self, dirs: Sequence[list[torch.Tensor]] | None = None, repeats: int = 2) -> str:
-        """Time ``inplace`` and ``vmap`` on this model and data; keep the faster per point.
+        """Pick the evaluation strategy and block size by timing them on this model and data.
 
-        ``vmap`` is dropped when it fails to trace the model (data-dependent control flow,
-        ``.item()`` calls, ...) or runs out of memory.
+        With ``strategy="auto"``, ``inplace`` and ``vmap`` are both timed on a block of points and the faster
+        per point is kept (``vmap`` is dropped when it cannot trace the model or runs out of memory). The block
+        size is then what fits ``memory_budget`` bytes of stacked outputs and about ``block_seconds`` of work,
+        at most ``max_block``. Sets :attr:`strategy`, :attr:`block` and :attr:`strategy_timings`.
         """
-        if self.strategy != "auto":
-            return self.strategy
-        ndir = len(dirs) if dirs else 1
         if not dirs:
             dirs = [[torch.randn_like(t) * 1e-3 for t in self._theta0_list]]
-        coeffs = np.linspace(-0.1, 0.1, self.vmap_width * ndir).reshape(self.vmap_width, ndir)
+        with torch.inference_mode():
+            first = self._model(self.X[self._chunks[0][0]:self._chunks[0][1]])
+        out_bytes = first.numel() * first.element_size() * self.n / (self._chunks[0][1] - self._chunks[0][0])
+        mem_block = int(max(1, min(self.max_block, self.memory_budget // max(out_bytes, 1))))
+        trial = max(1, min(mem_block, 8))
+        coeffs = np.linspace(-0.1, 0.1, trial * len(dirs)).reshape(trial, len(dirs))
 
-        def per_point(fn: Callable[[np.ndarray, Sequence[list[torch.Tensor]]], object], c: np.ndarray) -> float:
-            fn(c, dirs)  # warm-up
+        def per_point(fn: Callable[[np.ndarray, Sequence[list[torch.Tensor]]], object]) -> float:
+            fn(coeffs, dirs)  # warm-up
             best = float("inf")
             for _ in range(repeats):
                 t = time.perf_counter()
-                fn(c, dirs)
+                fn(coeffs, dirs)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 best = min(best, time.perf_counter() - t)
-            return best / len(c)
+            return best / trial
 
-        t_inplace = per_point(self._evaluate_inplace, coeffs[: max(2, self.vmap_width // 4)])
-        try:
-            t_vmap = per_point(self._evaluate_vmap, coeffs)
-        except Exception:  # vmap cannot run this model: not an error, just not a candidate
-            t_vmap = float("inf")
-        self.strategy = "vmap" if t_vmap < t_inplace else "inplace"
-        self.strategy_timings = {"inplace": t_inplace, "vmap": t_vmap}
+        candidates = ["inplace", "vmap"] if self.strategy == "auto" else [self.strategy]
+        timings = {}
+        for name in candidates:
+            try:
+                timings[name] = per_point(self._evaluate_vmap if name == "vmap" else self._evaluate_inplace)
+            except Exception:  # vmap cannot run this model: not an error, just not a candidate
+                if self.strategy != "auto":
+                    raise
+                timings[name] = float("inf")
+        self.strategy = min(timings, key=timings.__getitem__)
+        self.strategy_timings = timings
+        self.block = int(max(1, min(mem_block, self.block_seconds // max(timings[self.strategy], 1e-9))))
         return self.strategy
 
     # ------------------------------------------------------------------ derivatives

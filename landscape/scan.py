@@ -337,12 +337,12 @@ def run_scan(config: ScanConfig, *, progress: ProgressFn | None = None,
                     raise LandscapeError(f"cannot resume slice {s.name!r} of {path}: its settings differ "
                                          f"({', '.join(diff) or 'grid'})",
                                          hint="use --overwrite, another -o, or --name for a new slice")
-                pb.strategy = attrs["strategy"]
-                block = int(attrs["block"])
+                pb.strategy, pb.block = attrs["strategy"], int(attrs["block"])
+                block = pb.block
             else:
                 dirs = make_directions(s, st, config)
                 strategy = pb.choose_strategy([pb.as_list(d) for d in dirs])
-                block = pb.vmap_width if strategy == "vmap" else 1
+                block = pb.block
                 done = np.zeros(tuple(len(a) for a in s.axes), dtype=bool)
                 with rf.transaction() as f:
                     _create_slice(f, s, dirs, keys, _slice_attrs(s, strategy, block, config))
@@ -415,7 +415,7 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
     dirs = random_directions(pb.theta0, 2, seed=config.seed, norm=config.norm, ignore=config.ignore)
     lists = [pb.as_list(d) for d in dirs]
     strategy = pb.choose_strategy(lists)
-    n = pb.vmap_width if strategy == "vmap" else 3
+    n = pb.block
     coeffs = np.linspace(-0.5, 0.5, 2 * n).reshape(n, 2)
     if pb.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(pb.device)
@@ -429,7 +429,7 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
     if pb.device.type == "cuda":
         mem, note = torch.cuda.max_memory_allocated(pb.device), "peak CUDA memory measured on a few points"
     else:
-        mem = param_bytes * (4 + (pb.vmap_width if strategy == "vmap" else 0)) + data_bytes
+        mem = param_bytes * (4 + (pb.block if strategy == "vmap" else 0)) + data_bytes
         note = "model copies, directions and data; activations of one chunk come on top"
     return Estimate(points=points, forward_passes=points * chunks, seconds_per_point=per_point,
                     seconds=per_point * points, strategy=strategy, memory_bytes=int(mem), memory_note=note,

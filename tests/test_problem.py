@@ -46,7 +46,7 @@ def test_inplace_and_vmap_strategies_agree():
     dirs = random_directions({n: p for n, p in net.named_parameters()}, 2, seed=1)
     coeffs = np.array([[0.0, 0.0], [0.3, -0.2], [-1.0, 1.0], [0.5, 0.5], [0.1, 0.9]])
     a = Problem(net, X, y, F.cross_entropy, strategy="inplace", batch_size=16).evaluate_points(coeffs, dirs)
-    b = Problem(net, X, y, F.cross_entropy, strategy="vmap", vmap_width=2, batch_size=16).evaluate_points(coeffs, dirs)
+    b = Problem(net, X, y, F.cross_entropy, strategy="vmap", max_block=2, batch_size=16).evaluate_points(coeffs, dirs)
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-12)
     np.testing.assert_allclose(a["accuracy"], b["accuracy"])
     auto = Problem(net, X, y, F.cross_entropy)
@@ -102,3 +102,23 @@ def test_bn_recompute_matches_manual_estimate():
     assert pb.evaluate().loss == pytest.approx(F.mse_loss(ref, y).item(), rel=1e-10)
     frozen = Problem(net, X, y, F.mse_loss)
     assert frozen.evaluate().loss != pytest.approx(pb.evaluate().loss, rel=1e-3)
+
+
+def test_stacked_losses_match_functional_losses_near_a_minimum():
+    from landscape.losses import stacked_correct, stacked_loss
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 10, (200,), generator=g)
+    logits = torch.randn(4, 200, 10, generator=g)
+    logits[..., :] += 12.0 * F.one_hot(y, 10)  # confident: loss ~ 1e-5, far below the logits' rounding error
+    ce = stacked_loss(F.cross_entropy, logits, y)
+    for k in range(4):
+        assert ce[k].item() == pytest.approx(F.cross_entropy(logits[k], y).item(), rel=1e-5)
+        assert stacked_correct(logits, y)[k].item() == (logits[k].argmax(1) == y).sum().item()
+    target = torch.randn(200, 3, generator=g)
+    outs = torch.randn(4, 200, 3, generator=g)
+    mse = stacked_loss(F.mse_loss, outs, target)
+    custom = stacked_loss(lambda o, t: (o - t).abs().mean(), outs, target)
+    for k in range(4):
+        assert mse[k].item() == pytest.approx(F.mse_loss(outs[k], target).item(), rel=1e-6)
+        assert custom[k].item() == pytest.approx((outs[k] - target).abs().mean().item(), rel=1e-6)

@@ -58,6 +58,7 @@ def test_failing_scan_leaves_model_unchanged_and_resumable(tmp_path, mlp_ckpt):
             raise RuntimeError("device lost")
         return real(*a, **k)
 
+    st.problem.max_block = 1  # one point per block, so the failure comes after four journaled points
     st.problem.evaluate_points = flaky
     with pytest.raises(RuntimeError, match="device lost"):
         run_scan(good, prepared=st)
