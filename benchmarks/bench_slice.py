@@ -4,8 +4,8 @@
 
 For each shipped model (digits train split, 1,438 samples, one forward per point):
 
-* forward limit: 51*51 plain ``model(X)`` passes under ``torch.inference_mode()`` in eval mode (faster than
-  ``no_grad``: the fastest plain forward);
+* forward limit: 51*51 plain ``model(X)`` passes of a frozen copy (``requires_grad_(False)``, eval mode) under
+  ``torch.inference_mode()``: the fastest plain forward we found;
 * forward+loss+accuracy limit: the same plus the cross-entropy and top-1 count read back per point, the least any
   tool that reports loss and accuracy must do;
 * landscape ``compute_slice``: the slice alone (directions, point updates, loss and accuracy);
@@ -20,6 +20,7 @@ markdown table and to ``benchmarks/out/bench_slice.json``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import tempfile
@@ -39,22 +40,29 @@ CKPTS = {"mlp": EXAMPLES / "mlp_sgd_s2000.pt", "cnn": EXAMPLES / "cnn_adam_s2000
 STEPS = 51
 
 
-def best_of_interleaved(fns: dict, repeats: int) -> dict:
-    """Best time of each function over ``repeats`` rounds; every round runs all of them, so drifts in machine
-    speed hit every method alike."""
-    best = {k: float("inf") for k in fns}
+def interleaved(fns: dict, repeats: int, reference: str) -> tuple[dict, dict]:
+    """Time every function once per round for ``repeats`` rounds.
+
+    Returns the best time of each and the median over rounds of its time divided by ``reference``'s time in the
+    same round: this VM's speed drifts by tens of percent over minutes, and a within-round ratio cancels that.
+    """
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
             t = time.perf_counter()
             fn()
-            best[k] = min(best[k], time.perf_counter() - t)
-    return best
+            times[k].append(time.perf_counter() - t)
+    best = {k: min(v) for k, v in times.items()}
+    ratio = {k: float(np.median([a / b for a, b in zip(v, times[reference])])) for k, v in times.items()}
+    return best, ratio
 
 
 def bench_model(name: str, repeats: int) -> dict:
     cfg = ScanConfig(str(CKPTS[name]), device="cpu", strategy="auto")
     st = setup(cfg)
-    model, X, y = st.model.eval(), st.data.X, st.data.y
+    # the fastest plain forward: a frozen copy in eval mode under inference_mode
+    model = copy.deepcopy(st.model).eval().requires_grad_(False)
+    X, y = st.data.X, st.data.y
     pb = st.problem
     axes = (axis(-1, 1, STEPS), axis(-1, 1, STEPS))
     dirs = random_directions(pb.theta0, 2, seed=0)
@@ -88,12 +96,12 @@ def bench_model(name: str, repeats: int) -> dict:
         loss_landscapes.random_plane(model, metric, distance=2, steps=STEPS, normalization="filter",
                                      deepcopy_model=True)
 
-    t = best_of_interleaved({"forward_limit": forward_limit, "forward_loss_accuracy_limit": evaluation_limit,
-                             "landscape_compute_slice": ours_slice, "landscape_run_scan": ours_scan,
-                             "loss_landscapes_random_plane": ll_plane}, repeats)
+    fns = {"forward_limit": forward_limit, "forward_loss_accuracy_limit": evaluation_limit,
+           "landscape_compute_slice": ours_slice, "landscape_run_scan": ours_scan, "loss_landscapes_random_plane": ll_plane}
+    t, ratio = interleaved(fns, repeats, "forward_limit")
     return {"model": name, "n_parameters": pb.num_parameters, "n_samples": pb.n, "strategy": strategy,
-            "strategy_timings_s_per_point": getattr(pb, "strategy_timings", None), "seconds": t,
-            "ratio_to_forward_limit": {k: v / t["forward_limit"] for k, v in t.items()}}
+            "block": pb.block, "strategy_timings_s_per_point": getattr(pb, "strategy_timings", None), "seconds": t,
+            "median_ratio_to_forward_limit": ratio}
 
 
 def loss_landscapes_geometry(steps: int = 7) -> dict:
@@ -160,18 +168,16 @@ def main() -> None:
     out.mkdir(exist_ok=True)
     (out / "bench_slice.json").write_text(json.dumps(results, indent=2))
     print(f"torch {torch.__version__}, {args.threads} threads, best of {args.repeats}\n")
-    print("| model | params | strategy | forward limit (s) | fwd+loss+acc limit (s) | compute_slice (s) | run_scan (s) |"
-          " loss-landscapes (s) | compute_slice / fwd | run_scan / fwd | run_scan / fwd+loss+acc |"
-          " loss-landscapes / fwd |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("Best times (s) and, in brackets, the median over rounds of time / that round's forward limit:\n")
+    print("| model | params | strategy (block) | forward limit | fwd+loss+acc limit | landscape compute_slice |"
+          " landscape run_scan | loss-landscapes random_plane |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results["models"]:
-        s, q = r["seconds"], r["ratio_to_forward_limit"]
-        print(f"| {r['model']} | {r['n_parameters']:,} | {r['strategy']} | {s['forward_limit']:.2f} | "
-              f"{s['forward_loss_accuracy_limit']:.2f} | {s['landscape_compute_slice']:.2f} | "
-              f"{s['landscape_run_scan']:.2f} | {s['loss_landscapes_random_plane']:.2f} | "
-              f"{q['landscape_compute_slice']:.3f} | {q['landscape_run_scan']:.3f} | "
-              f"{s['landscape_run_scan'] / s['forward_loss_accuracy_limit']:.3f} | "
-              f"{q['loss_landscapes_random_plane']:.3f} |")
+        s, q = r["seconds"], r["median_ratio_to_forward_limit"]
+        cells = [f"{s[k]:.2f} ({q[k]:.3f}x)" for k in ("forward_limit", "forward_loss_accuracy_limit",
+                                                      "landscape_compute_slice", "landscape_run_scan",
+                                                      "loss_landscapes_random_plane")]
+        print(f"| {r['model']} | {r['n_parameters']:,} | {r['strategy']} ({r['block']}) | " + " | ".join(cells) + " |")
     print("\nloss-landscapes 3.0.6 random_plane geometry:", json.dumps(results["loss_landscapes_geometry"], indent=2))
 
 

@@ -245,7 +245,7 @@ class Problem:
         With ``strategy="auto"``, ``inplace`` and ``vmap`` are both timed on a block of points and the faster
         per point is kept (``vmap`` is dropped when it cannot trace the model or runs out of memory). The block
         size is then what fits ``memory_budget`` bytes of stacked outputs and about ``block_seconds`` of work,
-        at most ``max_block``. Sets :attr:`strategy`, :attr:`block` and :attr:`strategy_timings`.
+        at most ``max_block`` (for ``vmap``, the block size it was timed with). Sets :attr:`strategy`, :attr:`block` and :attr:`strategy_timings`.
         """
         if not dirs:
             dirs = [[torch.randn_like(t) * 1e-3 for t in self._theta0_list]]
@@ -278,7 +278,10 @@ class Problem:
                 timings[name] = float("inf")
         self.strategy = min(timings, key=timings.__getitem__)
         self.strategy_timings = timings
-        self.block = int(max(1, min(mem_block, self.block_seconds // max(timings[self.strategy], 1e-9))))
+        if self.strategy == "vmap":
+            self.block = trial  # vmap's cost per point depends on the block size: keep the one that was timed
+        else:
+            self.block = int(max(1, min(mem_block, self.block_seconds // max(timings[self.strategy], 1e-9))))
         return self.strategy
 
     # ------------------------------------------------------------------ derivatives

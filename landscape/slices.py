@@ -52,19 +52,23 @@ def compute_slice(
     axes: Sequence[np.ndarray],
     *,
     done: np.ndarray | None = None,
-    block: int = 1,
+    block: int | None = None,
     on_block: Callable[[np.ndarray, Mapping[str, np.ndarray]], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """Evaluate every grid point not yet ``done``; returns arrays shaped like the grid.
 
     ``on_block(index, values)`` is called after each block (flat indices and their values),
     which is how the scan journals progress. Points already done are left as NaN in the
-    returned arrays.
+    returned arrays. ``block`` defaults to the Problem's block size (:meth:`Problem.choose_strategy`).
     """
     shape = tuple(len(a) for a in axes)
     done = np.zeros(shape, dtype=bool) if done is None else done
     coeffs = grid_coefficients(axes)
     dirs = [problem.as_list(d) for d in directions]
+    if block is None:
+        if problem.block is None:
+            problem.choose_strategy(dirs)
+        block = problem.block
     out: dict[str, np.ndarray] = {}
     for idx in missing_blocks(done, block):
         vals = problem.evaluate_points(coeffs[idx], dirs)
