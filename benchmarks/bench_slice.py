@@ -53,7 +53,7 @@ def interleaved(fns: dict, repeats: int, reference: str) -> tuple[dict, dict]:
             fn()
             times[k].append(time.perf_counter() - t)
     best = {k: min(v) for k, v in times.items()}
-    ratio = {k: float(np.median([a / b for a, b in zip(v, times[reference])])) for k, v in times.items()}
+    ratio = {k: [a / b for a, b in zip(v, times[reference])] for k, v in times.items()}
     return best, ratio
 
 
@@ -98,10 +98,10 @@ def bench_model(name: str, repeats: int) -> dict:
 
     fns = {"forward_limit": forward_limit, "forward_loss_accuracy_limit": evaluation_limit,
            "landscape_compute_slice": ours_slice, "landscape_run_scan": ours_scan, "loss_landscapes_random_plane": ll_plane}
-    t, ratio = interleaved(fns, repeats, "forward_limit")
+    t, ratios = interleaved(fns, repeats, "forward_limit")
     return {"model": name, "n_parameters": pb.num_parameters, "n_samples": pb.n, "strategy": strategy,
             "block": pb.block, "strategy_timings_s_per_point": getattr(pb, "strategy_timings", None), "seconds": t,
-            "median_ratio_to_forward_limit": ratio}
+            "ratios_to_forward_limit_per_round": ratios}
 
 
 def loss_landscapes_geometry(steps: int = 7) -> dict:
@@ -154,27 +154,33 @@ def loss_landscapes_geometry(steps: int = 7) -> dict:
     }
 
 
+def _per_model(args: argparse.Namespace) -> list[str]:
+    models, reps = args.models.split(","), str(args.repeats).split(",")
+    return reps * len(models) if len(reps) == 1 else reps
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", default="3", help="rounds, one number or one per model (e.g. 7,3 for mlp,cnn)")
     ap.add_argument("--models", default="mlp,cnn")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     results = {"machine": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
-               "threads": args.threads, "models": [bench_model(m, args.repeats) for m in args.models.split(",")],
+               "threads": args.threads,
+               "models": [bench_model(m, int(r)) for m, r in zip(args.models.split(","), _per_model(args))],
                "loss_landscapes_geometry": loss_landscapes_geometry()}
     out = Path(__file__).resolve().parent / "out"
     out.mkdir(exist_ok=True)
     (out / "bench_slice.json").write_text(json.dumps(results, indent=2))
-    print(f"torch {torch.__version__}, {args.threads} threads, best of {args.repeats}\n")
-    print("Best times (s) and, in brackets, the median over rounds of time / that round's forward limit:\n")
+    print(f"torch {torch.__version__}, {args.threads} threads, rounds {args.repeats}\n")
+    print("Best times (s); in brackets, time / that round's forward limit: median [min-max] over rounds\n")
     print("| model | params | strategy (block) | forward limit | fwd+loss+acc limit | landscape compute_slice |"
           " landscape run_scan | loss-landscapes random_plane |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results["models"]:
-        s, q = r["seconds"], r["median_ratio_to_forward_limit"]
-        cells = [f"{s[k]:.2f} ({q[k]:.3f}x)" for k in ("forward_limit", "forward_loss_accuracy_limit",
+        s, q = r["seconds"], r["ratios_to_forward_limit_per_round"]
+        cells = [f"{s[k]:.2f} ({np.median(q[k]):.2f}x [{min(q[k]):.2f}-{max(q[k]):.2f}])" for k in ("forward_limit", "forward_loss_accuracy_limit",
                                                       "landscape_compute_slice", "landscape_run_scan",
                                                       "loss_landscapes_random_plane")]
         print(f"| {r['model']} | {r['n_parameters']:,} | {r['strategy']} ({r['block']}) | " + " | ".join(cells) + " |")
