@@ -1,0 +1,95 @@
+"""Lanczos, trace estimators and SLQ against explicit matrices with known spectra."""
+
+import numpy as np
+import pytest
+
+from landscape.density import slq
+from landscape.lanczos import lanczos
+from landscape.trace import hutchinson, hutchpp
+
+
+def with_spectrum(ev, seed=0):
+    rng = np.random.default_rng(seed)
+    Q, _ = np.linalg.qr(rng.standard_normal((len(ev), len(ev))))
+    return (Q * np.asarray(ev, dtype=np.float64)) @ Q.T
+
+
+@pytest.mark.parametrize("max_basis", [None, 12])
+def test_lanczos_clustered_and_repeated_no_ghosts(max_basis):
+    rng = np.random.default_rng(1)
+    ev = np.concatenate([[50.0, 50.0, 49.9999, 30.0, 20.0, -7.0, -7.0 + 1e-6], rng.uniform(-1, 5, 293)])
+    A = with_spectrum(ev)
+    top = lanczos(lambda v: A @ v, 300, k=5, tol=1e-10, max_basis=max_basis)
+    np.testing.assert_allclose(top.eigenvalues, np.sort(ev)[::-1][:5], rtol=1e-10)
+    assert top.converged.all() and (top.residuals <= 1e-10 * np.abs(top.eigenvalues)).all()
+    np.testing.assert_allclose(top.eigenvectors.T @ top.eigenvectors, np.eye(5), atol=1e-10)  # no duplicate pairs
+    bottom = lanczos(lambda v: A @ v, 300, k=3, which="SA", tol=1e-10, max_basis=max_basis)
+    np.testing.assert_allclose(bottom.eigenvalues, np.sort(ev)[:3], rtol=1e-9)
+
+
+def test_lanczos_outlier_spectrum_is_cheap():
+    rng = np.random.default_rng(2)
+    ev = np.concatenate([[85, 60, 40, 30, 25, 10, 8], rng.normal(0, 0.5, 993)])
+    A = with_spectrum(ev)
+    r = lanczos(lambda v: A @ v, 1000, k=5, tol=1e-6)
+    np.testing.assert_allclose(r.eigenvalues, [85, 60, 40, 30, 25], rtol=1e-6)
+    assert r.n_matvec <= 40
+
+
+def test_hutchinson_exact_for_diagonal_and_within_error_bars():
+    D = np.diag(np.arange(1.0, 51.0))
+    assert hutchinson(lambda v: D @ v, 50, max_matvec=3).estimate == pytest.approx(D.trace(), rel=1e-12)
+    A = with_spectrum(np.random.default_rng(3).normal(1.0, 2.0, 200))
+    est = hutchinson(lambda v: A @ v, 200, max_matvec=400, seed=4)
+    assert abs(est.estimate - A.trace()) <= 3 * est.stderr
+    # variance per probe 2(||A||_F^2 - sum A_ii^2)
+    expected_sd = np.sqrt(2 * ((A ** 2).sum() - (np.diag(A) ** 2).sum()))
+    assert np.std(est.samples, ddof=1) == pytest.approx(expected_sd, rel=0.2)
+
+
+def test_stderr_target_and_deflation():
+    ev = np.concatenate([[500.0, 300.0, 200.0], np.random.default_rng(5).normal(0, 1, 297)])
+    A = with_spectrum(ev)
+    plain = hutchinson(lambda v: A @ v, 300, max_matvec=60, seed=0)
+    top = lanczos(lambda v: A @ v, 300, k=3)
+    defl = hutchinson(lambda v: A @ v, 300, max_matvec=60, seed=0, deflate=(top.eigenvalues, top.eigenvectors))
+    assert defl.stderr < plain.stderr / 5
+    assert abs(defl.estimate - ev.sum()) <= 3 * defl.stderr
+    stop = hutchinson(lambda v: A @ v, 300, max_matvec=10_000, stderr_target=40.0, seed=1)  # per-probe sd ~ 850
+    assert stop.stderr <= 40.0 and 10 <= stop.n_matvec < 10_000
+    neg = hutchinson(lambda v: -A @ v, 300, max_matvec=300, seed=2)  # negative traces are fine
+    assert abs(neg.estimate + ev.sum()) <= 3 * neg.stderr
+
+
+def test_hutchpp_exact_on_low_rank_and_better_than_hutchinson():
+    ev = np.zeros(200)
+    ev[:10] = np.linspace(10, 100, 10)
+    A = with_spectrum(ev)
+    est = hutchpp(lambda v: A @ v, 200, max_matvec=60)
+    assert est.estimate == pytest.approx(ev.sum(), rel=1e-10) and est.n_matvec == 60
+    B = with_spectrum(np.concatenate([np.linspace(50, 100, 20), np.random.default_rng(6).normal(0, 1, 280)]))
+    errs_pp = [abs(hutchpp(lambda v: B @ v, 300, max_matvec=99, seed=s).estimate - B.trace()) for s in range(8)]
+    errs_h = [abs(hutchinson(lambda v: B @ v, 300, max_matvec=99, seed=s).estimate - B.trace()) for s in range(8)]
+    assert np.mean(errs_pp) < np.mean(errs_h)
+
+
+def test_slq_moments_exact_and_density_matches_histogram():
+    rng = np.random.default_rng(7)
+    ev = np.concatenate([rng.normal(0, 1, 380), [40, 30, 20, -3]])
+    A = with_spectrum(ev)
+    d = slq(lambda v: A @ v, len(ev), n_probes=3, steps=40, seed=1)
+    assert np.allclose(d.weights.sum(1), 1.0)
+    vs = np.random.default_rng(1)
+    for p in range(3):  # regenerate the probes: sum tau theta^j = v^T A^j v for j <= 2 steps - 1
+        v = vs.integers(0, 2, size=len(ev)).astype(float) * 2 - 1
+        v /= np.linalg.norm(v)
+        for j in (1, 2, 5, 20, 79):
+            exact = v @ np.linalg.matrix_power(A, j) @ v
+            assert d.moment(j)[p] == pytest.approx(exact, rel=1e-7)
+    grid, phi = d.evaluate(np.linspace(-5, 45, 2001), sigma2=0.3)
+    assert np.trapezoid(phi, grid) == pytest.approx(1.0, rel=1e-9)
+    # compare the CDF with the exact eigenvalue CDF
+    cdf = np.cumsum(phi) * (grid[1] - grid[0])
+    exact_cdf = np.searchsorted(np.sort(ev), grid) / len(ev)
+    assert np.max(np.abs(cdf - exact_cdf)) < 0.08
+    assert d.negative_mass == pytest.approx((ev < 0).mean(), abs=0.08)
