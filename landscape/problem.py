@@ -134,6 +134,7 @@ class Problem:
         self.memory_budget = memory_budget
         self.block_seconds = block_seconds
         self.block: int | None = None
+        self.hvp_mode = "forward-over-reverse"
         self.strategy = strategy if strategy != "auto" else ("inplace" if bn == "recompute" else "auto")
 
     # ------------------------------------------------------------------ basics
@@ -311,13 +312,49 @@ class Problem:
     def gradient(self, params: Mapping[str, torch.Tensor] | None = None) -> Params:
         return self.loss_and_gradient(params)[1]
 
-    def hvp(self, v: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor] | None = None) -> Params:
-        """Hessian-vector product ``H v`` of the full-data loss (forward-over-reverse, chunked)."""
+    def _chunked(self, product: Callable[[Params, Params, torch.Tensor, torch.Tensor], Params],
+                 v: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor] | None) -> Params:
+        """``sum_c (n_c / n) product(theta, v, X_c, y_c)`` over the evaluation chunks."""
         p = self._params(params)
         v = {n: v[n].to(self.device, self.dtype) for n in p}
         total: Params = {n: torch.zeros_like(t) for n, t in p.items()}
         for s, e in self._chunks:
-            x, y = self.X[s:e], self.y[s:e]
-            _, hv = jvp(lambda q: grad(self._chunk_loss)(q, x, y), (p,), (v,))
-            torch._foreach_add_(list(total.values()), [hv[n] for n in total], alpha=(e - s) / self.n)
+            out = product(p, v, self.X[s:e], self.y[s:e])
+            torch._foreach_add_(list(total.values()), [out[n] for n in total], alpha=(e - s) / self.n)
         return total
+
+    def _hessian_vector(self, f: Callable[[object], torch.Tensor], x: object, v: object) -> object:
+        """``(d^2 f / dx^2) v``: forward-over-reverse (``jvp`` of ``grad``), or reverse-over-reverse (``vjp`` of
+        ``grad``) for models whose ops have no forward-mode derivative of their backward (e.g. ``mse_loss`` in
+        torch 2.13); the fallback, once needed, is kept."""
+        if self.hvp_mode == "forward-over-reverse":
+            try:
+                return jvp(grad(f), (x,), (v,))[1]
+            except (RuntimeError, NotImplementedError):
+                self.hvp_mode = "reverse-over-reverse"
+        return torch.func.vjp(grad(f), x)[1](v)[0]
+
+    def hvp(self, v: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor] | None = None) -> Params:
+        """Hessian-vector product ``H v`` of the full-data loss (chunked; see :meth:`_hessian_vector`)."""
+        def product(p: Params, v: Params, x: torch.Tensor, y: torch.Tensor) -> Params:
+            return self._hessian_vector(lambda q: self._chunk_loss(q, x, y), p, v)
+
+        return self._chunked(product, v, params)
+
+    def ggn_vp(self, v: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor] | None = None) -> Params:
+        """Generalized Gauss-Newton product ``G v = (1/n) sum_i J_i^T (d^2 l / dz^2) J_i v``.
+
+        ``J_i`` is the Jacobian of the model's output ``z_i`` in the parameters: ``J v`` by a forward-mode
+        product, the loss's Hessian in output space by forward-over-reverse on the loss alone (any loss;
+        ``diag(p) - p p^T`` for cross-entropy), and ``J^T`` by a vector-Jacobian product. ``G = H`` for a
+        model linear in its parameters.
+        """
+        def product(p: Params, v: Params, x: torch.Tensor, y: torch.Tensor) -> Params:
+            def f(q: Params) -> torch.Tensor:
+                return functional_call(self._model, (q, self.buffers), (x,))
+
+            z, jv = jvp(f, (p,), (v,))
+            hjv = self._hessian_vector(lambda zz: self.loss_fn(zz, y), z, jv)
+            return torch.func.vjp(f, p)[1](hjv)[0]
+
+        return self._chunked(product, v, params)

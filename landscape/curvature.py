@@ -1,0 +1,70 @@
+"""Curvature operators: the Hessian or the generalized Gauss-Newton matrix of a Problem as a symmetric matvec.
+
+:class:`CurvatureOperator` turns :meth:`Problem.hvp` / :meth:`Problem.ggn_vp` into ``matvec(v)`` on flat float64
+vectors, the interface of :mod:`landscape.lanczos`, :mod:`landscape.trace` and :mod:`landscape.density`. It can be
+restricted to a subset of parameters (names or shell-style globs such as ``"net.0.*"``): the operator is then
+the principal block ``H_SS`` (the curvature of the loss in those parameters, the others fixed), which is how
+per-layer results are computed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Iterable, Mapping
+
+import numpy as np
+import torch
+
+from .errors import LandscapeError
+from .problem import Problem
+
+
+def select_parameters(names: Iterable[str], patterns: Iterable[str] | None) -> list[str]:
+    """Parameter names matching any of ``patterns`` (exact names or globs), in model order."""
+    names = list(names)
+    if not patterns:
+        return names
+    pats = list(patterns)
+    chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in pats)]
+    if not chosen:
+        raise LandscapeError(f"no parameter matches {', '.join(pats)}",
+                             hint=f"parameters are: {', '.join(names[:8])}{', ...' if len(names) > 8 else ''}")
+    return chosen
+
+
+class CurvatureOperator:
+    """``kind`` = ``hessian`` or ``ggn`` of the Problem's full-data loss at ``point`` (theta0 when None)."""
+
+    def __init__(self, problem: Problem, *, kind: str = "hessian", parameters: Iterable[str] | None = None,
+                 point: Mapping[str, torch.Tensor] | None = None) -> None:
+        if kind not in ("hessian", "ggn"):
+            raise LandscapeError(f"curvature {kind!r} is unknown", hint="use hessian or ggn")
+        self.problem = problem
+        self.kind = kind
+        self.names = select_parameters(problem.names, parameters)
+        self.shapes = [tuple(problem.theta0[n].shape) for n in self.names]
+        self.sizes = [int(np.prod(s)) for s in self.shapes]
+        self.n = int(sum(self.sizes))
+        self.point = point
+        self.n_matvec = 0
+
+    def to_params(self, vec: np.ndarray) -> dict[str, torch.Tensor]:
+        """A full parameter dict from a flat vector over the selected parameters (zeros elsewhere)."""
+        pb = self.problem
+        out = {n: torch.zeros_like(t) for n, t in pb.theta0.items()}
+        i = 0
+        for n, shape, size in zip(self.names, self.shapes, self.sizes):
+            out[n] = torch.as_tensor(vec[i:i + size], dtype=pb.dtype, device=pb.device).reshape(shape)
+            i += size
+        return out
+
+    def to_vector(self, params: Mapping[str, torch.Tensor]) -> np.ndarray:
+        return np.concatenate([params[n].detach().double().reshape(-1).cpu().numpy() for n in self.names])
+
+    def matvec(self, vec: np.ndarray) -> np.ndarray:
+        v = self.to_params(np.asarray(vec, dtype=np.float64))
+        fn = self.problem.hvp if self.kind == "hessian" else self.problem.ggn_vp
+        self.n_matvec += 1
+        return self.to_vector(fn(v, self.point))
+
+    __call__ = matvec

@@ -1,0 +1,107 @@
+"""Curvature operators against dense Hessians and closed forms (float64)."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import blobs, relu_mlp
+from landscape import LandscapeError, Problem
+from landscape.curvature import CurvatureOperator
+from landscape.density import slq
+from landscape.lanczos import lanczos
+from landscape.trace import hutchinson
+
+
+def dense(op):
+    return np.column_stack([op.matvec(e) for e in np.eye(op.n)])
+
+
+def small_cnn():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 4)).double()
+    net.train()
+    with torch.no_grad():  # give BatchNorm non-trivial running statistics, then evaluate in eval mode
+        net(torch.randn(64, 1, 6, 6, dtype=torch.float64) * 2 + 0.5)
+    X = torch.randn(50, 1, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 4, (50,), generator=torch.Generator().manual_seed(2))
+    return net.eval(), X, y
+
+
+def autograd_hessian(model, X, y, loss=F.cross_entropy):
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def f(vec):
+        params, i = {}, 0
+        for n, s in zip(names, shapes):
+            k = int(np.prod(s))
+            params[n] = vec[i:i + k].reshape(s)
+            i += k
+        return loss(torch.func.functional_call(model, params, (X,)), y)
+
+    return torch.autograd.functional.hessian(f, theta).numpy()
+
+
+@pytest.mark.parametrize("which", ["mlp", "cnn"])
+def test_top_and_bottom_eigenvalues_match_dense_hessian(which):
+    if which == "mlp":
+        net, (X, y) = relu_mlp((5, 12, 4)), blobs(60, 5, 4)
+    else:
+        net, X, y = small_cnn()
+    H = autograd_hessian(net, X, y)
+    exact = np.linalg.eigvalsh(H)
+    op = CurvatureOperator(Problem(net, X, y, F.cross_entropy, batch_size=23))
+    np.testing.assert_allclose(dense(op), H, atol=1e-12)
+    top = lanczos(op, op.n, k=5, which="LA", tol=1e-8)
+    bottom = lanczos(op, op.n, k=5, which="SA", tol=1e-8)
+    np.testing.assert_allclose(top.eigenvalues, exact[::-1][:5], rtol=1e-6)
+    np.testing.assert_allclose(bottom.eigenvalues, exact[:5], rtol=1e-6, atol=1e-9)
+    assert top.converged.all()
+    tr = hutchinson(op, op.n, max_matvec=200, seed=3)
+    assert abs(tr.estimate - np.trace(H)) <= 3 * tr.stderr
+    d = slq(op, op.n, n_probes=2, steps=30)
+    assert d.negative_mass == pytest.approx((exact < -1e-12).mean(), abs=0.15)
+
+
+def test_ggn_equals_hessian_for_linear_model_and_is_psd():
+    X, y = blobs(40, 4, 3)
+    lin = torch.nn.Linear(4, 3).double()
+    pb = Problem(lin, X, y, F.cross_entropy, batch_size=13)
+    G = dense(CurvatureOperator(pb, kind="ggn"))
+    np.testing.assert_allclose(G, dense(CurvatureOperator(pb)), atol=1e-12)
+    net = relu_mlp()
+    Gn = dense(CurvatureOperator(Problem(net, X, y, F.cross_entropy), kind="ggn"))
+    assert np.linalg.eigvalsh(Gn).min() > -1e-12  # positive semi-definite for a convex loss
+    assert not np.allclose(Gn, autograd_hessian(net, X, y), atol=1e-6)  # but not the Hessian of a ReLU net
+
+
+def test_linear_and_logistic_regression_closed_forms():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(70, 6, dtype=torch.float64, generator=g)
+    Y = torch.randn(70, 2, dtype=torch.float64, generator=g)
+    lin = torch.nn.Linear(6, 2, bias=False).double()
+    H = dense(CurvatureOperator(Problem(lin, X, Y, F.mse_loss, batch_size=30)))
+    XtX = (X.T @ X).numpy()
+    expected = np.kron(np.eye(2), 2 * XtX / (70 * 2))  # nn.MSELoss: 2 X^T X / (n d_out), per output row
+    np.testing.assert_allclose(H, expected, atol=1e-12)
+    t = (torch.rand(70, 1, generator=g) < 0.5).double()
+    logit = torch.nn.Linear(6, 1, bias=False).double()
+    pb = Problem(logit, X, t, F.binary_cross_entropy_with_logits, classification=False)
+    p = torch.sigmoid(logit(X)).detach().numpy().ravel()
+    expected = (X.numpy().T * (p * (1 - p))) @ X.numpy() / 70
+    np.testing.assert_allclose(dense(CurvatureOperator(pb)), expected, atol=1e-12)
+
+
+def test_parameter_subset_is_the_principal_block():
+    net, (X, y) = relu_mlp(), blobs(30)
+    pb = Problem(net, X, y, F.cross_entropy)
+    H = dense(CurvatureOperator(pb))
+    sub = CurvatureOperator(pb, parameters=["2.*"])
+    assert sub.names == ["2.weight", "2.bias"]
+    start = sum(p.numel() for n, p in net.named_parameters() if n.startswith("0."))
+    np.testing.assert_allclose(dense(sub), H[start:, start:], atol=1e-12)
+    with pytest.raises(LandscapeError, match="no parameter matches"):
+        CurvatureOperator(pb, parameters=["nope*"])
