@@ -10,7 +10,7 @@ import json
 import math
 import sys
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Annotated, Any, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -108,28 +108,98 @@ def _parse_steps(text: str) -> tuple[int, ...]:
     return vals
 
 
+# Options shared by every command that loads a checkpoint, declared once.
+CheckpointArg = Annotated[str, typer.Argument(help="Checkpoint file (.pt, .pth, .ckpt, .safetensors).")]
+ModelOpt = Annotated[Optional[str], typer.Option(help="Model factory, module:callable or file.py:callable "
+                                                      "(default: the checkpoint's manifest).")]
+ModelArgOpt = Annotated[Optional[list[str]], typer.Option("--model-arg", help="key=value for the model factory; "
+                                                                              "repeatable.")]
+DataOpt = Annotated[Optional[str], typer.Option(help="Built-in (digits, gaussian_mixture, teacher_student), a "
+                                                     ".pt/.npz/.h5 file with X and y, or module:callable.")]
+DataArgOpt = Annotated[Optional[list[str]], typer.Option("--data-arg", help="key=value for the data spec; repeatable.")]
+LossOpt = Annotated[Optional[str], typer.Option(help="cross_entropy, mse or module:callable (default: from the "
+                                                     "checkpoint, else from the targets).")]
+MetricOpt = Annotated[Optional[list[str]], typer.Option("--metric", help="Extra metric name=module:callable, called "
+                                                                         "as f(output, target) -> batch mean; repeatable.")]
+StateKeyOpt = Annotated[Optional[str], typer.Option(help="Key of the state dict inside a training checkpoint (dotted).")]
+TrustOpt = Annotated[bool, typer.Option("--trust-pickle", help="Allow pickled modules and TorchScript: runs code "
+                                                               "from the file.")]
+MaxSamplesOpt = Annotated[Optional[int], typer.Option(help="Evaluate on a seeded random subset of this size.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed for directions, probes and the data subset.")]
+BatchOpt = Annotated[int, typer.Option(help="Samples per forward pass.")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
+DtypeOpt = Annotated[Optional[str], typer.Option(help="float32 or float64 (default: the checkpoint's).")]
+OutputOpt = Annotated[Optional[str], typer.Option("-o", "--output", help="Run file or directory (default: "
+                                                                          "reports/<checkpoint stem>/run.h5).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+
+
+def _base_config(checkpoint: str, model: Optional[str], model_arg: Optional[list[str]], data: Optional[str],
+                 data_arg: Optional[list[str]], loss: Optional[str], metric: Optional[list[str]],
+                 state_key: Optional[str], trust_pickle: bool, max_samples: Optional[int], seed: int,
+                 batch_size: int, device: str, dtype: Optional[str], output: Optional[str], **rest: Any) -> Any:
+    """The ScanConfig for the options every loading command shares; ``rest`` sets the others."""
+    from landscape.scan import ScanConfig
+    from landscape.specs import Spec, parse_kv
+
+    if dtype not in (None, "float32", "float64"):
+        raise LandscapeError(f"--dtype {dtype!r} is unknown", hint="use float32 or float64")
+    if model is None and model_arg:
+        raise LandscapeError("--model-arg needs --model", hint="name the model factory with --model")
+    if data is None and data_arg:
+        raise LandscapeError("--data-arg needs --data", hint="name the data with --data")
+    return ScanConfig(
+        checkpoint=checkpoint,
+        model=Spec(model, parse_kv(model_arg, "--model-arg")) if model else None,
+        data=Spec(data, parse_kv(data_arg, "--data-arg")) if data else None,
+        loss=loss, metrics=tuple(_parse_metric(m) for m in metric or ()), state_key=state_key,
+        trust_pickle=trust_pickle, max_samples=max_samples, seed=seed, batch_size=batch_size, device=device,
+        dtype=dtype, output=output, **rest)
+
+
+def _run_with_progress(config: Any, st: Any) -> Any:
+    from landscape.scan import run_scan
+
+    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               _RateColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+    with Progress(*columns, console=err_console, transient=False) as prog:
+        tasks: dict[str, Any] = {}
+        steps: list[Any] = []
+
+        def progress(name: str, done: int, total: int) -> None:
+            if total == 0:  # a curvature step: no point count, a spinner until the next step starts
+                for t in steps:
+                    prog.update(t, total=1, completed=1)
+                steps.append(prog.add_task(name, total=None))
+                return
+            if name not in tasks:
+                tasks[name] = prog.add_task(name, total=total, completed=done)
+            prog.update(tasks[name], completed=done)
+
+        summary = run_scan(config, progress=progress, prepared=st)
+        for t in steps:
+            prog.update(t, total=1, completed=1)
+    return summary
+
+
 @app.command(epilog="Examples:\n\n"
                     "  landscape scan data/examples/cnn_adam_s2000.pt\n\n"
                     "  landscape scan ckpt.pt --model pkg.models:Net --model-arg width=64 --data digits --max-samples 500\n\n"
                     "  landscape scan a.pt --interpolate b.pt --dims 1 --steps 101\n\n"
                     "  landscape scan ckpt.pt --dry-run")
 def scan(
-    checkpoint: str = typer.Argument(..., help="Checkpoint file (.pt, .pth, .ckpt, .safetensors)."),
-    model: Optional[str] = typer.Option(None, help="Model factory, module:callable or file.py:callable "
-                                                   "(default: the checkpoint's manifest)."),
-    model_arg: Optional[list[str]] = typer.Option(None, "--model-arg", help="key=value for the model factory; repeatable."),
-    data: Optional[str] = typer.Option(None, help="Built-in (digits, gaussian_mixture, teacher_student), a .pt/.npz/.h5 "
-                                                  "file with X and y, or module:callable."),
-    data_arg: Optional[list[str]] = typer.Option(None, "--data-arg", help="key=value for the data spec; repeatable."),
-    loss: Optional[str] = typer.Option(None, help="cross_entropy, mse or module:callable (default: from the "
-                                                  "checkpoint, else from the targets)."),
-    metric: Optional[list[str]] = typer.Option(None, "--metric", help="Extra metric name=module:callable, called as "
-                                                                      "f(output, target) -> batch mean; repeatable."),
-    state_key: Optional[str] = typer.Option(None, help="Key of the state dict inside a training checkpoint (dotted)."),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow pickled modules and TorchScript: runs code "
-                                                                    "from the file."),
-    max_samples: Optional[int] = typer.Option(None, help="Evaluate on a seeded random subset of this size."),
-    seed: int = typer.Option(0, help="Seed for directions and the data subset."),
+    checkpoint: CheckpointArg,
+    model: ModelOpt = None,
+    model_arg: ModelArgOpt = None,
+    data: DataOpt = None,
+    data_arg: DataArgOpt = None,
+    loss: LossOpt = None,
+    metric: MetricOpt = None,
+    state_key: StateKeyOpt = None,
+    trust_pickle: TrustOpt = False,
+    max_samples: MaxSamplesOpt = None,
+    seed: SeedOpt = 0,
     dims: int = typer.Option(2, help="1 or 2 random directions."),
     steps: str = typer.Option("51", help="Points per axis: N, or NXxNY for a non-square grid."),
     range_: str = typer.Option("1", "--range", help="Axis range: R for [-R, R], or MIN,MAX (write --range=-0.5,1.5)."),
@@ -139,50 +209,40 @@ def scan(
     orthogonalize: bool = typer.Option(False, help="Orthogonalize the second direction against the first."),
     interpolate: Optional[str] = typer.Option(None, help="Second checkpoint: add a 1D slice from this one to it."),
     name: Optional[str] = typer.Option(None, help="Name of the random slice in the run file."),
+    hessian: bool = typer.Option(True, help="Also compute the Hessian's top-5 eigenvalues and trace."),
     bn: str = typer.Option("frozen", help="BatchNorm statistics: frozen (checkpoint's) or recompute at each point."),
     bn_batches: int = typer.Option(10, help="Batches used to recompute BatchNorm statistics."),
-    batch_size: int = typer.Option(2048, help="Samples per forward pass."),
-    device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
-    dtype: Optional[str] = typer.Option(None, help="float32 or float64 (default: the checkpoint's)."),
+    batch_size: BatchOpt = 2048,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
     strategy: str = typer.Option("auto", help="Evaluation strategy: auto (measured), inplace or vmap."),
-    output: Optional[str] = typer.Option(None, "-o", "--output", help="Run file or directory (default: "
-                                                                       "reports/<checkpoint stem>/run.h5)."),
+    output: OutputOpt = None,
     resume: bool = typer.Option(False, "--resume", help="Continue an existing run file, computing only missing points."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run file."),
     save_every: float = typer.Option(30.0, "--save-every", help="Merge finished points into the run file at least "
                                                                 "this often (seconds); they are journaled at once."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print forward passes, time and memory estimates; compute nothing."),
-    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Scan the loss landscape around a checkpoint and write a run file.
 
     With no options, a self-describing checkpoint (see landscape.save_checkpoint) gets a
-    51x51 filter-normalized 2D slice on [-1, 1], written to reports/<name>/run.h5.
+    51x51 filter-normalized 2D slice on [-1, 1] and the Hessian's top-5 eigenvalues and
+    trace, written to reports/<name>/run.h5.
     """
-    from landscape.scan import ScanConfig, estimate, run_scan, setup
-    from landscape.specs import Spec, parse_kv
+    from landscape.hessian import CurvatureSettings
+    from landscape.scan import estimate, setup
 
     with _errors(debug):
-        if dtype not in (None, "float32", "float64"):
-            raise LandscapeError(f"--dtype {dtype!r} is unknown", hint="use float32 or float64")
         if resume and overwrite:
             raise LandscapeError("--resume and --overwrite contradict each other", hint="pick one")
-        config = ScanConfig(
-            checkpoint=checkpoint,
-            model=Spec(model, parse_kv(model_arg, "--model-arg")) if model else None,
-            data=Spec(data, parse_kv(data_arg, "--data-arg")) if data else None,
-            loss=loss, metrics=tuple(_parse_metric(m) for m in metric or ()), state_key=state_key, trust_pickle=trust_pickle, max_samples=max_samples, seed=seed,
-            device=device, dtype=dtype, bn=bn, bn_batches=bn_batches, batch_size=batch_size, strategy=strategy,
-            dims=dims, steps=_parse_steps(steps), range=_parse_range(range_),
-            y_range=_parse_range(y_range) if y_range else None, norm=norm, ignore=ignore,
-            orthogonalize=orthogonalize, interpolate=interpolate, name=name, output=output, resume=resume,
-            overwrite=overwrite, compact_every=save_every,
-        )
-        if model is None and model_arg:
-            raise LandscapeError("--model-arg needs --model", hint="name the model factory with --model")
-        if data is None and data_arg:
-            raise LandscapeError("--data-arg needs --data", hint="name the data with --data")
+        config = _base_config(
+            checkpoint, model, model_arg, data, data_arg, loss, metric, state_key, trust_pickle, max_samples, seed,
+            batch_size, device, dtype, output, bn=bn, bn_batches=bn_batches, strategy=strategy, dims=dims,
+            steps=_parse_steps(steps), range=_parse_range(range_), y_range=_parse_range(y_range) if y_range else None,
+            norm=norm, ignore=ignore, orthogonalize=orthogonalize, interpolate=interpolate, name=name, resume=resume,
+            overwrite=overwrite, compact_every=save_every, curvature=CurvatureSettings(seed=seed) if hessian else None)
         with err_console.status("loading checkpoint, model and data", spinner="dots"):
             st = setup(config)
         if dry_run:
@@ -201,19 +261,77 @@ def scan(
             t.add_row("memory", f"{est.memory_bytes / 2**20:.1f} MiB ({est.memory_note})")
             out_console.print(t)
             return
-        columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   _RateColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
-        with Progress(*columns, console=err_console, transient=False) as prog:
-            tasks: dict[str, Any] = {}
-
-            def progress(slice_name: str, done: int, total: int) -> None:
-                if slice_name not in tasks:
-                    tasks[slice_name] = prog.add_task(slice_name, total=total, completed=done)
-                prog.update(tasks[slice_name], completed=done)
-
-            summary = run_scan(config, progress=progress, prepared=st)
+        summary = _run_with_progress(config, st)
         if json_out:
-            print(json.dumps(summary.to_json(), indent=2))
+            print(json.dumps(_nan_to_none(summary.to_json()), indent=2))
+            return
+        _print_summary(summary)
+
+
+@app.command(epilog="Examples:\n\n"
+                    "  landscape hessian data/examples/mlp_sgd_s2000.pt --top-k 10 --bottom-k 3 --density\n\n"
+                    "  landscape hessian ckpt.pt --ggn --per-layer --dtype float64\n\n"
+                    "  landscape hessian ckpt.pt --parameters 'layer4.*' --trace-method hutchinson --trace-matvecs 300")
+def hessian(
+    checkpoint: CheckpointArg,
+    top_k: int = typer.Option(5, help="Largest eigenvalues (Lanczos with full reorthogonalization)."),
+    bottom_k: int = typer.Option(0, help="Smallest eigenvalues (negative curvature)."),
+    trace: bool = typer.Option(True, help="Estimate the trace."),
+    trace_method: str = typer.Option("hutch++", help="hutch++, hutchinson or hutchinson-deflated (by the top-k)."),
+    trace_matvecs: int = typer.Option(99, help="Matvec budget of the trace estimate."),
+    trace_stderr: Optional[float] = typer.Option(None, help="Stop Hutchinson once its standard error is below this."),
+    density: bool = typer.Option(False, help="Spectral density by stochastic Lanczos quadrature."),
+    density_probes: int = typer.Option(1, help="SLQ probe vectors."),
+    density_steps: int = typer.Option(100, help="Lanczos steps per SLQ probe."),
+    ggn: bool = typer.Option(False, "--ggn", help="The generalized Gauss-Newton matrix instead of the Hessian."),
+    per_layer: bool = typer.Option(False, "--per-layer", help="Also the top eigenvalue and trace of each parameter."),
+    parameters: Optional[list[str]] = typer.Option(None, "--parameters", help="Restrict to these parameter names or "
+                                                                              "globs; repeatable."),
+    tol: float = typer.Option(1e-6, help="Relative Ritz residual at which eigenpairs count as converged."),
+    max_hvp: int = typer.Option(400, help="Most Hessian-vector products for each Lanczos run."),
+    model: ModelOpt = None,
+    model_arg: ModelArgOpt = None,
+    data: DataOpt = None,
+    data_arg: DataArgOpt = None,
+    loss: LossOpt = None,
+    state_key: StateKeyOpt = None,
+    trust_pickle: TrustOpt = False,
+    max_samples: MaxSamplesOpt = None,
+    seed: SeedOpt = 0,
+    batch_size: BatchOpt = 2048,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+    output: OutputOpt = None,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Hessian (or GGN) spectrum: top/bottom eigenvalues with residuals, trace with a standard error, density.
+
+    Results go to /hessian (or /ggn) of the run file, added to an existing one (replacing an
+    earlier curvature group of the same kind).
+    """
+    from landscape.hessian import CurvatureSettings
+    from landscape.scan import setup
+
+    with _errors(debug):
+        if trace_method not in ("hutch++", "hutchinson", "hutchinson-deflated"):
+            raise LandscapeError(f"--trace-method {trace_method!r} is unknown",
+                                 hint="use hutch++, hutchinson or hutchinson-deflated")
+        if trace_method == "hutchinson-deflated" and not top_k:
+            raise LandscapeError("hutchinson-deflated needs --top-k > 0")
+        settings = CurvatureSettings(
+            kind="ggn" if ggn else "hessian", top_k=top_k, bottom_k=bottom_k, tol=tol, max_hvp=max_hvp, trace=trace,
+            trace_method=trace_method, trace_matvecs=trace_matvecs, trace_stderr=trace_stderr, density=density,
+            density_probes=density_probes, density_steps=density_steps, per_layer=per_layer,
+            parameters=tuple(parameters or ()), seed=seed)
+        config = _base_config(checkpoint, model, model_arg, data, data_arg, loss, None, state_key, trust_pickle,
+                              max_samples, seed, batch_size, device, dtype, output, slices=False, resume=True,
+                              curvature=settings)
+        with err_console.status("loading checkpoint, model and data", spinner="dots"):
+            st = setup(config)
+        summary = _run_with_progress(config, st)
+        if json_out:
+            print(json.dumps(_nan_to_none(summary.to_json()), indent=2))
             return
         _print_summary(summary)
 
@@ -230,6 +348,23 @@ def _print_summary(summary: Any) -> None:
         t.add_row(s.name, "x".join(map(str, s.shape)), _fmt(s.loss_at_origin), _fmt(s.loss_min), _fmt(s.loss_max),
                   str(s.n_nonfinite), str(s.computed), f"{s.seconds:.1f}")
     out_console.print(t)
+    if summary.curvature:
+        c = summary.curvature
+        t = Table(title=f"{c['kind']} ({c['n_parameters']:,} parameters, {c['n_matvec']} products)", show_header=False)
+        if "eigenvalues" in c:
+            t.add_row("top eigenvalues", ", ".join(f"{v:.6g}" for v in c["eigenvalues"]))
+            t.add_row("converged", ", ".join(map(str, c["converged"])))
+        if "bottom_eigenvalues" in c:
+            t.add_row("bottom eigenvalues", ", ".join(f"{v:.6g}" for v in c["bottom_eigenvalues"]))
+        if "trace" in c:
+            t.add_row("trace", f"{c['trace']['estimate']:.6g} ± {c['trace']['stderr']:.2g} ({c['trace']['method']})")
+        if "negative_mass" in c:
+            t.add_row("negative spectral mass", f"{c['negative_mass']:.3g}")
+        out_console.print(t)
+        if not all(c.get("converged", [True]) + c.get("bottom_converged", [True])):
+            err_console.print(Text("warning: some eigenpairs did not reach --tol (residuals are in the run file); "
+                                   "float32 Hessian-vector products limit residuals to about 1e-6 relative: "
+                                   "try --dtype float64, a looser --tol or a larger --max-hvp"))
     for s in summary.slices:
         if s.n_nonfinite:
             err_console.print(Text(f"warning: slice {s.name} has {s.n_nonfinite} NaN/Inf points (kept in the run file)"))

@@ -23,9 +23,11 @@ import torch
 
 from . import __version__
 from .checkpoint import Checkpoint, apply_state_dict, check_finite, load_checkpoint
+from .curvature import CurvatureOperator
 from .data import EvalData, load_data
 from .directions import difference_direction, random_directions
 from .errors import LandscapeError
+from .hessian import CurvatureSettings, analyze_curvature
 from .losses import default_loss_name, resolve_loss
 from .problem import Problem
 from .runfile import RESERVED, RunFile, encode_attr, read_attrs
@@ -90,6 +92,8 @@ class ScanConfig:
     resume: bool = False
     overwrite: bool = False
     compact_every: float = 30.0
+    slices: bool = True
+    curvature: CurvatureSettings | None = None
 
     def run_path(self) -> Path:
         if self.output:
@@ -130,11 +134,12 @@ class ScanSummary:
     n_samples: int
     strategy: str
     slices: tuple[SliceResult, ...] = field(default_factory=tuple)
+    curvature: Mapping[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
             "run_file": self.run_file, "checkpoint": self.checkpoint, "n_parameters": self.n_parameters,
-            "n_samples": self.n_samples, "strategy": self.strategy,
+            "n_samples": self.n_samples, "strategy": self.strategy, "curvature": self.curvature,
             "slices": [{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                         for k, v in s.__dict__.items()} for s in self.slices],
         }
@@ -211,6 +216,8 @@ def setup(config: ScanConfig) -> Setup:
 
 def plan_slices(config: ScanConfig) -> list[SliceSettings]:
     """The slices a scan computes: one random 1D or 2D slice, plus an interpolation if asked."""
+    if not config.slices:
+        return []
     if config.dims not in (1, 2):
         raise LandscapeError(f"--dims must be 1 or 2, got {config.dims}")
     steps = tuple(config.steps) or (51,)
@@ -263,8 +270,9 @@ def provenance(config: ScanConfig, st: Setup) -> dict[str, Any]:
     }
 
 
-def _check_identity(stored: Mapping[str, Any], current: Mapping[str, Any], path: Path) -> None:
-    for k in IDENTITY_ATTRS:
+def _check_identity(stored: Mapping[str, Any], current: Mapping[str, Any], path: Path,
+                    keys: Sequence[str] = IDENTITY_ATTRS) -> None:
+    for k in keys:
         if k in stored and stored[k] != current[k]:
             raise LandscapeError(f"cannot resume {path}: it was made with a different {k} "
                                  f"({stored[k]!r}, now {current[k]!r})",
@@ -318,7 +326,9 @@ def run_scan(config: ScanConfig, *, progress: ProgressFn | None = None,
             existing = {n: (read_attrs(f["slices"][n]), _load_directions(f["slices"][n]),
                             f["slices"][n]["done"][()]) for n in (f["slices"] if "slices" in f else [])}
         if "checkpoint_sha256" in stored:
-            _check_identity(stored, prov, path)
+            # slices must match the file's dtype; a curvature-only run records its own dtype in its group
+            _check_identity(stored, prov, path, IDENTITY_ATTRS if plan else
+                            tuple(k for k in IDENTITY_ATTRS if k != "dtype"))
         else:
             with rf.transaction() as f:
                 for k, v in prov.items():
@@ -362,14 +372,23 @@ def run_scan(config: ScanConfig, *, progress: ProgressFn | None = None,
             compute_slice(pb, dirs, s.axes, done=done, block=block, on_block=on_block)
             rf.compact()
             results.append(_summarize(rf, s, todo, time.perf_counter() - t0))
+        curvature = None
+        if config.curvature is not None:
+            curvature = analyze_curvature(pb, config.curvature,
+                                          progress=(lambda msg: progress(msg, 0, 0)) if progress else None)
         with rf.transaction() as f:
             f.attrs["completed"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            if curvature is not None:
+                op = CurvatureOperator(pb, kind=curvature.settings.kind, parameters=curvature.settings.parameters or None)
+                curvature.write(f, eigenvector_params=lambda vec: {
+                    n: t.detach().cpu().double().numpy() for n, t in op.to_params(vec).items()})
             for r in results:
                 g = f["slices"][r.name]
                 g.attrs["loss_at_origin"] = np.nan if r.loss_at_origin is None else r.loss_at_origin
                 g.attrs["loss_min"], g.attrs["loss_max"] = r.loss_min, r.loss_max
                 g.attrs["n_nonfinite"] = r.n_nonfinite
-    return ScanSummary(str(path), config.checkpoint, pb.num_parameters, pb.n, pb.strategy, tuple(results))
+    return ScanSummary(str(path), config.checkpoint, pb.num_parameters, pb.n, pb.strategy, tuple(results),
+                       curvature.summary() if curvature is not None else None)
 
 
 def _summarize(rf: RunFile, s: SliceSettings, computed: int, seconds: float) -> SliceResult:

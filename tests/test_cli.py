@@ -111,3 +111,29 @@ def test_malicious_pickle_cli(tmp_path):
     res = cli("scan", str(evil))
     assert_clean_error(res)
     assert not marker.exists()
+
+
+def test_hessian_command_writes_the_run_file(tmp_path):
+    from conftest import EXAMPLES
+
+    out = tmp_path / "run.h5"
+    ck = EXAMPLES / "mlp_adam_s2000.pt"
+    assert cli("scan", str(ck), "--steps", "3", "--no-hessian", "-o", str(out)).returncode == 0
+    res = cli("hessian", str(ck), "--dtype", "float64", "--max-samples", "200", "--top-k", "3", "--bottom-k", "2",
+              "--density", "--density-steps", "20", "--per-layer", "--parameters", "net.3.*", "--json", "-o", str(out))
+    assert res.returncode == 2 and "different data_sha256" in res.stderr  # a different subset than the scan's
+    res = cli("hessian", str(ck), "--dtype", "float64", "--top-k", "3", "--bottom-k", "2", "--density",
+              "--density-steps", "20", "--per-layer", "--parameters", "net.3.*", "--json", "-o", str(out))
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)["curvature"]
+    assert summary["n_parameters"] == 64 * 64 + 64 and all(summary["converged"])
+    with h5py.File(out) as f:
+        g = f["hessian"]
+        ev = g["eigenvalues"][()]
+        assert (np.diff(ev) <= 0).all() and g["converged"][()].all()
+        assert g["bottom_eigenvalues"].shape == (2,) and g["trace"].attrs["stderr"] > 0
+        assert set(g["per_layer"]) == {"net.3.weight", "net.3.bias"}
+        assert g["density/values"].shape == g["density/grid"].shape
+        assert set(g["eigenvectors/0"]) == {"net.1.weight", "net.1.bias", "net.3.weight", "net.3.bias", "net.5.weight",
+                                            "net.5.bias"}
+        assert f["slices/random_2d/loss"].shape == (3, 3)  # the scan's slice is kept

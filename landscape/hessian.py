@@ -1,0 +1,172 @@
+"""Curvature analysis of a Problem: top/bottom eigenpairs, trace, spectral density, per-layer results.
+
+:func:`analyze_curvature` runs the pure algorithms (:mod:`landscape.lanczos`, :mod:`landscape.trace`,
+:mod:`landscape.density`) on a :class:`~landscape.curvature.CurvatureOperator` and returns a frozen
+:class:`CurvatureResult`, which writes itself to the run file under ``/hessian`` (or ``/ggn``), see
+``docs/schema.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import h5py
+import numpy as np
+
+from .curvature import CurvatureOperator, select_parameters
+from .density import SpectralDensity, slq
+from .lanczos import Eigenpairs, lanczos
+from .problem import Problem
+from .runfile import encode_attr
+from .trace import TraceEstimate, hutchinson, hutchpp
+
+
+@dataclass(frozen=True)
+class CurvatureSettings:
+    """What to compute; every field is recorded in the run file."""
+
+    kind: str = "hessian"
+    top_k: int = 5
+    bottom_k: int = 0
+    tol: float = 1e-6
+    max_hvp: int = 400
+    trace: bool = True
+    trace_method: str = "hutch++"
+    trace_matvecs: int = 99
+    trace_stderr: float | None = None
+    density: bool = False
+    density_probes: int = 1
+    density_steps: int = 100
+    per_layer: bool = False
+    parameters: tuple[str, ...] = ()
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class CurvatureResult:
+    """Results of :func:`analyze_curvature` for the whole selection, plus per-layer ones if asked."""
+
+    settings: CurvatureSettings
+    n_parameters: int
+    top: Eigenpairs | None
+    bottom: Eigenpairs | None
+    trace: TraceEstimate | None
+    density: SpectralDensity | None
+    n_matvec: int
+    hvp_mode: str
+    dtype: str
+    per_layer: Mapping[str, "CurvatureResult"] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.settings.kind, "n_parameters": self.n_parameters,
+                               "n_matvec": self.n_matvec}
+        if self.top is not None:
+            out["eigenvalues"] = self.top.eigenvalues.tolist()
+            out["converged"] = self.top.converged.tolist()
+        if self.bottom is not None:
+            out["bottom_eigenvalues"] = self.bottom.eigenvalues.tolist()
+            out["bottom_converged"] = self.bottom.converged.tolist()
+        if self.trace is not None:
+            out["trace"] = {"estimate": self.trace.estimate, "stderr": self.trace.stderr, "method": self.trace.method}
+        if self.density is not None:
+            out["negative_mass"] = self.density.negative_mass
+        if self.per_layer:
+            out["per_layer"] = {k: v.summary() for k, v in self.per_layer.items()}
+        return out
+
+    def write(self, parent: h5py.Group, name: str | None = None,
+              eigenvector_params: Callable[[np.ndarray], Mapping[str, np.ndarray]] | None = None) -> h5py.Group:
+        """Write under ``parent[name]`` (default ``hessian`` or ``ggn``), replacing what was there."""
+        name = name or self.settings.kind
+        if name in parent:
+            del parent[name]
+        g = parent.create_group(name)
+        s = self.settings
+        for k, v in {"kind": s.kind, "n_parameters": self.n_parameters, "n_hvp": self.n_matvec, "tol": s.tol,
+                     "max_hvp": s.max_hvp, "trace_method": s.trace_method,
+                     "seed": s.seed, "parameters": list(s.parameters), "hvp_mode": self.hvp_mode,
+                     "dtype": self.dtype}.items():
+            g.attrs[k] = encode_attr(v)
+        if self.top is not None:
+            g.create_dataset("eigenvalues", data=self.top.eigenvalues)
+            g.create_dataset("residuals", data=self.top.residuals)
+            g.create_dataset("converged", data=self.top.converged)
+            g.attrs["n_hvp_top"] = self.top.n_matvec
+            if eigenvector_params is not None:
+                for i in range(self.top.eigenvectors.shape[1]):
+                    vg = g.create_group(f"eigenvectors/{i}")
+                    for pname, arr in eigenvector_params(self.top.eigenvectors[:, i]).items():
+                        vg.create_dataset(pname, data=arr)
+        if self.bottom is not None:
+            g.create_dataset("bottom_eigenvalues", data=self.bottom.eigenvalues)
+            g.create_dataset("bottom_residuals", data=self.bottom.residuals)
+            g.create_dataset("bottom_converged", data=self.bottom.converged)
+            g.attrs["n_hvp_bottom"] = self.bottom.n_matvec
+        if self.trace is not None:
+            t = g.create_group("trace")
+            for k, v in {"estimate": self.trace.estimate, "stderr": self.trace.stderr,
+                         "n_matvec": self.trace.n_matvec, "method": self.trace.method}.items():
+                t.attrs[k] = v
+            t.create_dataset("samples", data=self.trace.samples)
+        if self.density is not None:
+            d = g.create_group("density")
+            grid, values = self.density.evaluate()
+            d.create_dataset("nodes", data=self.density.nodes)
+            d.create_dataset("weights", data=self.density.weights)
+            d.create_dataset("grid", data=grid)
+            d.create_dataset("values", data=values)
+            d.attrs["sigma2"] = self.density.default_sigma2()
+            d.attrs["negative_mass"] = self.density.negative_mass
+            d.attrs["n_matvec"] = self.density.n_matvec
+        for layer, res in self.per_layer.items():
+            res.write(g.require_group("per_layer"), layer)
+        return g
+
+
+def analyze_curvature(problem: Problem, settings: CurvatureSettings = CurvatureSettings(),
+                      progress: Callable[[str], None] | None = None) -> CurvatureResult:
+    """Top/bottom eigenpairs, trace and density of the Hessian (or GGN) over the selected parameters."""
+    result = _analyze(problem, settings, list(settings.parameters) or None, progress)
+    if not settings.per_layer:
+        return result
+    layers = {}
+    for pname in select_parameters(problem.names, settings.parameters or None):
+        sub = CurvatureSettings(**{**settings.__dict__, "parameters": (pname,), "per_layer": False,
+                                   "bottom_k": 0, "density": False, "top_k": min(settings.top_k, 1) or 1})
+        layers[pname] = _analyze(problem, sub, [pname], progress)
+    return CurvatureResult(**{**result.__dict__, "per_layer": layers})
+
+
+def _analyze(problem: Problem, s: CurvatureSettings, params: list[str] | None,
+             progress: Callable[[str], None] | None) -> CurvatureResult:
+    op = CurvatureOperator(problem, kind=s.kind, parameters=params)
+    label = ", ".join(params) if params else "all parameters"
+
+    def note(msg: str) -> None:
+        if progress:
+            progress(f"{s.kind} ({label}): {msg}")
+
+    top = bottom = None
+    if s.top_k:
+        note(f"top-{s.top_k} eigenvalues")
+        top = lanczos(op, op.n, k=s.top_k, which="LA", tol=s.tol, seed=s.seed, max_matvec=s.max_hvp)
+    if s.bottom_k:
+        note(f"bottom-{s.bottom_k} eigenvalues")
+        bottom = lanczos(op, op.n, k=s.bottom_k, which="SA", tol=s.tol, seed=s.seed + 1, max_matvec=s.max_hvp)
+    trace = None
+    if s.trace:
+        note("trace")
+        if s.trace_method == "hutch++":
+            trace = hutchpp(op, op.n, max_matvec=s.trace_matvecs, seed=s.seed)
+        else:
+            deflate = (top.eigenvalues, top.eigenvectors) if (s.trace_method == "hutchinson-deflated" and top) else None
+            trace = hutchinson(op, op.n, max_matvec=s.trace_matvecs, stderr_target=s.trace_stderr, seed=s.seed,
+                               deflate=deflate)
+    density = None
+    if s.density:
+        note("spectral density")
+        density = slq(op, op.n, n_probes=s.density_probes, steps=s.density_steps, seed=s.seed)
+    return CurvatureResult(settings=s, n_parameters=op.n, top=top, bottom=bottom, trace=trace, density=density,
+                           n_matvec=op.n_matvec, hvp_mode=problem.hvp_mode,
+                           dtype=str(problem.dtype).replace("torch.", ""))
