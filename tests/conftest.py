@@ -38,6 +38,23 @@ def blobs(n: int = 40, d: int = 4, c: int = 3, seed: int = 0) -> tuple[torch.Ten
     return torch.randn(n, d, generator=g, dtype=torch.float64), torch.randint(0, c, (n,), generator=g)
 
 
+def flat_loss(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, loss=torch.nn.functional.cross_entropy):
+    """The loss as a function of one flat parameter vector, and that vector: for dense autograd Hessians."""
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def f(vec: torch.Tensor) -> torch.Tensor:
+        params, i = {}, 0
+        for n, s in zip(names, shapes):
+            k = s.numel()
+            params[n] = vec[i:i + k].reshape(s)
+            i += k
+        return loss(torch.func.functional_call(model, params, (X,)), y)
+
+    return f, theta
+
+
 def cli(*args: str, cwd: Path | None = None, timeout: float = 300):
     """Run the installed ``landscape`` command line in a subprocess."""
     import subprocess

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import blobs, relu_mlp
+from conftest import blobs, flat_loss, relu_mlp
 from landscape import LandscapeError, Problem
 from landscape.curvature import CurvatureOperator
 from landscape.density import slq
@@ -30,18 +30,7 @@ def small_cnn():
 
 
 def autograd_hessian(model, X, y, loss=F.cross_entropy):
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-    def f(vec):
-        params, i = {}, 0
-        for n, s in zip(names, shapes):
-            k = int(np.prod(s))
-            params[n] = vec[i:i + k].reshape(s)
-            i += k
-        return loss(torch.func.functional_call(model, params, (X,)), y)
-
+    f, theta = flat_loss(model, X, y, loss)
     return torch.autograd.functional.hessian(f, theta).numpy()
 
 

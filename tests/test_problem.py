@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import blobs, relu_mlp
+from conftest import blobs, flat_loss, relu_mlp
 from landscape import Problem
 from landscape.directions import random_directions
 
@@ -13,18 +13,7 @@ def flat(d, names):
 
 
 def dense_hessian(model, X, y):
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-    def f(vec):
-        out, i = {}, 0
-        for n, s in zip(names, shapes):
-            k = int(np.prod(s))
-            out[n] = vec[i:i + k].reshape(s)
-            i += k
-        return F.cross_entropy(torch.func.functional_call(model, out, (X,)), y)
-
+    f, theta = flat_loss(model, X, y)
     return torch.autograd.functional.hessian(f, theta), torch.autograd.functional.jacobian(f, theta)
 
 
