@@ -86,6 +86,8 @@ class Problem:
         max_block: int = 32,
         memory_budget: float = 256 * 2**20,
         block_seconds: float = 0.5,
+        hvp_mode: str = "auto",
+        graph_chunks: int = 4,
         seed: int = 0,
     ) -> None:
         if bn not in ("frozen", "recompute"):
@@ -134,7 +136,13 @@ class Problem:
         self.memory_budget = memory_budget
         self.block_seconds = block_seconds
         self.block: int | None = None
-        self.hvp_mode = "forward-over-reverse"
+        self.hvp_mode = hvp_mode
+        if hvp_mode not in ("auto", "graph", "forward-over-reverse", "reverse-over-reverse"):
+            raise LandscapeError(f"HVP mode {hvp_mode!r} is unknown",
+                                 hint="use auto, graph, forward-over-reverse or reverse-over-reverse")
+        self._functional_mode = hvp_mode if hvp_mode.endswith("reverse") else "forward-over-reverse"
+        self._grad_graph: tuple[list[torch.Tensor], tuple[torch.Tensor, ...]] | None = None
+        self.graph_chunks = graph_chunks
         self.strategy = strategy if strategy != "auto" else ("inplace" if bn == "recompute" else "auto")
 
     # ------------------------------------------------------------------ basics
@@ -327,19 +335,62 @@ class Problem:
         """``(d^2 f / dx^2) v``: forward-over-reverse (``jvp`` of ``grad``), or reverse-over-reverse (``vjp`` of
         ``grad``) for models whose ops have no forward-mode derivative of their backward (e.g. ``mse_loss`` in
         torch 2.13); the fallback, once needed, is kept."""
-        if self.hvp_mode == "forward-over-reverse":
+        if self._functional_mode == "forward-over-reverse":
             try:
                 return jvp(grad(f), (x,), (v,))[1]
             except (RuntimeError, NotImplementedError):
-                self.hvp_mode = "reverse-over-reverse"
+                self._functional_mode = "reverse-over-reverse"
         return torch.func.vjp(grad(f), x)[1](v)[0]
 
-    def hvp(self, v: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor] | None = None) -> Params:
-        """Hessian-vector product ``H v`` of the full-data loss (chunked; see :meth:`_hessian_vector`)."""
+    def _functional_hvp(self, v: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor] | None) -> Params:
         def product(p: Params, v: Params, x: torch.Tensor, y: torch.Tensor) -> Params:
             return self._hessian_vector(lambda q: self._chunk_loss(q, x, y), p, v)
 
         return self._chunked(product, v, params)
+
+    def _graph_hvp(self, v: Mapping[str, torch.Tensor]) -> Params:
+        """Double backward through the gradient graph at theta0, built once (Pearlmutter 1994; PyHessian's way):
+        each product is one backward pass instead of a forward and two backward passes."""
+        if self._grad_graph is None:
+            leaves = {n: t.detach().clone().requires_grad_(True) for n, t in self.theta0.items()}
+            total = None
+            for s, e in self._chunks:
+                loss = self._chunk_loss(leaves, self.X[s:e], self.y[s:e]) * ((e - s) / self.n)
+                total = loss if total is None else total + loss
+            grads = torch.autograd.grad(total, list(leaves.values()), create_graph=True)
+            self._grad_graph = (list(leaves.values()), grads)
+        leaves, grads = self._grad_graph
+        hv = torch.autograd.grad(grads, leaves, grad_outputs=[v[n].to(self.device, self.dtype) for n in self.names],
+                                 retain_graph=True)
+        return {n: h.detach() for n, h in zip(self.names, hv)}
+
+    def hvp(self, v: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor] | None = None) -> Params:
+        """Hessian-vector product ``H v`` of the full-data loss.
+
+        Engines (:attr:`hvp_mode`): ``graph`` (double backward through a gradient graph kept at theta0, for
+        evaluation sets of at most ``graph_chunks`` chunks), ``forward-over-reverse`` and ``reverse-over-reverse``
+        (torch.func, chunked, any point). ``auto`` times the candidates on the first product at theta0 and keeps
+        the fastest.
+        """
+        if params is not None or self.hvp_mode not in ("auto", "graph"):
+            return self._functional_hvp(v, params)
+        if self.hvp_mode == "graph":
+            return self._graph_hvp(v)
+        if len(self._chunks) > self.graph_chunks:
+            self.hvp_mode = self._functional_mode
+            return self._functional_hvp(v, None)
+        timings = {}
+        out: Params = {}
+        for mode, fn in (("graph", lambda: self._graph_hvp(v)), ("functional", lambda: self._functional_hvp(v, None))):
+            fn()  # warm-up (and, for graph, building it)
+            t = time.perf_counter()
+            out = fn()
+            timings[mode] = time.perf_counter() - t
+        self.hvp_mode = "graph" if timings["graph"] <= timings["functional"] else self._functional_mode
+        if self.hvp_mode != "graph":
+            self._grad_graph = None
+        self.hvp_timings = timings
+        return out
 
     def ggn_vp(self, v: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor] | None = None) -> Params:
         """Generalized Gauss-Newton product ``G v = (1/n) sum_i J_i^T (d^2 l / dz^2) J_i v``.
