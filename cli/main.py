@@ -207,6 +207,8 @@ def scan(
     norm: str = typer.Option("filter", help="Direction normalization: filter, layer or none."),
     ignore: str = typer.Option("biasbn", help="Zero directions for biases and BatchNorm (biasbn) or keep them (none)."),
     orthogonalize: bool = typer.Option(False, help="Orthogonalize the second direction against the first."),
+    directions: str = typer.Option("random", help="random (Gaussian, normalized by --norm), hessian (top Hessian "
+                                                  "eigenvectors, unit norm) or hessian-bottom (top and bottom)."),
     interpolate: Optional[str] = typer.Option(None, help="Second checkpoint: add a 1D slice from this one to it."),
     name: Optional[str] = typer.Option(None, help="Name of the random slice in the run file."),
     hessian: bool = typer.Option(True, help="Also compute the Hessian's top-5 eigenvalues and trace."),
@@ -241,7 +243,7 @@ def scan(
             checkpoint, model, model_arg, data, data_arg, loss, metric, state_key, trust_pickle, max_samples, seed,
             batch_size, device, dtype, output, bn=bn, bn_batches=bn_batches, strategy=strategy, dims=dims,
             steps=_parse_steps(steps), range=_parse_range(range_), y_range=_parse_range(y_range) if y_range else None,
-            norm=norm, ignore=ignore, orthogonalize=orthogonalize, interpolate=interpolate, name=name, resume=resume,
+            norm=norm, ignore=ignore, orthogonalize=orthogonalize, directions=directions, interpolate=interpolate, name=name, resume=resume,
             overwrite=overwrite, compact_every=save_every, curvature=CurvatureSettings(seed=seed) if hessian else None)
         with err_console.status("loading checkpoint, model and data", spinner="dots"):
             st = setup(config)

@@ -28,6 +28,7 @@ from .data import EvalData, load_data
 from .directions import difference_direction, random_directions
 from .errors import LandscapeError
 from .hessian import CurvatureSettings, analyze_curvature
+from .lanczos import lanczos
 from .losses import default_loss_name, resolve_loss
 from .problem import Problem
 from .runfile import RESERVED, RunFile, encode_attr, read_attrs
@@ -84,6 +85,7 @@ class ScanConfig:
     norm: str = "filter"
     ignore: str = "biasbn"
     orthogonalize: bool = False
+    directions: str = "random"
     interpolate: str | None = None
     interp_range: tuple[float, float] = (-0.5, 1.5)
     interp_steps: int = 51
@@ -229,8 +231,14 @@ def plan_slices(config: ScanConfig) -> list[SliceSettings]:
     if not (lo < hi and ylo < yhi):
         raise LandscapeError(f"--range {lo} {hi} is empty", hint="give MIN MAX with MIN < MAX")
     axes = (axis(lo, hi, nx),) if config.dims == 1 else (axis(lo, hi, nx), axis(ylo, yhi, ny))
-    out = [SliceSettings(name=config.name or f"random_{config.dims}d", kind="random", axes=axes, norm=config.norm,
-                         ignore=config.ignore, seed=config.seed, orthogonalize=config.orthogonalize)]
+    if config.directions == "random":
+        out = [SliceSettings(name=config.name or f"random_{config.dims}d", kind="random", axes=axes, norm=config.norm,
+                             ignore=config.ignore, seed=config.seed, orthogonalize=config.orthogonalize)]
+    elif config.directions in ("hessian", "hessian-bottom"):
+        out = [SliceSettings(name=config.name or f"{config.directions.replace('-', '_')}_{config.dims}d",
+                             kind=config.directions, axes=axes, norm="none", ignore="none", seed=config.seed)]
+    else:
+        raise LandscapeError(f"--directions {config.directions!r} is unknown", hint="use random, hessian or hessian-bottom")
     if config.interpolate:
         ilo, ihi = config.interp_range
         out.append(SliceSettings(name="interpolation", kind="interpolation",
@@ -243,10 +251,25 @@ def make_directions(s: SliceSettings, st: Setup, config: ScanConfig) -> list[dic
     if s.kind == "random":
         return random_directions(st.problem.theta0, s.dims, seed=s.seed, norm=s.norm, ignore=s.ignore,
                                  orthogonalize=s.orthogonalize)
+    if s.kind in ("hessian", "hessian-bottom"):
+        return hessian_directions(st.problem, s.dims, bottom=s.kind == "hessian-bottom", seed=s.seed)
     other = load_checkpoint(s.other_checkpoint, state_key=config.state_key, trust_pickle=config.trust_pickle)
     model_b, _, _ = build_model(other, config.model)
     theta_b = {n: p.detach() for n, p in model_b.named_parameters()}
     return [difference_direction(st.problem.theta0, theta_b)]
+
+
+def hessian_directions(pb: Problem, dims: int, *, bottom: bool, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Unit Hessian eigenvectors as directions: the top ``dims`` ones, or (``bottom``) the top and the bottom one.
+
+    Random slices show the mean curvature tr(H)/N and make saddles look convex; these show the extremes.
+    """
+    op = CurvatureOperator(pb)
+    top = lanczos(op, op.n, k=1 if bottom else dims, which="LA", seed=seed)
+    vecs = [top.eigenvectors[:, i] for i in range(top.eigenvectors.shape[1])]
+    if bottom and dims == 2:
+        vecs.append(lanczos(op, op.n, k=1, which="SA", seed=seed + 1).eigenvectors[:, 0])
+    return [{n: t.detach().cpu().double() for n, t in op.to_params(v).items()} for v in vecs]
 
 
 def provenance(config: ScanConfig, st: Setup) -> dict[str, Any]:

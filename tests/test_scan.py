@@ -68,3 +68,29 @@ def test_failing_scan_leaves_model_unchanged_and_resumable(tmp_path, mlp_ckpt):
     assert summary.slices[0].computed == 9 - 4  # the four points done before the failure were kept
     with h5py.File(out) as f:
         assert f["slices/random_2d/done"][()].all() and np.isfinite(f["slices/random_2d/loss"][()]).all()
+
+
+def test_hessian_direction_slice_curvature_is_lambda_max(tmp_path, mlp_ckpt):
+    """Along the top unit eigenvector v, f(a) = L(theta + a v) has f''(0) = v^T H v = lambda_max.
+
+    The step is tiny because a ReLU net's loss is only piecewise smooth: wider steps cross activation kinks,
+    whose slope changes the Hessian at theta0 does not contain.
+    """
+    h = 1e-5
+    cfg = ScanConfig(str(mlp_ckpt), dims=1, steps=(5,), range=(-2 * h, 2 * h), directions="hessian", dtype="float64",
+                     max_samples=300, output=str(tmp_path / "run.h5"), curvature=None)
+    summary = run_scan(cfg)
+    with h5py.File(summary.run_file) as f:
+        g = f["slices/hessian_1d"]
+        loss, x = g["loss"][()], g["x"][()]
+        d = {n: torch.from_numpy(g["directions/0"][n][()]) for n in g["directions/0"]}
+        assert g.attrs["kind"] == "hessian"
+    assert sum(float((t ** 2).sum()) for t in d.values()) == pytest.approx(1.0, rel=1e-9)
+    st = setup(cfg)
+    from landscape.curvature import CurvatureOperator
+    from landscape.lanczos import lanczos
+
+    op = CurvatureOperator(st.problem)
+    lam = lanczos(op, op.n, k=1).eigenvalues[0]
+    second = (loss[3] - 2 * loss[2] + loss[1]) / (x[3] - x[2]) ** 2
+    assert second == pytest.approx(lam, rel=1e-3)
