@@ -47,12 +47,6 @@ class EvalData:
     def __len__(self) -> int:
         return int(self.X.shape[0])
 
-    @property
-    def n_classes(self) -> int | None:
-        if self.y.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8) and self.y.ndim == 1:
-            return int(self.y.max()) + 1
-        return None
-
 
 # --------------------------------------------------------------------------- built-ins
 

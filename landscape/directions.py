@@ -99,7 +99,3 @@ def difference_direction(theta_a: Mapping[str, torch.Tensor], theta_b: Mapping[s
 def dot(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
     """Inner product of two directions as flat vectors."""
     return float(sum((a[n].double() * b[n].double()).sum() for n in a))
-
-
-def norm(d: Mapping[str, torch.Tensor]) -> float:
-    return dot(d, d) ** 0.5

@@ -150,9 +150,6 @@ class Problem:
     def num_parameters(self) -> int:
         return sum(t.numel() for t in self._theta0_list)
 
-    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {n: tuple(t.shape) for n, t in self.theta0.items()}
-
     def as_list(self, d: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         """Tensors of ``d`` in parameter order, on the problem's device and dtype."""
         missing = [n for n in self.names if n not in d]
