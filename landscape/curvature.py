@@ -62,7 +62,7 @@ class CurvatureOperator:
         return np.concatenate([params[n].detach().double().reshape(-1).cpu().numpy() for n in self.names])
 
     def matvec(self, vec: np.ndarray) -> np.ndarray:
-        v = self.to_params(np.asarray(vec, dtype=np.float64))
+        v = self.to_params(np.ascontiguousarray(vec, dtype=np.float64))
         fn = self.problem.hvp if self.kind == "hessian" else self.problem.ggn_vp
         self.n_matvec += 1
         return self.to_vector(fn(v, self.point))

@@ -66,8 +66,11 @@ def lanczos(matvec: Matvec, n: int, k: int = 5, *, which: str = "LA", tol: float
     sign = 1.0 if which == "LA" else -1.0
     rng = np.random.default_rng(seed)
     v = rng.standard_normal(n) if v0 is None else np.asarray(v0, dtype=np.float64).copy()
-    V = (v / np.linalg.norm(v))[:, None]
-    w, h = _orthogonalize(V, np.asarray(matvec(V[:, 0]), dtype=np.float64))
+    # the basis lives in one preallocated Fortran-ordered array: contiguous columns, no copy per step
+    basis = np.empty((n, m + 1), order="F")
+    basis[:, 0] = v / np.linalg.norm(v)
+    j = 1
+    w, h = _orthogonalize(basis[:, :1], np.asarray(matvec(basis[:, 0]), dtype=np.float64))
     T = h.reshape(1, 1)
     c = np.ones(1)
     r, n_mv = w, 1
@@ -78,29 +81,29 @@ def lanczos(matvec: Matvec, n: int, k: int = 5, *, which: str = "LA", tol: float
         res = rnorm * np.abs(c @ S)
         want = order[:k]
         scale = np.maximum(np.abs(theta[want]), np.finfo(float).eps * max(np.abs(theta).max(), 1e-300))
-        done = V.shape[1] >= k and bool(np.all(res[want] <= tol * scale))
-        if done or V.shape[1] == n or n_mv >= budget:
+        done = j >= k and bool(np.all(res[want] <= tol * scale))
+        if done or j == n or n_mv >= budget:
             break
-        if V.shape[1] >= m:  # thick restart: keep the wanted Ritz vectors and a few more
+        if j >= m:  # thick restart: keep the wanted Ritz vectors and a few more
             keep = order[: min(m - 1, max(k + (m - k) // 2, k + 1))]
-            V, T, c = V @ S[:, keep], np.diag(theta[keep]), c @ S[:, keep]
+            basis[:, : len(keep)] = basis[:, :j] @ S[:, keep]
+            T, c, j = np.diag(theta[keep]), c @ S[:, keep], len(keep)
         if rnorm <= 1e-12 * max(np.abs(theta).max(), 1.0):  # invariant subspace: continue from a fresh vector
-            r, _ = _orthogonalize(V, rng.standard_normal(n))
-            rnorm, c = np.linalg.norm(r), np.zeros(V.shape[1])
-        beta = rnorm
-        vnew = r / beta
-        w, h = _orthogonalize(np.column_stack([V, vnew]), np.asarray(matvec(vnew), dtype=np.float64))
+            r, _ = _orthogonalize(basis[:, :j], rng.standard_normal(n))
+            rnorm, c = np.linalg.norm(r), np.zeros(j)
+        basis[:, j] = r / rnorm
+        w, h = _orthogonalize(basis[:, : j + 1], np.asarray(matvec(basis[:, j]), dtype=np.float64))
         n_mv += 1
-        j = V.shape[1]
         T_new = np.zeros((j + 1, j + 1))
         T_new[:j, :j] = T
         T_new[:j, j] = T_new[j, :j] = h[:j]
         T_new[j, j] = h[j]
-        V, T, r = np.column_stack([V, vnew]), T_new, w
-        c = np.zeros(j + 1)
-        c[j] = 1.0
+        T, r, j = T_new, w, j + 1
+        c = np.zeros(j)
+        c[j - 1] = 1.0
+    V = basis[:, :j]
     want = order[:k]
-    vecs = V @ S[:, want]
+    vecs = np.asfortranarray(V @ S[:, want])
     vals = theta[want]
     if verify:
         res_true = np.array([np.linalg.norm(np.asarray(matvec(vecs[:, i]), dtype=np.float64) - vals[i] * vecs[:, i])
