@@ -141,7 +141,7 @@ def main() -> None:
     ph.hessian_vector_product = real_hvp
 
     out = {"machine": platform.platform(), "torch": torch.__version__, "threads": args.threads, "n_parameters": n,
-           "hvp_mode": pb.hvp_mode, "hvp_engine_timings_s": getattr(pb, "hvp_timings", None),
+           "hvp_mode": pb.hvp_engine, "hvp_engine_timings_s": getattr(pb, "hvp_timings", None),
            "n_samples": pb.n, "exact_top5": exact_top.tolist(), "exact_trace": exact_trace,
            "truth_seconds": truth_seconds, "top5": rows, "trace": trace_rows}
     d = Path(__file__).resolve().parent / "out"

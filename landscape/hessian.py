@@ -133,7 +133,7 @@ def analyze_curvature(problem: Problem, settings: CurvatureSettings = CurvatureS
     layers = {}
     for pname in select_parameters(problem.names, settings.parameters or None):
         sub = CurvatureSettings(**{**settings.__dict__, "parameters": (pname,), "per_layer": False,
-                                   "bottom_k": 0, "density": False, "top_k": min(settings.top_k, 1) or 1})
+                                   "bottom_k": 0, "density": False, "top_k": 1})
         layers[pname] = _analyze(problem, sub, [pname], progress)
     return CurvatureResult(**{**result.__dict__, "per_layer": layers})
 
@@ -168,5 +168,5 @@ def _analyze(problem: Problem, s: CurvatureSettings, params: list[str] | None,
         note("spectral density")
         density = slq(op, op.n, n_probes=s.density_probes, steps=s.density_steps, seed=s.seed)
     return CurvatureResult(settings=s, n_parameters=op.n, top=top, bottom=bottom, trace=trace, density=density,
-                           n_matvec=op.n_matvec, hvp_mode=problem.hvp_mode,
+                           n_matvec=op.n_matvec, hvp_mode=problem.hvp_engine,
                            dtype=str(problem.dtype).replace("torch.", ""))

@@ -136,10 +136,12 @@ class Problem:
         self.memory_budget = memory_budget
         self.block_seconds = block_seconds
         self.block: int | None = None
-        self.hvp_mode = hvp_mode
         if hvp_mode not in ("auto", "graph", "forward-over-reverse", "reverse-over-reverse"):
             raise LandscapeError(f"HVP mode {hvp_mode!r} is unknown",
                                  hint="use auto, graph, forward-over-reverse or reverse-over-reverse")
+        # "auto" until the first product at theta0 picks "graph" or "functional" (torch.func, whose flavour
+        # _functional_mode may still fall back from forward-over-reverse to reverse-over-reverse)
+        self.hvp_mode = "functional" if hvp_mode.endswith("reverse") else hvp_mode
         self._functional_mode = hvp_mode if hvp_mode.endswith("reverse") else "forward-over-reverse"
         self._grad_graph: tuple[list[torch.Tensor], tuple[torch.Tensor, ...]] | None = None
         self.graph_chunks = graph_chunks
@@ -250,9 +252,9 @@ class Problem:
 
         With ``strategy="auto"``, ``inplace`` and ``vmap`` are both timed on a block of points; ``vmap`` is kept
         when it is at least 20% faster per point (it is dropped when it cannot trace the model or runs out of
-        memory). The block
-        size is then what fits ``memory_budget`` bytes of stacked outputs and about ``block_seconds`` of work,
-        at most ``max_block`` (for ``vmap``, the block size it was timed with). Sets :attr:`strategy`, :attr:`block` and :attr:`strategy_timings`.
+        memory). The block size is then what fits ``memory_budget`` bytes of stacked outputs and about
+        ``block_seconds`` of work, at most ``max_block`` (for ``vmap``, the block size it was timed with).
+        Sets :attr:`strategy`, :attr:`block` and :attr:`strategy_timings`.
         """
         if not dirs:
             dirs = [[torch.randn_like(t) * 1e-3 for t in self._theta0_list]]
@@ -317,6 +319,11 @@ class Problem:
     def gradient(self, params: Mapping[str, torch.Tensor] | None = None) -> Params:
         return self.loss_and_gradient(params)[1]
 
+    @property
+    def hvp_engine(self) -> str:
+        """The engine that computes HVPs now: ``graph``, ``forward-over-reverse`` or ``reverse-over-reverse``."""
+        return "graph" if self.hvp_mode == "graph" else self._functional_mode
+
     def _chunked(self, product: Callable[[Params, Params, torch.Tensor, torch.Tensor], Params],
                  v: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor] | None) -> Params:
         """``sum_c (n_c / n) product(theta, v, X_c, y_c)`` over the evaluation chunks."""
@@ -369,12 +376,12 @@ class Problem:
         (torch.func, chunked, any point). ``auto`` times the candidates on the first product at theta0 and keeps
         the fastest.
         """
-        if params is not None or self.hvp_mode not in ("auto", "graph"):
+        if params is not None or self.hvp_mode == "functional":
             return self._functional_hvp(v, params)
         if self.hvp_mode == "graph":
             return self._graph_hvp(v)
         if len(self._chunks) > self.graph_chunks:
-            self.hvp_mode = self._functional_mode
+            self.hvp_mode = "functional"
             return self._functional_hvp(v, None)
         timings = {}
         out: Params = {}
@@ -383,7 +390,7 @@ class Problem:
             t = time.perf_counter()
             out = fn()
             timings[mode] = time.perf_counter() - t
-        self.hvp_mode = "graph" if timings["graph"] <= timings["functional"] else self._functional_mode
+        self.hvp_mode = "graph" if timings["graph"] <= timings["functional"] else "functional"
         if self.hvp_mode != "graph":
             self._grad_graph = None
         self.hvp_timings = timings

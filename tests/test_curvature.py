@@ -94,3 +94,13 @@ def test_parameter_subset_is_the_principal_block():
     np.testing.assert_allclose(dense(sub), H[start:, start:], atol=1e-12)
     with pytest.raises(LandscapeError, match="no parameter matches"):
         CurvatureOperator(pb, parameters=["nope*"])
+
+
+def test_recorded_hvp_engine_follows_the_fallback():
+    """MSE has no forward-mode derivative of its backward in torch 2.13: the engine used must be the one reported."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(60, 4, dtype=torch.float64, generator=g)
+    Y = torch.randn(60, 2, dtype=torch.float64, generator=g)
+    pb = Problem(torch.nn.Linear(4, 2).double(), X, Y, F.mse_loss, batch_size=10)  # 6 chunks: no graph engine
+    pb.hvp({n: torch.ones_like(t) for n, t in pb.theta0.items()})
+    assert pb.hvp_engine == "reverse-over-reverse"
