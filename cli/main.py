@@ -273,7 +273,8 @@ def scan(
 @app.command(epilog="Examples:\n\n"
                     "  landscape hessian data/examples/mlp_sgd_s2000.pt --top-k 10 --bottom-k 3 --density\n\n"
                     "  landscape hessian ckpt.pt --ggn --per-layer --dtype float64\n\n"
-                    "  landscape hessian ckpt.pt --parameters 'layer4.*' --trace-method hutchinson --trace-matvecs 300")
+                    "  landscape hessian ckpt.pt --parameters 'layer4.*' --trace-method hutchinson --trace-matvecs 300\n\n"
+                    "  landscape hessian ckpt.pt --engine pyhessian --dtype float64   # PyHessian's numbers beside ours")
 def hessian(
     checkpoint: CheckpointArg,
     top_k: int = typer.Option(5, help="Largest eigenvalues (Lanczos with full reorthogonalization)."),
@@ -290,7 +291,10 @@ def hessian(
     parameters: Optional[list[str]] = typer.Option(None, "--parameters", help="Restrict to these parameter names or "
                                                                               "globs; repeatable."),
     tol: float = typer.Option(1e-6, help="Relative Ritz residual at which eigenpairs count as converged."),
-    max_hvp: int = typer.Option(400, help="Most Hessian-vector products for each Lanczos run."),
+    max_hvp: int = typer.Option(400, help="Most Hessian-vector products for each Lanczos run (PyHessian: for each "
+                                          "eigenvalue's power iteration)."),
+    engine: str = typer.Option("landscape", help="landscape, or pyhessian: PyHessian's power iteration and trace as "
+                                                 "a reference (top-k and trace only; written to /hessian_pyhessian)."),
     model: ModelOpt = None,
     model_arg: ModelArgOpt = None,
     data: DataOpt = None,
@@ -321,11 +325,16 @@ def hessian(
                                  hint="use hutch++, hutchinson or hutchinson-deflated")
         if trace_method == "hutchinson-deflated" and not top_k:
             raise LandscapeError("hutchinson-deflated needs --top-k > 0")
+        if engine not in ("landscape", "pyhessian"):
+            raise LandscapeError(f"--engine {engine!r} is unknown", hint="use landscape or pyhessian")
+        if engine == "pyhessian" and (bottom_k or density or ggn):
+            raise LandscapeError("--engine pyhessian computes the Hessian's top-k eigenvalues and trace only",
+                                 hint="drop --bottom-k/--density/--ggn, or run them with --engine landscape")
         settings = CurvatureSettings(
             kind="ggn" if ggn else "hessian", top_k=top_k, bottom_k=bottom_k, tol=tol, max_hvp=max_hvp, trace=trace,
             trace_method=trace_method, trace_matvecs=trace_matvecs, trace_stderr=trace_stderr, density=density,
             density_probes=density_probes, density_steps=density_steps, per_layer=per_layer,
-            parameters=tuple(parameters or ()), seed=seed)
+            parameters=tuple(parameters or ()), seed=seed, engine=engine)
         config = _base_config(checkpoint, model, model_arg, data, data_arg, loss, None, state_key, trust_pickle,
                               max_samples, seed, batch_size, device, dtype, output, slices=False, resume=True,
                               curvature=settings)
@@ -349,10 +358,13 @@ def _print_summary(summary: Any) -> None:
     for s in summary.slices:
         t.add_row(s.name, "x".join(map(str, s.shape)), _fmt(s.loss_at_origin), _fmt(s.loss_min), _fmt(s.loss_max),
                   str(s.n_nonfinite), str(s.computed), f"{s.seconds:.1f}")
-    out_console.print(t)
+    if summary.slices:
+        out_console.print(t)
     if summary.curvature:
         c = summary.curvature
-        t = Table(title=f"{c['kind']} ({c['n_parameters']:,} parameters, {c['n_matvec']} products)", show_header=False)
+        engine = "" if c["engine"] == "landscape" else f" by {c['engine']}"
+        t = Table(title=f"{c['kind']}{engine} ({c['n_parameters']:,} parameters, {c['n_matvec']} products)",
+                  show_header=False)
         if "eigenvalues" in c:
             t.add_row("top eigenvalues", ", ".join(f"{v:.6g}" for v in c["eigenvalues"]))
             t.add_row("converged", ", ".join(map(str, c["converged"])))
@@ -363,7 +375,11 @@ def _print_summary(summary: Any) -> None:
         if "negative_mass" in c:
             t.add_row("negative spectral mass", f"{c['negative_mass']:.3g}")
         out_console.print(t)
-        if not all(c.get("converged", [True]) + c.get("bottom_converged", [True])):
+        if not all(c.get("converged", [True]) + c.get("bottom_converged", [True])) and c["engine"] == "pyhessian":
+            err_console.print(Text("note: PyHessian stops each eigenvalue when two successive Rayleigh quotients agree "
+                                   "to its tol, not when the pair is accurate; the residuals of its pairs, "
+                                   "recomputed with landscape's HVP, exceed --tol (see the run file)"))
+        elif not all(c.get("converged", [True]) + c.get("bottom_converged", [True])):
             err_console.print(Text("warning: some eigenpairs did not reach --tol (residuals are in the run file); "
                                    "float32 Hessian-vector products limit residuals to about 1e-6 relative: "
                                    "try --dtype float64, a looser --tol or a larger --max-hvp"))

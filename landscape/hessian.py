@@ -18,6 +18,7 @@ from .curvature import CurvatureOperator, select_parameters
 from .density import SpectralDensity, slq
 from .lanczos import Eigenpairs, lanczos
 from .problem import Problem
+from .reference import PYHESSIAN_TRACE_TOL, pyhessian_spectrum
 from .runfile import encode_attr
 from .trace import TraceEstimate, hutchinson, hutchpp
 
@@ -41,6 +42,12 @@ class CurvatureSettings:
     per_layer: bool = False
     parameters: tuple[str, ...] = ()
     seed: int = 0
+    engine: str = "landscape"
+
+    @property
+    def group(self) -> str:
+        """Run-file group: ``hessian``/``ggn``, or ``hessian_pyhessian`` for the PyHessian reference engine."""
+        return self.kind if self.engine == "landscape" else f"{self.kind}_{self.engine}"
 
 
 @dataclass(frozen=True)
@@ -59,7 +66,8 @@ class CurvatureResult:
     per_layer: Mapping[str, "CurvatureResult"] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"kind": self.settings.kind, "n_parameters": self.n_parameters,
+        out: dict[str, Any] = {"kind": self.settings.kind, "engine": self.settings.engine,
+                               "n_parameters": self.n_parameters,
                                "n_matvec": self.n_matvec}
         if self.top is not None:
             out["eigenvalues"] = self.top.eigenvalues.tolist()
@@ -77,15 +85,16 @@ class CurvatureResult:
 
     def write(self, parent: h5py.Group, name: str | None = None,
               eigenvector_params: Callable[[np.ndarray], Mapping[str, np.ndarray]] | None = None) -> h5py.Group:
-        """Write under ``parent[name]`` (default ``hessian`` or ``ggn``), replacing what was there."""
-        name = name or self.settings.kind
+        """Write under ``parent[name]`` (default :attr:`CurvatureSettings.group`), replacing what was there."""
+        name = name or self.settings.group
         if name in parent:
             del parent[name]
         g = parent.create_group(name)
         s = self.settings
         for k, v in {"kind": s.kind, "n_parameters": self.n_parameters, "n_hvp": self.n_matvec, "tol": s.tol,
-                     "max_hvp": s.max_hvp, "trace_method": s.trace_method,
-                     "seed": s.seed, "parameters": list(s.parameters), "hvp_mode": self.hvp_mode,
+                     "max_hvp": s.max_hvp,
+                     "trace_method": self.trace.method if self.trace is not None else s.trace_method,
+                     "seed": s.seed, "parameters": list(s.parameters), "hvp_mode": self.hvp_mode, "engine": s.engine,
                      "dtype": self.dtype}.items():
             g.attrs[k] = encode_attr(v)
         if self.top is not None:
@@ -105,8 +114,11 @@ class CurvatureResult:
             g.attrs["n_hvp_bottom"] = self.bottom.n_matvec
         if self.trace is not None:
             t = g.create_group("trace")
-            for k, v in {"estimate": self.trace.estimate, "stderr": self.trace.stderr,
-                         "n_matvec": self.trace.n_matvec, "method": self.trace.method}.items():
+            attrs = {"estimate": self.trace.estimate, "stderr": self.trace.stderr,
+                     "n_matvec": self.trace.n_matvec, "method": self.trace.method}
+            if s.engine == "pyhessian":
+                attrs["tol"] = PYHESSIAN_TRACE_TOL
+            for k, v in attrs.items():
                 t.attrs[k] = v
             t.create_dataset("samples", data=self.trace.samples)
         if self.density is not None:
@@ -147,6 +159,12 @@ def _analyze(problem: Problem, s: CurvatureSettings, params: list[str] | None,
         if progress:
             progress(f"{s.kind} ({label}): {msg}")
 
+    if s.engine == "pyhessian":
+        note("PyHessian top eigenvalues and trace")
+        top, trace, n_hvp = pyhessian_spectrum(problem, top_k=s.top_k, tol=s.tol, max_iter=s.max_hvp, trace=s.trace,
+                                               trace_max_iter=s.trace_matvecs, parameters=params, seed=s.seed)
+        return CurvatureResult(settings=s, n_parameters=op.n, top=top, bottom=None, trace=trace, density=None,
+                               n_matvec=n_hvp, hvp_mode="pyhessian", dtype=str(problem.dtype).replace("torch.", ""))
     top = bottom = None
     if s.top_k:
         note(f"top-{s.top_k} eigenvalues")
