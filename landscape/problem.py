@@ -32,7 +32,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -303,18 +303,36 @@ class Problem:
     def _params(self, params: Mapping[str, torch.Tensor] | None) -> Params:
         return dict(self.theta0) if params is None else {n: t.to(self.device, self.dtype) for n, t in params.items()}
 
-    def loss_and_gradient(self, params: Mapping[str, torch.Tensor] | None = None) -> tuple[float, Params]:
-        """Full-data loss and gradient ``G = dL/dtheta`` at ``params`` (``theta0`` when None)."""
+    def _batches(self, indices: torch.Tensor | None) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
+        """``(X_c, y_c, weight)`` chunks of the evaluation set, or of the samples ``indices``; weights sum to 1."""
+        if indices is None:
+            for s, e in self._chunks:
+                yield self.X[s:e], self.y[s:e], (e - s) / self.n
+            return
+        idx = torch.as_tensor(indices, dtype=torch.long, device=self.device)
+        for s in range(0, len(idx), self.batch_size):
+            j = idx[s:s + self.batch_size]
+            yield self.X[j], self.y[j], len(j) / len(idx)
+
+    def loss_and_gradient(self, params: Mapping[str, torch.Tensor] | None = None,
+                          indices: torch.Tensor | None = None) -> tuple[float, Params]:
+        """Loss and gradient ``G = dL/dtheta`` at ``params`` (``theta0`` when None) over the whole evaluation set,
+        or over the samples ``indices`` (a minibatch ``S``: ``L_S``)."""
         p = self._params(params)
         total: Params = {n: torch.zeros_like(t) for n, t in p.items()}
         loss = torch.zeros((), dtype=torch.float64, device=self.device)
         gfn = torch.func.grad_and_value(self._chunk_loss)
-        for s, e in self._chunks:
-            g, v = gfn(p, self.X[s:e], self.y[s:e])
-            w = (e - s) / self.n
+        for x, y, w in self._batches(indices):
+            g, v = gfn(p, x, y)
             torch._foreach_add_(list(total.values()), [g[n] for n in total], alpha=w)
             loss += v.double() * w
         return float(loss), total
+
+    def loss(self, params: Mapping[str, torch.Tensor] | None = None, indices: torch.Tensor | None = None) -> float:
+        """The loss alone (no graph), over the evaluation set or the samples ``indices``."""
+        p = self._params(params)
+        with torch.no_grad():
+            return float(sum(self._chunk_loss(p, x, y).double() * w for x, y, w in self._batches(indices)))
 
     def gradient(self, params: Mapping[str, torch.Tensor] | None = None) -> Params:
         return self.loss_and_gradient(params)[1]
