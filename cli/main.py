@@ -212,6 +212,8 @@ def scan(
     interpolate: Optional[str] = typer.Option(None, help="Second checkpoint: add a 1D slice from this one to it."),
     name: Optional[str] = typer.Option(None, help="Name of the random slice in the run file."),
     hessian: bool = typer.Option(True, help="Also compute the Hessian's top-5 eigenvalues and trace."),
+    sharpness: bool = typer.Option(True, help="Also compute the default sharpness set (worst- and average-case "
+                                              "adaptive L2, SAM, ASAM, magnitude-aware PAC-Bayes, basin width)."),
     bn: str = typer.Option("frozen", help="BatchNorm statistics: frozen (checkpoint's) or recompute at each point."),
     bn_batches: int = typer.Option(10, help="Batches used to recompute BatchNorm statistics."),
     batch_size: BatchOpt = 2048,
@@ -230,8 +232,8 @@ def scan(
     """Scan the loss landscape around a checkpoint and write a run file.
 
     With no options, a self-describing checkpoint (see landscape.save_checkpoint) gets a
-    51x51 filter-normalized 2D slice on [-1, 1] and the Hessian's top-5 eigenvalues and
-    trace, written to reports/<name>/run.h5.
+    51x51 filter-normalized 2D slice on [-1, 1], the Hessian's top-5 eigenvalues and
+    trace, and the default sharpness set, written to reports/<name>/run.h5.
     """
     from landscape.hessian import CurvatureSettings
     from landscape.scan import estimate, setup
@@ -244,7 +246,8 @@ def scan(
             batch_size, device, dtype, output, bn=bn, bn_batches=bn_batches, strategy=strategy, dims=dims,
             steps=_parse_steps(steps), range=_parse_range(range_), y_range=_parse_range(y_range) if y_range else None,
             norm=norm, ignore=ignore, orthogonalize=orthogonalize, directions=directions, interpolate=interpolate, name=name, resume=resume,
-            overwrite=overwrite, compact_every=save_every, curvature=CurvatureSettings(seed=seed) if hessian else None)
+            overwrite=overwrite, compact_every=save_every, curvature=CurvatureSettings(seed=seed) if hessian else None,
+            sharpness=_default_sharpness(seed) if sharpness else ())
         with err_console.status("loading checkpoint, model and data", spinner="dots"):
             st = setup(config)
         if dry_run:
@@ -347,6 +350,85 @@ def hessian(
         _print_summary(summary)
 
 
+def _default_sharpness(seed: int, **common: Any) -> tuple[Any, ...]:
+    """The default sharpness set (``landscape.sharpness.DEFAULT_SET``) with ``common`` settings."""
+    from landscape.sharpness import DEFAULT_SET, SharpnessSettings
+
+    return tuple(SharpnessSettings(measure=m, adaptive=a, seed=seed, **common) for m, a in DEFAULT_SET)
+
+
+@app.command(epilog="Examples:\n\n"
+                    "  landscape sharpness data/examples/mlp_sam_s2000.pt\n\n"
+                    "  landscape sharpness ckpt.pt --measure worst-case --norm linf --rho 0.001 --rho 0.002 --m 128\n\n"
+                    "  landscape sharpness ckpt.pt --measure average-case --no-adaptive --rho 0.01 --draws 50\n\n"
+                    "  landscape sharpness ckpt.pt --measure keskar --measure pacbayes --parameters '*bn*'")
+def sharpness(
+    checkpoint: CheckpointArg,
+    measure: Optional[list[str]] = typer.Option(None, "--measure", help="worst-case, average-case, sam, asam, "
+                                                "keskar, pacbayes, first-order or basin-width; repeatable (default: "
+                                                "the set landscape scan computes)."),
+    adaptive: Optional[bool] = typer.Option(None, "--adaptive/--no-adaptive", help="Scale perturbations by |w| "
+                                            "(default: adaptive where the measure allows it)."),
+    norm: str = typer.Option("l2", help="l2 or linf (worst-case, average-case)."),
+    rho: Optional[list[float]] = typer.Option(None, "--rho", help="Radius (or eps, loss rise, error change: see "
+                                              "docs/schema.md); repeatable for a sweep (default: per measure)."),
+    m: int = typer.Option(128, "--m", help="Batch size of m-sharpness; 0 for the whole evaluation set."),
+    steps: int = typer.Option(20, help="Ascent steps (worst-case, keskar, first-order)."),
+    draws: int = typer.Option(10, help="Monte Carlo draws per batch (average-case) or per sigma (pacbayes)."),
+    eta: float = typer.Option(0.01, help="ASAM's eta in T = |w| + eta."),
+    parameters: Optional[list[str]] = typer.Option(None, "--parameters", help="Perturb only these parameter names "
+                                                                              "or globs; repeatable."),
+    model: ModelOpt = None,
+    model_arg: ModelArgOpt = None,
+    data: DataOpt = None,
+    data_arg: DataArgOpt = None,
+    loss: LossOpt = None,
+    state_key: StateKeyOpt = None,
+    trust_pickle: TrustOpt = False,
+    max_samples: MaxSamplesOpt = None,
+    seed: SeedOpt = 0,
+    batch_size: BatchOpt = 2048,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+    output: OutputOpt = None,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Sharpness of the minimum: worst- and average-case (adaptive, L2/Linf, m-sharpness), SAM/ASAM, Keskar,
+    PAC-Bayes flatness, first-order flatness, basin width.
+
+    Results go to /sharpness/<measure>[_adaptive]_<norm> of the run file, added to an existing
+    one; a measure already there with the same settings is not recomputed. Sharpness
+    tracks hyperparameters and predicts generalization only loosely: compare like with like.
+    """
+    from landscape.scan import setup
+    from landscape.sharpness import SharpnessSettings
+
+    with _errors(debug):
+        if measure:
+            settings = tuple(SharpnessSettings(
+                measure=name, adaptive=True if adaptive is None else adaptive, norm=norm, rho=tuple(rho or ()),
+                m=m or None, steps=steps, draws=draws, eta=eta, parameters=tuple(parameters or ()), seed=seed)
+                for name in measure)
+        else:
+            if rho or adaptive is not None:
+                raise LandscapeError("--rho and --adaptive apply to a named measure", hint="add --measure NAME")
+            settings = _default_sharpness(seed, m=m or None, steps=steps, draws=draws, eta=eta,
+                                          parameters=tuple(parameters or ()))
+        for s_ in settings:
+            s_.resolved()  # validate before loading anything
+        config = _base_config(checkpoint, model, model_arg, data, data_arg, loss, None, state_key, trust_pickle,
+                              max_samples, seed, batch_size, device, dtype, output, slices=False, resume=True,
+                              sharpness=settings)
+        with err_console.status("loading checkpoint, model and data", spinner="dots"):
+            st = setup(config)
+        summary = _run_with_progress(config, st)
+        if json_out:
+            print(json.dumps(_nan_to_none(summary.to_json()), indent=2))
+            return
+        _print_summary(summary)
+
+
 def _fmt(v: Optional[float]) -> str:
     return "-" if v is None else f"{v:.6g}"
 
@@ -383,6 +465,17 @@ def _print_summary(summary: Any) -> None:
             err_console.print(Text("warning: some eigenpairs did not reach --tol (residuals are in the run file); "
                                    "float32 Hessian-vector products limit residuals to about 1e-6 relative: "
                                    "try --dtype float64, a looser --tol or a larger --max-hvp"))
+    if summary.sharpness:
+        t = Table(title="sharpness (± standard error over batches or draws)")
+        for c_ in ("group", "rho", "value", "±", "m", "samples"):
+            t.add_column(c_, no_wrap=c_ == "group")
+        for r in summary.sharpness:
+            for i, rho_ in enumerate(r["rho"]):
+                err = r["stderr"][i]
+                t.add_row(r["group"] if i == 0 else "", f"{rho_:g}", _fmt(r["value"][i]),
+                          "" if err is None or not math.isfinite(err) else f"{err:.2g}", str(r["m"]),
+                          str(r["n_samples"]))
+        out_console.print(t)
     for s in summary.slices:
         if s.n_nonfinite:
             err_console.print(Text(f"warning: slice {s.name} has {s.n_nonfinite} NaN/Inf points (kept in the run file)"))

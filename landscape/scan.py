@@ -32,6 +32,7 @@ from .lanczos import lanczos
 from .losses import default_loss_name, resolve_loss
 from .problem import Problem
 from .runfile import RESERVED, RunFile, encode_attr, read_attrs
+from .sharpness import SharpnessSettings, same_settings, sharpness, summary_from_group
 from .slices import axis, compute_slice, missing_blocks
 from .specs import Spec, call_spec, resolve
 
@@ -96,6 +97,7 @@ class ScanConfig:
     compact_every: float = 30.0
     slices: bool = True
     curvature: CurvatureSettings | None = None
+    sharpness: tuple[SharpnessSettings, ...] = ()
 
     def run_path(self) -> Path:
         if self.output:
@@ -137,11 +139,13 @@ class ScanSummary:
     strategy: str
     slices: tuple[SliceResult, ...] = field(default_factory=tuple)
     curvature: Mapping[str, Any] | None = None
+    sharpness: tuple[Mapping[str, Any], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
             "run_file": self.run_file, "checkpoint": self.checkpoint, "n_parameters": self.n_parameters,
             "n_samples": self.n_samples, "strategy": self.strategy, "curvature": self.curvature,
+            "sharpness": list(self.sharpness),
             "slices": [{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                         for k, v in s.__dict__.items()} for s in self.slices],
         }
@@ -410,8 +414,35 @@ def run_scan(config: ScanConfig, *, progress: ProgressFn | None = None,
                 g.attrs["loss_at_origin"] = np.nan if r.loss_at_origin is None else r.loss_at_origin
                 g.attrs["loss_min"], g.attrs["loss_max"] = r.loss_min, r.loss_max
                 g.attrs["n_nonfinite"] = r.n_nonfinite
+        sharp = _run_sharpness(rf, config, st, progress)
     return ScanSummary(str(path), config.checkpoint, pb.num_parameters, pb.n, pb.strategy, tuple(results),
-                       curvature.summary() if curvature is not None else None)
+                       curvature.summary() if curvature is not None else None, tuple(sharp))
+
+
+def _run_sharpness(rf: RunFile, config: ScanConfig, st: Setup, progress: ProgressFn | None) -> list[dict[str, Any]]:
+    """Each sharpness measure, written as soon as it is done; on resume, a group already in the file with the same
+    settings is kept, not recomputed."""
+    out = []
+    for settings in config.sharpness:
+        s = settings.resolved()
+        with rf.read() as f:
+            stored = f["sharpness"][s.group] if "sharpness" in f and s.group in f["sharpness"] else None
+            if stored is not None and same_settings(stored, s):
+                out.append(summary_from_group(stored))
+                continue
+            dirs = None
+            if s.measure == "basin-width":
+                first = next(iter(f["slices"]), None) if "slices" in f else None
+                dirs = _load_directions(f["slices"][first]) if first else None
+        if s.measure == "basin-width" and not dirs:
+            dirs = random_directions(st.problem.theta0, 2, seed=config.seed, norm=config.norm, ignore=config.ignore)
+        label = f"sharpness {s.group}"
+        res = sharpness(st.problem, s, directions=dirs,
+                        progress=(lambda d, t, _l=label: progress(_l, d, t)) if progress else None)
+        with rf.transaction() as f:
+            res.write(f)
+        out.append(res.summary())
+    return out
 
 
 def _summarize(rf: RunFile, s: SliceSettings, computed: int, seconds: float) -> SliceResult:

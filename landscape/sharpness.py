@@ -41,16 +41,19 @@ from .ascent import apgd
 from .curvature import select_parameters
 from .errors import LandscapeError
 from .problem import Problem
-from .runfile import encode_attr
+from .runfile import encode_attr, read_attrs
 
+#: What ``landscape scan`` computes unless told otherwise.
+DEFAULT_SET = (("worst-case", True), ("average-case", True), ("sam", False), ("asam", True), ("pacbayes", True),
+               ("basin-width", False))
 MEASURES = ("worst-case", "average-case", "sam", "asam", "keskar", "pacbayes", "first-order", "basin-width")
 
 #: Default ``rho`` for (measure, norm, adaptive); ``None`` in the key matches either.
 DEFAULT_RHO: dict[tuple[str, str | None, bool | None], tuple[float, ...]] = {
     ("worst-case", "l2", True): (0.5,), ("worst-case", "l2", False): (0.05,),
     ("worst-case", "linf", True): (0.005,), ("worst-case", "linf", False): (0.001,),
-    ("average-case", "l2", True): (0.5,), ("average-case", "l2", False): (0.05,),
-    ("average-case", "linf", True): (0.005,), ("average-case", "linf", False): (0.001,),
+    ("average-case", "l2", True): (0.1,), ("average-case", "l2", False): (0.01,),
+    ("average-case", "linf", True): (0.1,), ("average-case", "linf", False): (0.01,),
     ("sam", None, None): (0.05,), ("asam", None, None): (0.5,), ("keskar", None, None): (1e-3, 5e-4),
     ("pacbayes", None, None): (0.1,), ("first-order", "l2", True): (0.5,), ("first-order", "l2", False): (0.05,),
     ("basin-width", None, None): (0.1,),
@@ -144,17 +147,53 @@ class SharpnessResult:
         for name, arr in {"rho": self.rho, "value": self.value, "stderr": self.stderr, "samples": self.samples,
                           **self.extra}.items():
             g.create_dataset(name, data=arr)
+        for name, arr in _quadratic_estimates(parent, s, self.rho).items():
+            g.create_dataset(name, data=arr)
         attrs = {"measure": s.measure, "norm": s.norm, "adaptive": s.adaptive, "scaling": s.scaling, "m": self.m,
+                 "m_requested": -1 if s.m is None else s.m, "eta": s.eta, "eps": s.eps,
                  "n_samples": self.n_samples, "steps": s.steps, "draws": s.draws, "seed": s.seed,
                  "parameters": list(s.parameters), "rho_meaning": RHO_MEANING[s.measure], "loss": self.loss,
                  "n_evals": self.n_evals, "seconds": self.seconds}
-        if s.measure == "asam":
-            attrs["eta"] = s.eta
-        if s.measure == "pacbayes":
-            attrs["eps"] = s.eps if s.adaptive else 0.0
         for k, v in attrs.items():
             g.attrs[k] = encode_attr(v)
         return g
+
+
+#: Attributes that decide whether a stored group answers the same question (``rho`` is compared separately).
+SETTING_ATTRS = ("measure", "norm", "adaptive", "m_requested", "steps", "draws", "seed", "parameters", "eta", "eps")
+
+
+def same_settings(group: h5py.Group, settings: SharpnessSettings) -> bool:
+    """Whether ``group`` (a ``/sharpness/<name>`` group) holds a result for exactly ``settings`` (resolved)."""
+    stored = read_attrs(group)
+    want = {"measure": settings.measure, "norm": settings.norm, "adaptive": settings.adaptive,
+            "m_requested": -1 if settings.m is None else settings.m, "steps": settings.steps,
+            "draws": settings.draws, "seed": settings.seed, "parameters": list(settings.parameters),
+            "eta": settings.eta, "eps": settings.eps}
+    return all(stored.get(k) == want[k] for k in SETTING_ATTRS) and \
+        np.array_equal(group["rho"][()], np.asarray(settings.rho, dtype=np.float64))
+
+
+def summary_from_group(group: h5py.Group) -> dict[str, object]:
+    """The :meth:`SharpnessResult.summary` of a stored group."""
+    a = read_attrs(group)
+    return {"measure": a["measure"], "group": group.name.rsplit("/", 1)[-1], "rho": group["rho"][()].tolist(),
+            "value": group["value"][()].tolist(), "stderr": group["stderr"][()].tolist(), "m": a["m"],
+            "n_samples": a["n_samples"], "n_evals": a["n_evals"]}
+
+
+def _quadratic_estimates(root: h5py.Group, s: SharpnessSettings, rho: np.ndarray) -> dict[str, np.ndarray]:
+    """Second-order predictions from the run file's full-batch Hessian results, where they exist: plain
+    worst-case L2 over the whole set ``rho^2 lambda_max / 2`` (exact for a quadratic at its minimum) and plain
+    Gaussian average-case ``rho^2 tr(H) / 2``."""
+    h = root.get("hessian")
+    if h is None or s.adaptive or s.norm != "l2" or s.parameters:
+        return {}
+    if s.measure == "worst-case" and s.m is None and "eigenvalues" in h:
+        return {"quadratic": 0.5 * rho ** 2 * float(h["eigenvalues"][0])}
+    if s.measure == "average-case" and "trace" in h:
+        return {"quadratic": 0.5 * rho ** 2 * float(h["trace"].attrs["estimate"])}
+    return {}
 
 
 class _Flat:

@@ -208,3 +208,25 @@ def test_batches_are_disjoint_and_seeded():
     assert len(bs) == 3 and len(torch.unique(torch.cat(bs))) == 9
     assert all(torch.equal(a, b) for a, b in zip(bs, batches(10, 3, seed=1)))
     assert len(batches(10, None, 0)) == 1 and len(batches(10, 50, 0)[0]) == 10
+
+
+def test_run_file_layout_and_quadratic_prediction_from_the_stored_hessian(tmp_path):
+    import h5py
+
+    from landscape.sharpness import same_settings, summary_from_group
+
+    pb, X, _ = interpolating_regression()
+    lam = np.linalg.eigvalsh(X.T @ X / len(X))[-1]
+    res = run(pb, measure="worst-case", adaptive=False, m=None, rho=(0.2, 0.4), steps=200)
+    with h5py.File(tmp_path / "r.h5", "w") as f:
+        f.create_dataset("hessian/eigenvalues", data=[lam])
+        g = res.write(f)
+        assert g.name == "/sharpness/worst_case_l2"
+        np.testing.assert_allclose(g["quadratic"][()], 0.5 * np.array([0.2, 0.4]) ** 2 * lam)
+        np.testing.assert_allclose(g["value"][()], g["quadratic"][()], rtol=1e-6)  # a quadratic at its minimum
+        assert same_settings(g, res.settings)
+        assert not same_settings(g, SharpnessSettings(measure="worst-case", adaptive=False, m=None, rho=(0.2,),
+                                                      steps=200).resolved())
+        stored, fresh = summary_from_group(g), res.summary()
+        assert np.isnan(stored.pop("stderr")).all() and np.isnan(fresh.pop("stderr")).all()  # one batch: no error bar
+        assert stored == fresh
