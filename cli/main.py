@@ -262,7 +262,10 @@ def scan(
             t.add_row("forward passes", f"{est.forward_passes:,}")
             t.add_row("strategy", est.strategy)
             t.add_row("time per point", f"{est.seconds_per_point * 1e3:.2f} ms")
-            t.add_row("estimated time", f"{est.seconds:.1f} s")
+            t.add_row("estimated time, slices", f"{est.seconds:.1f} s")
+            t.add_row("estimated time, Hessian", f"{est.curvature_seconds:.1f} s (rough)")
+            t.add_row("estimated time, sharpness", f"{est.sharpness_seconds:.1f} s (rough)")
+            t.add_row("estimated time, total", f"{est.total_seconds:.1f} s")
             t.add_row("memory", f"{est.memory_bytes / 2**20:.1f} MiB ({est.memory_note})")
             out_console.print(t)
             return

@@ -28,11 +28,13 @@ from .data import EvalData, load_data
 from .directions import difference_direction, random_directions
 from .errors import LandscapeError
 from .hessian import CurvatureSettings, analyze_curvature
+from .hessian import forward_equivalents as curvature_cost
 from .lanczos import lanczos
 from .losses import default_loss_name, resolve_loss
 from .problem import Problem
 from .runfile import RESERVED, RunFile, encode_attr, read_attrs
 from .sharpness import SharpnessSettings, same_settings, sharpness, summary_from_group
+from .sharpness import forward_equivalents as sharpness_cost
 from .slices import axis, compute_slice, missing_blocks
 from .specs import Spec, call_spec, resolve
 
@@ -474,9 +476,15 @@ class Estimate:
     memory_note: str
     n_parameters: int
     n_samples: int
+    curvature_seconds: float = 0.0
+    sharpness_seconds: float = 0.0
+
+    @property
+    def total_seconds(self) -> float:
+        return self.seconds + self.curvature_seconds + self.sharpness_seconds
 
     def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {**self.__dict__, "total_seconds": self.total_seconds}
 
 
 def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
@@ -504,9 +512,13 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
     else:
         mem = param_bytes * (4 + (pb.block if strategy == "vmap" else 0)) + data_bytes
         note = "model copies, directions and data; activations of one chunk come on top"
+    curv = config.curvature
+    curvature_passes = curvature_cost(curv, len(pb.names)) if curv is not None else 0.0
+    sharpness_passes = sum(sharpness_cost(s, pb.n) for s in config.sharpness)
     return Estimate(points=points, forward_passes=points * chunks, seconds_per_point=per_point,
                     seconds=per_point * points, strategy=strategy, memory_bytes=int(mem), memory_note=note,
-                    n_parameters=pb.num_parameters, n_samples=pb.n)
+                    n_parameters=pb.num_parameters, n_samples=pb.n, curvature_seconds=per_point * curvature_passes,
+                    sharpness_seconds=per_point * sharpness_passes)
 
 
 __all__ = ["ScanConfig", "ScanSummary", "SliceResult", "Setup", "Estimate", "setup", "run_scan", "estimate",

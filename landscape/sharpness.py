@@ -343,6 +343,21 @@ def sharpness(problem: Problem, settings: SharpnessSettings, *,
         extra={k: np.asarray(v, dtype=np.float64) for k, v in extra.items()})
 
 
+def forward_equivalents(settings: SharpnessSettings, n: int) -> float:
+    """Rough cost of a measure in full-data forward passes (a backward pass counted as two forwards, a gradient
+    plus Hessian-vector product as five), for ``--dry-run``. PAC-Bayes and basin width assume about 20 bisection
+    and doubling steps."""
+    s = settings.resolved()
+    r = len(s.rho)
+    m = n if s.m is None else min(s.m, n)
+    b = n // m
+    frac = m * b / n  # share of the set used by one pass over every batch
+    per_rho = {"worst-case": 3 * frac * (s.steps + 1), "average-case": frac * s.draws, "sam": 4 * frac,
+               "asam": 4 * frac, "keskar": 3 * (s.steps + 1), "pacbayes": 20 * s.draws,
+               "first-order": 5 * (s.steps + 1), "basin-width": 2 * 2 * 20}[s.measure]
+    return frac + r * per_rho
+
+
 def _error(problem: Problem, params: Mapping[str, torch.Tensor]) -> float:
     ev = problem.evaluate(params)
     return 1.0 - ev.accuracy if ev.accuracy is not None else ev.loss
