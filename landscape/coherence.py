@@ -1,0 +1,309 @@
+"""Coherence of per-sample gradients and gradient-noise probes at a checkpoint.
+
+For per-sample gradients ``g_1..g_m`` (exact, or sketched ``R g_i``; see :mod:`landscape.persample`) with mean
+``G``:
+
+* m-coherence (Chatterjee & Zielinski 2020, "On the generalization mystery"): ``||sum g_i||^2 / sum ||g_i||^2``,
+  in ``[0, m]``: ``m`` for identical gradients, 1 for orthogonal ones of equal norm; ``alpha`` = m-coherence / m
+  (the mean of ``g_i . g_j`` over all pairs ``i, j`` divided by the mean ``||g_i||^2``). Per class too.
+* gradient diversity (Yin et al. 2018, "Gradient diversity"): ``sum ||g_i||^2 / ||sum g_i||^2``, the inverse.
+* stiffness (Fort et al. 2019): ``class_cosine[a, b]`` = mean ``cos(g_i, g_j)`` over ``i`` in class ``a`` and ``j``
+  in class ``b``, ``i != j``.
+* GSNR (Liu et al. 2020): per parameter ``G_j^2 / Var_i(g_ij)`` (population variance), with its mean and median
+  over parameters of non-zero variance. Exact gradients only.
+* gradient noise scale (McCandlish et al. 2018, "An empirical model of large-batch training"):
+  ``B_simple = tr(Sigma) / ||G||^2`` and ``B_noise = tr(H Sigma) / (G^T H G)``, ``Sigma = Cov_i(g_i)``
+  (``1/(m-1)``); ``tr(H Sigma)`` is estimated from ``noise_samples`` random samples, one Hessian-vector product
+  each, with a standard error.
+* minibatch alignment: mean (and spread) of ``cos(g_B, G)`` over disjoint random batches of each size ``B``.
+* per-sample scores (Paul et al. 2021, "Deep learning on a data diet"): GraNd ``||g_i||`` and EL2N
+  ``||softmax(f(x_i)) - onehot(y_i)||`` (for regression ``||f(x_i) - y_i||``), for every sample in data order.
+
+All statistics are accumulated chunk by chunk (:class:`GradientStats`), so only one chunk of gradients is held.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+from typing import Callable, Mapping
+
+import h5py
+import numpy as np
+import torch
+from torch.func import functional_call
+
+from .curvature import CurvatureOperator
+from .errors import LandscapeError
+from .persample import iter_gradients, sketched_gradients
+from .problem import Problem
+from .runfile import encode_attr, read_attrs
+
+
+@dataclass(frozen=True)
+class CoherenceSettings:
+    """What to compute; every field is recorded in the run file."""
+
+    sketch: int = 0
+    noise_samples: int = 32
+    batch_sizes: tuple[int, ...] = (1, 8, 32, 128, 512)
+    batch_repeats: int = 16
+    control: bool = False
+    memory_budget: float = 256 * 2**20
+    seed: int = 0
+
+
+class GradientStats:
+    """Streaming statistics of rows ``g_i`` (dimension ``dim``) arriving in chunks, in sample order.
+
+    ``labels[i]`` is the class of sample ``i`` (all 0 for regression); ``batch_ids[B][i]`` the random batch of
+    size ``B`` that sample ``i`` belongs to (-1: none); rows of the samples in ``keep`` are kept whole.
+    """
+
+    def __init__(self, dim: int, labels: np.ndarray, *, batch_ids: Mapping[int, np.ndarray] | None = None,
+                 keep: np.ndarray | None = None, per_coordinate: bool = True) -> None:
+        self.n = len(labels)
+        self.labels = np.asarray(labels)
+        self.n_classes = int(self.labels.max()) + 1 if self.n else 0
+        f64 = torch.float64
+        self.sum = torch.zeros(dim, dtype=f64)
+        self.sumsq = torch.zeros(dim, dtype=f64) if per_coordinate else None
+        self.class_sum = torch.zeros(self.n_classes, dim, dtype=f64)
+        self.class_unit = torch.zeros(self.n_classes, dim, dtype=f64)
+        self.class_sqnorm = np.zeros(self.n_classes)
+        self.norms = np.zeros(self.n)
+        self.batch_ids = {b: np.asarray(ids) for b, ids in (batch_ids or {}).items()}
+        self.batch_sum = {b: torch.zeros(int(ids.max()) + 1, dim, dtype=f64) for b, ids in self.batch_ids.items()}
+        self.keep = np.asarray(keep if keep is not None else [], dtype=np.int64)
+        self.kept: dict[int, torch.Tensor] = {}
+
+    def add(self, start: int, rows: torch.Tensor) -> None:
+        g = rows.detach().to("cpu", torch.float64)
+        idx = np.arange(start, start + len(g))
+        norms = torch.linalg.vector_norm(g, dim=1)
+        self.norms[idx] = norms.numpy()
+        self.sum += g.sum(0)
+        if self.sumsq is not None:
+            self.sumsq += (g * g).sum(0)
+        lab = torch.as_tensor(self.labels[idx], dtype=torch.long)
+        unit = g / norms.clamp_min(1e-300).unsqueeze(1)
+        self.class_sum.index_add_(0, lab, g)
+        self.class_unit.index_add_(0, lab, unit)
+        np.add.at(self.class_sqnorm, self.labels[idx], (norms ** 2).numpy())
+        for b, ids in self.batch_ids.items():
+            sel = ids[idx]
+            ok = sel >= 0
+            if ok.any():
+                self.batch_sum[b].index_add_(0, torch.as_tensor(sel[ok]), g[torch.as_tensor(ok)])
+        for i in np.intersect1d(self.keep, idx):
+            self.kept[int(i)] = g[i - start].clone()
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / self.n
+
+    def metrics(self) -> dict[str, float]:
+        sq = float(self.norms @ self.norms)
+        total = float(self.sum @ self.sum)
+        m_coh = total / sq if sq > 0 else float("nan")
+        gnorm2 = total / self.n ** 2
+        trace_sigma = (sq - self.n * gnorm2) / (self.n - 1) if self.n > 1 else float("nan")
+        out = {"m": self.n, "m_coherence": m_coh, "alpha": m_coh / self.n, "gradient_diversity": 1.0 / m_coh,
+               "gradient_norm": math.sqrt(gnorm2), "trace_sigma": trace_sigma,
+               "b_simple": trace_sigma / gnorm2 if gnorm2 > 0 else float("inf")}
+        if self.sumsq is not None:
+            g = self.gsnr()
+            ok = np.isfinite(g)
+            out["gsnr_mean"] = float(g[ok].mean()) if ok.any() else float("nan")
+            out["gsnr_median"] = float(np.median(g[ok])) if ok.any() else float("nan")
+        return out
+
+    def gsnr(self) -> np.ndarray:
+        """Per coordinate ``mean^2 / var`` (population variance); NaN where the variance is 0."""
+        mean = self.mean
+        var = (self.sumsq / self.n - mean * mean).clamp_min(0)
+        scale = torch.maximum(self.sumsq / self.n, torch.tensor(1e-300, dtype=torch.float64))
+        out = (mean * mean / var).numpy()
+        out[(var <= 1e-12 * scale).numpy()] = np.nan
+        return out
+
+    def class_metrics(self) -> dict[str, np.ndarray]:
+        counts = np.bincount(self.labels, minlength=self.n_classes).astype(np.float64)
+        tot = (self.class_sum * self.class_sum).sum(1).numpy()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            class_m = tot / self.class_sqnorm
+            dots = (self.class_unit @ self.class_unit.T).numpy()
+            cos = dots / np.outer(counts, counts)
+            diag = (np.diag(dots) - counts) / (counts * (counts - 1))
+        np.fill_diagonal(cos, diag)
+        return {"class_count": counts.astype(np.int64), "class_m_coherence": class_m, "class_cosine": cos}
+
+    def batch_metrics(self) -> dict[str, np.ndarray]:
+        sizes = sorted(self.batch_sum)
+        mean = self.mean
+        mean_norm = float(torch.linalg.vector_norm(mean))
+        cos_mean, cos_std, reps = [], [], []
+        for b in sizes:
+            s = self.batch_sum[b]
+            c = (s @ mean) / (torch.linalg.vector_norm(s, dim=1) * mean_norm).clamp_min(1e-300)
+            cos_mean.append(float(c.mean()))
+            cos_std.append(float(c.std()) if len(c) > 1 else float("nan"))
+            reps.append(len(c))
+        return {"batch_sizes": np.asarray(sizes, dtype=np.int64), "batch_cosine": np.asarray(cos_mean),
+                "batch_cosine_std": np.asarray(cos_std), "batch_count": np.asarray(reps, dtype=np.int64)}
+
+
+@dataclass(frozen=True)
+class CoherenceResult:
+    """Scalars (``metrics``), arrays (per class, per sample, per batch size), GSNR by parameter, the control."""
+
+    settings: CoherenceSettings
+    metrics: Mapping[str, float]
+    arrays: Mapping[str, np.ndarray]
+    gsnr: Mapping[str, np.ndarray]
+    method: str
+    seconds: float
+    control: "CoherenceResult | None" = None
+
+    def summary(self) -> dict[str, object]:
+        out: dict[str, object] = {**self.metrics, "method": self.method}
+        if self.control is not None:
+            out["control"] = self.control.summary()
+        return out
+
+    def write(self, parent: h5py.Group, name: str = "coherence") -> h5py.Group:
+        if name in parent:
+            del parent[name]
+        g = parent.create_group(name)
+        s = self.settings
+        attrs = {**self.metrics, "method": self.method, "sketch": s.sketch,
+                 "sketch_rel_error": math.sqrt(2.0 / s.sketch) if s.sketch else 0.0,
+                 "noise_samples": s.noise_samples, "batch_repeats": s.batch_repeats, "control_kind":
+                 "shuffled-labels" if s.control else "", "seed": s.seed, "seconds": self.seconds}
+        for k, v in attrs.items():
+            g.attrs[k] = encode_attr(v)
+        for k, v in self.arrays.items():
+            g.create_dataset(k, data=v)
+        for pname, arr in self.gsnr.items():
+            g.create_dataset(f"gsnr/{pname}", data=arr)
+        if self.control is not None:
+            self.control.write(g, "control")
+        return g
+
+
+#: Attributes that decide whether a stored ``/coherence`` answers the same request.
+SETTING_ATTRS = ("sketch", "noise_samples", "batch_repeats", "control_kind", "seed")
+
+
+def same_settings(group: h5py.Group, s: CoherenceSettings) -> bool:
+    a = read_attrs(group)
+    want = {"sketch": s.sketch, "noise_samples": s.noise_samples, "batch_repeats": s.batch_repeats,
+            "control_kind": "shuffled-labels" if s.control else "", "seed": s.seed}
+    return all(a.get(k) == v for k, v in want.items()) and \
+        group["batch_sizes"][()].tolist() == [b for b in sorted(s.batch_sizes) if b <= a["m"]]
+
+
+def _labels(problem: Problem, y: torch.Tensor) -> np.ndarray:
+    if problem.classification:
+        return y.detach().cpu().numpy().astype(np.int64)
+    return np.zeros(len(y), dtype=np.int64)
+
+
+def _batch_ids(n: int, sizes: tuple[int, ...], repeats: int, seed: int) -> dict[int, np.ndarray]:
+    """For each size ``B <= n``: ``min(repeats, n // B)`` disjoint random batches (sample -> batch, -1: none)."""
+    out = {}
+    for b in sorted(set(sizes)):
+        if b > n or b < 1:
+            continue
+        perm = np.random.default_rng([seed, b]).permutation(n)
+        r = min(repeats, n // b)
+        ids = np.full(n, -1, dtype=np.int64)
+        ids[perm[:r * b]] = np.repeat(np.arange(r), b)
+        out[b] = ids
+    return out
+
+
+def el2n(problem: Problem, X: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    """EL2N per sample: ``||softmax(f(x)) - onehot(y)||``, or ``||f(x) - y||`` for regression."""
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(X), problem.batch_size):
+            f = functional_call(problem._model, (problem.theta0, problem.buffers), (X[s:s + problem.batch_size],))
+            t = y[s:s + problem.batch_size]
+            if problem.classification:
+                err = torch.softmax(f.double(), dim=1)
+                err[torch.arange(len(t)), t] -= 1.0
+            else:
+                err = (f.double() - t.double().reshape(f.shape))
+            out.append(torch.linalg.vector_norm(err.reshape(len(t), -1), dim=1).cpu().numpy())
+    return np.concatenate(out)
+
+
+def analyze_coherence(problem: Problem, settings: CoherenceSettings = CoherenceSettings(), *,
+                      sample_index: np.ndarray | None = None,
+                      progress: Callable[[str, int, int], None] | None = None) -> CoherenceResult:
+    """Every statistic of the module docstring on the Problem's evaluation set (and the shuffled-label control)."""
+    if settings.sketch < 0 or settings.noise_samples < 0:
+        raise LandscapeError("--sketch and --noise-samples must be at least 0")
+    if problem.n < 2:
+        raise LandscapeError("coherence needs at least 2 samples", hint="raise --max-samples")
+    result = _analyze(problem, settings, problem.y, progress, "coherence")
+    arrays = dict(result.arrays)
+    arrays["sample_index"] = np.arange(problem.n) if sample_index is None else np.asarray(sample_index)
+    control = None
+    if settings.control:
+        perm = torch.randperm(problem.n, generator=torch.Generator().manual_seed(settings.seed + 1))
+        control = _analyze(problem, settings, problem.y[perm.to(problem.device)], progress,
+                           "coherence (shuffled labels)")
+        control = replace(control, arrays={**control.arrays, "sample_index": arrays["sample_index"],
+                                           "shuffled_from": perm.numpy()})
+    return replace(result, arrays=arrays, control=control)
+
+
+def _analyze(problem: Problem, s: CoherenceSettings, y: torch.Tensor,
+             progress: Callable[[str, int, int], None] | None, label: str) -> CoherenceResult:
+    t0 = time.perf_counter()
+    n = problem.n
+    labels = _labels(problem, y)
+    rng = np.random.default_rng(s.seed)
+    keep = np.sort(rng.choice(n, size=min(s.noise_samples, n), replace=False)) if s.noise_samples and not s.sketch \
+        else np.array([], dtype=np.int64)
+    ids = _batch_ids(n, s.batch_sizes, s.batch_repeats, s.seed)
+    dim = s.sketch or problem.num_parameters
+    stats = GradientStats(dim, labels, batch_ids=ids, keep=keep, per_coordinate=not s.sketch)
+    if s.sketch:
+        if progress:
+            progress(f"{label}: sketch of {s.sketch} projections", 0, 0)
+        stats.add(0, sketched_gradients(problem, problem.X, y, s.sketch, seed=s.seed))
+        method = "sketch"
+    else:
+        method = "vmap"
+        for start, g, method in iter_gradients(problem, problem.X, y, memory_budget=s.memory_budget):
+            stats.add(start, g)
+            if progress:
+                progress(label, min(start + len(g), n), n)
+    metrics = stats.metrics()
+    arrays = {**stats.class_metrics(), **stats.batch_metrics(), "grand": stats.norms,
+              "el2n": el2n(problem, problem.X, y)}
+    gsnr: dict[str, np.ndarray] = {}
+    if not s.sketch:
+        flat = stats.gsnr()
+        i = 0
+        for name in problem.names:
+            t = problem.theta0[name]
+            gsnr[name] = flat[i:i + t.numel()].reshape(tuple(t.shape))
+            i += t.numel()
+    if len(keep):
+        if progress:
+            progress(f"{label}: B_noise ({len(keep)} Hessian-vector products)", 0, 0)
+        op = CurvatureOperator(problem)
+        G = stats.mean.numpy()
+        gHg = float(G @ op.matvec(G))
+        terms = np.array([(d := (stats.kept[i].numpy() - G)) @ op.matvec(d) for i in keep]) * n / (n - 1)
+        tr = float(terms.mean())
+        se = float(terms.std(ddof=1) / np.sqrt(len(terms))) if len(terms) > 1 else float("nan")
+        metrics = {**metrics, "b_noise": tr / gHg, "b_noise_stderr": se / abs(gHg), "trace_h_sigma": tr,
+                   "gHg": gHg}
+    return CoherenceResult(settings=s, metrics=metrics, arrays=arrays, gsnr=gsnr, method=method,
+                           seconds=time.perf_counter() - t0)

@@ -1,0 +1,111 @@
+"""Per-sample gradients ``g_i = grad l_i(theta)`` of a Problem, exact or sketched, in chunks.
+
+* Exact: ``torch.func.vmap(torch.func.grad(l))`` over a chunk of samples (one batched backward), with
+  ``randomness="different"`` so that dropout, if a model keeps it active, draws per sample; the model is
+  evaluated in eval mode with the Problem's buffers. Chunks are sized to a memory budget (``c * P`` numbers per
+  chunk). A model vmap cannot trace falls back to a per-sample loop, with a warning.
+* Sketched (Johnson-Lindenstrauss): ``s_i = R g_i`` with ``R`` a seeded ``k x P`` Gaussian matrix of variance
+  ``1/k``, computed without forming any ``g_i``: row ``r_j`` of ``R`` gives ``(r_j . g_1, ..., r_j . g_c)`` for a
+  whole chunk as one forward-mode product (``jvp``) of the vector of per-sample losses. For a fixed ``x``,
+  ``k ||R x||^2 / ||x||^2`` is chi-square with ``k`` degrees of freedom: squared norms and inner products are
+  kept with relative standard deviation ``sqrt(2 / k)``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Iterator
+
+import torch
+from torch.func import functional_call, grad, jvp, vmap
+
+from .problem import Problem
+
+
+class PerSampleWarning(UserWarning):
+    """vmap could not trace the model; per-sample gradients are computed one sample at a time."""
+
+
+def _flat(grads: dict[str, torch.Tensor], names: list[str], c: int) -> torch.Tensor:
+    return torch.cat([grads[n].reshape(c, -1) for n in names], dim=1)
+
+
+def _single_loss(problem: Problem):  # noqa: ANN202
+    def loss(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = functional_call(problem._model, (params, problem.buffers), (x.unsqueeze(0),))
+        return problem.loss_fn(out, y.unsqueeze(0))
+    return loss
+
+
+def per_sample_gradients(problem: Problem, X: torch.Tensor, y: torch.Tensor, *, method: str = "vmap"
+                         ) -> torch.Tensor:
+    """``(len(X), P)`` per-sample gradients at theta0, parameters flattened in the Problem's order.
+
+    ``method`` is ``vmap`` (batched) or ``loop`` (one sample at a time, the reference).
+    """
+    loss = _single_loss(problem)
+    p = dict(problem.theta0)
+    if method == "vmap":
+        g = vmap(grad(loss), in_dims=(None, 0, 0), randomness="different")(p, X, y)
+        return _flat(g, problem.names, len(X))
+    rows = [_flat({n: t.unsqueeze(0) for n, t in grad(loss)(p, X[i], y[i]).items()}, problem.names, 1)
+            for i in range(len(X))]
+    return torch.cat(rows)
+
+
+def chunk_size(problem: Problem, memory_budget: float) -> int:
+    """Samples per chunk so that a chunk's gradients (about three copies of ``c * P`` numbers) fit the budget."""
+    per_sample = 3 * problem.num_parameters * problem.theta0[problem.names[0]].element_size()
+    return max(1, min(problem.batch_size, int(memory_budget // per_sample)))
+
+
+def iter_gradients(problem: Problem, X: torch.Tensor, y: torch.Tensor, *, memory_budget: float = 256 * 2**20
+                   ) -> Iterator[tuple[int, torch.Tensor, str]]:
+    """``(start, gradients, method)`` for consecutive chunks of ``(X, y)``; ``method`` is ``vmap``, or ``loop``
+    after a warning if vmap fails."""
+    c = chunk_size(problem, memory_budget)
+    method = "vmap"
+    for s in range(0, len(X), c):
+        try:
+            g = per_sample_gradients(problem, X[s:s + c], y[s:s + c], method=method)
+        except (RuntimeError, NotImplementedError) as err:
+            if method != "vmap":
+                raise
+            warnings.warn(f"vmap cannot trace this model ({str(err).splitlines()[0][:120]}); per-sample gradients "
+                          "fall back to a loop over samples (slower, same values)", PerSampleWarning, stacklevel=2)
+            method = "loop"
+            g = per_sample_gradients(problem, X[s:s + c], y[s:s + c], method=method)
+        yield s, g.detach(), method
+
+
+def sketch_matrix_rows(problem: Problem, k: int, seed: int, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of the seeded ``k x P`` sketch ``R`` (entries N(0, 1/k)), each row drawn from its own
+    generator so any block of rows can be regenerated alone."""
+    rows = []
+    for j in range(start, stop):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + j)
+        rows.append(torch.randn(problem.num_parameters, generator=gen, dtype=torch.float64) / k ** 0.5)
+    return torch.stack(rows).to(problem.device, problem.dtype)
+
+
+def sketched_gradients(problem: Problem, X: torch.Tensor, y: torch.Tensor, k: int, *, seed: int = 0,
+                       group: int = 16) -> torch.Tensor:
+    """``(len(X), k)`` sketches ``R g_i`` by forward-mode products, ``group`` rows of ``R`` at a time."""
+    names = problem.names
+    sizes = [problem.theta0[n].numel() for n in names]
+    p = dict(problem.theta0)
+
+    def losses(params: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        out = functional_call(problem._model, (params, problem.buffers), (xb,))
+        return vmap(lambda o, t: problem.loss_fn(o.unsqueeze(0), t.unsqueeze(0)))(out, yb)
+
+    out = torch.empty(len(X), k, dtype=problem.dtype, device=problem.device)
+    for j0 in range(0, k, group):
+        R = sketch_matrix_rows(problem, k, seed, j0, min(k, j0 + group))
+        tangents = [dict(zip(names, (t.reshape(problem.theta0[n].shape) for n, t in zip(names, r.split(sizes)))))
+                    for r in R]
+        for s in range(0, len(X), problem.batch_size):
+            xb, yb = X[s:s + problem.batch_size], y[s:s + problem.batch_size]
+            for j, tan in enumerate(tangents):
+                out[s:s + len(xb), j0 + j] = jvp(lambda q: losses(q, xb, yb), (p,), (tan,))[1].detach()
+    return out

@@ -1,0 +1,138 @@
+"""Per-sample gradient coherence against exact answers (float64)."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import EXAMPLES, blobs, relu_mlp
+from landscape import Problem
+from landscape.coherence import CoherenceSettings, GradientStats, analyze_coherence
+from landscape.curvature import CurvatureOperator
+from landscape.persample import per_sample_gradients
+
+FAST = dict(noise_samples=0, batch_sizes=(4,), batch_repeats=4)
+
+
+def test_identical_examples_give_m_and_one_hot_linear_gives_one():
+    m = 7
+    x = torch.randn(1, 4, dtype=torch.float64).repeat(m, 1)
+    y = torch.zeros(m, dtype=torch.long)
+    pb = Problem(relu_mlp((4, 6, 3)), x, y, F.cross_entropy)
+    r = analyze_coherence(pb, CoherenceSettings(**FAST))
+    assert r.metrics["m_coherence"] == pytest.approx(m, rel=1e-12)
+    assert r.metrics["alpha"] == pytest.approx(1.0, rel=1e-12)
+    assert r.metrics["gradient_diversity"] == pytest.approx(1 / m, rel=1e-12)
+    assert abs(r.metrics["trace_sigma"]) < 1e-12 * r.arrays["grand"][0] ** 2  # zero up to round-off
+    # one-hot inputs to a linear map: g_i = r_i e_i^T are orthogonal, whatever their norms
+    X = torch.eye(6, dtype=torch.float64)
+    lin = torch.nn.Linear(6, 2, bias=False).double()
+    Y = torch.randn(6, 2, dtype=torch.float64)
+    r = analyze_coherence(Problem(lin, X, Y, F.mse_loss), CoherenceSettings(**FAST))
+    assert r.metrics["m_coherence"] == pytest.approx(1.0, rel=1e-12)
+
+
+def test_vmap_equals_loop_and_stats_equal_dense_formulas():
+    X, y = blobs(30, 4, 3)
+    pb = Problem(relu_mlp((4, 8, 3)), X, y, F.cross_entropy)
+    gv = per_sample_gradients(pb, X, y, method="vmap")
+    gl = per_sample_gradients(pb, X, y, method="loop")
+    assert torch.allclose(gv, gl, rtol=0, atol=1e-12)
+    G = gv.numpy()
+    full = np.concatenate([t.reshape(-1).numpy() for t in pb.gradient().values()])
+    np.testing.assert_allclose(G.mean(0), full, atol=1e-14)  # the mean per-sample gradient is the gradient
+    stats = GradientStats(G.shape[1], y.numpy(), batch_ids={5: np.repeat(np.arange(6), 5)})
+    for s in range(0, 30, 7):  # uneven chunks
+        stats.add(s, torch.as_tensor(G[s:s + 7]))
+    met = stats.metrics()
+    assert met["m_coherence"] == pytest.approx(np.sum(G.sum(0) ** 2) / np.sum(G ** 2), rel=1e-12)
+    assert met["trace_sigma"] == pytest.approx(np.trace(np.cov(G.T)), rel=1e-10)
+    var = G.var(0)
+    ok = var > 1e-12 * (G ** 2).mean(0)
+    np.testing.assert_allclose(stats.gsnr()[ok], (G.mean(0) ** 2 / var)[ok], rtol=1e-8)
+    cls = stats.class_metrics()
+    U = G / np.linalg.norm(G, axis=1, keepdims=True)
+    a, b = (y == 0).numpy(), (y == 1).numpy()
+    np.testing.assert_allclose(cls["class_cosine"][0, 1], (U[a] @ U[b].T).mean(), rtol=1e-10)
+    C = U[a] @ U[a].T
+    np.testing.assert_allclose(cls["class_cosine"][0, 0], C[~np.eye(len(C), dtype=bool)].mean(), rtol=1e-10)
+    bm = stats.batch_metrics()
+    cos = [(G[i * 5:(i + 1) * 5].mean(0) @ G.mean(0)) / np.linalg.norm(G[i * 5:(i + 1) * 5].mean(0))
+           / np.linalg.norm(G.mean(0)) for i in range(6)]
+    np.testing.assert_allclose(bm["batch_cosine"], [np.mean(cos)], rtol=1e-10)
+
+
+def test_b_simple_matches_the_two_batch_estimator_and_b_noise_the_dense_formula():
+    X, y = blobs(200, 4, 3, seed=3)
+    pb = Problem(relu_mlp((4, 8, 3), seed=1), X, y, F.cross_entropy)
+    r = analyze_coherence(pb, CoherenceSettings(noise_samples=200, batch_sizes=(8,)))
+    G = per_sample_gradients(pb, X, y).numpy()
+    rng = np.random.default_rng(0)
+    small, big = 4, 64
+    est = []
+    for _ in range(40):  # McCandlish et al. (2018), appendix A: |G_B|^2 = |G|^2 + tr(Sigma)/B in expectation
+        gs = np.mean([np.sum(G[rng.integers(0, 200, small)].mean(0) ** 2) for _ in range(50)])
+        gb = np.mean([np.sum(G[rng.integers(0, 200, big)].mean(0) ** 2) for _ in range(50)])
+        g2 = (big * gb - small * gs) / (big - small)
+        s = (gs - gb) / (1 / small - 1 / big)
+        est.append(s / g2)
+    mean, se = np.mean(est), np.std(est, ddof=1) / np.sqrt(len(est))
+    assert abs(r.metrics["b_simple"] * 199 / 200 - mean) < 4 * se  # two-batch estimates the population covariance
+    # with every sample used, tr(H Sigma) is exact
+    op = CurvatureOperator(pb)
+    H = np.column_stack([op.matvec(e) for e in np.eye(op.n)])
+    Sigma = np.cov(G.T)
+    g = G.mean(0)
+    assert r.metrics["b_noise"] == pytest.approx(np.trace(H @ Sigma) / (g @ H @ g), rel=1e-8)
+
+
+def test_real_labels_are_more_coherent_than_shuffled_at_initialization():
+    from landscape.scan import ScanConfig, setup
+
+    st = setup(ScanConfig(str(EXAMPLES / "mlp_sgd_s0000.pt"), max_samples=300, device="cpu", dtype="float64"))
+    pb = st.problem
+    r = analyze_coherence(pb, CoherenceSettings(control=True, **FAST), sample_index=st.data.indices)
+    assert r.metrics["m_coherence"] > 2 * r.control.metrics["m_coherence"]  # digits at initialization
+    assert np.nanmean(r.arrays["class_m_coherence"]) > np.nanmean(r.control.arrays["class_m_coherence"])
+    assert r.control.arrays["shuffled_from"].shape == (300,)
+    np.testing.assert_array_equal(r.arrays["sample_index"], st.data.indices)
+    assert r.arrays["grand"].shape == r.arrays["el2n"].shape == (300,)
+    p = torch.softmax(pb._model(pb.X), 1).detach().numpy()
+    np.testing.assert_allclose(r.arrays["el2n"], np.linalg.norm(p - np.eye(10)[pb.y.numpy()], axis=1), rtol=1e-12)
+
+
+def test_sketch_matches_exact_within_its_stated_error():
+    X, y = blobs(60, 4, 3, seed=4)
+    pb = Problem(relu_mlp((4, 10, 3), seed=3), X, y, F.cross_entropy)
+    exact = analyze_coherence(pb, CoherenceSettings(**FAST))
+    k = 400
+    sk = analyze_coherence(pb, CoherenceSettings(sketch=k, **FAST))
+    err = np.sqrt(2 / k)  # relative standard deviation of a sketched squared norm
+    assert sk.method == "sketch" and not sk.gsnr
+    assert abs(sk.metrics["m_coherence"] / exact.metrics["m_coherence"] - 1) < 4 * err
+    assert abs(sk.metrics["b_simple"] / exact.metrics["b_simple"] - 1) < 4 * err
+    ratio = sk.arrays["grand"] / exact.arrays["grand"]  # a norm: relative sd about err / 2
+    assert np.all(np.abs(ratio - 1) < 3 * err) and abs(ratio.mean() - 1) < err / 2
+
+
+class ItemNet(torch.nn.Module):
+    """A model vmap cannot trace: Python control flow on a data value."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 3).double()
+
+    def forward(self, x):
+        return self.lin(x) * (2.0 if x.sum().item() > 0 else 1.0)
+
+
+def test_untraceable_model_falls_back_to_the_loop_with_a_warning():
+    from landscape.persample import PerSampleWarning
+
+    X, y = blobs(12, 4, 3)
+    pb = Problem(ItemNet(), X, y, F.cross_entropy)
+    with pytest.warns(PerSampleWarning, match="fall back to a loop"):
+        r = analyze_coherence(pb, CoherenceSettings(**FAST))
+    assert r.method == "loop"
+    G = per_sample_gradients(pb, X, y, method="loop").numpy()
+    assert r.metrics["m_coherence"] == pytest.approx(np.sum(G.sum(0) ** 2) / np.sum(G ** 2), rel=1e-12)
