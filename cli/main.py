@@ -214,6 +214,8 @@ def scan(
     hessian: bool = typer.Option(True, help="Also compute the Hessian's top-5 eigenvalues and trace."),
     sharpness: bool = typer.Option(True, help="Also compute the default sharpness set (worst- and average-case "
                                               "adaptive L2, SAM, ASAM, magnitude-aware PAC-Bayes, basin width)."),
+    coherence: bool = typer.Option(True, help="Also compute gradient coherence and noise scales (no control, "
+                                              "B_noise from 16 samples)."),
     bn: str = typer.Option("frozen", help="BatchNorm statistics: frozen (checkpoint's) or recompute at each point."),
     bn_batches: int = typer.Option(10, help="Batches used to recompute BatchNorm statistics."),
     batch_size: BatchOpt = 2048,
@@ -233,8 +235,9 @@ def scan(
 
     With no options, a self-describing checkpoint (see landscape.save_checkpoint) gets a
     51x51 filter-normalized 2D slice on [-1, 1], the Hessian's top-5 eigenvalues and
-    trace, and the default sharpness set, written to reports/<name>/run.h5.
+    trace, the default sharpness set and gradient coherence, written to reports/<name>/run.h5.
     """
+    from landscape.coherence import CoherenceSettings
     from landscape.hessian import CurvatureSettings
     from landscape.scan import estimate, setup
 
@@ -247,7 +250,8 @@ def scan(
             steps=_parse_steps(steps), range=_parse_range(range_), y_range=_parse_range(y_range) if y_range else None,
             norm=norm, ignore=ignore, orthogonalize=orthogonalize, directions=directions, interpolate=interpolate, name=name, resume=resume,
             overwrite=overwrite, compact_every=save_every, curvature=CurvatureSettings(seed=seed) if hessian else None,
-            sharpness=_default_sharpness(seed) if sharpness else ())
+            sharpness=_default_sharpness(seed) if sharpness else (),
+            coherence=CoherenceSettings(noise_samples=16, seed=seed) if coherence else None)
         with err_console.status("loading checkpoint, model and data", spinner="dots"):
             st = setup(config)
         if dry_run:
@@ -265,6 +269,7 @@ def scan(
             t.add_row("estimated time, slices", f"{est.seconds:.1f} s")
             t.add_row("estimated time, Hessian", f"{est.curvature_seconds:.1f} s (rough)")
             t.add_row("estimated time, sharpness", f"{est.sharpness_seconds:.1f} s (rough)")
+            t.add_row("estimated time, coherence", f"{est.coherence_seconds:.1f} s (rough)")
             t.add_row("estimated time, total", f"{est.total_seconds:.1f} s")
             t.add_row("memory", f"{est.memory_bytes / 2**20:.1f} MiB ({est.memory_note})")
             out_console.print(t)
@@ -432,6 +437,87 @@ def sharpness(
         _print_summary(summary)
 
 
+@app.command(epilog="Examples:\n\n"
+                    "  landscape coherence data/examples/mlp_sgd_s0000.pt --control shuffled-labels --per-class\n\n"
+                    "  landscape coherence ckpt.pt --max-samples 2000 --sketch 512   # models too large for exact\n\n"
+                    "  landscape coherence ckpt.pt --noise-samples 0 --json | jq .coherence.m_coherence")
+def coherence(
+    checkpoint: CheckpointArg,
+    per_class: bool = typer.Option(False, "--per-class", help="Also print per-class m-coherence and the class "
+                                                              "cosine (stiffness) matrix; always stored."),
+    control: Optional[str] = typer.Option(None, help="shuffled-labels: the same metrics with permuted labels, "
+                                                     "stored under /coherence/control."),
+    sketch: int = typer.Option(0, help="Random-projection sketch of K dimensions instead of exact per-sample "
+                                       "gradients (relative error about sqrt(2/K); no GSNR, no B_noise)."),
+    noise_samples: int = typer.Option(32, help="Samples (one Hessian-vector product each) for B_noise; 0: skip."),
+    batch_sizes: str = typer.Option("1,8,32,128,512", help="Batch sizes of the minibatch-to-full-gradient cosine."),
+    batch_repeats: int = typer.Option(16, help="Random disjoint batches per batch size."),
+    model: ModelOpt = None,
+    model_arg: ModelArgOpt = None,
+    data: DataOpt = None,
+    data_arg: DataArgOpt = None,
+    loss: LossOpt = None,
+    state_key: StateKeyOpt = None,
+    trust_pickle: TrustOpt = False,
+    max_samples: MaxSamplesOpt = None,
+    seed: SeedOpt = 0,
+    batch_size: BatchOpt = 2048,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+    output: OutputOpt = None,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Per-sample gradient coherence and noise: m-coherence, stiffness, GSNR, B_simple and B_noise, minibatch
+    alignment, and GraNd/EL2N scores for every sample (to prune data with).
+
+    Results go to /coherence of the run file, added to an existing one. The shuffled-label
+    control is most telling early in training: at a checkpoint fitted to the real labels,
+    shuffled labels have a large loss and large, aligned gradients.
+    """
+    from landscape.coherence import CoherenceSettings
+    from landscape.scan import setup
+
+    with _errors(debug):
+        if control not in (None, "shuffled-labels"):
+            raise LandscapeError(f"--control {control!r} is unknown", hint="use --control shuffled-labels")
+        try:
+            sizes = tuple(int(b) for b in batch_sizes.split(",") if b.strip())
+        except ValueError:
+            raise LandscapeError(f"--batch-sizes {batch_sizes!r} is not a list of integers", hint="e.g. 1,8,32")
+        if sketch < 0 or noise_samples < 0 or any(b < 1 for b in sizes):
+            raise LandscapeError("--sketch, --noise-samples and --batch-sizes must not be negative")
+        settings = CoherenceSettings(sketch=sketch, noise_samples=0 if sketch else noise_samples, batch_sizes=sizes,
+                                     batch_repeats=batch_repeats, control=control is not None, seed=seed)
+        config = _base_config(checkpoint, model, model_arg, data, data_arg, loss, None, state_key, trust_pickle,
+                              max_samples, seed, batch_size, device, dtype, output, slices=False, resume=True,
+                              coherence=settings)
+        with err_console.status("loading checkpoint, model and data", spinner="dots"):
+            st = setup(config)
+        summary = _run_with_progress(config, st)
+        if json_out:
+            print(json.dumps(_nan_to_none(summary.to_json()), indent=2))
+            return
+        _print_summary(summary)
+        if per_class:
+            _print_classes(summary.run_file)
+
+
+def _print_classes(run_file: str) -> None:
+    import h5py
+
+    with h5py.File(run_file, "r") as f:
+        g = f["coherence"]
+        count, mcoh, cos = g["class_count"][()], g["class_m_coherence"][()], g["class_cosine"][()]
+    t = Table(title="per class: m-coherence (m-coh) and mean gradient cosine to each class (stiffness)",
+              box=None, padding=(0, 1, 0, 0))
+    for c_ in ("cls", "n", "m-coh", *map(str, range(len(count)))):
+        t.add_column(c_, justify="right", no_wrap=True)
+    for i in range(len(count)):
+        t.add_row(str(i), str(count[i]), f"{mcoh[i]:.3g}", *(f"{v:+.2f}" for v in cos[i]))
+    out_console.print(t)
+
+
 def _fmt(v: Optional[float]) -> str:
     return "-" if v is None else f"{v:.6g}"
 
@@ -478,6 +564,20 @@ def _print_summary(summary: Any) -> None:
                 t.add_row(r["group"] if i == 0 else "", f"{rho_:g}", _fmt(r["value"][i]),
                           "" if err is None or not math.isfinite(err) else f"{err:.2g}", str(r["m"]),
                           str(r["n_samples"]))
+        out_console.print(t)
+    if summary.coherence:
+        c = summary.coherence
+        ctrl = c.get("control") or {}
+        t = Table(title=f"gradient coherence ({c['m']} samples, {c['method']})")
+        t.add_column("metric")
+        t.add_column("real labels")
+        if ctrl:
+            t.add_column("shuffled labels")
+        for k in ("m_coherence", "alpha", "gradient_diversity", "gradient_norm", "b_simple", "b_noise",
+                  "gsnr_mean", "gsnr_median"):
+            if k in c:
+                t.add_row(k, *(_fmt(d.get(k)) + (f" ± {d['b_noise_stderr']:.2g}" if k == "b_noise" and k in d else "")
+                               for d in ([c, ctrl] if ctrl else [c])))
         out_console.print(t)
     for s in summary.slices:
         if s.n_nonfinite:

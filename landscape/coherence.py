@@ -204,6 +204,17 @@ def same_settings(group: h5py.Group, s: CoherenceSettings) -> bool:
         group["batch_sizes"][()].tolist() == [b for b in sorted(s.batch_sizes) if b <= a["m"]]
 
 
+def summary_from_group(group: h5py.Group) -> dict[str, object]:
+    """The :meth:`CoherenceResult.summary` of a stored ``/coherence`` group."""
+    keys = ("m", "m_coherence", "alpha", "gradient_diversity", "gradient_norm", "trace_sigma", "b_simple",
+            "gsnr_mean", "gsnr_median", "b_noise", "b_noise_stderr", "trace_h_sigma", "gHg", "method")
+    a = read_attrs(group)
+    out: dict[str, object] = {k: a[k] for k in keys if k in a}
+    if "control" in group:
+        out["control"] = summary_from_group(group["control"])
+    return out
+
+
 def _labels(problem: Problem, y: torch.Tensor) -> np.ndarray:
     if problem.classification:
         return y.detach().cpu().numpy().astype(np.int64)

@@ -23,6 +23,9 @@ import torch
 
 from . import __version__
 from .checkpoint import Checkpoint, apply_state_dict, check_finite, load_checkpoint
+from .coherence import CoherenceSettings, analyze_coherence
+from .coherence import same_settings as coherence_same_settings
+from .coherence import summary_from_group as coherence_summary
 from .curvature import CurvatureOperator
 from .data import EvalData, load_data
 from .directions import difference_direction, random_directions
@@ -100,6 +103,7 @@ class ScanConfig:
     slices: bool = True
     curvature: CurvatureSettings | None = None
     sharpness: tuple[SharpnessSettings, ...] = ()
+    coherence: CoherenceSettings | None = None
 
     def run_path(self) -> Path:
         if self.output:
@@ -142,12 +146,13 @@ class ScanSummary:
     slices: tuple[SliceResult, ...] = field(default_factory=tuple)
     curvature: Mapping[str, Any] | None = None
     sharpness: tuple[Mapping[str, Any], ...] = ()
+    coherence: Mapping[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
             "run_file": self.run_file, "checkpoint": self.checkpoint, "n_parameters": self.n_parameters,
             "n_samples": self.n_samples, "strategy": self.strategy, "curvature": self.curvature,
-            "sharpness": list(self.sharpness),
+            "sharpness": list(self.sharpness), "coherence": self.coherence,
             "slices": [{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                         for k, v in s.__dict__.items()} for s in self.slices],
         }
@@ -417,8 +422,22 @@ def run_scan(config: ScanConfig, *, progress: ProgressFn | None = None,
                 g.attrs["loss_min"], g.attrs["loss_max"] = r.loss_min, r.loss_max
                 g.attrs["n_nonfinite"] = r.n_nonfinite
         sharp = _run_sharpness(rf, config, st, progress)
+        coherence = _run_coherence(rf, config, st, progress) if config.coherence is not None else None
     return ScanSummary(str(path), config.checkpoint, pb.num_parameters, pb.n, pb.strategy, tuple(results),
-                       curvature.summary() if curvature is not None else None, tuple(sharp))
+                       curvature.summary() if curvature is not None else None, tuple(sharp), coherence)
+
+
+def _run_coherence(rf: RunFile, config: ScanConfig, st: Setup, progress: ProgressFn | None) -> dict[str, Any]:
+    """``/coherence``, kept as it is when the file already holds it with the same settings."""
+    settings = config.coherence
+    assert settings is not None
+    with rf.read() as f:
+        if "coherence" in f and coherence_same_settings(f["coherence"], settings):
+            return coherence_summary(f["coherence"])
+    res = analyze_coherence(st.problem, settings, sample_index=st.data.indices, progress=progress)
+    with rf.transaction() as f:
+        res.write(f)
+    return res.summary()
 
 
 def _run_sharpness(rf: RunFile, config: ScanConfig, st: Setup, progress: ProgressFn | None) -> list[dict[str, Any]]:
@@ -478,10 +497,11 @@ class Estimate:
     n_samples: int
     curvature_seconds: float = 0.0
     sharpness_seconds: float = 0.0
+    coherence_seconds: float = 0.0
 
     @property
     def total_seconds(self) -> float:
-        return self.seconds + self.curvature_seconds + self.sharpness_seconds
+        return self.seconds + self.curvature_seconds + self.sharpness_seconds + self.coherence_seconds
 
     def to_json(self) -> dict[str, Any]:
         return {**self.__dict__, "total_seconds": self.total_seconds}
@@ -515,10 +535,14 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
     curv = config.curvature
     curvature_passes = curvature_cost(curv, len(pb.names)) if curv is not None else 0.0
     sharpness_passes = sum(sharpness_cost(s, pb.n) for s in config.sharpness)
+    coherence_passes = 0.0
+    if config.coherence is not None:  # per-sample gradients ~ a few forward passes, plus the B_noise products
+        c = config.coherence
+        coherence_passes = (1 + c.control) * (3 + 4 * c.noise_samples + 3 * c.sketch)
     return Estimate(points=points, forward_passes=points * chunks, seconds_per_point=per_point,
                     seconds=per_point * points, strategy=strategy, memory_bytes=int(mem), memory_note=note,
                     n_parameters=pb.num_parameters, n_samples=pb.n, curvature_seconds=per_point * curvature_passes,
-                    sharpness_seconds=per_point * sharpness_passes)
+                    sharpness_seconds=per_point * sharpness_passes, coherence_seconds=per_point * coherence_passes)
 
 
 __all__ = ["ScanConfig", "ScanSummary", "SliceResult", "Setup", "Estimate", "setup", "run_scan", "estimate",
