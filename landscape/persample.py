@@ -90,7 +90,8 @@ def sketch_matrix_rows(problem: Problem, k: int, seed: int, start: int, stop: in
 
 def sketched_gradients(problem: Problem, X: torch.Tensor, y: torch.Tensor, k: int, *, seed: int = 0,
                        group: int = 16) -> torch.Tensor:
-    """``(len(X), k)`` sketches ``R g_i`` by forward-mode products, ``group`` rows of ``R`` at a time."""
+    """``(len(X), k)`` sketches ``R g_i`` by forward-mode products, ``group`` rows of ``R`` at a time (vmapped
+    over the group, so memory grows with ``group`` times one forward pass's activations)."""
     names = problem.names
     sizes = [problem.theta0[n].numel() for n in names]
     p = dict(problem.theta0)
@@ -102,10 +103,10 @@ def sketched_gradients(problem: Problem, X: torch.Tensor, y: torch.Tensor, k: in
     out = torch.empty(len(X), k, dtype=problem.dtype, device=problem.device)
     for j0 in range(0, k, group):
         R = sketch_matrix_rows(problem, k, seed, j0, min(k, j0 + group))
-        tangents = [dict(zip(names, (t.reshape(problem.theta0[n].shape) for n, t in zip(names, r.split(sizes)))))
-                    for r in R]
+        tangents = {n: t.reshape(len(R), *problem.theta0[n].shape) for n, t in zip(names, R.split(sizes, dim=1))}
         for s in range(0, len(X), problem.batch_size):
             xb, yb = X[s:s + problem.batch_size], y[s:s + problem.batch_size]
-            for j, tan in enumerate(tangents):
-                out[s:s + len(xb), j0 + j] = jvp(lambda q: losses(q, xb, yb), (p,), (tan,))[1].detach()
+            # the group's tangents batched by vmap: one forward-mode pass for all of them
+            block = vmap(lambda tan: jvp(lambda q: losses(q, xb, yb), (p,), (tan,))[1])(tangents)
+            out[s:s + len(xb), j0:j0 + len(R)] = block.T.detach()
     return out
