@@ -640,7 +640,16 @@ def _nan_to_none(obj: Any) -> Any:
     return obj
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                  line: Optional[str] = None) -> None:
+    """Library warnings as one line on stderr, without the source location."""
+    err_console.print(Text(f"warning: {message}"), soft_wrap=True)
+
+
 def main() -> None:
+    import warnings
+
+    warnings.showwarning = _show_warning
     app(prog_name="landscape")
 
 
