@@ -53,10 +53,15 @@ def per_sample_gradients(problem: Problem, X: torch.Tensor, y: torch.Tensor, *, 
     return torch.cat(rows)
 
 
+#: Most samples per vmap chunk: larger chunks measured slower on CPU (cache), e.g. the shipped MLP's 1,438 samples
+#: took 34 ms in one chunk and 21 ms in chunks of 512.
+MAX_CHUNK = 512
+
+
 def chunk_size(problem: Problem, memory_budget: float) -> int:
     """Samples per chunk so that a chunk's gradients (about three copies of ``c * P`` numbers) fit the budget."""
     per_sample = 3 * problem.num_parameters * problem.theta0[problem.names[0]].element_size()
-    return max(1, min(problem.batch_size, int(memory_budget // per_sample)))
+    return max(1, min(problem.batch_size, MAX_CHUNK, int(memory_budget // per_sample)))
 
 
 def iter_gradients(problem: Problem, X: torch.Tensor, y: torch.Tensor, *, memory_budget: float = 256 * 2**20
