@@ -54,16 +54,17 @@ def test_dry_run_and_interpolation(tmp_path, cnn_ckpt):
     assert res.returncode == 0, res.stderr
     est = json.loads(res.stdout)
     assert est["points"] == 51 * 51 and est["forward_passes"] == 51 * 51 and est["seconds"] > 0
-    assert est["curvature_seconds"] > 0 and est["sharpness_seconds"] > 0  # the default scan computes both
-    assert est["total_seconds"] == est["seconds"] + est["curvature_seconds"] + est["sharpness_seconds"]
+    parts = ("seconds", "curvature_seconds", "sharpness_seconds", "coherence_seconds")
+    assert all(est[k] > 0 for k in parts)  # the default scan computes all of them
+    assert est["total_seconds"] == pytest.approx(sum(est[k] for k in parts), rel=1e-12)
     bare = json.loads(cli("scan", str(cnn_ckpt), "--dry-run", "--json", "--max-samples", "200", "--no-hessian",
-                          "--no-sharpness", cwd=tmp_path).stdout)
-    assert bare["curvature_seconds"] == bare["sharpness_seconds"] == 0
+                          "--no-sharpness", "--no-coherence", cwd=tmp_path).stdout)
+    assert bare["curvature_seconds"] == bare["sharpness_seconds"] == bare["coherence_seconds"] == 0
     assert not (tmp_path / "reports").exists()
     other = EXAMPLES / "cnn_sgd_s2000.pt"
     out = tmp_path / "interp.h5"
     res = cli("scan", str(cnn_ckpt), "--dims", "1", "--steps", "5", "--interpolate", str(other),
-              "--max-samples", "100", "-o", str(out), "--json")
+              "--max-samples", "100", "-o", str(out), "--json", "--no-sharpness", "--no-coherence")
     assert res.returncode == 0, res.stderr
     with h5py.File(out) as f:
         x = f["slices/interpolation/x"][()]
