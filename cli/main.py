@@ -485,10 +485,10 @@ def coherence(
             sizes = tuple(int(b) for b in batch_sizes.split(",") if b.strip())
         except ValueError:
             raise LandscapeError(f"--batch-sizes {batch_sizes!r} is not a list of integers", hint="e.g. 1,8,32")
-        if sketch < 0 or noise_samples < 0 or any(b < 1 for b in sizes):
-            raise LandscapeError("--sketch, --noise-samples and --batch-sizes must not be negative")
-        settings = CoherenceSettings(sketch=sketch, noise_samples=0 if sketch else noise_samples, batch_sizes=sizes,
-                                     batch_repeats=batch_repeats, control=control is not None, seed=seed)
+        if any(b < 1 for b in sizes):
+            raise LandscapeError(f"--batch-sizes {batch_sizes!r} must be positive", hint="e.g. 1,8,32")
+        settings = CoherenceSettings(sketch=sketch, noise_samples=noise_samples, batch_sizes=sizes,
+                                     batch_repeats=batch_repeats, control=control is not None, seed=seed).resolved()
         config = _base_config(checkpoint, model, model_arg, data, data_arg, loss, None, state_key, trust_pickle,
                               max_samples, seed, batch_size, device, dtype, output, slices=False, resume=True,
                               coherence=settings)

@@ -53,6 +53,19 @@ class CoherenceSettings:
     memory_budget: float = 256 * 2**20
     seed: int = 0
 
+    def resolved(self) -> "CoherenceSettings":
+        """The settings validated, with ``noise_samples`` 0 under a sketch (B_noise needs exact gradients)."""
+        if self.sketch < 0 or self.noise_samples < 0:
+            raise LandscapeError("--sketch and --noise-samples must be at least 0")
+        return replace(self, noise_samples=0) if self.sketch else self
+
+
+def forward_equivalents(settings: CoherenceSettings) -> float:
+    """Rough cost in full-data forward passes for ``--dry-run``: per-sample gradients about three, a sketch about
+    three per projection, four per ``B_noise`` product; twice that with the control."""
+    s = settings.resolved()
+    return (1 + s.control) * (3 + 4 * s.noise_samples + 3 * s.sketch)
+
 
 class GradientStats:
     """Streaming statistics of rows ``g_i`` (dimension ``dim``) arriving in chunks, in sample order.
@@ -112,11 +125,6 @@ class GradientStats:
         out = {"m": self.n, "m_coherence": m_coh, "alpha": m_coh / self.n, "gradient_diversity": 1.0 / m_coh,
                "gradient_norm": math.sqrt(gnorm2), "trace_sigma": trace_sigma,
                "b_simple": trace_sigma / gnorm2 if gnorm2 > 0 else float("inf")}
-        if self.sumsq is not None:
-            g = self.gsnr()
-            ok = np.isfinite(g)
-            out["gsnr_mean"] = float(g[ok].mean()) if ok.any() else float("nan")
-            out["gsnr_median"] = float(np.median(g[ok])) if ok.any() else float("nan")
         return out
 
     def gsnr(self) -> np.ndarray:
@@ -197,6 +205,8 @@ SETTING_ATTRS = ("sketch", "noise_samples", "batch_repeats", "control_kind", "se
 
 
 def same_settings(group: h5py.Group, s: CoherenceSettings) -> bool:
+    """Whether ``group`` (``/coherence``) holds a result for exactly ``s``."""
+    s = s.resolved()
     a = read_attrs(group)
     want = {"sketch": s.sketch, "noise_samples": s.noise_samples, "batch_repeats": s.batch_repeats,
             "control_kind": "shuffled-labels" if s.control else "", "seed": s.seed}
@@ -255,8 +265,7 @@ def analyze_coherence(problem: Problem, settings: CoherenceSettings = CoherenceS
                       sample_index: np.ndarray | None = None,
                       progress: Callable[[str, int, int], None] | None = None) -> CoherenceResult:
     """Every statistic of the module docstring on the Problem's evaluation set (and the shuffled-label control)."""
-    if settings.sketch < 0 or settings.noise_samples < 0:
-        raise LandscapeError("--sketch and --noise-samples must be at least 0")
+    settings = settings.resolved()
     if problem.n < 2:
         raise LandscapeError("coherence needs at least 2 samples", hint="raise --max-samples")
     result = _analyze(problem, settings, problem.y, progress, "coherence")
@@ -278,7 +287,7 @@ def _analyze(problem: Problem, s: CoherenceSettings, y: torch.Tensor,
     n = problem.n
     labels = _labels(problem, y)
     rng = np.random.default_rng(s.seed)
-    keep = np.sort(rng.choice(n, size=min(s.noise_samples, n), replace=False)) if s.noise_samples and not s.sketch \
+    keep = np.sort(rng.choice(n, size=min(s.noise_samples, n), replace=False)) if s.noise_samples \
         else np.array([], dtype=np.int64)
     ids = _batch_ids(n, s.batch_sizes, s.batch_repeats, s.seed)
     dim = s.sketch or problem.num_parameters
@@ -300,6 +309,9 @@ def _analyze(problem: Problem, s: CoherenceSettings, y: torch.Tensor,
     gsnr: dict[str, np.ndarray] = {}
     if not s.sketch:
         flat = stats.gsnr()
+        ok = np.isfinite(flat)
+        metrics["gsnr_mean"] = float(flat[ok].mean()) if ok.any() else float("nan")
+        metrics["gsnr_median"] = float(np.median(flat[ok])) if ok.any() else float("nan")
         i = 0
         for name in problem.names:
             t = problem.theta0[name]

@@ -24,6 +24,7 @@ import torch
 from . import __version__
 from .checkpoint import Checkpoint, apply_state_dict, check_finite, load_checkpoint
 from .coherence import CoherenceSettings, analyze_coherence
+from .coherence import forward_equivalents as coherence_cost
 from .coherence import same_settings as coherence_same_settings
 from .coherence import summary_from_group as coherence_summary
 from .curvature import CurvatureOperator
@@ -535,10 +536,7 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
     curv = config.curvature
     curvature_passes = curvature_cost(curv, len(pb.names)) if curv is not None else 0.0
     sharpness_passes = sum(sharpness_cost(s, pb.n) for s in config.sharpness)
-    coherence_passes = 0.0
-    if config.coherence is not None:  # per-sample gradients ~ a few forward passes, plus the B_noise products
-        c = config.coherence
-        coherence_passes = (1 + c.control) * (3 + 4 * c.noise_samples + 3 * c.sketch)
+    coherence_passes = coherence_cost(config.coherence) if config.coherence is not None else 0.0
     return Estimate(points=points, forward_passes=points * chunks, seconds_per_point=per_point,
                     seconds=per_point * points, strategy=strategy, memory_bytes=int(mem), memory_note=note,
                     n_parameters=pb.num_parameters, n_samples=pb.n, curvature_seconds=per_point * curvature_passes,

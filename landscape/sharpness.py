@@ -200,17 +200,16 @@ class _Flat:
     """Flat vectors over all parameters of a Problem, in its order, dtype and device."""
 
     def __init__(self, problem: Problem, parameters: Sequence[str] = ()) -> None:
-        self.problem = problem
         self.names = problem.names
         self.shapes = [problem.theta0[n].shape for n in self.names]
+        self.sizes = [problem.theta0[n].numel() for n in self.names]
         self.w = torch.cat([problem.theta0[n].reshape(-1) for n in self.names])
         chosen = set(select_parameters(self.names, parameters or None))
         self.mask = torch.cat([torch.full((problem.theta0[n].numel(),), float(n in chosen), dtype=self.w.dtype,
                                           device=self.w.device) for n in self.names])
 
     def params(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        return dict(zip(self.names, (t.reshape(s) for t, s in zip(flat.split(
-            [int(np.prod(s)) for s in self.shapes]), self.shapes))))
+        return dict(zip(self.names, (t.reshape(s) for t, s in zip(flat.split(self.sizes), self.shapes))))
 
     def vector(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat([params[n].reshape(-1) for n in self.names])
@@ -263,6 +262,10 @@ def sharpness(problem: Problem, settings: SharpnessSettings, *,
         evals[0] += 1
         return problem.loss(at(delta), idx)
 
+    if s.measure == "basin-width" and not directions:
+        raise LandscapeError("basin-width needs directions", hint="run it on a run file with slices, or "
+                             "let landscape draw random filter-normalized ones")
+    flat_dirs = [flat.vector(d).to(flat.w) for d in directions or ()] if s.measure == "basin-width" else []
     batch_list = batches(problem.n, s.m, s.seed)
     m = len(batch_list[0])
     n_used = m * len(batch_list)
@@ -322,11 +325,8 @@ def sharpness(problem: Problem, settings: SharpnessSettings, *,
             row = [res.value]
             tick()
         else:  # basin-width
-            if not directions:
-                raise LandscapeError("basin-width needs directions", hint="run it on a run file with slices, or "
-                                     "let landscape draw random filter-normalized ones")
-            dists = [[_first_crossing(lambda t: loss(None, t * sign * flat.vector(d).to(flat.w)), full_loss, rho)
-                      for sign in (1.0, -1.0)] for d in directions]
+            dists = [[_first_crossing(lambda t: loss(None, t * sign * d), full_loss, rho) for sign in (1.0, -1.0)]
+                     for d in flat_dirs]
             extra.setdefault("distance", []).append(dists)
             row = list(np.ravel(dists))
             tick()
