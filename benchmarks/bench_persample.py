@@ -22,7 +22,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 
 from landscape.persample import iter_gradients, per_sample_gradients, sketched_gradients
 from landscape.scan import ScanConfig, setup
+from timing import best_of
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("mlp_sgd_s2000", "cnn_adam_s2000")
@@ -43,15 +43,6 @@ def naive_loop(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor) -> torc
         F.cross_entropy(model(X[i:i + 1]), y[i:i + 1]).backward()
         rows.append(torch.cat([p.grad.reshape(-1) for p in params]))
     return torch.stack(rows)
-
-
-def best(fn, repeats: int) -> tuple[float, object]:
-    t_best, out = float("inf"), None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        t_best = min(t_best, time.perf_counter() - t)
-    return t_best, out
 
 
 def vmhwm_kib() -> int:
@@ -94,10 +85,10 @@ def main() -> None:
         pb = st.problem
         model = st.model.float().eval()
         X, y = pb.X, pb.y
-        t_naive, g_naive = best(lambda: naive_loop(model, X, y), args.repeats)
-        t_floop, _ = best(lambda: per_sample_gradients(pb, X, y, method="loop"), args.repeats)
-        t_vmap, g_vmap = best(lambda: torch.cat([g for _, g, _ in iter_gradients(pb, X, y)]), args.repeats)
-        t_sketch, _ = best(lambda: sketched_gradients(pb, X, y, 256), 1)
+        t_naive, g_naive = best_of(lambda: naive_loop(model, X, y), args.repeats)
+        t_floop, _ = best_of(lambda: per_sample_gradients(pb, X, y, method="loop"), args.repeats)
+        t_vmap, g_vmap = best_of(lambda: torch.cat([g for _, g, _ in iter_gradients(pb, X, y)]), args.repeats)
+        t_sketch, _ = best_of(lambda: sketched_gradients(pb, X, y, 256), 1)
         diff = float((g_naive - g_vmap).abs().max())
         mem = []
         for chunk in (64, 256):

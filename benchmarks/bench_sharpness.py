@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from landscape.directions import random_directions
 from landscape.scan import ScanConfig, setup
 from landscape.sharpness import SharpnessSettings, batches, sharpness
+from timing import best_of
 
 ROOT = Path(__file__).resolve().parents[1]
 MEASURES = [
@@ -88,11 +89,7 @@ def main() -> None:
         dirs = random_directions(pb.theta0, 2, seed=0)
         rows = []
         for kw in MEASURES:
-            best, res = float("inf"), None
-            for _ in range(args.repeats):
-                t = time.perf_counter()
-                res = sharpness(pb, SharpnessSettings(**kw), directions=dirs)
-                best = min(best, time.perf_counter() - t)
+            best, res = best_of(lambda: sharpness(pb, SharpnessSettings(**kw), directions=dirs), args.repeats)
             plan = passes(res, pb.n)
             limit = min(pass_limit(model, X, y, plan) for _ in range(args.repeats))
             row = {"group": res.settings.group, "rho": res.rho.tolist(), "value": res.value.tolist(),
