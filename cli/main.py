@@ -183,6 +183,34 @@ def _run_with_progress(config: Any, st: Any) -> Any:
     return summary
 
 
+def _run_and_print(config: Any, st: Any, json_out: bool, *, report: Optional[bool]) -> Any:
+    """Run ``config`` with progress bars, draw the report, print the summary (or JSON).
+
+    ``report``: True draws ``index.html`` and ``figures/*.png`` next to the run file, False does not,
+    None redraws them only where a report is already there (so it never goes stale).
+    """
+    from pathlib import Path
+
+    from landscape.report import render_report
+
+    summary = _run_with_progress(config, st)
+    directory = Path(summary.run_file).parent
+    drawn = None
+    if report or (report is None and (directory / "index.html").exists()):
+        with err_console.status("drawing the report", spinner="dots"):
+            drawn = render_report(summary.run_file, directory)
+    if json_out:
+        out = summary.to_json()
+        out["report"] = str(drawn.html) if drawn else None
+        print(json.dumps(_nan_to_none(out), indent=2))
+    else:
+        _print_summary(summary)
+        if drawn:
+            out_console.print(Text(f"report: {drawn.html} ({drawn.html_bytes / 2**20:.1f} MB) and "
+                                   f"{len(drawn.figures)} figures in {drawn.directory / 'figures'}"))
+    return summary
+
+
 @app.command(epilog="Examples:\n\n"
                     "  landscape scan data/examples/cnn_adam_s2000.pt\n\n"
                     "  landscape scan ckpt.pt --model pkg.models:Net --model-arg width=64 --data digits --max-samples 500\n\n"
@@ -216,6 +244,7 @@ def scan(
                                               "adaptive L2, SAM, ASAM, magnitude-aware PAC-Bayes, basin width)."),
     coherence: bool = typer.Option(True, help="Also compute gradient coherence and noise scales (no control, "
                                               "B_noise from 16 samples)."),
+    report: bool = typer.Option(True, help="Draw the report (index.html and figures/*.png) next to the run file."),
     bn: str = typer.Option("frozen", help="BatchNorm statistics: frozen (checkpoint's) or recompute at each point."),
     bn_batches: int = typer.Option(10, help="Batches used to recompute BatchNorm statistics."),
     batch_size: BatchOpt = 2048,
@@ -235,7 +264,8 @@ def scan(
 
     With no options, a self-describing checkpoint (see landscape.save_checkpoint) gets a
     51x51 filter-normalized 2D slice on [-1, 1], the Hessian's top-5 eigenvalues and
-    trace, the default sharpness set and gradient coherence, written to reports/<name>/run.h5.
+    trace, the default sharpness set and gradient coherence, written to reports/<name>/run.h5,
+    with a report beside it (index.html, figures/*.png; --no-report skips it).
     """
     from landscape.coherence import CoherenceSettings
     from landscape.hessian import CurvatureSettings
@@ -274,11 +304,7 @@ def scan(
             t.add_row("memory", f"{est.memory_bytes / 2**20:.1f} MiB ({est.memory_note})")
             out_console.print(t)
             return
-        summary = _run_with_progress(config, st)
-        if json_out:
-            print(json.dumps(_nan_to_none(summary.to_json()), indent=2))
-            return
-        _print_summary(summary)
+        _run_and_print(config, st, json_out, report=report)
 
 
 @app.command(epilog="Examples:\n\n"
@@ -351,11 +377,7 @@ def hessian(
                               curvature=settings)
         with err_console.status("loading checkpoint, model and data", spinner="dots"):
             st = setup(config)
-        summary = _run_with_progress(config, st)
-        if json_out:
-            print(json.dumps(_nan_to_none(summary.to_json()), indent=2))
-            return
-        _print_summary(summary)
+        _run_and_print(config, st, json_out, report=None)
 
 
 def _default_sharpness(seed: int, **common: Any) -> tuple[Any, ...]:
@@ -430,11 +452,7 @@ def sharpness(
                               sharpness=settings)
         with err_console.status("loading checkpoint, model and data", spinner="dots"):
             st = setup(config)
-        summary = _run_with_progress(config, st)
-        if json_out:
-            print(json.dumps(_nan_to_none(summary.to_json()), indent=2))
-            return
-        _print_summary(summary)
+        _run_and_print(config, st, json_out, report=None)
 
 
 @app.command(epilog="Examples:\n\n"
@@ -494,12 +512,8 @@ def coherence(
                               coherence=settings)
         with err_console.status("loading checkpoint, model and data", spinner="dots"):
             st = setup(config)
-        summary = _run_with_progress(config, st)
-        if json_out:
-            print(json.dumps(_nan_to_none(summary.to_json()), indent=2))
-            return
-        _print_summary(summary)
-        if per_class:
+        summary = _run_and_print(config, st, json_out, report=None)
+        if per_class and not json_out:
             _print_classes(summary.run_file)
 
 
@@ -582,6 +596,39 @@ def _print_summary(summary: Any) -> None:
     for s in summary.slices:
         if s.n_nonfinite:
             err_console.print(Text(f"warning: slice {s.name} has {s.n_nonfinite} NaN/Inf points (kept in the run file)"))
+
+
+@app.command("report", epilog="Examples:\n\n  landscape report reports/mlp_sgd_s2000/run.h5\n\n"
+                              "  landscape report run.h5 -o paper/figs --format pdf,svg --levels log\n\n"
+                              "  landscape report run.h5 --format html --json")
+def report_cmd(
+    run_file: str = typer.Argument(..., help="A run file written by landscape."),
+    output: Optional[str] = typer.Option(None, "-o", "--output", help="Directory for index.html and figures/ "
+                                                                      "(default: the run file's directory)."),
+    format_: str = typer.Option("png,html", "--format", help="Comma-separated: png, pdf, svg (static figures) "
+                                                             "and html (the interactive page)."),
+    levels: str = typer.Option("auto", help="Contour levels: auto (log-spaced when the loss spans more than two "
+                                            "decades), log or linear."),
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Draw static figures and one self-contained interactive HTML page from a run file alone.
+
+    Needs neither the model nor the data: a report can be re-drawn anywhere the run file is.
+    """
+    from landscape.report import render_report
+
+    with _errors(debug):
+        with err_console.status("drawing the report", spinner="dots"):
+            drawn = render_report(run_file, output, formats=format_, levels=levels)
+        if json_out:
+            print(json.dumps({"directory": str(drawn.directory), "html": str(drawn.html) if drawn.html else None,
+                              "html_bytes": drawn.html_bytes, "figures": [str(p) for p in drawn.figures]}, indent=2))
+            return
+        if drawn.html:
+            out_console.print(Text(f"wrote {drawn.html} ({drawn.html_bytes / 2**20:.1f} MB, self-contained)"))
+        if drawn.figures:
+            out_console.print(Text(f"wrote {len(drawn.figures)} figures in {drawn.figures[0].parent}"))
 
 
 @app.command(epilog="Examples:\n\n  landscape inspect reports/mlp_sgd_s2000/run.h5\n\n"

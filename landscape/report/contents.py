@@ -1,0 +1,279 @@
+"""What a report shows, read from the run file alone.
+
+The renderers (:mod:`.figures`, :mod:`.interactive`) never see the model or the data: they get a
+:class:`RunContents`, read here from a run file (``docs/schema.md``), so a report can be re-drawn on
+a machine that holds nothing but ``run.h5``. Large per-parameter arrays (directions, eigenvectors,
+per-parameter GSNR) are not read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import h5py
+import numpy as np
+
+from ..errors import LandscapeError
+from ..runfile import SCHEMA, decode_attr, read_attrs
+
+#: Curvature groups a report knows, in the order it shows them, with their titles.
+CURVATURE_GROUPS = {"hessian": "Hessian", "ggn": "Gauss-Newton", "hessian_pyhessian": "Hessian (PyHessian)"}
+#: Per-point arrays of a slice that are not values.
+_SLICE_AXES = ("x", "y", "done", "directions")
+
+
+@dataclass(frozen=True)
+class SliceData:
+    """One slice: coordinates, every value array (loss, accuracy, metrics), the ``done`` mask."""
+
+    name: str
+    attrs: Mapping[str, Any]
+    x: np.ndarray
+    y: np.ndarray | None
+    values: Mapping[str, np.ndarray]
+    done: np.ndarray
+
+    @property
+    def kind(self) -> str:
+        return str(self.attrs.get("kind", ""))
+
+    @property
+    def dims(self) -> int:
+        return 1 if self.y is None else 2
+
+    def masked(self, key: str) -> np.ndarray:
+        """Values of ``key`` with every point not computed or not finite as NaN (drawn as a gap)."""
+        v = np.array(self.values[key], dtype=np.float64)
+        v[~self.done | ~np.isfinite(v)] = np.nan
+        return v
+
+    @property
+    def n_missing(self) -> int:
+        """Points drawn as gaps: not computed yet, or NaN/Inf."""
+        return int(np.sum(~self.done | ~np.isfinite(self.values["loss"])))
+
+
+@dataclass(frozen=True)
+class CurvatureData:
+    """A ``/hessian``, ``/ggn`` or ``/hessian_pyhessian`` group (``per_layer`` holds the same per tensor)."""
+
+    name: str
+    attrs: Mapping[str, Any]
+    arrays: Mapping[str, np.ndarray]
+    trace: Mapping[str, Any] | None
+    density: Mapping[str, Any] | None
+    per_layer: Mapping[str, "CurvatureData"] = field(default_factory=dict)
+
+    @property
+    def title(self) -> str:
+        return CURVATURE_GROUPS.get(self.name, self.name)
+
+
+@dataclass(frozen=True)
+class SharpnessData:
+    """One ``/sharpness/<group>``: the ρ sweep with values, standard errors and settings."""
+
+    name: str
+    attrs: Mapping[str, Any]
+    rho: np.ndarray
+    value: np.ndarray
+    stderr: np.ndarray
+    quadratic: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class CoherenceData:
+    """``/coherence`` (or its ``control``): scalar attributes and per-class / per-sample arrays."""
+
+    attrs: Mapping[str, Any]
+    arrays: Mapping[str, np.ndarray]
+    control: "CoherenceData | None" = None
+
+
+@dataclass(frozen=True)
+class RunContents:
+    """Everything a report draws, read from one run file."""
+
+    path: Path
+    attrs: Mapping[str, Any]
+    slices: tuple[SliceData, ...]
+    curvature: tuple[CurvatureData, ...]
+    sharpness: tuple[SharpnessData, ...]
+    coherence: CoherenceData | None
+
+    @property
+    def title(self) -> str:
+        ck = self.attrs.get("checkpoint_path") or self.attrs.get("imported_from") or str(self.path)
+        return Path(str(ck)).name
+
+    @classmethod
+    def read(cls, path: str | Path) -> "RunContents":
+        """Read a run file; a missing, unreadable or foreign file is a :class:`LandscapeError`."""
+        path = Path(path)
+        if not path.exists():
+            raise LandscapeError(f"run file {path} does not exist", hint="give the run.h5 written by landscape scan")
+        try:
+            f = h5py.File(path, "r")
+        except OSError as err:
+            raise LandscapeError(f"{path} is not a readable HDF5 file ({err})",
+                                 hint="give the run.h5 written by landscape scan") from None
+        with f:
+            if decode_attr(f.attrs.get("schema")) != SCHEMA:
+                raise LandscapeError(f"{path} is not a landscape run file", hint=f"expected schema {SCHEMA}")
+            slices = tuple(_read_slice(n, g) for n, g in f["slices"].items()) if "slices" in f else ()
+            curv = tuple(_read_curvature(n, f[n]) for n in CURVATURE_GROUPS if n in f)
+            sharp = tuple(_read_sharpness(n, g) for n, g in f["sharpness"].items()) if "sharpness" in f else ()
+            coh = _read_coherence(f["coherence"]) if "coherence" in f else None
+            return cls(path=path, attrs=read_attrs(f), slices=slices, curvature=curv, sharpness=sharp,
+                       coherence=coh)
+
+
+def _arrays(g: h5py.Group, skip: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    return {k: v[()] for k, v in g.items() if isinstance(v, h5py.Dataset) and k not in skip}
+
+
+def _read_slice(name: str, g: h5py.Group) -> SliceData:
+    return SliceData(name=name, attrs=read_attrs(g), x=g["x"][()], y=g["y"][()] if "y" in g else None,
+                     values=_arrays(g, _SLICE_AXES), done=g["done"][()].astype(bool))
+
+
+def _read_curvature(name: str, g: h5py.Group) -> CurvatureData:
+    trace = density = None
+    if "trace" in g:
+        trace = {**read_attrs(g["trace"]), **_arrays(g["trace"])}
+    if "density" in g:
+        density = {**read_attrs(g["density"]), **_arrays(g["density"])}
+    layers = {k: _read_curvature(k, v) for k, v in g["per_layer"].items()} if "per_layer" in g else {}
+    return CurvatureData(name=name, attrs=read_attrs(g), arrays=_arrays(g), trace=trace, density=density,
+                         per_layer=layers)
+
+
+def _read_sharpness(name: str, g: h5py.Group) -> SharpnessData:
+    return SharpnessData(name=name, attrs=read_attrs(g), rho=g["rho"][()], value=g["value"][()],
+                         stderr=g["stderr"][()], quadratic=g["quadratic"][()] if "quadratic" in g else None)
+
+
+def _read_coherence(g: h5py.Group) -> CoherenceData:
+    return CoherenceData(attrs=read_attrs(g), arrays=_arrays(g),
+                         control=_read_coherence(g["control"]) if "control" in g else None)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One scalar result of the summary table: ``value ± stderr`` (``stderr`` NaN: none)."""
+
+    section: str
+    name: str
+    value: float
+    stderr: float = math.nan
+    note: str = ""
+
+
+_COHERENCE_SCALARS = ("m_coherence", "alpha", "gradient_diversity", "gradient_norm", "trace_sigma", "b_simple",
+                      "b_noise", "gsnr_mean", "gsnr_median")
+
+
+def summary_rows(run: RunContents) -> list[Row]:
+    """Every scalar result of the run, with its standard error where the file holds one."""
+    rows: list[Row] = []
+    for s in run.slices:
+        a = s.attrs
+        sec = f"slice {s.name}"
+        total = s.done.size
+        note = f"{int(s.done.sum())}/{total} points computed" if not s.done.all() else f"{total} points"
+        for k in ("loss_at_origin", "loss_min", "loss_max"):
+            if k in a and math.isfinite(float(a[k])):
+                rows.append(Row(sec, k, float(a[k]), note=note if k == "loss_at_origin" else ""))
+        origin = _origin(s)
+        if "accuracy" in s.values and origin is not None:
+            acc = s.masked("accuracy")[origin]
+            if math.isfinite(acc):
+                rows.append(Row(sec, "accuracy_at_origin", float(acc)))
+        rows.append(Row(sec, "gaps (not computed or NaN/Inf)", float(s.n_missing), note=note))
+    for c in run.curvature:
+        rows += _curvature_rows(c, c.title)
+        for layer, lc in c.per_layer.items():
+            rows += _curvature_rows(lc, f"{c.title}, {layer}")
+    for sh in run.sharpness:
+        meaning = sh.attrs.get("rho_meaning", "rho")
+        for r, v, e in zip(sh.rho, sh.value, sh.stderr):
+            rows.append(Row(f"sharpness {sh.name}", f"rho = {r:g}", float(v), float(e),
+                            note=f"rho: {meaning}; m = {sh.attrs.get('m')}"))
+    if run.coherence is not None:
+        for label, c in (("coherence", run.coherence), ("coherence, shuffled labels", run.coherence.control)):
+            if c is None:
+                continue
+            for k in _COHERENCE_SCALARS:
+                if k in c.attrs:
+                    err = c.attrs.get("b_noise_stderr", math.nan) if k == "b_noise" else math.nan
+                    rows.append(Row(label, k, float(c.attrs[k]), float(err)))
+    return rows
+
+
+def trace_items(curvature: tuple[CurvatureData, ...] | list[CurvatureData]) -> list[tuple[str, Mapping[str, Any]]]:
+    """Every trace estimate of the run (each engine, then each layer), with a label."""
+    items: list[tuple[str, Mapping[str, Any]]] = []
+    for c in curvature:
+        if c.trace is not None:
+            items.append((f"{c.title} ({c.trace['method']})", c.trace))
+        items += [(f"{c.title}: {k}", lc.trace) for k, lc in c.per_layer.items() if lc.trace is not None]
+    return items
+
+
+def _curvature_rows(c: CurvatureData, sec: str) -> list[Row]:
+    rows = []
+    for prefix, label in (("", "eigenvalue"), ("bottom_", "bottom eigenvalue")):
+        vals = c.arrays.get(f"{prefix}eigenvalues")
+        if vals is None:
+            continue
+        res, conv = c.arrays[f"{prefix}residuals"], c.arrays[f"{prefix}converged"]
+        for i, (v, r, ok) in enumerate(zip(vals, res, conv)):
+            rows.append(Row(sec, f"{label} {i + 1}", float(v),
+                            note=f"residual {r:.2g}" + ("" if ok else " (not converged)")))
+    if c.trace is not None:
+        rows.append(Row(sec, "trace", float(c.trace["estimate"]), float(c.trace["stderr"]),
+                        note=f"{c.trace['method']}, {c.trace['n_matvec']} products"))
+    if c.density is not None:
+        rows.append(Row(sec, "negative spectral mass", float(c.density["negative_mass"])))
+    return rows
+
+
+def _origin(s: SliceData) -> tuple[int, ...] | None:
+    """Grid index of the checkpoint (all coefficients 0), if it is a grid point."""
+    idx = []
+    for ax in (s.x,) if s.y is None else (s.x, s.y):
+        hits = np.flatnonzero(np.isclose(ax, 0.0, atol=1e-12))
+        if hits.size == 0:
+            return None
+        idx.append(int(hits[0]))
+    return tuple(idx)
+
+
+def provenance(run: RunContents) -> list[tuple[str, str]]:
+    """Where the results come from: checkpoint, data, seed, versions and settings, as text pairs."""
+    a = run.attrs
+    keys = ("checkpoint_path", "checkpoint_sha256", "checkpoint_format", "step", "optimizer", "model_spec",
+            "data_spec", "loss", "metrics", "n_samples", "n_source_samples", "max_samples", "data_sha256", "seed",
+            "n_parameters", "dtype", "device", "bn", "batch_size", "tool_version", "torch_version",
+            "numpy_version", "h5py_version", "python_version", "platform", "command", "created", "completed",
+            "imported_from", "source_format")
+    out = [(k, _text(a[k])) for k in keys if k in a]
+    out += [(k, _text(v)) for k, v in a.items() if k not in keys and k != "schema"]
+    return out
+
+
+def settings(attrs: Mapping[str, Any]) -> str:
+    """A group's attributes as one ``key=value`` line (its settings and cost)."""
+    return ", ".join(f"{k}={_text(v)}" for k, v in sorted(attrs.items()))
+
+
+def _text(v: Any) -> str:
+    if isinstance(v, (dict, list)):
+        return json.dumps(v, sort_keys=True)
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)

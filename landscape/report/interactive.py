@@ -1,0 +1,311 @@
+"""One self-contained interactive HTML report (plotly), drawn from a :class:`~.contents.RunContents`.
+
+The page embeds plotly.js and every figure's data, so it opens offline and makes no network request
+of any kind. It starts with a summary table of every scalar result (with its standard error) and the
+run's provenance, then interactive panels for what the run file holds: 3D surfaces and contours with
+hover values, 1D slices, the spectrum, sharpness and coherence. Every string taken from the run file
+is escaped: in the page as HTML text, and in figures as plotly text (whose own mini-markup would
+otherwise read ``<b>`` or ``<a>`` in a parameter name); figure data sits in a JSON script block with
+``<``, ``>`` and ``&`` written as ``\\u`` escapes, so no name can close it.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from typing import Any, Iterator
+
+import numpy as np
+
+from .contents import (CoherenceData, CurvatureData, RunContents, SharpnessData, SliceData, provenance, settings,
+                       summary_rows, trace_items)
+from .figures import SHARPNESS_UNITS, axis_labels, coherence_parts, finite_scores, log_spread, use_log
+
+_CONFIG = {"displaylogo": False, "responsive": True, "toImageButtonOptions": {"format": "png", "scale": 2}}
+
+
+def esc(s: object) -> str:
+    """Run-file text for HTML or plotly text: markup characters become entities."""
+    return html.escape(str(s), quote=True)
+
+
+def _num(v: float, digits: int = 7) -> float | None:
+    """A finite value rounded to ``digits`` significant digits (smaller files); NaN/Inf become null (gaps)."""
+    v = float(v)
+    return float(f"{v:.{digits}g}") if math.isfinite(v) else None
+
+
+def plain(obj: Any) -> Any:
+    """``obj`` with numpy arrays and scalars as JSON-ready Python; non-finite numbers as ``None``."""
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.kind == "f":
+            return [plain(r) for r in obj] if obj.ndim > 1 else [_num(v) for v in obj]
+        return obj.tolist()
+    if isinstance(obj, (float, np.floating)):
+        return _num(obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    return obj
+
+
+def script_json(obj: Any) -> str:
+    """JSON that is safe inside ``<script type="application/json">`` (no ``</script>`` can appear)."""
+    text = json.dumps(plain(obj), allow_nan=False, separators=(",", ":"))
+    for ch, rep in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"),
+                    ("\u2029", "\\u2029")):
+        text = text.replace(ch, rep)
+    return text
+
+
+class _Page:
+    """Accumulates HTML sections and the figures their ``<div>`` s will hold."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.figures: list[dict[str, Any]] = []
+
+    def add(self, markup: str) -> None:
+        self.parts.append(markup)
+
+    def figure(self, data: list[dict[str, Any]], layout: dict[str, Any], *, height: int = 420,
+               width: str = "100%") -> str:
+        fid = f"fig{len(self.figures)}"
+        layout = {"height": height, "margin": {"l": 60, "r": 20, "t": 50, "b": 50}, **layout}
+        self.figures.append({"id": fid, "data": data, "layout": layout})
+        return f'<div class="plot" id="{fid}" style="width:{width};height:{height}px"></div>'
+
+
+def _title(text: str) -> dict[str, Any]:
+    return {"text": esc(text), "font": {"size": 14}}
+
+
+def _table(rows: list[tuple[str, ...]], header: tuple[str, ...], cls: str = "") -> str:
+    head = "".join(f"<th>{esc(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _fmt(v: float) -> str:
+    return "" if not math.isfinite(v) else f"{v:.6g}"
+
+
+def _summary(run: RunContents) -> str:
+    rows = [(r.section, r.name, _fmt(r.value), _fmt(r.stderr), r.note) for r in summary_rows(run)]
+    if not rows:
+        return "<p>The run file holds no results yet.</p>"
+    return _table(rows, ("section", "quantity", "value", "± standard error", "note"), "summary")
+
+
+def _settings(attrs: dict[str, Any] | Any) -> str:
+    return f"<details><summary>settings</summary><p class=\"settings\">{esc(settings(attrs))}</p></details>"
+
+
+def _slice_panels(page: _Page, run: RunContents, s: SliceData) -> str:
+    xl, yl = axis_labels(s)
+    loss = s.masked("loss")
+    acc = s.masked("accuracy") if "accuracy" in s.values else None
+    gaps = s.n_missing
+    note = f"<p class=\"note\">{gaps} of {s.done.size} points are gaps (not computed, NaN or Inf).</p>" if gaps else ""
+    head = f"<h3>slice {esc(s.name)} <small>({esc(s.kind)}, {'×'.join(map(str, loss.shape))})</small></h3>{note}"
+    if s.dims == 1:
+        data = [{"type": "scatter", "x": s.x, "y": loss, "name": "loss", "mode": "lines+markers",
+                 "marker": {"size": 4}, "hovertemplate": "x=%{x:.4g}<br>loss=%{y:.6g}<extra></extra>"}]
+        if acc is not None:
+            data.append({"type": "scatter", "x": s.x, "y": acc, "name": "accuracy", "yaxis": "y2",
+                         "mode": "lines+markers", "marker": {"size": 4},
+                         "hovertemplate": "x=%{x:.4g}<br>accuracy=%{y:.4f}<extra></extra>"})
+        for k in s.values:
+            if k not in ("loss", "accuracy"):
+                data.append({"type": "scatter", "x": s.x, "y": s.masked(k), "name": esc(k), "visible": "legendonly",
+                             "mode": "lines"})
+        marks = [0.0] + ([1.0] if s.kind == "interpolation" else [])
+        layout = {"title": _title(f"{s.name}: loss and accuracy"), "xaxis": {"title": {"text": esc(xl)}},
+                  "yaxis": {"title": {"text": "loss"}, "type": "log" if use_log(loss, "auto") else "linear"},
+                  "yaxis2": {"title": {"text": "accuracy"}, "overlaying": "y", "side": "right", "range": [0, 1.02],
+                             "tickmode": "auto", "showgrid": False},
+                  "shapes": [{"type": "line", "x0": m, "x1": m, "yref": "paper", "y0": 0, "y1": 1,
+                              "line": {"dash": "dash", "color": "crimson" if m == 0 else "purple", "width": 1}}
+                             for m in marks],
+                  "legend": {"x": 1.08, "y": 1}}
+        return head + page.figure(data, layout) + _settings(s.attrs)
+    log = use_log(loss, "auto")
+    z = np.log10(loss) if log else loss
+    zlabel = "log10 loss" if log else "loss"
+    custom = np.stack([loss.T, (acc if acc is not None else np.full_like(loss, np.nan)).T], axis=-1)
+    hover = "x=%{x:.4g}<br>y=%{y:.4g}<br>loss=%{customdata[0]:.6g}" + \
+            ("<br>accuracy=%{customdata[1]:.4f}" if acc is not None else "") + "<extra></extra>"
+    origin_z = None
+    if s.x.min() <= 0 <= s.x.max() and s.y.min() <= 0 <= s.y.max():
+        i, j = int(np.abs(s.x).argmin()), int(np.abs(s.y).argmin())
+        origin_z = z[i, j]
+    surf = [{"type": "surface", "x": s.x, "y": s.y, "z": z.T, "customdata": custom, "hovertemplate": hover,
+             "colorscale": "Viridis", "colorbar": {"title": {"text": zlabel}}, "name": "loss"}]
+    if origin_z is not None and math.isfinite(origin_z):
+        surf.append({"type": "scatter3d", "x": [0.0], "y": [0.0], "z": [origin_z], "mode": "markers",
+                     "marker": {"size": 5, "color": "crimson"}, "name": "checkpoint", "showlegend": False})
+    layout3 = {"title": _title(f"{s.name}: {zlabel} surface"),
+               "scene": {"xaxis": {"title": {"text": "direction 1"}}, "yaxis": {"title": {"text": "direction 2"}},
+                         "zaxis": {"title": {"text": zlabel}}}}
+    cont = [{"type": "contour", "x": s.x, "y": s.y, "z": z.T, "customdata": custom, "hovertemplate": hover,
+             "colorscale": "Viridis", "ncontours": 30, "colorbar": {"title": {"text": zlabel}},
+             "contours": {"coloring": "heatmap"}, "connectgaps": False, "name": "loss"},
+            {"type": "scatter", "x": [0.0], "y": [0.0], "mode": "markers", "name": "checkpoint",
+             "marker": {"symbol": "star", "size": 14, "color": "crimson", "line": {"color": "white", "width": 1}}}]
+    layout2 = {"title": _title(f"{s.name}: {zlabel} contours (checkpoint: star)"),
+               "xaxis": {"title": {"text": esc(xl)}}, "yaxis": {"title": {"text": esc(yl)}}, "showlegend": False}
+    body = '<div class="row">' + page.figure(surf, layout3, height=480, width="50%") + \
+           page.figure(cont, layout2, height=480, width="50%") + "</div>"
+    for k in s.values:
+        if k != "loss":
+            v = s.masked(k)
+            body += page.figure([{"type": "heatmap", "x": s.x, "y": s.y, "z": v.T, "colorscale": "Cividis",
+                                  "colorbar": {"title": {"text": esc(k)}},
+                                  "hovertemplate": "x=%{x:.4g}<br>y=%{y:.4g}<br>" + esc(k) +
+                                                   "=%{z:.6g}<extra></extra>"}],
+                                {"title": _title(f"{s.name}: {k}"), "xaxis": {"title": {"text": esc(xl)}},
+                                 "yaxis": {"title": {"text": esc(yl)}}}, height=380, width="50%")
+    return head + body + _settings(s.attrs)
+
+
+def _curvature_panels(page: _Page, c: CurvatureData) -> str:
+    out = f"<h3>{esc(c.title)} <small>({esc(c.attrs.get('n_parameters', '?'))} parameters, " \
+          f"{esc(c.attrs.get('n_hvp', '?'))} products)</small></h3><div class=\"row\">"
+    for p, label in (("", "top"), ("bottom_", "bottom")):
+        if f"{p}eigenvalues" not in c.arrays:
+            continue
+        vals, res = c.arrays[f"{p}eigenvalues"], c.arrays[f"{p}residuals"]
+        ok = c.arrays[f"{p}converged"].astype(bool)
+        idx = np.arange(1, len(vals) + 1)
+        out += page.figure([{"type": "bar", "x": idx, "y": vals, "error_y": {"type": "data", "array": res},
+                             "marker": {"color": ["#1f77b4" if o else "#d62728" for o in ok]},
+                             "customdata": res, "hovertemplate": "λ%{x} = %{y:.6g}<br>residual %{customdata:.2g}"
+                                                                 "<extra></extra>"}],
+                           {"title": _title(f"{label} eigenvalues (error bars: residuals; red: not converged)"),
+                            "xaxis": {"title": {"text": "index"}, "dtick": 1},
+                            "yaxis": {"title": {"text": "eigenvalue"}}}, height=360, width="50%")
+    if c.density is not None:
+        d = c.density
+        grid, values = np.asarray(d["grid"]), np.asarray(d["values"], dtype=np.float64)
+        shown = np.where(values > 0, values, np.nan)
+        neg = np.where(grid < 0, shown, np.nan)
+        out += page.figure([{"type": "scatter", "x": grid, "y": shown, "mode": "lines", "name": "density"},
+                            {"type": "scatter", "x": grid, "y": neg, "mode": "lines", "fill": "tozeroy",
+                             "name": f"negative (mass {float(d['negative_mass']):.3g})", "line": {"color": "#d62728"}}],
+                           {"title": _title("spectral density (SLQ), log scale"), "yaxis": {"type": "log",
+                            "title": {"text": "density"}}, "xaxis": {"title": {"text": "eigenvalue"}},
+                            "legend": {"x": 0.6, "y": 1}}, height=360, width="50%")
+    return out + "</div>" + _settings(c.attrs)
+
+
+def _trace_panel(page: _Page, curvature: tuple[CurvatureData, ...]) -> str:
+    items = trace_items(curvature)
+    if not items:
+        return ""
+    est = [float(t["estimate"]) for _, t in items]
+    err = [1.96 * float(t["stderr"]) if math.isfinite(float(t["stderr"])) else 0.0 for _, t in items]
+    names = [esc(n) for n, _ in items]
+    return "<h3>trace</h3>" + page.figure(
+        [{"type": "scatter", "x": est, "y": names, "mode": "markers", "error_x": {"type": "data", "array": err},
+          "marker": {"size": 9}, "hovertemplate": "%{y}: %{x:.6g} ± %{error_x.array:.2g}<extra></extra>"}],
+        {"title": _title("trace estimates (error bars: 95% interval)"), "xaxis": {"title": {"text": "trace"}},
+         "yaxis": {"automargin": True, "autorange": "reversed"}}, height=160 + 40 * len(items))
+
+
+def _sharpness_panels(page: _Page, groups: tuple[SharpnessData, ...]) -> str:
+    out = '<div class="grid">'
+    for g in groups:
+        data = [{"type": "scatter", "x": g.rho, "y": g.value, "mode": "lines+markers", "name": "measured",
+                 "error_y": {"type": "data", "array": np.where(np.isfinite(g.stderr), g.stderr, 0.0)}}]
+        if g.quadratic is not None:
+            data.append({"type": "scatter", "x": g.rho, "y": g.quadratic, "mode": "lines", "name": "quadratic",
+                         "line": {"dash": "dash", "color": "black"}})
+        log = len(g.rho) > 1 and bool(np.all(g.rho > 0))
+        out += '<div class="cell">' + page.figure(
+            data, {"title": _title(f"{g.name} (m = {g.attrs.get('m')})"), "showlegend": g.quadratic is not None,
+                   "xaxis": {"title": {"text": esc(f"rho ({g.attrs.get('rho_meaning', '')})")},
+                             "type": "log" if log else "linear"},
+                   "yaxis": {"title": {"text": esc(SHARPNESS_UNITS.get(str(g.attrs.get("measure")), "value"))}}},
+            height=320) + _settings(g.attrs) + "</div>"
+    return out + "</div>"
+
+
+def _coherence_panels(page: _Page, c: CoherenceData) -> str:
+    parts = coherence_parts(c)
+    out = '<div class="row">'
+    for label, d in parts:
+        m = np.asarray(d.arrays["class_cosine"], dtype=np.float64)
+        out += page.figure([{"type": "heatmap", "z": m, "zmin": -1, "zmax": 1, "colorscale": "RdBu",
+                             "colorbar": {"title": {"text": "cos"}},
+                             "hovertemplate": "class %{y} · class %{x}: %{z:.3f}<extra></extra>"}],
+                           {"title": _title(f"class gradient cosines, {label}"), "xaxis": {"title": {"text": "class b"},
+                            "dtick": 1}, "yaxis": {"title": {"text": "class a"}, "autorange": "reversed", "dtick": 1}},
+                           height=420, width=f"{100 // len(parts)}%")
+    out += '</div><div class="row">'
+    for key, label in (("grand", "GraNd ||g_i||"), ("el2n", "EL2N")):
+        values = [(name, finite_scores(d, key)) for name, d in parts]
+        log = log_spread(np.concatenate([v for _, v in values]))
+        data = [{"type": "histogram", "x": np.log10(v) if log else v, "name": name, "opacity": 0.6, "nbinsx": 50}
+                for name, v in values]
+        out += page.figure(data, {"title": _title(f"{label} per sample"), "barmode": "overlay",
+                                  "xaxis": {"title": {"text": f"log10 {label}" if log else label}},
+                                  "yaxis": {"title": {"text": "samples"}}}, height=340, width="50%")
+    out += "</div>"
+    if len(c.arrays.get("batch_sizes", ())):
+        data = [{"type": "scatter", "x": d.arrays["batch_sizes"], "y": d.arrays["batch_cosine"], "name": name,
+                 "mode": "lines+markers", "error_y": {"type": "data", "array": d.arrays["batch_cosine_std"]}}
+                for name, d in parts]
+        out += page.figure(data, {"title": _title("cosine of minibatch gradients to the full gradient"),
+                                  "xaxis": {"title": {"text": "batch size"}, "type": "log"},
+                                  "yaxis": {"title": {"text": "cos(g_B, G)"}}}, height=340)
+    return out + _settings(c.attrs)
+
+
+def _sections(page: _Page, run: RunContents) -> Iterator[tuple[str, str]]:
+    if run.slices:
+        yield "slices", "".join(_slice_panels(page, run, s) for s in run.slices)
+    if run.curvature:
+        yield "curvature", "".join(_curvature_panels(page, c) for c in run.curvature) + \
+              _trace_panel(page, run.curvature)
+    if run.sharpness:
+        yield "sharpness", _sharpness_panels(page, run.sharpness)
+    if run.coherence is not None:
+        yield "coherence", _coherence_panels(page, run.coherence)
+
+
+_STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1280px;color:#222;
+padding:0 16px}h1{font-size:1.5em;margin-bottom:0}h2{border-bottom:1px solid #ccc;padding-bottom:4px;margin-top:2em}
+table{border-collapse:collapse;font-size:13px;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;
+vertical-align:top}th{background:#f4f4f4}table.summary td:nth-child(3),table.summary td:nth-child(4){text-align:right;
+font-variant-numeric:tabular-nums}.row{display:flex;flex-wrap:wrap}.grid{display:grid;
+grid-template-columns:repeat(auto-fill,minmax(380px,1fr));gap:8px}.settings{font-family:monospace;font-size:12px;
+word-break:break-all}.note{color:#a33}small{color:#666;font-weight:normal}td.wrap{word-break:break-all}
+nav a{margin-right:1em}
+"""
+
+
+def render_html(run: RunContents, plotly_js: str) -> str:
+    """The whole report page; ``plotly_js`` is the plotly.js bundle to embed."""
+    page = _Page()
+    sections = list(_sections(page, run))
+    prov = _table([(k, v) for k, v in provenance(run)], ("", ""), "provenance")
+    nav = "".join(f'<a href="#{k}">{k}</a>' for k in ["summary", "provenance"] + [k for k, _ in sections])
+    body = (f"<h1>{esc(run.title)}</h1><p>run file <code>{esc(run.path)}</code>; drawn by landscape "
+            f"{esc(run.attrs.get('tool_version', ''))} from the run file alone</p><nav>{nav}</nav>"
+            f'<h2 id="summary">summary</h2>{_summary(run)}'
+            f'<h2 id="provenance">provenance</h2><details open><summary>checkpoint, data, seed, versions</summary>'
+            f"{prov}</details>" + "".join(f'<h2 id="{k}">{k}</h2>{v}' for k, v in sections))
+    loader = ("(function(){var figs=JSON.parse(document.getElementById('landscape-figures').textContent);"
+              f"var config={json.dumps(_CONFIG)};"
+              "Promise.all(figs.map(function(f){return Plotly.newPlot(f.id,f.data,f.layout,config);}))"
+              ".then(function(){document.body.setAttribute('data-rendered',String(figs.length));});})();")
+    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{esc(run.title)} · landscape"
+            f"</title><style>{_STYLE}</style><script>{plotly_js}</script></head><body>{body}"
+            f'<script type="application/json" id="landscape-figures">{script_json(page.figures)}</script>'
+            f"<script>{loader}</script></body></html>")
