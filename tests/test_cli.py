@@ -41,6 +41,10 @@ def test_scan_example_and_inspect(tmp_path, mlp_ckpt):
         assert loss[3, 2] == pytest.approx(direct, rel=1e-6)  # loss at the origin = a direct evaluation
         assert set(f["slices/random_2d/directions/0"]) == {n for n, _ in net.named_parameters()}
     assert summary["slices"][0]["loss_at_origin"] == pytest.approx(direct, rel=1e-6)
+    assert summary["report"] == os.path.join("reports", "mlp_sgd_s2000", "index.html")  # drawn by default
+    assert (run.parent / "index.html").stat().st_size > 10**6
+    assert {p.stem for p in (run.parent / "figures").glob("*.png")} >= {"random_2d_contour", "hessian_eigenvalues",
+                                                                       "sharpness", "coherence_scores"}
     info = json.loads(cli("inspect", str(run), "--json").stdout)
     assert info["attrs"]["checkpoint_sha256"] == load_checkpoint(mlp_ckpt).sha256
     assert info["attrs"]["optimizer"]["hyperparameters"]["lr"] == 0.1
@@ -64,7 +68,7 @@ def test_dry_run_and_interpolation(tmp_path, cnn_ckpt):
     other = EXAMPLES / "cnn_sgd_s2000.pt"
     out = tmp_path / "interp.h5"
     res = cli("scan", str(cnn_ckpt), "--dims", "1", "--steps", "5", "--interpolate", str(other),
-              "--max-samples", "100", "-o", str(out), "--json", "--no-sharpness", "--no-coherence")
+              "--max-samples", "100", "-o", str(out), "--json", "--no-sharpness", "--no-coherence", "--no-report")
     assert res.returncode == 0, res.stderr
     with h5py.File(out) as f:
         x = f["slices/interpolation/x"][()]
@@ -74,7 +78,7 @@ def test_dry_run_and_interpolation(tmp_path, cnn_ckpt):
 
 
 def test_help_has_examples():
-    for args in (("--help",), ("scan", "--help"), ("inspect", "--help")):
+    for args in (("--help",), ("scan", "--help"), ("inspect", "--help"), ("report", "--help")):
         res = cli(*args)
         assert res.returncode == 0 and "Examples" in res.stdout and "landscape " in res.stdout
 
@@ -143,3 +147,4 @@ def test_hessian_command_writes_the_run_file(tmp_path):
         assert set(g["eigenvectors/0"]) == {"net.1.weight", "net.1.bias", "net.3.weight", "net.3.bias", "net.5.weight",
                                             "net.5.bias"}
         assert f["slices/random_2d/loss"].shape == (3, 3)  # the scan's slice is kept
+    assert (tmp_path / "figures" / "hessian_density.png").exists()  # the scan's report was redrawn, not left stale

@@ -44,7 +44,7 @@ def test_coherence_command_layout_control_and_reuse(tmp_path):
 
 def test_scan_includes_coherence(tmp_path, mlp_ckpt):
     out = tmp_path / "run.h5"
-    r = cli("scan", str(mlp_ckpt), "--max-samples", "128", "--steps", "3", "--no-hessian", "--no-sharpness",
+    r = cli("scan", str(mlp_ckpt), "--max-samples", "128", "--steps", "3", "--no-hessian", "--no-sharpness", "--no-report",
             "-o", str(out), "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["coherence"]["method"] == "vmap"

@@ -16,7 +16,7 @@ from landscape.runfile import RunFile
 
 VOLATILE = {"created", "completed", "command", "seconds"}  # wall-clock facts differ between runs
 N = 91 * 81
-ARGS = ["--steps", "91x81", "--strategy", "inplace", "--save-every", "0.3"]
+ARGS = ["--steps", "91x81", "--strategy", "inplace", "--save-every", "0.3", "--no-report"]
 
 
 def contents(path):
@@ -87,9 +87,9 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, mlp_ckpt):
 
 def test_resume_refuses_a_different_run(tmp_path, mlp_ckpt, cnn_ckpt):
     out = tmp_path / "run.h5"
-    assert cli("scan", str(mlp_ckpt), "--steps", "3", "-o", str(out)).returncode == 0
-    res = cli("scan", str(cnn_ckpt), "--steps", "3", "-o", str(out), "--resume")
+    assert cli("scan", str(mlp_ckpt), "--steps", "3", "--no-report", "-o", str(out)).returncode == 0
+    res = cli("scan", str(cnn_ckpt), "--steps", "3", "--no-report", "-o", str(out), "--resume")
     assert res.returncode == 2 and "different checkpoint_sha256" in res.stderr
-    res = cli("scan", str(mlp_ckpt), "--steps", "5", "-o", str(out), "--resume")
+    res = cli("scan", str(mlp_ckpt), "--steps", "5", "--no-report", "-o", str(out), "--resume")
     assert res.returncode == 2 and "settings differ" in res.stderr
-    assert cli("scan", str(mlp_ckpt), "--steps", "3", "-o", str(out), "--resume").returncode == 0
+    assert cli("scan", str(mlp_ckpt), "--steps", "3", "--no-report", "-o", str(out), "--resume").returncode == 0

@@ -47,7 +47,7 @@ def test_sharpness_bad_input_is_one_line(tmp_path, mlp_ckpt):
 
 def test_scan_runs_the_default_sharpness_set_with_slice_directions(tmp_path, mlp_ckpt):
     out = tmp_path / "run.h5"
-    r = cli("scan", str(mlp_ckpt), "--max-samples", "256", "--steps", "5", "--no-hessian", "-o", str(out))
+    r = cli("scan", str(mlp_ckpt), "--max-samples", "256", "--steps", "5", "--no-hessian", "--no-report", "-o", str(out))
     assert r.returncode == 0, r.stderr
     with h5py.File(out) as f:
         groups = set(f["sharpness"])
