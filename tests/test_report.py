@@ -171,7 +171,7 @@ def test_names_are_text_not_markup(full_run, tmp_path):
     for name in HOSTILE.values():
         assert name not in body  # never verbatim: escaped in HTML, \u-escaped in the JSON block
     assert "&lt;img src=x onerror=alert(1)&gt;" in body
-    assert body.count("<script") == 2  # the figure data block and the loader, nothing a name opened
+    assert body.count("<script") == 3  # figure data, plotly.js and the loader: nothing a name opened
     assert {p.stem for p in report.figures} >= {"_img_src_x_onerror_alert_1___contour",
                                                  "_img_src_x_onerror_alert_1____b_onmouseover_alert_2__cost___filled"}
     figs = _figures(page)

@@ -150,7 +150,8 @@ def _slice_panels(page: _Page, run: RunContents, s: SliceData) -> str:
                      "marker": {"size": 5, "color": "crimson"}, "name": "checkpoint", "showlegend": False})
     layout3 = {"title": _title(f"{s.name}: {zlabel} surface"),
                "scene": {"xaxis": {"title": {"text": "direction 1"}}, "yaxis": {"title": {"text": "direction 2"}},
-                         "zaxis": {"title": {"text": zlabel}}}}
+                         "zaxis": {"title": {"text": zlabel}}, "camera": {"eye": {"x": 1.7, "y": -1.7, "z": 1.1}},
+                         "aspectmode": "cube"}, "margin": {"l": 0, "r": 0, "t": 50, "b": 0}}
     cont = [{"type": "contour", "x": s.x, "y": s.y, "z": z.T, "customdata": custom, "hovertemplate": hover,
              "colorscale": "Viridis", "ncontours": 30, "colorbar": {"title": {"text": zlabel}},
              "contours": {"coloring": "heatmap"}, "connectgaps": False, "name": "loss"},
@@ -300,12 +301,16 @@ def render_html(run: RunContents, plotly_js: str) -> str:
             f'<h2 id="summary">summary</h2>{_summary(run)}'
             f'<h2 id="provenance">provenance</h2><details open><summary>checkpoint, data, seed, versions</summary>'
             f"{prov}</details>" + "".join(f'<h2 id="{k}">{k}</h2>{v}' for k, v in sections))
+    # Figures are drawn one per task, after the first paint, so the summary shows at once and the page
+    # stays responsive while the plots appear; data-rendered counts them when all are drawn.
     loader = ("(function(){var figs=JSON.parse(document.getElementById('landscape-figures').textContent);"
-              f"var config={json.dumps(_CONFIG)};"
-              "Promise.all(figs.map(function(f){return Plotly.newPlot(f.id,f.data,f.layout,config);}))"
-              ".then(function(){document.body.setAttribute('data-rendered',String(figs.length));});})();")
+              f"var config={json.dumps(_CONFIG)};var i=0;"
+              "function next(){if(i>=figs.length){document.body.setAttribute('data-rendered',String(figs.length));"
+              "return;}var f=figs[i++];Plotly.newPlot(f.id,f.data,f.layout,config).then(function(){"
+              "setTimeout(next,0);});}"
+              "requestAnimationFrame(function(){setTimeout(next,0);});})();")
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{esc(run.title)} · landscape"
-            f"</title><style>{_STYLE}</style><script>{plotly_js}</script></head><body>{body}"
+            f"</title><style>{_STYLE}</style></head><body>{body}"
             f'<script type="application/json" id="landscape-figures">{script_json(page.figures)}</script>'
-            f"<script>{loader}</script></body></html>")
+            f"<script>{plotly_js}</script><script>{loader}</script></body></html>")
