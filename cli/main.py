@@ -598,6 +598,99 @@ def _print_summary(summary: Any) -> None:
             err_console.print(Text(f"warning: slice {s.name} has {s.n_nonfinite} NaN/Inf points (kept in the run file)"))
 
 
+@app.command(epilog="Examples:\n\n"
+                    "  landscape compare data/examples/mlp_sgd_s2000.pt data/examples/mlp_adam_s2000.pt "
+                    "data/examples/mlp_sam_s2000.pt\n\n"
+                    "  landscape compare a.pt b.pt --align --curve bezier -o reports/a_vs_b\n\n"
+                    "  landscape compare reports/a/run.h5 reports/b/run.h5 --json   # reuse finished analyses")
+def compare(
+    inputs: list[str] = typer.Argument(..., help="Two or more checkpoints (or run files of them)."),
+    align: bool = typer.Option(False, "--align", help="Permute each second model onto the first by weight matching "
+                                                      "before interpolating (MLPs, plain CNNs); barriers before "
+                                                      "and after are reported."),
+    curve: Optional[str] = typer.Option(None, help="bezier: also fit a quadratic Bezier curve between each pair."),
+    alpha_range: str = typer.Option("-0.5,1.5", "--alpha-range", help="Interpolation range MIN,MAX (covers 0 and 1)."),
+    alpha_steps: int = typer.Option(51, help="Interpolation points."),
+    bezier_steps: int = typer.Option(300, help="Optimization steps of the Bezier bend."),
+    steps: str = typer.Option("51", help="Points per axis of each model's 2D slice."),
+    hessian: bool = typer.Option(True, help="Hessian top-5 and trace of each model."),
+    sharpness: bool = typer.Option(True, help="The default sharpness set for each model."),
+    coherence: bool = typer.Option(True, help="Gradient coherence of each model."),
+    report: bool = typer.Option(True, help="Draw the comparison report (index.html, figures/) in the output folder."),
+    data: DataOpt = None,
+    data_arg: DataArgOpt = None,
+    loss: LossOpt = None,
+    max_samples: MaxSamplesOpt = None,
+    seed: SeedOpt = 0,
+    bn: str = typer.Option("frozen", help="BatchNorm statistics of the per-model analyses (interpolation of "
+                                          "BatchNorm models always re-estimates them)."),
+    batch_size: BatchOpt = 2048,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+    output: str = typer.Option("reports/compare", "-o", "--output", help="Folder for compare.h5, the report and "
+                                                                        "each model's run file."),
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Compare solutions post hoc: the same analysis on every model, a ranked metrics table, loss and error
+    barriers along the straight line between each pair (optionally after weight matching), Bezier curves.
+    """
+    from landscape.coherence import CoherenceSettings
+    from landscape.compare import CompareConfig, run_compare
+    from landscape.hessian import CurvatureSettings
+    from landscape.report import render_report
+
+    with _errors(debug):
+        scan_cfg = _base_config(
+            "", None, None, data, data_arg, loss, None, None, False, max_samples, seed, batch_size, device, dtype,
+            None, bn=bn, steps=_parse_steps(steps), curvature=CurvatureSettings(seed=seed) if hessian else None,
+            sharpness=_default_sharpness(seed) if sharpness else (),
+            coherence=CoherenceSettings(noise_samples=16, seed=seed) if coherence else None)
+        cfg = CompareConfig(inputs=tuple(inputs), scan=scan_cfg, output=output, align=align, curve=curve,
+                            alpha_range=_parse_range(alpha_range), alpha_steps=alpha_steps, bezier_steps=bezier_steps)
+        columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+        with Progress(*columns, console=err_console) as prog:
+            tasks: dict[str, Any] = {}
+
+            def progress(name: str, done: int, total: int) -> None:
+                if name not in tasks:
+                    tasks[name] = prog.add_task(name, total=total or None)
+                prog.update(tasks[name], completed=done)
+
+            summary = run_compare(cfg, progress=progress)
+        drawn = None
+        if report:
+            with err_console.status("drawing the report", spinner="dots"):
+                drawn = render_report(summary.path, output)
+        if json_out:
+            out = summary.to_json()
+            out["report"] = str(drawn.html) if drawn else None
+            print(json.dumps(_nan_to_none(out), indent=2))
+            return
+        t = Table(title=f"comparison: {summary.path} (rank 1: lowest, or highest accuracy)")
+        t.add_column("metric")
+        for m in summary.models:
+            t.add_column(Text(m))
+        for k, d in summary.metrics.items():
+            t.add_row(k, *(_fmt(v) + (f" ± {e:.2g}" if e is not None and math.isfinite(e) else "") + f" ({r})"
+                           for v, e, r in zip(d["value"], d["stderr"], d["rank"])))
+        out_console.print(t)
+        t = Table(title="linear interpolation barriers" + (" (after weight matching; before in brackets)"
+                                                           if align else ""))
+        for c_ in ("pair", "loss barrier", "error barrier") + (("Bezier max loss",) if curve else ()):
+            t.add_column(c_)
+        for key, p in summary.pairs.items():
+            i, j = (int(x) for x in key.split("_"))
+            before = (lambda k: f" ({p[k + '_unaligned']:.4g})") if align else (lambda k: "")
+            t.add_row(Text(f"{summary.models[i]} - {summary.models[j]}"), f"{p['loss_barrier']:.4g}" + before("loss_barrier"),
+                      f"{p['error_barrier']:.4g}" + before("error_barrier"),
+                      *((f"{p['bezier_max_loss']:.4g}",) if curve else ()))
+        out_console.print(t)
+        if drawn:
+            out_console.print(Text(f"report: {drawn.html}"))
+
+
 @app.command("report", epilog="Examples:\n\n  landscape report reports/mlp_sgd_s2000/run.h5\n\n"
                               "  landscape report run.h5 -o paper/figs --format pdf,svg --levels log\n\n"
                               "  landscape report run.h5 --format html --json")

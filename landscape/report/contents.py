@@ -95,8 +95,32 @@ class CoherenceData:
 
 
 @dataclass(frozen=True)
+class PathData:
+    """A path between two models (``/compare/interpolation/<i>_<j>`` or ``/compare/bezier/<i>_<j>``)."""
+
+    key: str
+    pair: tuple[str, str]
+    alpha: np.ndarray
+    loss: np.ndarray
+    accuracy: np.ndarray | None
+    attrs: Mapping[str, Any]
+    unaligned: "PathData | None" = None
+
+
+@dataclass(frozen=True)
+class CompareData:
+    """``/compare``: model names, metrics (value, stderr, rank per model), each model's slice, paths."""
+
+    models: tuple[str, ...]
+    metrics: Mapping[str, Mapping[str, np.ndarray]]
+    slices: tuple[SliceData, ...]
+    interpolation: tuple[PathData, ...]
+    bezier: tuple[PathData, ...]
+
+
+@dataclass(frozen=True)
 class RunContents:
-    """Everything a report draws, read from one run file."""
+    """Everything a report draws, read from one run file (or comparison file)."""
 
     path: Path
     attrs: Mapping[str, Any]
@@ -104,9 +128,12 @@ class RunContents:
     curvature: tuple[CurvatureData, ...]
     sharpness: tuple[SharpnessData, ...]
     coherence: CoherenceData | None
+    compare: CompareData | None = None
 
     @property
     def title(self) -> str:
+        if self.compare is not None:
+            return "comparison of " + ", ".join(self.compare.models)
         ck = self.attrs.get("checkpoint_path") or self.attrs.get("imported_from") or str(self.path)
         return Path(str(ck)).name
 
@@ -128,8 +155,9 @@ class RunContents:
             curv = tuple(_read_curvature(n, f[n]) for n in CURVATURE_GROUPS if n in f)
             sharp = tuple(_read_sharpness(n, g) for n, g in f["sharpness"].items()) if "sharpness" in f else ()
             coh = _read_coherence(f["coherence"]) if "coherence" in f else None
+            cmp = _read_compare(f["compare"]) if "compare" in f else None
             return cls(path=path, attrs=read_attrs(f), slices=slices, curvature=curv, sharpness=sharp,
-                       coherence=coh)
+                       coherence=coh, compare=cmp)
 
 
 def _arrays(g: h5py.Group, skip: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
@@ -160,6 +188,30 @@ def _read_sharpness(name: str, g: h5py.Group) -> SharpnessData:
 def _read_coherence(g: h5py.Group) -> CoherenceData:
     return CoherenceData(attrs=read_attrs(g), arrays=_arrays(g),
                          control=_read_coherence(g["control"]) if "control" in g else None)
+
+
+def _strings(ds: h5py.Dataset) -> tuple[str, ...]:
+    return tuple(v.decode() if isinstance(v, bytes) else str(v) for v in ds[()])
+
+
+def _read_path(key: str, g: h5py.Group, models: tuple[str, ...]) -> PathData:
+    i, j = (int(k) for k in key.split("_"))
+    return PathData(key=key, pair=(models[i], models[j]), alpha=g["alpha"][()], loss=g["loss"][()],
+                    accuracy=g["accuracy"][()] if "accuracy" in g else None, attrs=read_attrs(g),
+                    unaligned=_read_path(key, g["unaligned"], models) if "unaligned" in g else None)
+
+
+def _read_compare(g: h5py.Group) -> CompareData:
+    models = _strings(g["models/name"])
+    metrics = {k: _arrays(m) for k, m in g["metrics"].items()} if "metrics" in g else {}
+    slices = tuple(SliceData(name=str(decode_attr(sg.attrs.get("name", k))), attrs={"kind": "random", "norm": "filter"},
+                             x=sg["x"][()], y=sg["y"][()] if "y" in sg else None, values={"loss": sg["loss"][()]},
+                             done=sg["done"][()].astype(bool))
+                   for k, sg in (sorted(g["slices"].items(), key=lambda kv: int(kv[0])) if "slices" in g else []))
+    paths = {kind: tuple(_read_path(k, pg, models) for k, pg in g[kind].items()) if kind in g else ()
+             for kind in ("interpolation", "bezier")}
+    return CompareData(models=models, metrics=metrics, slices=slices, interpolation=paths["interpolation"],
+                       bezier=paths["bezier"])
 
 
 @dataclass(frozen=True)
@@ -203,6 +255,16 @@ def summary_rows(run: RunContents) -> list[Row]:
         for r, v, e in zip(sh.rho, sh.value, sh.stderr):
             rows.append(Row(f"sharpness {sh.name}", f"rho = {r:g}", float(v), float(e),
                             note=f"rho: {meaning}; m = {sh.attrs.get('m')}"))
+    if run.compare is not None:
+        for p in run.compare.interpolation:
+            sec = f"{p.pair[0]} - {p.pair[1]}"
+            for k in ("loss_barrier", "error_barrier", "loss_barrier_unaligned", "error_barrier_unaligned"):
+                if k in p.attrs:
+                    rows.append(Row(sec, k, float(p.attrs[k]),
+                                    note="after weight matching" if p.attrs.get("aligned") and "unaligned" not in k
+                                    else ""))
+        for p in run.compare.bezier:
+            rows.append(Row(f"{p.pair[0]} - {p.pair[1]}", "Bezier max loss", float(p.attrs["max_loss"])))
     if run.coherence is not None:
         for label, c in (("coherence", run.coherence), ("coherence, shuffled labels", run.coherence.control)):
             if c is None:

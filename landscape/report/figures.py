@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
-from .contents import CoherenceData, CurvatureData, RunContents, SharpnessData, SliceData, trace_items
+from .contents import CoherenceData, CompareData, CurvatureData, RunContents, SharpnessData, SliceData, trace_items
 
 #: Contour level spacing: ``log`` (geometric), ``linear``, or ``auto`` (log when the finite values are
 #: positive and span more than two decades).
@@ -341,6 +341,84 @@ def batch_cosine_figure(run: RunContents, c: CoherenceData) -> Figure:
     return fig
 
 
+def compare_slices_figure(run: RunContents, c: CompareData, *, levels: str = "auto") -> Figure:
+    """Every model's 2D loss slice side by side, on one colour scale, each checkpoint marked."""
+    grids = [s for s in c.slices if s.dims == 2]
+    every = np.concatenate([s.masked("loss").ravel() for s in grids])
+    log = use_log(every, levels)
+    norm, lv = _norm_levels(every, log)
+    fig = Figure(figsize=(4.2 * len(grids) + 1.2, 4.4), layout="constrained")
+    axes = fig.subplots(1, len(grids), squeeze=False, sharey=True)[0]
+    cs = None
+    for ax, s in zip(axes, grids):
+        X, Y = np.meshgrid(s.x, s.y, indexing="ij")
+        z = np.ma.masked_invalid(s.masked("loss"))
+        if np.ma.count(z) >= 4:
+            cs = ax.contourf(X, Y, z, levels=lv, norm=norm, cmap="viridis", extend="both")
+        ax.set_facecolor("0.85")
+        ax.plot([0.0], [0.0], marker="*", ms=12, color="crimson", mec="white", ls="none")
+        ax.set_title(text(s.name), fontsize="small")
+        ax.set_xlabel("direction 1 (filter-normalized)", fontsize="small")
+    axes[0].set_ylabel("direction 2 (filter-normalized)", fontsize="small")
+    if cs is not None:
+        cb = fig.colorbar(cs, ax=list(axes), label="loss (one scale for all models)")
+        if log:
+            _log_ticks(cb, float(lv[0]), float(lv[-1]))
+    fig.suptitle(text(f"{run.title}: loss slices (same seed and recipe, each filter-normalized to its own weights)"),
+                 fontsize="medium")
+    return fig
+
+
+def compare_metrics_figure(run: RunContents, c: CompareData) -> Figure:
+    """One bar chart per metric: each model's value with its standard error (λmax: its residual)."""
+    names = list(c.metrics)
+    cols = min(4, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig = Figure(figsize=(3.6 * cols, 3.2 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    idx = np.arange(len(c.models))
+    for ax, k in zip(axes, names):
+        m = c.metrics[k]
+        err = np.where(np.isfinite(m["stderr"]), m["stderr"], 0.0)
+        ax.bar(idx, m["value"], yerr=err, capsize=4, color=[f"C{i}" for i in idx])
+        ax.set_xticks(idx, [text(n) for n in c.models], rotation=30, ha="right", fontsize="small")
+        ax.set_title(text(k), fontsize="small")
+    for ax in axes[len(names):]:
+        ax.set_axis_off()
+    fig.suptitle(text(f"{run.title}: metrics (error bars: standard errors)"), fontsize="medium")
+    return fig
+
+
+def compare_paths_figure(run: RunContents, c: CompareData) -> Figure:
+    """Loss along the straight line between each pair (after and before alignment) and the Bezier curve."""
+    n = len(c.interpolation)
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(5.0 * cols, 3.8 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    curves = {p.key: p for p in c.bezier}
+    for ax, p in zip(axes, c.interpolation):
+        aligned = bool(p.attrs.get("aligned"))
+        ax.plot(p.alpha, p.loss, color="C0", label="linear, aligned" if aligned else "linear")
+        if p.unaligned is not None:
+            ax.plot(p.unaligned.alpha, p.unaligned.loss, color="C0", ls="--", label="linear, before alignment")
+        if p.key in curves:
+            ax.plot(curves[p.key].alpha, curves[p.key].loss, color="C2", label="Bezier curve (t)")
+        if np.all(p.loss[np.isfinite(p.loss)] > 0):
+            ax.set_yscale("log")
+        for x0 in (0.0, 1.0):
+            ax.axvline(x0, color="0.5", lw=0.8, ls=":")
+        ax.set_xlabel("alpha (0: first model, 1: second)", fontsize="small")
+        ax.set_ylabel("loss", fontsize="small")
+        ax.set_title(text(f"{p.pair[0]} - {p.pair[1]}: barrier {float(p.attrs['loss_barrier']):.3g}"),
+                     fontsize="small")
+        ax.legend(fontsize="x-small")
+    for ax in axes[n:]:
+        ax.set_axis_off()
+    fig.suptitle(text(f"{run.title}: connectivity"), fontsize="medium")
+    return fig
+
+
 def all_figures(run: RunContents, *, levels: str = "auto") -> dict[str, Figure]:
     """Every figure the run file has data for, by file stem."""
     out: dict[str, Figure] = {}
@@ -365,6 +443,13 @@ def all_figures(run: RunContents, *, levels: str = "auto") -> dict[str, Figure]:
         out["trace"] = trace_figure(run, run.curvature)
     if run.sharpness:
         out["sharpness"] = sharpness_figure(run, run.sharpness)
+    if run.compare is not None:
+        if any(sl.dims == 2 for sl in run.compare.slices):
+            out["compare_slices"] = compare_slices_figure(run, run.compare, levels=levels)
+        if run.compare.metrics:
+            out["compare_metrics"] = compare_metrics_figure(run, run.compare)
+        if run.compare.interpolation:
+            out["compare_interpolation"] = compare_paths_figure(run, run.compare)
     if run.coherence is not None:
         out["coherence_class_cosine"] = class_cosine_figure(run, run.coherence)
         out["coherence_scores"] = scores_figure(run, run.coherence)

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .contents import (CoherenceData, CurvatureData, RunContents, SharpnessData, SliceData, provenance, settings,
+from .contents import (CoherenceData, CompareData, CurvatureData, RunContents, SharpnessData, SliceData, provenance, settings,
                        summary_rows, trace_items)
 from .figures import SHARPNESS_UNITS, axis_labels, coherence_parts, finite_scores, log_spread, use_log
 
@@ -266,7 +266,58 @@ def _coherence_panels(page: _Page, c: CoherenceData) -> str:
     return out + _settings(c.attrs)
 
 
+def _compare_panels(page: _Page, c: CompareData) -> str:
+    rows = []
+    for k, m in c.metrics.items():
+        rows.append((k, *(f"{_fmt(float(v))}" + (f" ± {float(e):.2g}" if math.isfinite(float(e)) else "") +
+                          f" (rank {int(r)})" for v, e, r in zip(m["value"], m["stderr"], m["rank"]))))
+    out = "<p>Rank 1: the lowest value (the highest accuracy).</p>" + _table(rows, ("metric", *c.models), "summary")
+    grids = [s for s in c.slices if s.dims == 2]
+    if grids:
+        every = np.concatenate([s.masked("loss").ravel() for s in grids])
+        log = use_log(every, "auto")
+        finite = every[np.isfinite(every)]
+        lo, hi = (np.log10(finite.min()), np.log10(finite.max())) if log else (finite.min(), finite.max())
+        width = f"{max(25, 100 // len(grids))}%"
+        out += '<div class="row">'
+        for s in grids:
+            loss = s.masked("loss")
+            out += page.figure([{"type": "contour", "x": s.x, "y": s.y, "z": (np.log10(loss) if log else loss).T,
+                                 "customdata": loss.T, "zmin": lo, "zmax": hi, "zauto": False, "ncontours": 30,
+                                 "colorscale": "Viridis", "contours": {"coloring": "heatmap"},
+                                 "colorbar": {"title": {"text": "log10 loss" if log else "loss"}},
+                                 "hovertemplate": "x=%{x:.3g}<br>y=%{y:.3g}<br>loss=%{customdata:.6g}<extra></extra>"},
+                                {"type": "scatter", "x": [0.0], "y": [0.0], "mode": "markers",
+                                 "marker": {"symbol": "star", "size": 12, "color": "crimson"}}],
+                               {"title": _title(s.name), "showlegend": False}, height=380, width=width)
+        out += "</div>"
+    curves = {p.key: p for p in c.bezier}
+    for p in c.interpolation:
+        data = [{"type": "scatter", "x": p.alpha, "y": p.loss, "mode": "lines", "name": "linear" +
+                 (", aligned" if p.attrs.get("aligned") else "")}]
+        if p.unaligned is not None:
+            data.append({"type": "scatter", "x": p.unaligned.alpha, "y": p.unaligned.loss, "mode": "lines",
+                         "name": "linear, before alignment", "line": {"dash": "dash"}})
+        if p.key in curves:
+            data.append({"type": "scatter", "x": curves[p.key].alpha, "y": curves[p.key].loss, "mode": "lines",
+                         "name": "Bezier curve (t)"})
+        if p.accuracy is not None:
+            data.append({"type": "scatter", "x": p.alpha, "y": 1 - p.accuracy, "mode": "lines", "name": "error",
+                         "yaxis": "y2", "line": {"color": "#999"}})
+        out += page.figure(data, {"title": _title(f"{p.pair[0]} - {p.pair[1]}: loss barrier "
+                                                  f"{float(p.attrs['loss_barrier']):.4g}, error barrier "
+                                                  f"{float(p.attrs['error_barrier']):.4g}"),
+                                  "xaxis": {"title": {"text": "alpha (0: first model, 1: second)"}},
+                                  "yaxis": {"title": {"text": "loss"}, "type": "log"},
+                                  "yaxis2": {"title": {"text": "error"}, "overlaying": "y", "side": "right",
+                                             "showgrid": False, "tickmode": "auto"},
+                                  "legend": {"x": 1.08, "y": 1}}, height=360)
+    return out
+
+
 def _sections(page: _Page, run: RunContents) -> Iterator[tuple[str, str]]:
+    if run.compare is not None:
+        yield "comparison", _compare_panels(page, run.compare)
     if run.slices:
         yield "slices", "".join(_slice_panels(page, run, s) for s in run.slices)
     if run.curvature:

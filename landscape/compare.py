@@ -1,0 +1,280 @@
+"""Compare solutions post hoc: the same protocol on every model, a metrics table, and connectivity.
+
+Every model gets the analysis ``landscape scan`` runs (same seed, same direction recipe, each direction
+filter-normalized to that model's own weights), in its own run file ``DIR/<name>/run.h5`` (reused when
+complete). The comparison file ``DIR/compare.h5`` then holds, for the report and for scripts:
+
+- ``/compare/models``: names, checkpoints and their sha256;
+- ``/compare/metrics/<metric>``: ``value``, ``stderr`` and ``rank`` per model (loss and accuracy at the
+  checkpoint, λmax, the trace, each sharpness measure at its first ρ, m-coherence);
+- ``/compare/slices/<i>``: each model's 2D slice (``x``, ``y``, ``loss``), drawn on one colour scale;
+- ``/compare/interpolation/<i>_<j>``: the linear path from model i to model j with its loss and error
+  barriers (:mod:`.connectivity`), after weight matching when ``align`` (:mod:`.matching`), with the
+  unaligned path under ``unaligned/``; ``/compare/bezier/<i>_<j>`` with ``curve="bezier"``.
+
+Models with BatchNorm are interpolated with re-estimated BatchNorm statistics at every point (Ainsworth
+et al. 2023: statistics interpolated with the weights are wrong), recorded as the attribute ``bn``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import h5py
+import numpy as np
+import torch
+
+from . import __version__
+from .checkpoint import file_sha256
+from .connectivity import Path as ConnPath
+from .connectivity import bezier_path, fit_bezier, linear_path
+from .errors import LandscapeError
+from .matching import apply_permutation, permutation_spec, weight_matching
+from .problem import BN_TYPES, Problem
+from .runfile import SCHEMA, RunFile, decode_attr, encode_attr
+from .scan import ScanConfig, run_scan, setup
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """What ``landscape compare`` is told. ``scan`` is the per-model protocol (its ``checkpoint`` and
+    ``output`` are replaced for each model)."""
+
+    inputs: tuple[str, ...]
+    scan: ScanConfig
+    output: str = "reports/compare"
+    align: bool = False
+    curve: str | None = None
+    alpha_range: tuple[float, float] = (-0.5, 1.5)
+    alpha_steps: int = 51
+    bezier_steps: int = 300
+
+    def __post_init__(self) -> None:
+        if len(self.inputs) < 2:
+            raise LandscapeError("compare needs at least two checkpoints or run files")
+        if self.curve not in (None, "bezier"):
+            raise LandscapeError(f"--curve {self.curve!r} is unknown", hint="use --curve bezier")
+        lo, hi = self.alpha_range
+        if not (lo <= 0 and hi >= 1) or self.alpha_steps < 3:
+            raise LandscapeError("the interpolation grid must cover [0, 1] with at least 3 points")
+
+    def alpha(self) -> np.ndarray:
+        """The interpolation grid, with 0 and 1 exactly on it."""
+        a = np.linspace(*self.alpha_range, self.alpha_steps)
+        return np.unique(np.concatenate([a, [0.0, 1.0]]))
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    checkpoint: str
+    run_file: Path
+
+
+@dataclass(frozen=True)
+class CompareSummary:
+    path: str
+    models: tuple[str, ...]
+    metrics: Mapping[str, Mapping[str, list[float]]]
+    pairs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"compare_file": self.path, "models": list(self.models), "metrics": dict(self.metrics),
+                "pairs": dict(self.pairs)}
+
+
+def _models(cfg: CompareConfig) -> list[Model]:
+    out, seen = [], set()
+    for item in cfg.inputs:
+        p = Path(item)
+        if not p.exists():
+            raise LandscapeError(f"{item} does not exist", hint="give checkpoints or run files written by landscape")
+        if p.suffix in (".h5", ".hdf5"):
+            with h5py.File(p, "r") as f:
+                if decode_attr(f.attrs.get("schema")) != SCHEMA or "checkpoint_path" not in f.attrs:
+                    raise LandscapeError(f"{item} is not a landscape run file of a checkpoint")
+                ck = str(decode_attr(f.attrs["checkpoint_path"]))
+            name, run = p.parent.name or p.stem, p
+        else:
+            ck, name = str(p), p.stem
+            run = Path(cfg.output) / name / "run.h5"
+        while name in seen:
+            name += "_"
+        seen.add(name)
+        out.append(Model(name, ck, run))
+    return out
+
+
+def _complete(run: Path) -> bool:
+    if not run.exists():
+        return False
+    with h5py.File(run, "r") as f:
+        return "completed" in f.attrs and "slices" in f and ("hessian" in f or "sharpness" in f)
+
+
+def _metric_values(run: Path) -> dict[str, tuple[float, float]]:
+    """``metric -> (value, standard error)`` of one model's run file (NaN: none); λmax's error is its residual."""
+    out: dict[str, tuple[float, float]] = {}
+    nan = float("nan")
+    with h5py.File(run, "r") as f:
+        sl = next((f["slices"][n] for n in ("random_2d", "random_1d") if "slices" in f and n in f["slices"]), None)
+        if sl is not None:
+            out["loss"] = (float(sl.attrs.get("loss_at_origin", nan)), nan)
+            if "accuracy" in sl:
+                x = sl["x"][()]
+                idx = tuple(int(np.abs(a).argmin()) for a in ([x] if "y" not in sl else [x, sl["y"][()]]))
+                out["accuracy"] = (float(sl["accuracy"][idx]), nan)
+        if "hessian" in f:
+            h = f["hessian"]
+            if "eigenvalues" in h:
+                out["lambda_max"] = (float(h["eigenvalues"][0]), float(h["residuals"][0]))
+            if "trace" in h:
+                out["trace"] = (float(h["trace"].attrs["estimate"]), float(h["trace"].attrs["stderr"]))
+        for name, g in (f["sharpness"].items() if "sharpness" in f else []):
+            out[f"sharpness_{name}"] = (float(g["value"][0]), float(g["stderr"][0]))
+        if "coherence" in f:
+            out["m_coherence"] = (float(f["coherence"].attrs["m_coherence"]), nan)
+    return out
+
+
+def _rank(values: np.ndarray, higher_is_better: bool) -> np.ndarray:
+    """1 for the best (lowest value, or highest accuracy); ties share a rank; NaN ranks last."""
+    key = np.where(np.isfinite(values), -values if higher_is_better else values, np.inf)
+    return np.array([1 + int(np.sum(key < k)) for k in key], dtype=np.int64)
+
+
+def _provenance(cfg: CompareConfig) -> dict[str, Any]:
+    return {"tool": "landscape", "tool_version": __version__, "torch_version": torch.__version__,
+            "numpy_version": np.__version__, "h5py_version": h5py.__version__,
+            "python_version": platform.python_version(), "platform": platform.platform(),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+            "kind": "compare", "seed": cfg.scan.seed, "align": cfg.align, "curve": cfg.curve or ""}
+
+
+def _pair_attrs(cfg: CompareConfig, bn: str) -> dict[str, Any]:
+    return {"aligned": cfg.align, "alpha_range": list(cfg.alpha_range), "alpha_steps": cfg.alpha_steps, "bn": bn,
+            "curve": cfg.curve or "", "bezier_steps": cfg.bezier_steps if cfg.curve else 0, "seed": cfg.scan.seed}
+
+
+def run_compare(cfg: CompareConfig, *, progress: ProgressFn | None = None) -> CompareSummary:
+    """Analyse every model (reusing complete run files), then compare them into ``DIR/compare.h5``."""
+    models = _models(cfg)
+    for k, m in enumerate(models):
+        if progress:
+            progress(f"analysing {m.name}", k, len(models))
+        if not _complete(m.run_file):
+            run_scan(replace(cfg.scan, checkpoint=m.checkpoint, output=str(m.run_file), resume=True),
+                     progress=progress)
+    setups = [setup(replace(cfg.scan, checkpoint=m.checkpoint, output=str(m.run_file))) for m in models]
+    shas = {st.data.sha256 for st in setups}
+    if len(shas) > 1:
+        raise LandscapeError("the models are evaluated on different data (their data_sha256 differ)",
+                             hint="give every model the same --data and --max-samples")
+    values = [_metric_values(m.run_file) for m in models]
+    names = sorted(set().union(*values), key=lambda k: (not k.startswith(("loss", "accuracy")), k))
+    metrics = {}
+    for k in names:
+        v = np.array([vals.get(k, (np.nan, np.nan))[0] for vals in values])
+        e = np.array([vals.get(k, (np.nan, np.nan))[1] for vals in values])
+        metrics[k] = {"value": v.tolist(), "stderr": e.tolist(), "rank": _rank(v, k == "accuracy").tolist()}
+    path = Path(cfg.output) / "compare.h5"
+    pairs: dict[str, dict[str, Any]] = {}
+    with RunFile(path, mode="resume") as rf:
+        with rf.transaction() as f:
+            for k, v in _provenance(cfg).items():
+                if k != "created" or k not in f.attrs:
+                    f.attrs[k] = encode_attr(v)
+            if "compare" in f:
+                for key in ("models", "metrics", "slices"):
+                    if key in f["compare"]:
+                        del f["compare"][key]
+            c = f.require_group("compare")
+            mg = c.create_group("models")
+            mg.create_dataset("name", data=np.array([m.name for m in models], dtype=h5py.string_dtype()))
+            mg.create_dataset("checkpoint", data=np.array([str(Path(m.checkpoint).resolve()) for m in models],
+                                                          dtype=h5py.string_dtype()))
+            mg.create_dataset("checkpoint_sha256", data=np.array([file_sha256(m.checkpoint) for m in models],
+                                                                 dtype=h5py.string_dtype()))
+            mg.create_dataset("run_file", data=np.array([str(m.run_file) for m in models], dtype=h5py.string_dtype()))
+            for k, d in metrics.items():
+                g = c.create_group(f"metrics/{k}")
+                for field_, arr in d.items():
+                    g.create_dataset(field_, data=np.asarray(arr))
+            for i, m in enumerate(models):
+                with h5py.File(m.run_file, "r") as src:
+                    sl = next((src["slices"][n] for n in ("random_2d", "random_1d") if n in src.get("slices", {})), None)
+                    if sl is not None:
+                        g = c.create_group(f"slices/{i}")
+                        for key in ("x", "y", "loss", "done"):
+                            if key in sl:
+                                g.create_dataset(key, data=sl[key][()])
+                        g.attrs["name"] = m.name
+        for i in range(len(models)):
+            for j in range(i + 1, len(models)):
+                key = f"{i}_{j}"
+                if progress:
+                    progress(f"connecting {models[i].name} and {models[j].name}", 0, 0)
+                pairs[key] = _connect(rf, cfg, key, setups[i], setups[j])
+    return CompareSummary(str(path), tuple(m.name for m in models), metrics, pairs)
+
+
+def _connect(rf: RunFile, cfg: CompareConfig, key: str, a: Any, b: Any) -> dict[str, Any]:
+    """Interpolate model a to model b (aligned first with ``cfg.align``) into ``/compare/interpolation/<key>``."""
+    has_bn = any(isinstance(mod, BN_TYPES) for mod in a.model.modules())
+    bn = "recompute" if has_bn else cfg.scan.bn
+    attrs = _pair_attrs(cfg, bn)
+    with rf.read() as f:
+        g = f.get(f"compare/interpolation/{key}")
+        if g is not None and all(decode_attr(g.attrs.get(k)) == v for k, v in attrs.items()) and \
+                (not cfg.curve or f"compare/bezier/{key}" in f):
+            return {k: decode_attr(v) for k, v in g.attrs.items() if "barrier" in k}
+    pa = a.problem
+    pb = Problem(a.model, a.data.X, a.data.y, pa.loss_fn, device=pa.device, dtype=pa.dtype,
+                 batch_size=pa.batch_size, bn=bn, bn_batches=cfg.scan.bn_batches, seed=cfg.scan.seed) \
+        if bn != pa.bn else pa
+    theta_b = {n: t.detach().to(pa.device, pa.dtype) for n, t in b.model.named_parameters()}
+    alpha = cfg.alpha()
+    plain = linear_path(pb, theta_b, alpha)
+    out: dict[str, Any] = {"loss_barrier": plain.loss_barrier, "error_barrier": plain.error_barrier}
+    aligned = None
+    if cfg.align:
+        spec = permutation_spec(a.model, a.data.X[:64].to(next(a.model.parameters())))
+        sa, sb = a.model.state_dict(), b.model.state_dict()
+        perms = weight_matching(spec, sa, sb, seed=cfg.scan.seed)
+        sb = apply_permutation(spec, sb, perms)
+        theta_b = {n: sb[n].to(pa.device, pa.dtype) for n, _ in b.model.named_parameters()}
+        aligned = linear_path(pb, theta_b, alpha)
+        out.update(loss_barrier=aligned.loss_barrier, error_barrier=aligned.error_barrier,
+                   loss_barrier_unaligned=plain.loss_barrier, error_barrier_unaligned=plain.error_barrier)
+    curve = None
+    if cfg.curve == "bezier":
+        bend = fit_bezier(pb, theta_b, steps=cfg.bezier_steps, seed=cfg.scan.seed)
+        curve = bezier_path(pb, theta_b, bend, np.linspace(0, 1, 51))
+        out["bezier_max_loss"] = float(np.nanmax(curve.loss))
+        out["bezier_loss_barrier"] = curve.loss_barrier
+    with rf.transaction() as f:
+        for grp in (f"compare/interpolation/{key}", f"compare/bezier/{key}"):
+            if grp in f:
+                del f[grp]
+        g = f.create_group(f"compare/interpolation/{key}")
+        main: ConnPath = aligned if aligned is not None else plain
+        main.write(g, **attrs, **({"loss_barrier_unaligned": plain.loss_barrier,
+                                   "error_barrier_unaligned": plain.error_barrier} if aligned is not None else {}))
+        if aligned is not None:
+            plain.write(g.create_group("unaligned"))
+        if curve is not None:
+            curve.write(f.create_group(f"compare/bezier/{key}"), max_loss=out["bezier_max_loss"], **attrs)
+    return out
+
+
+def read_models(f: h5py.File) -> list[str]:
+    """Model names of a comparison file."""
+    return [s.decode() if isinstance(s, bytes) else str(s) for s in f["compare/models/name"][()]]
+
