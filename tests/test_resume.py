@@ -34,13 +34,27 @@ def contents(path):
 
 
 def assert_same(a, b):
+    """Slices (and the root) bitwise; the analyses after them to float round-off: their Hessian-vector
+    products use the engine (graph or torch.func) timed fastest at run time, whose bits differ."""
     assert a.keys() == b.keys()
     for k in a:
+        exact = k == "/" or k.startswith(("slices", "data"))
         if isinstance(a[k], np.ndarray):
             assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
-            assert a[k].tobytes() == b[k].tobytes(), k  # bitwise, NaN included
-        else:
+            if exact or a[k].dtype.kind not in "fc":
+                assert a[k].tobytes() == b[k].tobytes(), k  # bitwise, NaN included
+            else:
+                np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-9, equal_nan=True, err_msg=k)
+        elif exact:
             assert str(a[k]) == str(b[k]), k
+        else:
+            assert a[k].keys() == b[k].keys(), k
+            for key, va in a[k].items():
+                vb = b[k][key]
+                if isinstance(va, (float, np.floating)):
+                    assert np.isclose(va, vb, rtol=1e-5, atol=1e-9, equal_nan=True), (k, key, va, vb)
+                else:
+                    assert str(va) == str(vb), (k, key)
 
 
 def journal_points(path):
