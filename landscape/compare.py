@@ -32,7 +32,7 @@ import torch
 from . import __version__
 from .checkpoint import file_sha256
 from .connectivity import Path as ConnPath
-from .connectivity import bezier_path, fit_bezier, linear_path
+from .connectivity import bezier_path, fit_bezier, linear_path, with_ends
 from .errors import LandscapeError
 from .matching import apply_permutation, permutation_spec, weight_matching
 from .problem import BN_TYPES, Problem
@@ -67,8 +67,7 @@ class CompareConfig:
 
     def alpha(self) -> np.ndarray:
         """The interpolation grid, with 0 and 1 exactly on it."""
-        a = np.linspace(*self.alpha_range, self.alpha_steps)
-        return np.unique(np.concatenate([a, [0.0, 1.0]]))
+        return with_ends(np.linspace(*self.alpha_range, self.alpha_steps))
 
 
 @dataclass(frozen=True)
@@ -177,6 +176,12 @@ def run_compare(cfg: CompareConfig, *, progress: ProgressFn | None = None) -> Co
     if len(shas) > 1:
         raise LandscapeError("the models are evaluated on different data (their data_sha256 differ)",
                              hint="give every model the same --data and --max-samples")
+    shapes = [{n: tuple(t.shape) for n, t in st.model.named_parameters()} for st in setups]
+    for m, sh in zip(models[1:], shapes[1:]):
+        if sh != shapes[0]:
+            raise LandscapeError(f"{m.name} and {models[0].name} have different parameters (names or shapes): "
+                                 "interpolating between them is undefined",
+                                 hint="compare checkpoints of one architecture")
     values = [_metric_values(m.run_file) for m in models]
     names = sorted(set().union(*values), key=lambda k: (not k.startswith(("loss", "accuracy")), k))
     metrics = {}
@@ -225,6 +230,11 @@ def run_compare(cfg: CompareConfig, *, progress: ProgressFn | None = None) -> Co
     return CompareSummary(str(path), tuple(m.name for m in models), metrics, pairs)
 
 
+#: Results of a pair stored as attributes of ``/compare/interpolation/<i>_<j>``.
+_RESULT_ATTRS = ("loss_barrier", "error_barrier", "loss_barrier_unaligned", "error_barrier_unaligned",
+                 "bezier_max_loss", "bezier_loss_barrier")
+
+
 def _connect(rf: RunFile, cfg: CompareConfig, key: str, a: Any, b: Any) -> dict[str, Any]:
     """Interpolate model a to model b (aligned first with ``cfg.align``) into ``/compare/interpolation/<key>``."""
     has_bn = any(isinstance(mod, BN_TYPES) for mod in a.model.modules())
@@ -234,7 +244,7 @@ def _connect(rf: RunFile, cfg: CompareConfig, key: str, a: Any, b: Any) -> dict[
         g = f.get(f"compare/interpolation/{key}")
         if g is not None and all(decode_attr(g.attrs.get(k)) == v for k, v in attrs.items()) and \
                 (not cfg.curve or f"compare/bezier/{key}" in f):
-            return {k: decode_attr(v) for k, v in g.attrs.items() if "barrier" in k}
+            return {k: decode_attr(v) for k, v in g.attrs.items() if k in _RESULT_ATTRS}
     pa = a.problem
     pb = Problem(a.model, a.data.X, a.data.y, pa.loss_fn, device=pa.device, dtype=pa.dtype,
                  batch_size=pa.batch_size, bn=bn, bn_batches=cfg.scan.bn_batches, seed=cfg.scan.seed) \
@@ -265,8 +275,7 @@ def _connect(rf: RunFile, cfg: CompareConfig, key: str, a: Any, b: Any) -> dict[
                 del f[grp]
         g = f.create_group(f"compare/interpolation/{key}")
         main: ConnPath = aligned if aligned is not None else plain
-        main.write(g, **attrs, **({"loss_barrier_unaligned": plain.loss_barrier,
-                                   "error_barrier_unaligned": plain.error_barrier} if aligned is not None else {}))
+        main.write(g, **attrs, **{k: v for k, v in out.items() if k not in ("loss_barrier", "error_barrier")})
         if aligned is not None:
             plain.write(g.create_group("unaligned"))
         if curve is not None:

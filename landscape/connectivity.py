@@ -38,9 +38,14 @@ def barrier(alpha: np.ndarray, values: np.ndarray) -> float:
     return float(np.max(values[inside] - ((1 - alpha[inside]) * v0 + alpha[inside] * v1)))
 
 
+def with_ends(alpha: np.ndarray) -> np.ndarray:
+    """The sorted grid ``alpha`` with 0 and 1 on it."""
+    return np.unique(np.concatenate([np.asarray(alpha, dtype=np.float64).ravel(), [0.0, 1.0]]))
+
+
 def difference(a: Params, b: Params) -> Params:
     """``b - a`` by parameter name."""
-    return {n: b[n].to(a[n]) - a[n] for n in a}
+    return {n: b[n].detach().to(a[n]) - a[n] for n in a}
 
 
 @dataclass(frozen=True)
@@ -71,8 +76,9 @@ def _path(alpha: np.ndarray, vals: dict[str, np.ndarray], kind: str) -> Path:
 
 
 def linear_path(problem: Problem, theta_b: Params, alpha: np.ndarray) -> Path:
-    """Loss and accuracy at ``(1 - alpha) theta_A + alpha theta_B``, ``theta_A`` the Problem's ``theta0``."""
-    alpha = np.asarray(alpha, dtype=np.float64)
+    """Loss and accuracy at ``(1 - alpha) theta_A + alpha theta_B``, ``theta_A`` the Problem's ``theta0``
+    (0 and 1 are added to the grid ``alpha`` when missing)."""
+    alpha = with_ends(alpha)
     vals = problem.evaluate_points(alpha[:, None], [difference(problem.theta0, theta_b)])
     return _path(alpha, vals, "linear")
 
@@ -81,7 +87,8 @@ def fit_bezier(problem: Problem, theta_b: Params, *, steps: int = 300, batch: in
                seed: int = 0) -> Params:
     """The bend ``theta`` of the quadratic Bezier curve from ``theta0`` to ``theta_b`` of least mean loss."""
     a = problem.theta0
-    bend = {n: ((a[n] + theta_b[n].to(a[n])) / 2).clone() for n in a}
+    theta_b = {n: theta_b[n].detach().to(a[n]) for n in a}
+    bend = {n: (a[n] + theta_b[n]) / 2 for n in a}
     m = {n: torch.zeros_like(t) for n, t in bend.items()}
     v = {n: torch.zeros_like(t) for n, t in bend.items()}
     rng = np.random.default_rng(seed)
@@ -89,7 +96,7 @@ def fit_bezier(problem: Problem, theta_b: Params, *, steps: int = 300, batch: in
     for k in range(1, steps + 1):
         t = float(rng.uniform())
         w = (2 * t * (1 - t))
-        point = {n: (1 - t) ** 2 * a[n] + w * bend[n] + t ** 2 * theta_b[n].to(a[n]) for n in a}
+        point = {n: (1 - t) ** 2 * a[n] + w * bend[n] + t ** 2 * theta_b[n] for n in a}
         idx = torch.as_tensor(rng.choice(problem.n, size=min(batch, problem.n), replace=False))
         _, g = problem.loss_and_gradient(point, idx)
         for n in bend:
@@ -102,7 +109,7 @@ def fit_bezier(problem: Problem, theta_b: Params, *, steps: int = 300, batch: in
 
 def bezier_path(problem: Problem, theta_b: Params, bend: Params, t: np.ndarray) -> Path:
     """Loss and accuracy along ``phi(t)``; its barriers are measured against the straight line between the ends."""
-    t = np.asarray(t, dtype=np.float64)
+    t = with_ends(t)
     coeffs = np.stack([2 * t * (1 - t), t ** 2], axis=1)
     vals = problem.evaluate_points(coeffs, [difference(problem.theta0, bend), difference(problem.theta0, theta_b)])
     return _path(t, vals, "bezier")
