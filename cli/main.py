@@ -636,7 +636,7 @@ def compare(
     barriers along the straight line between each pair (optionally after weight matching), Bezier curves.
     """
     from landscape.coherence import CoherenceSettings
-    from landscape.compare import CompareConfig, run_compare
+    from landscape.compare import CompareConfig, prepare_compare, run_compare
     from landscape.hessian import CurvatureSettings
     from landscape.report import render_report
 
@@ -648,6 +648,8 @@ def compare(
             coherence=CoherenceSettings(noise_samples=16, seed=seed) if coherence else None)
         cfg = CompareConfig(inputs=tuple(inputs), scan=scan_cfg, output=output, align=align, curve=curve,
                             alpha_range=_parse_range(alpha_range), alpha_steps=alpha_steps, bezier_steps=bezier_steps)
+        with err_console.status("loading checkpoints, models and data", spinner="dots"):
+            prepared = prepare_compare(cfg)
         columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
         with Progress(*columns, console=err_console) as prog:
@@ -658,7 +660,7 @@ def compare(
                     tasks[name] = prog.add_task(name, total=total or None)
                 prog.update(tasks[name], completed=done)
 
-            summary = run_compare(cfg, progress=progress)
+            summary = run_compare(cfg, progress=progress, prepared=prepared)
         drawn = None
         if report:
             with err_console.status("drawing the report", spinner="dots"):

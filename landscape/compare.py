@@ -162,18 +162,19 @@ def _pair_attrs(cfg: CompareConfig, bn: str) -> dict[str, Any]:
             "curve": cfg.curve or "", "bezier_steps": cfg.bezier_steps if cfg.curve else 0, "seed": cfg.scan.seed}
 
 
-def run_compare(cfg: CompareConfig, *, progress: ProgressFn | None = None) -> CompareSummary:
-    """Analyse every model (reusing complete run files), then compare them into ``DIR/compare.h5``."""
+@dataclass(frozen=True)
+class Prepared:
+    """The models of a comparison, loaded and checked (same data, same architecture)."""
+
+    models: tuple[Model, ...]
+    setups: tuple[Any, ...]
+
+
+def prepare_compare(cfg: CompareConfig) -> Prepared:
+    """Load every model and its data; refuse models evaluated on different data or of different shapes."""
     models = _models(cfg)
-    for k, m in enumerate(models):
-        if progress:
-            progress(f"analysing {m.name}", k, len(models))
-        if not _complete(m.run_file):
-            run_scan(replace(cfg.scan, checkpoint=m.checkpoint, output=str(m.run_file), resume=True),
-                     progress=progress)
     setups = [setup(replace(cfg.scan, checkpoint=m.checkpoint, output=str(m.run_file))) for m in models]
-    shas = {st.data.sha256 for st in setups}
-    if len(shas) > 1:
+    if len({st.data.sha256 for st in setups}) > 1:
         raise LandscapeError("the models are evaluated on different data (their data_sha256 differ)",
                              hint="give every model the same --data and --max-samples")
     shapes = [{n: tuple(t.shape) for n, t in st.model.named_parameters()} for st in setups]
@@ -182,6 +183,20 @@ def run_compare(cfg: CompareConfig, *, progress: ProgressFn | None = None) -> Co
             raise LandscapeError(f"{m.name} and {models[0].name} have different parameters (names or shapes): "
                                  "interpolating between them is undefined",
                                  hint="compare checkpoints of one architecture")
+    return Prepared(tuple(models), tuple(setups))
+
+
+def run_compare(cfg: CompareConfig, *, progress: ProgressFn | None = None,
+                prepared: Prepared | None = None) -> CompareSummary:
+    """Analyse every model (reusing complete run files), then compare them into ``DIR/compare.h5``."""
+    prep = prepared or prepare_compare(cfg)
+    models, setups = prep.models, prep.setups
+    for k, (m, st) in enumerate(zip(models, setups)):
+        if progress:
+            progress(f"analysing {m.name}", k, len(models))
+        if not _complete(m.run_file):
+            run_scan(replace(cfg.scan, checkpoint=m.checkpoint, output=str(m.run_file), resume=True),
+                     progress=progress, prepared=st)
     values = [_metric_values(m.run_file) for m in models]
     names = sorted(set().union(*values), key=lambda k: (not k.startswith(("loss", "accuracy")), k))
     metrics = {}
