@@ -1,0 +1,299 @@
+"""Training dynamics over a series of checkpoints: where the weights went, and how sharp it got.
+
+For checkpoints theta_0 ... theta_T ordered by their recorded step:
+
+- **PCA plane** (Li et al. 2018, §7): the rows theta_i - theta_T, mean-centred, give principal directions
+  v_1, v_2 (unit vectors by SVD); the path's coordinates are ``(theta_i - theta_T) · v_k`` (the final
+  checkpoint at the origin), with the explained variance ratio ``s_k^2 / sum s^2``. The loss is evaluated
+  on a grid of that plane around theta_T.
+- **Sharpness against the stability threshold** (Cohen et al. 2021, 2022): full-batch GD with step eta is
+  stable on a quadratic while ``lambda_max < 2/eta``; with heavy-ball momentum beta the threshold is
+  ``(2 + 2 beta)/eta``. For Adam the relevant quantity is the preconditioned sharpness
+  ``lambda_max(P^{-1/2} H P^{-1/2})`` with ``P = (1 - beta1^t) diag(sqrt(v_t / (1 - beta2^t)) + eps)`` from the
+  optimizer state, against ``(2 + 2 beta1) / ((1 - beta1) eta)``. A checkpoint whose ratio
+  ``sharpness / threshold`` is at least 0.9 is flagged as at the edge of stability.
+- **Distances**: ``||theta_i - theta_0||``, per-tensor weight norms, and the effective step size
+  ``||theta_i - theta_{i-1}|| / (step_i - step_{i-1})``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import h5py
+import numpy as np
+import torch
+
+from .lanczos import lanczos
+from .problem import Params, Problem
+from .runfile import encode_attr
+
+#: Ratio of sharpness to the stability threshold from which a checkpoint counts as at the edge of stability.
+EOS_RATIO = 0.9
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One checkpoint of the series: its step, parameters, buffers and optimizer (name, hyperparameters,
+    and for Adam the per-parameter second moments ``exp_avg_sq`` with the optimizer's step count)."""
+
+    name: str
+    step: int
+    params: Params
+    buffers: Params
+    optimizer: Mapping[str, Any] | None = None
+    exp_avg_sq: Params | None = None
+    adam_step: int | None = None
+
+
+def threshold(optimizer: Mapping[str, Any] | None) -> tuple[float, str]:
+    """The stability threshold of the recorded optimizer and which sharpness it bounds (``hessian`` or
+    ``preconditioned``); NaN when the learning rate is unknown."""
+    if not optimizer:
+        return math.nan, "hessian"
+    hp = optimizer.get("hyperparameters", {})
+    lr = hp.get("lr")
+    if not lr:
+        return math.nan, "hessian"
+    name = str(optimizer.get("name", "")).lower()
+    if "betas" in hp or name.startswith("adam"):
+        b1 = float(hp.get("betas", (0.9, 0.999))[0])
+        return (2 + 2 * b1) / ((1 - b1) * lr), "preconditioned"
+    beta = float(hp.get("momentum", 0.0) or 0.0)
+    return (2 + 2 * beta) / lr, "hessian"
+
+
+@dataclass(frozen=True)
+class PCA:
+    coords: np.ndarray  # (checkpoints, 2)
+    explained_variance: np.ndarray  # ratio of every component
+    directions: tuple[Params, Params]
+
+
+def flatten(p: Mapping[str, torch.Tensor], names: Sequence[str]) -> np.ndarray:
+    return np.concatenate([p[n].detach().double().cpu().reshape(-1).numpy() for n in names])
+
+
+def pca_path(snapshots: Sequence[Snapshot], names: Sequence[str]) -> PCA:
+    """The top-2 principal directions of ``theta_i - theta_final`` (mean-centred) and the path's coordinates."""
+    final = snapshots[-1]
+    M = np.stack([flatten(s.params, names) - flatten(final.params, names) for s in snapshots])
+    _, sv, Vt = np.linalg.svd(M - M.mean(axis=0), full_matrices=False)
+    k = min(2, Vt.shape[0])
+    V = Vt[:k]
+    if k < 2:  # one checkpoint pair: the plane's second axis is arbitrary; take any orthogonal unit vector
+        extra = np.random.default_rng(0).standard_normal(V.shape[1])
+        extra -= V[0] * (V[0] @ extra)
+        V = np.vstack([V, extra / np.linalg.norm(extra)])
+    coords = M @ V.T
+    total = float(np.sum(sv ** 2))
+    ratio = sv ** 2 / total if total > 0 else np.zeros_like(sv)
+    dirs = []
+    for row in V:
+        d, i = {}, 0
+        for n in names:
+            t = final.params[n]
+            d[n] = torch.as_tensor(row[i:i + t.numel()], dtype=t.dtype).reshape(t.shape)
+            i += t.numel()
+        dirs.append(d)
+    return PCA(coords=coords, explained_variance=ratio, directions=(dirs[0], dirs[1]))
+
+
+def lambda_max(problem: Problem, params: Params, *, precondition: Params | None = None, tol: float = 1e-4,
+               seed: int = 0) -> float:
+    """The largest eigenvalue of H at ``params`` (of ``P^{-1/2} H P^{-1/2}`` with the diagonal ``precondition``)."""
+    names = problem.names
+    shapes = [params[n].shape for n in names]
+    sizes = [params[n].numel() for n in names]
+    scale = None if precondition is None else np.concatenate(
+        [precondition[n].detach().double().cpu().reshape(-1).numpy() for n in names]) ** -0.5
+
+    def to_params(vec: np.ndarray) -> Params:
+        out, i = {}, 0
+        for n, sh, sz in zip(names, shapes, sizes):
+            out[n] = torch.as_tensor(vec[i:i + sz], dtype=problem.dtype, device=problem.device).reshape(sh)
+            i += sz
+        return out
+
+    point = {n: params[n].to(problem.device, problem.dtype) for n in names}
+
+    def matvec(v: np.ndarray) -> np.ndarray:
+        u = v if scale is None else v * scale
+        hv = problem.hvp(to_params(u), params=point)
+        out = np.concatenate([hv[n].detach().double().cpu().reshape(-1).numpy() for n in names])
+        return out if scale is None else out * scale
+
+    return float(lanczos(matvec, sum(sizes), k=1, tol=tol, max_matvec=300, seed=seed).eigenvalues[0])
+
+
+def adam_preconditioner(s: Snapshot) -> Params | None:
+    """``P = (1 - beta1^t) (sqrt(v_t / (1 - beta2^t)) + eps)`` per parameter, from Adam's state."""
+    if s.exp_avg_sq is None or not s.adam_step or not s.optimizer:
+        return None
+    hp = s.optimizer.get("hyperparameters", {})
+    b1, b2 = (float(b) for b in hp.get("betas", (0.9, 0.999)))
+    eps = float(hp.get("eps", 1e-8))
+    t = s.adam_step
+    return {n: (1 - b1 ** t) * ((v / (1 - b2 ** t)).sqrt() + eps) for n, v in s.exp_avg_sq.items()}
+
+
+@dataclass(frozen=True)
+class TrajectoryResult:
+    names: tuple[str, ...]
+    step: np.ndarray
+    lr: np.ndarray
+    sharpness: np.ndarray
+    sharpness_kind: tuple[str, ...]
+    threshold: np.ndarray
+    distance: np.ndarray
+    step_size: np.ndarray
+    weight_norms: Mapping[str, np.ndarray]
+    pca: PCA
+    plane: Mapping[str, np.ndarray]  # x, y, loss (and accuracy) of the PCA plane
+
+    @property
+    def ratio(self) -> np.ndarray:
+        return self.sharpness / self.threshold
+
+    @property
+    def edge_of_stability(self) -> np.ndarray:
+        with np.errstate(invalid="ignore"):
+            return np.nan_to_num(self.ratio, nan=0.0) >= EOS_RATIO
+
+    def write(self, f: h5py.File) -> None:
+        if "trajectory" in f:
+            del f["trajectory"]
+        g = f.create_group("trajectory")
+        g.create_dataset("checkpoint", data=np.array(self.names, dtype=h5py.string_dtype()))
+        for k in ("step", "lr", "sharpness", "threshold", "distance", "step_size", "ratio", "edge_of_stability"):
+            g.create_dataset(k, data=getattr(self, k))
+        g.create_dataset("sharpness_kind", data=np.array(self.sharpness_kind, dtype=h5py.string_dtype()))
+        for n, v in self.weight_norms.items():
+            g.create_dataset(f"weight_norms/{n}", data=v)
+        p = g.create_group("pca")
+        p.create_dataset("coords", data=self.pca.coords)
+        p.create_dataset("explained_variance", data=self.pca.explained_variance)
+        for k, d in enumerate(self.pca.directions):
+            for n, t in d.items():
+                p.create_dataset(f"directions/{k}/{n}", data=t.double().cpu().numpy())
+        pl = g.create_group("plane")
+        for k, v in self.plane.items():
+            pl.create_dataset(k, data=v)
+        g.attrs["eos_ratio"] = encode_attr(EOS_RATIO)
+
+
+def analyze_trajectory(problem_for: Any, snapshots: Sequence[Snapshot], *, plane_steps: int = 21,
+                       margin: float = 0.25, tol: float = 1e-4, seed: int = 0, progress: Any = None) -> TrajectoryResult:
+    """Everything above for ``snapshots`` (ordered by step); ``problem_for(snapshot)`` gives its Problem."""
+    names = tuple(snapshots[-1].params)
+    steps = np.array([s.step for s in snapshots], dtype=np.int64)
+    first = flatten(snapshots[0].params, names)
+    flat = [flatten(s.params, names) for s in snapshots]
+    distance = np.array([np.linalg.norm(v - first) for v in flat])
+    step_size = np.full(len(snapshots), np.nan)
+    for i in range(1, len(snapshots)):
+        dt = steps[i] - steps[i - 1]
+        step_size[i] = np.linalg.norm(flat[i] - flat[i - 1]) / dt if dt > 0 else np.nan
+    norms = {n: np.array([float(s.params[n].double().norm()) for s in snapshots]) for n in names}
+    sharp, kinds, thr, lrs = [], [], [], []
+    for k, s in enumerate(snapshots):
+        if progress:
+            progress("sharpness along the trajectory", k, len(snapshots))
+        t, kind = threshold(s.optimizer)
+        pre = adam_preconditioner(s) if kind == "preconditioned" else None
+        if kind == "preconditioned" and pre is None:
+            kind, t = "hessian", math.nan  # Adam without its state: the raw sharpness has no threshold
+        pb = problem_for(s)
+        sharp.append(lambda_max(pb, s.params, precondition=pre, tol=tol, seed=seed))
+        kinds.append(kind)
+        thr.append(t)
+        lrs.append(float((s.optimizer or {}).get("hyperparameters", {}).get("lr", math.nan) or math.nan))
+    if progress:
+        progress("sharpness along the trajectory", len(snapshots), len(snapshots))
+    pca = pca_path(snapshots, names)
+    lo, hi = pca.coords.min(axis=0), pca.coords.max(axis=0)
+    pad = np.maximum((hi - lo) * margin, 1e-3 * max(1.0, float(np.abs(pca.coords).max())))
+    xs = np.linspace(lo[0] - pad[0], hi[0] + pad[0], plane_steps)
+    ys = np.linspace(lo[1] - pad[1], hi[1] + pad[1], plane_steps)
+    pb = problem_for(snapshots[-1])
+    X, Y = np.meshgrid(xs, ys, indexing="ij")
+    vals = pb.evaluate_points(np.stack([X.ravel(), Y.ravel()], axis=1), list(pca.directions))
+    plane = {"x": xs, "y": ys, **{k: v.reshape(X.shape) for k, v in vals.items()}}
+    return TrajectoryResult(names=tuple(s.name for s in snapshots), step=steps, lr=np.array(lrs),
+                            sharpness=np.array(sharp), sharpness_kind=tuple(kinds), threshold=np.array(thr),
+                            distance=distance, step_size=step_size, weight_norms=norms, pca=pca, plane=plane)
+
+
+# ---------------------------------------------------------------------------------------------- from files
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
+
+
+def checkpoint_files(inputs: Sequence[str]) -> list[str]:
+    """The checkpoint files named by ``inputs``: files as they are, folders expanded to their checkpoints."""
+    from pathlib import Path
+
+    from .errors import LandscapeError
+
+    out: list[str] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            out += sorted(str(q) for q in p.iterdir() if q.suffix in CHECKPOINT_SUFFIXES)
+        elif p.exists():
+            out.append(str(p))
+        else:
+            raise LandscapeError(f"{item} does not exist", hint="give checkpoint files or a folder of them")
+    if len(out) < 2:
+        raise LandscapeError("a trajectory needs at least two checkpoints", hint="give a folder or several files")
+    return out
+
+
+def _adam_state(path: str, names: Sequence[str], trust_pickle: bool) -> tuple[Params | None, int | None]:
+    """Adam's ``exp_avg_sq`` by parameter name and its step count, when the checkpoint holds its state."""
+    from .checkpoint import OPTIMIZER_KEYS, _torch_load
+
+    if not path.endswith((".pt", ".pth", ".ckpt")):
+        return None, None
+    raw = _torch_load(__import__("pathlib").Path(path), trust_pickle)
+    opt = next((raw[k] for k in OPTIMIZER_KEYS if isinstance(raw, Mapping) and isinstance(raw.get(k), Mapping)
+                and "state" in raw[k]), None)
+    if opt is None:
+        return None, None
+    order = [i for g in opt.get("param_groups", []) for i in g.get("params", [])]
+    state = opt["state"]
+    if len(order) != len(names) or not all(i in state and "exp_avg_sq" in state[i] for i in order):
+        return None, None
+    step = state[order[0]].get("step")
+    return ({n: state[i]["exp_avg_sq"].double() for n, i in zip(names, order)},
+            int(step.item() if isinstance(step, torch.Tensor) else step))
+
+
+def load_snapshots(paths: Sequence[str], template: torch.nn.Module, *, model_spec: Any = None,
+                   state_key: str | None = None, trust_pickle: bool = False) -> list[Snapshot]:
+    """Every checkpoint as a :class:`Snapshot`, ordered by recorded step (file order where steps are missing)."""
+    import warnings
+
+    from .checkpoint import load_checkpoint
+    from .errors import LandscapeError
+    from .scan import build_model
+
+    snaps = []
+    shapes = {n: tuple(t.shape) for n, t in template.named_parameters()}
+    for k, path in enumerate(paths):
+        ck = load_checkpoint(path, state_key=state_key, trust_pickle=trust_pickle)
+        model, _, _ = build_model(ck, model_spec)
+        params = {n: t.detach().clone() for n, t in model.named_parameters()}
+        if {n: tuple(t.shape) for n, t in params.items()} != shapes:
+            raise LandscapeError(f"{path} holds another architecture than the rest of the series",
+                                 hint="give the checkpoints of one training run")
+        names = list(params)
+        sq, astep = _adam_state(path, names, trust_pickle) if ck.optimizer else (None, None)
+        snaps.append(Snapshot(name=__import__("pathlib").Path(path).stem, step=ck.step if ck.step is not None else -1,
+                              params=params, buffers={n: b.detach().clone() for n, b in model.named_buffers()},
+                              optimizer=ck.optimizer, exp_avg_sq=sq, adam_step=astep))
+    if any(s.step < 0 for s in snaps):
+        warnings.warn("some checkpoints record no training step: the series is ordered as the files were given")
+        return snaps
+    return sorted(snaps, key=lambda s: s.step)
