@@ -693,6 +693,84 @@ def compare(
             out_console.print(Text(f"report: {drawn.html}"))
 
 
+@app.command(epilog="Examples:\n\n"
+                    "  landscape trajectory data/examples/mlp_sgd_s0000.pt data/examples/mlp_sgd_s0100.pt "
+                    "data/examples/mlp_sgd_s0500.pt data/examples/mlp_sgd_s2000.pt\n\n"
+                    "  landscape trajectory runs/ckpts/ -o reports/run7 --plane-steps 31\n\n"
+                    "  landscape trajectory ckpts/*.pt --json | jq .edge_of_stability")
+def trajectory(
+    inputs: list[str] = typer.Argument(..., help="Checkpoints of one training run, or a folder of them; ordered "
+                                                 "by their recorded step."),
+    plane_steps: int = typer.Option(21, help="Points per axis of the loss in the PCA plane."),
+    report: bool = typer.Option(True, help="Draw the report (index.html, figures/) next to trajectory.h5."),
+    model: ModelOpt = None,
+    model_arg: ModelArgOpt = None,
+    data: DataOpt = None,
+    data_arg: DataArgOpt = None,
+    loss: LossOpt = None,
+    state_key: StateKeyOpt = None,
+    trust_pickle: TrustOpt = False,
+    max_samples: MaxSamplesOpt = None,
+    seed: SeedOpt = 0,
+    batch_size: BatchOpt = 2048,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+    output: Optional[str] = typer.Option(None, "-o", "--output", help="trajectory.h5 or its folder (default: "
+                                                                      "reports/trajectory_<final checkpoint>)."),
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Training dynamics over checkpoints: the path in its PCA plane over the loss there, sharpness against the
+    stability threshold 2/lr (momentum, Adam: preconditioned) with edge-of-stability flags, distances, norms.
+    """
+    from landscape.report import render_report
+    from landscape.trajectory import TrajectoryConfig, run_trajectory
+
+    with _errors(debug):
+        scan_cfg = _base_config("", model, model_arg, data, data_arg, loss, None, state_key, trust_pickle,
+                                max_samples, seed, batch_size, device, dtype, None)
+        cfg = TrajectoryConfig(inputs=tuple(inputs), scan=scan_cfg, output=output, plane_steps=plane_steps)
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err_console) as prog:
+            tasks: dict[str, Any] = {}
+
+            def progress(name: str, done: int, total: int) -> None:
+                if name not in tasks:
+                    tasks[name] = prog.add_task(name, total=total)
+                prog.update(tasks[name], completed=done)
+
+            path, res = run_trajectory(cfg, progress=progress)
+        drawn = None
+        if report:
+            from pathlib import Path
+
+            with err_console.status("drawing the report", spinner="dots"):
+                drawn = render_report(path, Path(path).parent)
+        rows = [{"checkpoint": n, "step": int(st_), "lr": lr, "sharpness": sh, "kind": k, "threshold": th,
+                 "ratio": r, "edge_of_stability": bool(e), "distance": d}
+                for n, st_, lr, sh, k, th, r, e, d in zip(res.names, res.step, res.lr, res.sharpness,
+                                                         res.sharpness_kind, res.threshold, res.ratio,
+                                                         res.edge_of_stability, res.distance)]
+        if json_out:
+            print(json.dumps(_nan_to_none({"trajectory_file": path, "checkpoints": rows,
+                                           "explained_variance": res.pca.explained_variance[:2].tolist(),
+                                           "edge_of_stability": bool(res.edge_of_stability.any()),
+                                           "report": str(drawn.html) if drawn else None}), indent=2, default=float))
+            return
+        t = Table(title=f"trajectory: {path} (PCA plane explains "
+                        f"{100 * float(res.pca.explained_variance[:2].sum()):.0f}% of the path's variance)")
+        for c_ in ("checkpoint", "step", "lr", "sharpness", "threshold", "ratio", "EoS", "distance"):
+            t.add_column(c_)
+        for r in rows:
+            t.add_row(Text(r["checkpoint"]), str(r["step"]), _fmt(r["lr"]),
+                      _fmt(r["sharpness"]) + (" (precond.)" if r["kind"] == "preconditioned" else ""),
+                      _fmt(r["threshold"]), _fmt(r["ratio"]), "yes" if r["edge_of_stability"] else "",
+                      _fmt(r["distance"]))
+        out_console.print(t)
+        if drawn:
+            out_console.print(Text(f"report: {drawn.html}"))
+
+
 @app.command("report", epilog="Examples:\n\n  landscape report reports/mlp_sgd_s2000/run.h5\n\n"
                               "  landscape report run.h5 -o paper/figs --format pdf,svg --levels log\n\n"
                               "  landscape report run.h5 --format html --json")

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import h5py
 import numpy as np
 import torch
 
+from .errors import LandscapeError
 from .lanczos import lanczos
 from .problem import Params, Problem
 from .runfile import encode_attr
@@ -232,10 +234,6 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
 
 def checkpoint_files(inputs: Sequence[str]) -> list[str]:
     """The checkpoint files named by ``inputs``: files as they are, folders expanded to their checkpoints."""
-    from pathlib import Path
-
-    from .errors import LandscapeError
-
     out: list[str] = []
     for item in inputs:
         p = Path(item)
@@ -256,7 +254,7 @@ def _adam_state(path: str, names: Sequence[str], trust_pickle: bool) -> tuple[Pa
 
     if not path.endswith((".pt", ".pth", ".ckpt")):
         return None, None
-    raw = _torch_load(__import__("pathlib").Path(path), trust_pickle)
+    raw = _torch_load(Path(path), trust_pickle)
     opt = next((raw[k] for k in OPTIMIZER_KEYS if isinstance(raw, Mapping) and isinstance(raw.get(k), Mapping)
                 and "state" in raw[k]), None)
     if opt is None:
@@ -276,7 +274,6 @@ def load_snapshots(paths: Sequence[str], template: torch.nn.Module, *, model_spe
     import warnings
 
     from .checkpoint import load_checkpoint
-    from .errors import LandscapeError
     from .scan import build_model
 
     snaps = []
@@ -290,10 +287,61 @@ def load_snapshots(paths: Sequence[str], template: torch.nn.Module, *, model_spe
                                  hint="give the checkpoints of one training run")
         names = list(params)
         sq, astep = _adam_state(path, names, trust_pickle) if ck.optimizer else (None, None)
-        snaps.append(Snapshot(name=__import__("pathlib").Path(path).stem, step=ck.step if ck.step is not None else -1,
+        snaps.append(Snapshot(name=Path(path).stem, step=ck.step if ck.step is not None else -1,
                               params=params, buffers={n: b.detach().clone() for n, b in model.named_buffers()},
                               optimizer=ck.optimizer, exp_avg_sq=sq, adam_step=astep))
     if any(s.step < 0 for s in snaps):
         warnings.warn("some checkpoints record no training step: the series is ordered as the files were given")
         return snaps
     return sorted(snaps, key=lambda s: s.step)
+
+
+@dataclass(frozen=True)
+class TrajectoryConfig:
+    """What ``landscape trajectory`` is told; ``scan`` gives data, loss and model specs (its checkpoint unused)."""
+
+    inputs: tuple[str, ...]
+    scan: Any
+    output: str | None = None
+    plane_steps: int = 21
+
+    def run_path(self, files: Sequence[str]) -> Path:
+        if self.output:
+            out = Path(self.output)
+            return out if out.suffix in (".h5", ".hdf5") else out / "trajectory.h5"
+        return Path("reports") / f"trajectory_{Path(files[-1]).stem}" / "trajectory.h5"
+
+
+def run_trajectory(cfg: TrajectoryConfig, *, progress: Any = None) -> tuple[str, TrajectoryResult]:
+    """Load the series, analyse it and write ``trajectory.h5`` (replacing an earlier one)."""
+    import copy as _copy
+    from dataclasses import replace
+
+    from .runfile import RunFile
+    from .scan import provenance, setup
+
+    files = checkpoint_files(cfg.inputs)
+    base = replace(cfg.scan, checkpoint=files[-1])
+    st = setup(base)
+    snaps = load_snapshots(files, st.model, model_spec=base.model, state_key=base.state_key,
+                           trust_pickle=base.trust_pickle)
+    final = next(f for f in files if Path(f).stem == snaps[-1].name)
+    st = setup(replace(base, checkpoint=final))
+    pb0 = st.problem
+
+    def problem_for(s: Snapshot) -> Problem:
+        m = _copy.deepcopy(st.model)
+        m.load_state_dict({**s.params, **s.buffers}, strict=False)
+        return Problem(m, st.data.X, st.data.y, pb0.loss_fn, device=pb0.device, dtype=pb0.dtype,
+                       batch_size=pb0.batch_size, bn=base.bn, bn_batches=base.bn_batches, seed=base.seed)
+
+    result = analyze_trajectory(problem_for, snaps, plane_steps=cfg.plane_steps, seed=base.seed, progress=progress)
+    path = cfg.run_path(files)
+    prov = provenance(replace(base, checkpoint=final), st)
+    with RunFile(path, mode="overwrite") as rf:
+        with rf.transaction() as f:
+            for k, v in {**prov, "kind": "trajectory"}.items():
+                f.attrs[k] = encode_attr(v)
+            result.write(f)
+    return str(path), result
+

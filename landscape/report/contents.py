@@ -119,6 +119,18 @@ class CompareData:
 
 
 @dataclass(frozen=True)
+class TrajectoryData:
+    """``/trajectory``: per-checkpoint arrays, per-tensor weight norms, the PCA path and the loss in its plane."""
+
+    arrays: Mapping[str, np.ndarray]
+    weight_norms: Mapping[str, np.ndarray]
+    coords: np.ndarray
+    explained_variance: np.ndarray
+    plane: SliceData
+    attrs: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
 class RunContents:
     """Everything a report draws, read from one run file (or comparison file)."""
 
@@ -129,9 +141,12 @@ class RunContents:
     sharpness: tuple[SharpnessData, ...]
     coherence: CoherenceData | None
     compare: CompareData | None = None
+    trajectory: TrajectoryData | None = None
 
     @property
     def title(self) -> str:
+        if self.trajectory is not None:
+            return "trajectory to " + Path(str(self.attrs.get("checkpoint_path", self.path))).name
         if self.compare is not None:
             return "comparison of " + ", ".join(self.compare.models)
         ck = self.attrs.get("checkpoint_path") or self.attrs.get("imported_from") or str(self.path)
@@ -156,8 +171,9 @@ class RunContents:
             sharp = tuple(_read_sharpness(n, g) for n, g in f["sharpness"].items()) if "sharpness" in f else ()
             coh = _read_coherence(f["coherence"]) if "coherence" in f else None
             cmp = _read_compare(f["compare"]) if "compare" in f else None
+            traj = _read_trajectory(f["trajectory"]) if "trajectory" in f else None
             return cls(path=path, attrs=read_attrs(f), slices=slices, curvature=curv, sharpness=sharp,
-                       coherence=coh, compare=cmp)
+                       coherence=coh, compare=cmp, trajectory=traj)
 
 
 def _arrays(g: h5py.Group, skip: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
@@ -214,6 +230,18 @@ def _read_compare(g: h5py.Group) -> CompareData:
                        bezier=paths["bezier"])
 
 
+def _read_trajectory(g: h5py.Group) -> TrajectoryData:
+    arrays = _arrays(g)
+    for k in ("checkpoint", "sharpness_kind"):
+        arrays[k] = np.array(_strings(g[k]))
+    pl = g["plane"]
+    plane = SliceData(name="PCA plane", attrs={"kind": "pca"}, x=pl["x"][()], y=pl["y"][()],
+                      values={k: v[()] for k, v in pl.items() if k not in ("x", "y")},
+                      done=np.ones(pl["loss"].shape, dtype=bool))
+    return TrajectoryData(arrays=arrays, weight_norms=_arrays(g["weight_norms"]), coords=g["pca/coords"][()],
+                          explained_variance=g["pca/explained_variance"][()], plane=plane, attrs=read_attrs(g))
+
+
 @dataclass(frozen=True)
 class Row:
     """One scalar result of the summary table: ``value ± stderr`` (``stderr`` NaN: none)."""
@@ -265,6 +293,15 @@ def summary_rows(run: RunContents) -> list[Row]:
                                     else ""))
         for p in run.compare.bezier:
             rows.append(Row(f"{p.pair[0]} - {p.pair[1]}", "Bezier max loss", float(p.attrs["max_loss"])))
+    if run.trajectory is not None:
+        a = run.trajectory.arrays
+        for i, name in enumerate(a["checkpoint"]):
+            kind = "preconditioned sharpness" if a["sharpness_kind"][i] == "preconditioned" else "lambda_max"
+            rows.append(Row(f"trajectory {name} (step {int(a['step'][i])})", kind, float(a["sharpness"][i]),
+                            note=f"threshold {float(a['threshold'][i]):.4g}, ratio {float(a['ratio'][i]):.3g}"
+                                 + (", edge of stability" if a["edge_of_stability"][i] else "")))
+        ev = run.trajectory.explained_variance
+        rows.append(Row("trajectory", "PCA explained variance (2 components)", float(np.sum(ev[:2]))))
     if run.coherence is not None:
         for label, c in (("coherence", run.coherence), ("coherence, shuffled labels", run.coherence.control)):
             if c is None:

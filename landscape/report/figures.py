@@ -16,7 +16,8 @@ import numpy as np
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
-from .contents import CoherenceData, CompareData, CurvatureData, RunContents, SharpnessData, SliceData, trace_items
+from .contents import (CoherenceData, CompareData, CurvatureData, RunContents, SharpnessData, SliceData,
+                       TrajectoryData, trace_items)
 
 #: Contour level spacing: ``log`` (geometric), ``linear``, or ``auto`` (log when the finite values are
 #: positive and span more than two decades).
@@ -419,6 +420,67 @@ def compare_paths_figure(run: RunContents, c: CompareData) -> Figure:
     return fig
 
 
+def trajectory_plane_figure(run: RunContents, t: TrajectoryData, *, levels: str = "auto") -> Figure:
+    """The loss in the plane of the path's top-2 principal directions, the path drawn on it."""
+    fig = contour_figure(run, t.plane, "loss", levels=levels, filled=True)
+    ax = fig.axes[0]
+    ax.plot(t.coords[:, 0], t.coords[:, 1], "-o", color="white", mec="black", ms=5, lw=1.5, label="path")
+    for (x, y), step in zip(t.coords, t.arrays["step"]):
+        ax.annotate(str(int(step)), (x, y), textcoords="offset points", xytext=(4, 4), fontsize="x-small",
+                    color="white")
+    ev = t.explained_variance
+    ax.set_xlabel(f"PC 1 ({100 * ev[0]:.1f}% of the variance)")
+    ax.set_ylabel(f"PC 2 ({100 * (ev[1] if len(ev) > 1 else 0):.1f}%)")
+    ax.set_title(text(f"{run.title}: loss in the PCA plane of the path (labels: steps)"), fontsize="medium")
+    ax.legend(loc="upper right", fontsize="small")
+    return fig
+
+
+def trajectory_sharpness_figure(run: RunContents, t: TrajectoryData) -> Figure:
+    """Sharpness at each checkpoint against the stability threshold; edge-of-stability checkpoints marked."""
+    a = t.arrays
+    fig = Figure(figsize=(7.0, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    pre = np.array([k == "preconditioned" for k in a["sharpness_kind"]])
+    ax.plot(a["step"], a["sharpness"], "-o", color="C0", ms=4,
+            label="preconditioned sharpness (Adam)" if pre.all() else "lambda_max")
+    if np.isfinite(a["threshold"]).any():
+        ax.plot(a["step"], a["threshold"], "--", color="C3", label="stability threshold")
+    eos = a["edge_of_stability"].astype(bool)
+    if eos.any():
+        ax.plot(a["step"][eos], a["sharpness"][eos], "o", mfc="none", mec="C3", ms=10, label="edge of stability")
+    finite = a["sharpness"][np.isfinite(a["sharpness"])]
+    if finite.size and finite.min() > 0:
+        ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("sharpness")
+    ax.legend(fontsize="small")
+    ax.set_title(text(f"{run.title}: sharpness and the stability threshold"), fontsize="medium")
+    return fig
+
+
+def trajectory_distance_figure(run: RunContents, t: TrajectoryData) -> Figure:
+    """Distance from the first checkpoint, effective step size and per-tensor weight norms against the step."""
+    a = t.arrays
+    fig = Figure(figsize=(12.0, 3.8), layout="constrained")
+    axes = fig.subplots(1, 3)
+    axes[0].plot(a["step"], a["distance"], "-o", ms=4)
+    axes[0].set_ylabel("||theta_i - theta_0||")
+    axes[1].plot(a["step"], a["step_size"], "-o", ms=4, color="C1")
+    axes[1].set_ylabel("||theta_i - theta_(i-1)|| per step")
+    if np.nanmin(np.where(a["step_size"] > 0, a["step_size"], np.nan), initial=np.inf) < np.inf:
+        axes[1].set_yscale("log")
+    for n, v in t.weight_norms.items():
+        axes[2].plot(a["step"], v, "-", label=text(n))
+    axes[2].set_ylabel("weight norm")
+    if len(t.weight_norms) <= 12:
+        axes[2].legend(fontsize="xx-small", ncols=2)
+    for ax in axes:
+        ax.set_xlabel("training step")
+    fig.suptitle(text(f"{run.title}: distances and norms"), fontsize="medium")
+    return fig
+
+
 def all_figures(run: RunContents, *, levels: str = "auto") -> dict[str, Figure]:
     """Every figure the run file has data for, by file stem."""
     out: dict[str, Figure] = {}
@@ -443,6 +505,10 @@ def all_figures(run: RunContents, *, levels: str = "auto") -> dict[str, Figure]:
         out["trace"] = trace_figure(run, run.curvature)
     if run.sharpness:
         out["sharpness"] = sharpness_figure(run, run.sharpness)
+    if run.trajectory is not None:
+        out["trajectory_plane"] = trajectory_plane_figure(run, run.trajectory, levels=levels)
+        out["trajectory_sharpness"] = trajectory_sharpness_figure(run, run.trajectory)
+        out["trajectory_distance"] = trajectory_distance_figure(run, run.trajectory)
     if run.compare is not None:
         if any(sl.dims == 2 for sl in run.compare.slices):
             out["compare_slices"] = compare_slices_figure(run, run.compare, levels=levels)

@@ -18,8 +18,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .contents import (CoherenceData, CompareData, CurvatureData, RunContents, SharpnessData, SliceData, provenance, settings,
-                       summary_rows, trace_items)
+from .contents import (CoherenceData, CompareData, CurvatureData, RunContents, SharpnessData, SliceData,
+                       TrajectoryData, provenance, settings, summary_rows, trace_items)
 from .figures import SHARPNESS_UNITS, axis_labels, coherence_parts, finite_scores, log_spread, use_log
 
 _CONFIG = {"displaylogo": False, "responsive": True, "toImageButtonOptions": {"format": "png", "scale": 2}}
@@ -315,7 +315,50 @@ def _compare_panels(page: _Page, c: CompareData) -> str:
     return out
 
 
+def _trajectory_panels(page: _Page, t: TrajectoryData) -> str:
+    a = t.arrays
+    pl = t.plane
+    loss = pl.masked("loss")
+    log = use_log(loss, "auto")
+    names = [esc(n) for n in a["checkpoint"]]
+    ev = t.explained_variance
+    out = page.figure(
+        [{"type": "contour", "x": pl.x, "y": pl.y, "z": (np.log10(loss) if log else loss).T, "customdata": loss.T,
+          "colorscale": "Viridis", "ncontours": 30, "contours": {"coloring": "heatmap"},
+          "colorbar": {"title": {"text": "log10 loss" if log else "loss"}},
+          "hovertemplate": "PC1=%{x:.3g}<br>PC2=%{y:.3g}<br>loss=%{customdata:.6g}<extra></extra>"},
+         {"type": "scatter", "x": t.coords[:, 0], "y": t.coords[:, 1], "mode": "lines+markers+text",
+          "text": [str(int(s_)) for s_ in a["step"]], "textposition": "top right", "customdata": names,
+          "marker": {"color": "white", "line": {"color": "black", "width": 1}}, "line": {"color": "white"},
+          "hovertemplate": "%{customdata}<extra></extra>"}],
+        {"title": _title("loss in the PCA plane of the path (labels: steps)"), "showlegend": False,
+         "xaxis": {"title": {"text": f"PC 1 ({100 * ev[0]:.1f}%)"}},
+         "yaxis": {"title": {"text": f"PC 2 ({100 * (ev[1] if len(ev) > 1 else 0):.1f}%)"}}}, height=480)
+    data = [{"type": "scatter", "x": a["step"], "y": a["sharpness"], "mode": "lines+markers", "name": "sharpness",
+             "customdata": names, "hovertemplate": "%{customdata}: %{y:.6g}<extra></extra>"},
+            {"type": "scatter", "x": a["step"], "y": a["threshold"], "mode": "lines", "name": "stability threshold",
+             "line": {"dash": "dash", "color": "#d62728"}}]
+    eos = a["edge_of_stability"].astype(bool)
+    if eos.any():
+        data.append({"type": "scatter", "x": a["step"][eos], "y": a["sharpness"][eos], "mode": "markers",
+                     "name": "edge of stability", "marker": {"size": 14, "symbol": "circle-open", "color": "#d62728"}})
+    out += '<div class="row">' + page.figure(
+        data, {"title": _title("sharpness against the stability threshold"), "xaxis": {"title": {"text": "step"}},
+               "yaxis": {"title": {"text": "sharpness"}, "type": "log"}}, height=380, width="50%")
+    out += page.figure(
+        [{"type": "scatter", "x": a["step"], "y": a["distance"], "mode": "lines+markers", "name": "from the first"},
+         {"type": "scatter", "x": a["step"], "y": a["step_size"], "mode": "lines+markers", "yaxis": "y2",
+          "name": "per step"}],
+        {"title": _title("distance travelled"), "xaxis": {"title": {"text": "step"}},
+         "yaxis": {"title": {"text": "||theta_i - theta_0||"}},
+         "yaxis2": {"title": {"text": "||theta_i - theta_(i-1)|| / step"}, "overlaying": "y", "side": "right",
+                    "type": "log", "showgrid": False}, "legend": {"x": 0.5, "y": 0.1}}, height=380, width="50%")
+    return out + "</div>"
+
+
 def _sections(page: _Page, run: RunContents) -> Iterator[tuple[str, str]]:
+    if run.trajectory is not None:
+        yield "trajectory", _trajectory_panels(page, run.trajectory)
     if run.compare is not None:
         yield "comparison", _compare_panels(page, run.compare)
     if run.slices:
