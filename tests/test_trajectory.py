@@ -97,3 +97,32 @@ def test_thresholds():
     t, kind = threshold({"name": "Adam", "hyperparameters": {"lr": 0.001, "betas": [0.9, 0.999]}})
     assert t == pytest.approx(38000.0) and kind == "preconditioned"
     assert math.isnan(threshold(None)[0])
+
+
+def test_trajectory_command(tmp_path):
+    import json
+
+    import h5py
+
+    from conftest import EXAMPLES, cli
+
+    files = [str(EXAMPLES / f"mlp_adam_s{s:04d}.pt") for s in (2000, 0, 500, 100)]  # out of order on purpose
+    r = cli("trajectory", *files, "--max-samples", "200", "--plane-steps", "5", "-o", str(tmp_path), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert [c["step"] for c in out["checkpoints"]] == [0, 100, 500, 2000]  # ordered by recorded step
+    with h5py.File(tmp_path / "trajectory.h5") as f:
+        g = f["trajectory"]
+        for k in ("step", "lr", "sharpness", "threshold", "distance", "pca/explained_variance", "pca/coords"):
+            assert k in g, k
+        assert g["pca/coords"].shape == (4, 2) and np.allclose(g["pca/coords"][-1], 0)
+        kinds = [k.decode() for k in g["sharpness_kind"][()]]
+        assert kinds[1:] == ["preconditioned"] * 3  # Adam's state is in the checkpoints after step 0
+        assert g["threshold"][1] == pytest.approx((2 + 2 * 0.9) / (0.1 * 1e-3))
+        assert g["plane/loss"].shape == (5, 5) and f.attrs["kind"] == "trajectory"
+    assert {p.stem for p in (tmp_path / "figures").iterdir()} == {"trajectory_plane", "trajectory_sharpness",
+                                                                 "trajectory_distance"}
+    bad = cli("trajectory", files[0], "-o", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "at least two" in bad.stderr
+    mixed = cli("trajectory", files[0], str(EXAMPLES / "cnn_adam_s0000.pt"), "-o", str(tmp_path / "y"))
+    assert mixed.returncode == 2 and "another architecture" in mixed.stderr
