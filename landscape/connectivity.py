@@ -10,7 +10,7 @@ convex loss. Grid points outside [0, 1] are evaluated (and plotted) but do not e
 
 Quadratic Bezier curve (Garipov et al. 2018, "Loss Surfaces, Mode Connectivity, and Fast Ensembling of
 DNNs"): ``phi(t) = (1-t)^2 theta_A + 2t(1-t) theta + t^2 theta_B``; the bend ``theta`` is fitted by
-minimizing ``E_{t ~ U(0,1)} L(phi(t))`` with Adam over random ``t`` and minibatches, starting from the
+minimizing ``E_{t ~ U(0,1)} L(phi(t))`` with Adam (step 0.003) over random ``t`` and minibatches, from the
 midpoint. Since ``phi(t) = theta_A + 2t(1-t)(theta - theta_A) + t^2 (theta_B - theta_A)``, the curve is
 evaluated with the Problem's two-direction point evaluation.
 """
@@ -83,7 +83,7 @@ def linear_path(problem: Problem, theta_b: Params, alpha: np.ndarray) -> Path:
     return _path(alpha, vals, "linear")
 
 
-def fit_bezier(problem: Problem, theta_b: Params, *, steps: int = 300, batch: int = 128, lr: float = 0.01,
+def fit_bezier(problem: Problem, theta_b: Params, *, steps: int = 300, batch: int = 128, lr: float = 0.003,
                seed: int = 0) -> Params:
     """The bend ``theta`` of the quadratic Bezier curve from ``theta0`` to ``theta_b`` of least mean loss."""
     a = problem.theta0
