@@ -79,7 +79,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = {"machine": platform.platform(), "torch": torch.__version__, "threads": args.threads, "models": {}}
-    print(f"| model | measure (group) | rho | value ± stderr | evaluations | wall | pass limit | ratio |")
+    print("| model | measure (group) | rho | value ± stderr | evaluations | wall | pass limit | ratio |")
     print("|---|---|---|---|---|---|---|---|")
     for name in ("mlp_sgd_s2000", "cnn_adam_s2000"):
         st = setup(ScanConfig(str(ROOT / "data" / "examples" / f"{name}.pt"), device="cpu"))

@@ -258,18 +258,27 @@ def read_attrs(obj: h5py.HLObject) -> dict[str, Any]:
     return {k: decode_attr(v) for k, v in obj.attrs.items()}
 
 
-def describe(path: str | Path) -> dict[str, Any]:
-    """Every attribute and scalar result of a run file, as plain Python (for ``inspect``)."""
+def open_run_file(path: str | Path) -> h5py.File:
+    """A run (or comparison, trajectory) file opened read-only; missing, unreadable or foreign files are a
+    :class:`LandscapeError` that says so."""
     path = Path(path)
     if not path.exists():
-        raise LandscapeError(f"run file {path} does not exist", hint="check the path")
+        raise LandscapeError(f"run file {path} does not exist", hint="give a run.h5 written by landscape")
     try:
         f = h5py.File(path, "r")
     except OSError as err:
-        raise LandscapeError(f"{path} is not a readable HDF5 file ({err})") from err
-    with f:
-        if decode_attr(f.attrs.get("schema")) != SCHEMA:
-            raise LandscapeError(f"{path} is not a landscape run file", hint=f"expected schema {SCHEMA}")
+        raise LandscapeError(f"{path} is not a readable HDF5 file ({err})",
+                             hint="give a run.h5 written by landscape") from None
+    if decode_attr(f.attrs.get("schema")) != SCHEMA:
+        f.close()
+        raise LandscapeError(f"{path} is not a landscape run file", hint=f"expected schema {SCHEMA}")
+    return f
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """Every attribute and scalar result of a run file, as plain Python (for ``inspect``)."""
+    path = Path(path)
+    with open_run_file(path) as f:
         out: dict[str, Any] = {"path": str(path), "attrs": read_attrs(f), "groups": {}}
 
         def visit(name: str, obj: Any) -> None:

@@ -17,8 +17,7 @@ from typing import Any, Mapping
 import h5py
 import numpy as np
 
-from ..errors import LandscapeError
-from ..runfile import SCHEMA, decode_attr, read_attrs
+from ..runfile import decode_attr, open_run_file, read_attrs
 
 #: Curvature groups a report knows, in the order it shows them, with their titles.
 CURVATURE_GROUPS = {"hessian": "Hessian", "ggn": "Gauss-Newton", "hessian_pyhessian": "Hessian (PyHessian)"}
@@ -156,16 +155,7 @@ class RunContents:
     def read(cls, path: str | Path) -> "RunContents":
         """Read a run file; a missing, unreadable or foreign file is a :class:`LandscapeError`."""
         path = Path(path)
-        if not path.exists():
-            raise LandscapeError(f"run file {path} does not exist", hint="give the run.h5 written by landscape scan")
-        try:
-            f = h5py.File(path, "r")
-        except OSError as err:
-            raise LandscapeError(f"{path} is not a readable HDF5 file ({err})",
-                                 hint="give the run.h5 written by landscape scan") from None
-        with f:
-            if decode_attr(f.attrs.get("schema")) != SCHEMA:
-                raise LandscapeError(f"{path} is not a landscape run file", hint=f"expected schema {SCHEMA}")
+        with open_run_file(path) as f:
             slices = tuple(_read_slice(n, g) for n, g in f["slices"].items()) if "slices" in f else ()
             curv = tuple(_read_curvature(n, f[n]) for n in CURVATURE_GROUPS if n in f)
             sharp = tuple(_read_sharpness(n, g) for n, g in f["sharpness"].items()) if "sharpness" in f else ()
