@@ -31,6 +31,8 @@ app = typer.Typer(
     epilog="Examples:\n\n"
            "  landscape scan data/examples/mlp_sgd_s2000.pt\n\n"
            "  landscape scan ckpt.pt --model mypkg.models:resnet20 --data mypkg.data:cifar_subset --loss cross_entropy\n\n"
+           "  landscape compare data/examples/mlp_sgd_s2000.pt data/examples/mlp_adam_s2000.pt --align\n\n"
+           "  landscape report reports/mlp_sgd_s2000/run.h5 --format pdf\n\n"
            "  landscape inspect reports/mlp_sgd_s2000/run.h5 --json",
     no_args_is_help=True,
     add_completion=False,
@@ -841,7 +843,7 @@ def import_surface(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run file."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
-    """Convert a loss-landscape surface file ([y, x] order) into a run file ([x, y] order)."""
+    """Convert a loss-landscape surface file (\\[y, x] order) into a run file (\\[x, y] order)."""
     from landscape.importers import import_loss_landscape
 
     with _errors(debug):

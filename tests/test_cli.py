@@ -78,7 +78,8 @@ def test_dry_run_and_interpolation(tmp_path, cnn_ckpt):
 
 
 def test_help_has_examples():
-    for args in (("--help",), ("scan", "--help"), ("inspect", "--help"), ("report", "--help")):
+    for args in (("--help",), ("scan", "--help"), ("inspect", "--help"), ("report", "--help"), ("compare", "--help"),
+                 ("trajectory", "--help")):
         res = cli(*args)
         assert res.returncode == 0 and "Examples" in res.stdout and "landscape " in res.stdout
 
