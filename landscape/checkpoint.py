@@ -56,6 +56,8 @@ class Checkpoint:
     optimizer: Mapping[str, Any] | None = None
     step: int | None = None
     module: torch.nn.Module | None = field(default=None, repr=False)
+    #: the optimizer's whole state dict (moments included), kept only when ``load_checkpoint(optimizer_state=True)``
+    optimizer_state: Mapping[str, Any] | None = field(default=None, repr=False)
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -165,8 +167,10 @@ def _plain(v: Any) -> Any:
     return None
 
 
-def load_checkpoint(path: str | Path, *, state_key: str | None = None, trust_pickle: bool = False) -> Checkpoint:
-    """Read a checkpoint without running code from it (unless ``trust_pickle``)."""
+def load_checkpoint(path: str | Path, *, state_key: str | None = None, trust_pickle: bool = False,
+                    optimizer_state: bool = False) -> Checkpoint:
+    """Read a checkpoint without running code from it (unless ``trust_pickle``); with ``optimizer_state``, keep the
+    optimizer's state dict (its moments cost as much memory as the model, or twice that for Adam)."""
     path = Path(path)
     if not path.exists():
         raise LandscapeError(f"checkpoint {path} does not exist", hint="check the path")
@@ -225,12 +229,13 @@ def load_checkpoint(path: str | Path, *, state_key: str | None = None, trust_pic
             hint=f"pass --state-key KEY; top-level keys are: {_keys_preview(obj)}",
         )
 
-    opt = None
+    opt = opt_state = None
     man_opt = manifest.get("optimizer") if manifest else None
     for k in OPTIMIZER_KEYS:
         if k in obj:
             opt = optimizer_info(obj[k], name=(man_opt or {}).get("name"))
             if opt:
+                opt_state = obj[k][0] if isinstance(obj[k], (list, tuple)) else obj[k]
                 break
     if opt is None and isinstance(man_opt, Mapping):
         opt = dict(man_opt)
@@ -241,7 +246,9 @@ def load_checkpoint(path: str | Path, *, state_key: str | None = None, trust_pic
                 step = obj[k]
                 break
     return Checkpoint(format=fmt, state_dict=dict(found), state_key=key, manifest=manifest,
-                      optimizer=opt, step=step, module=module, **common)
+                      optimizer=opt, step=step, module=module,
+                      optimizer_state=opt_state if optimizer_state and isinstance(opt_state, Mapping) else None,
+                      **common)
 
 
 def _keys_preview(obj: Mapping[str, Any], n: int = 8) -> str:

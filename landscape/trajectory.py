@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .errors import LandscapeError
+from .curvature import CurvatureOperator
 from .lanczos import lanczos
 from .problem import Params, Problem
 from .runfile import encode_attr
@@ -39,7 +40,8 @@ EOS_RATIO = 0.9
 @dataclass(frozen=True)
 class Snapshot:
     """One checkpoint of the series: its step, parameters, buffers and optimizer (name, hyperparameters,
-    and for Adam the per-parameter second moments ``exp_avg_sq`` with the optimizer's step count)."""
+    and for Adam the per-parameter second moments ``exp_avg_sq`` with the optimizer's step count), and the file it
+    was loaded from."""
 
     name: str
     step: int
@@ -48,6 +50,7 @@ class Snapshot:
     optimizer: Mapping[str, Any] | None = None
     exp_avg_sq: Params | None = None
     adam_step: int | None = None
+    path: str = ""
 
 
 def threshold(optimizer: Mapping[str, Any] | None) -> tuple[float, str]:
@@ -106,28 +109,16 @@ def pca_path(snapshots: Sequence[Snapshot], names: Sequence[str]) -> PCA:
 def lambda_max(problem: Problem, params: Params, *, precondition: Params | None = None, tol: float = 1e-4,
                seed: int = 0) -> float:
     """The largest eigenvalue of H at ``params`` (of ``P^{-1/2} H P^{-1/2}`` with the diagonal ``precondition``)."""
-    names = problem.names
-    shapes = [params[n].shape for n in names]
-    sizes = [params[n].numel() for n in names]
-    scale = None if precondition is None else np.concatenate(
-        [precondition[n].detach().double().cpu().reshape(-1).numpy() for n in names]) ** -0.5
+    op = CurvatureOperator(problem, point={n: params[n].to(problem.device, problem.dtype) for n in problem.names})
+    if precondition is None:
+        matvec = op.matvec
+    else:
+        scale = op.to_vector(precondition) ** -0.5
 
-    def to_params(vec: np.ndarray) -> Params:
-        out, i = {}, 0
-        for n, sh, sz in zip(names, shapes, sizes):
-            out[n] = torch.as_tensor(vec[i:i + sz], dtype=problem.dtype, device=problem.device).reshape(sh)
-            i += sz
-        return out
+        def matvec(v: np.ndarray) -> np.ndarray:
+            return op.matvec(v * scale) * scale
 
-    point = {n: params[n].to(problem.device, problem.dtype) for n in names}
-
-    def matvec(v: np.ndarray) -> np.ndarray:
-        u = v if scale is None else v * scale
-        hv = problem.hvp(to_params(u), params=point)
-        out = np.concatenate([hv[n].detach().double().cpu().reshape(-1).numpy() for n in names])
-        return out if scale is None else out * scale
-
-    return float(lanczos(matvec, sum(sizes), k=1, tol=tol, max_matvec=300, seed=seed).eigenvalues[0])
+    return float(lanczos(matvec, op.n, k=1, tol=tol, max_matvec=300, seed=seed).eigenvalues[0])
 
 
 def adam_preconditioner(s: Snapshot) -> Params | None:
@@ -219,8 +210,7 @@ def analyze_trajectory(problem_for: Any, snapshots: Sequence[Snapshot], *, plane
     pad = np.maximum((hi - lo) * margin, 1e-3 * max(1.0, float(np.abs(pca.coords).max())))
     xs = np.linspace(lo[0] - pad[0], hi[0] + pad[0], plane_steps)
     ys = np.linspace(lo[1] - pad[1], hi[1] + pad[1], plane_steps)
-    pb = problem_for(snapshots[-1])
-    X, Y = np.meshgrid(xs, ys, indexing="ij")
+    X, Y = np.meshgrid(xs, ys, indexing="ij")  # around the final checkpoint: the last Problem of the loop
     vals = pb.evaluate_points(np.stack([X.ravel(), Y.ravel()], axis=1), list(pca.directions))
     plane = {"x": xs, "y": ys, **{k: v.reshape(X.shape) for k, v in vals.items()}}
     return TrajectoryResult(names=tuple(s.name for s in snapshots), step=steps, lr=np.array(lrs),
@@ -248,16 +238,9 @@ def checkpoint_files(inputs: Sequence[str]) -> list[str]:
     return out
 
 
-def _adam_state(path: str, names: Sequence[str], trust_pickle: bool) -> tuple[Params | None, int | None]:
-    """Adam's ``exp_avg_sq`` by parameter name and its step count, when the checkpoint holds its state."""
-    from .checkpoint import OPTIMIZER_KEYS, _torch_load
-
-    if not path.endswith((".pt", ".pth", ".ckpt")):
-        return None, None
-    raw = _torch_load(Path(path), trust_pickle)
-    opt = next((raw[k] for k in OPTIMIZER_KEYS if isinstance(raw, Mapping) and isinstance(raw.get(k), Mapping)
-                and "state" in raw[k]), None)
-    if opt is None:
+def _adam_state(opt: Mapping[str, Any] | None, names: Sequence[str]) -> tuple[Params | None, int | None]:
+    """Adam's ``exp_avg_sq`` by parameter name and its step count, from an optimizer state dict that holds them."""
+    if not isinstance(opt, Mapping) or not isinstance(opt.get("state"), Mapping):
         return None, None
     order = [i for g in opt.get("param_groups", []) for i in g.get("params", [])]
     state = opt["state"]
@@ -268,26 +251,28 @@ def _adam_state(path: str, names: Sequence[str], trust_pickle: bool) -> tuple[Pa
             int(step.item() if isinstance(step, torch.Tensor) else step))
 
 
-def load_snapshots(paths: Sequence[str], template: torch.nn.Module, *, model_spec: Any = None,
-                   state_key: str | None = None, trust_pickle: bool = False) -> list[Snapshot]:
-    """Every checkpoint as a :class:`Snapshot`, ordered by recorded step (file order where steps are missing)."""
+def load_snapshots(paths: Sequence[str], *, model_spec: Any = None, state_key: str | None = None,
+                   trust_pickle: bool = False) -> list[Snapshot]:
+    """Every checkpoint as a :class:`Snapshot`, ordered by recorded step (file order where steps are missing);
+    all must hold the same parameters as the first."""
     import warnings
 
     from .checkpoint import load_checkpoint
     from .scan import build_model
 
-    snaps = []
-    shapes = {n: tuple(t.shape) for n, t in template.named_parameters()}
-    for k, path in enumerate(paths):
-        ck = load_checkpoint(path, state_key=state_key, trust_pickle=trust_pickle)
+    snaps: list[Snapshot] = []
+    shapes = None
+    for path in paths:
+        ck = load_checkpoint(path, state_key=state_key, trust_pickle=trust_pickle, optimizer_state=True)
         model, _, _ = build_model(ck, model_spec)
         params = {n: t.detach().clone() for n, t in model.named_parameters()}
-        if {n: tuple(t.shape) for n, t in params.items()} != shapes:
+        if shapes is None:
+            shapes = {n: tuple(t.shape) for n, t in params.items()}
+        elif {n: tuple(t.shape) for n, t in params.items()} != shapes:
             raise LandscapeError(f"{path} holds another architecture than the rest of the series",
                                  hint="give the checkpoints of one training run")
-        names = list(params)
-        sq, astep = _adam_state(path, names, trust_pickle) if ck.optimizer else (None, None)
-        snaps.append(Snapshot(name=Path(path).stem, step=ck.step if ck.step is not None else -1,
+        sq, astep = _adam_state(ck.optimizer_state, list(params))
+        snaps.append(Snapshot(name=Path(path).stem, path=str(path), step=ck.step if ck.step is not None else -1,
                               params=params, buffers={n: b.detach().clone() for n, b in model.named_buffers()},
                               optimizer=ck.optimizer, exp_avg_sq=sq, adam_step=astep))
     if any(s.step < 0 for s in snaps):
@@ -321,12 +306,10 @@ def run_trajectory(cfg: TrajectoryConfig, *, progress: Any = None) -> tuple[str,
     from .scan import provenance, setup
 
     files = checkpoint_files(cfg.inputs)
-    base = replace(cfg.scan, checkpoint=files[-1])
+    snaps = load_snapshots(files, model_spec=cfg.scan.model, state_key=cfg.scan.state_key,
+                           trust_pickle=cfg.scan.trust_pickle)
+    base = replace(cfg.scan, checkpoint=snaps[-1].path)
     st = setup(base)
-    snaps = load_snapshots(files, st.model, model_spec=base.model, state_key=base.state_key,
-                           trust_pickle=base.trust_pickle)
-    final = next(f for f in files if Path(f).stem == snaps[-1].name)
-    st = setup(replace(base, checkpoint=final))
     pb0 = st.problem
 
     def problem_for(s: Snapshot) -> Problem:
@@ -337,7 +320,7 @@ def run_trajectory(cfg: TrajectoryConfig, *, progress: Any = None) -> tuple[str,
 
     result = analyze_trajectory(problem_for, snaps, plane_steps=cfg.plane_steps, seed=base.seed, progress=progress)
     path = cfg.run_path(files)
-    prov = provenance(replace(base, checkpoint=final), st)
+    prov = provenance(base, st)
     with RunFile(path, mode="overwrite") as rf:
         with rf.transaction() as f:
             for k, v in {**prov, "kind": "trajectory"}.items():
