@@ -160,9 +160,13 @@ def _base_config(checkpoint: str, model: Optional[str], model_arg: Optional[list
         dtype=dtype, output=output, **rest)
 
 
-def _run_with_progress(config: Any, st: Any) -> Any:
-    from landscape.scan import run_scan
+@contextmanager
+def _progress_bars() -> Iterator[Any]:
+    """Rich progress bars on stderr; yields the library's ``progress(name, done, total)`` callback.
 
+    A call with ``total`` 0 is a step without a count (a curvature step, a pair to connect): a spinner that is
+    marked done when the next such step starts, or at the end.
+    """
     columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                _RateColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
     with Progress(*columns, console=err_console, transient=False) as prog:
@@ -170,7 +174,7 @@ def _run_with_progress(config: Any, st: Any) -> Any:
         steps: list[Any] = []
 
         def progress(name: str, done: int, total: int) -> None:
-            if total == 0:  # a curvature step: no point count, a spinner until the next step starts
+            if total == 0:
                 for t in steps:
                     prog.update(t, total=1, completed=1)
                 steps.append(prog.add_task(name, total=None))
@@ -179,10 +183,29 @@ def _run_with_progress(config: Any, st: Any) -> Any:
                 tasks[name] = prog.add_task(name, total=total, completed=done)
             prog.update(tasks[name], completed=done)
 
-        summary = run_scan(config, progress=progress, prepared=st)
+        yield progress
         for t in steps:
             prog.update(t, total=1, completed=1)
-    return summary
+
+
+def _run_with_progress(config: Any, st: Any) -> Any:
+    from landscape.scan import run_scan
+
+    with _progress_bars() as progress:
+        return run_scan(config, progress=progress, prepared=st)
+
+
+def _draw_report(run_file: str, when: Optional[bool]) -> Any:
+    """Draw the report next to ``run_file``: always (True), never (False), or only over one already there (None)."""
+    from pathlib import Path
+
+    from landscape.report import render_report
+
+    directory = Path(run_file).parent
+    if not (when or (when is None and (directory / "index.html").exists())):
+        return None
+    with err_console.status("drawing the report", spinner="dots"):
+        return render_report(run_file, directory)
 
 
 def _run_and_print(config: Any, st: Any, json_out: bool, *, report: Optional[bool]) -> Any:
@@ -191,16 +214,8 @@ def _run_and_print(config: Any, st: Any, json_out: bool, *, report: Optional[boo
     ``report``: True draws ``index.html`` and ``figures/*.png`` next to the run file, False does not,
     None redraws them only where a report is already there (so it never goes stale).
     """
-    from pathlib import Path
-
-    from landscape.report import render_report
-
     summary = _run_with_progress(config, st)
-    directory = Path(summary.run_file).parent
-    drawn = None
-    if report or (report is None and (directory / "index.html").exists()):
-        with err_console.status("drawing the report", spinner="dots"):
-            drawn = render_report(summary.run_file, directory)
+    drawn = _draw_report(summary.run_file, report)
     if json_out:
         out = summary.to_json()
         out["report"] = str(drawn.html) if drawn else None
@@ -640,7 +655,6 @@ def compare(
     from landscape.coherence import CoherenceSettings
     from landscape.compare import CompareConfig, prepare_compare, run_compare
     from landscape.hessian import CurvatureSettings
-    from landscape.report import render_report
 
     with _errors(debug):
         scan_cfg = _base_config(
@@ -652,21 +666,9 @@ def compare(
                             alpha_range=_parse_range(alpha_range), alpha_steps=alpha_steps, bezier_steps=bezier_steps)
         with err_console.status("loading checkpoints, models and data", spinner="dots"):
             prepared = prepare_compare(cfg)
-        columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
-        with Progress(*columns, console=err_console) as prog:
-            tasks: dict[str, Any] = {}
-
-            def progress(name: str, done: int, total: int) -> None:
-                if name not in tasks:
-                    tasks[name] = prog.add_task(name, total=total or None)
-                prog.update(tasks[name], completed=done)
-
+        with _progress_bars() as progress:
             summary = run_compare(cfg, progress=progress, prepared=prepared)
-        drawn = None
-        if report:
-            with err_console.status("drawing the report", spinner="dots"):
-                drawn = render_report(summary.path, output)
+        drawn = _draw_report(summary.path, report)
         if json_out:
             out = summary.to_json()
             out["report"] = str(drawn.html) if drawn else None
@@ -725,29 +727,15 @@ def trajectory(
     """Training dynamics over checkpoints: the path in its PCA plane over the loss there, sharpness against the
     stability threshold 2/lr (momentum, Adam: preconditioned) with edge-of-stability flags, distances, norms.
     """
-    from landscape.report import render_report
     from landscape.trajectory import TrajectoryConfig, run_trajectory
 
     with _errors(debug):
         scan_cfg = _base_config("", model, model_arg, data, data_arg, loss, None, state_key, trust_pickle,
                                 max_samples, seed, batch_size, device, dtype, None)
         cfg = TrajectoryConfig(inputs=tuple(inputs), scan=scan_cfg, output=output, plane_steps=plane_steps)
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err_console) as prog:
-            tasks: dict[str, Any] = {}
-
-            def progress(name: str, done: int, total: int) -> None:
-                if name not in tasks:
-                    tasks[name] = prog.add_task(name, total=total)
-                prog.update(tasks[name], completed=done)
-
+        with _progress_bars() as progress:
             path, res = run_trajectory(cfg, progress=progress)
-        drawn = None
-        if report:
-            from pathlib import Path
-
-            with err_console.status("drawing the report", spinner="dots"):
-                drawn = render_report(path, Path(path).parent)
+        drawn = _draw_report(path, report)
         rows = [{"checkpoint": n, "step": int(st_), "lr": lr, "sharpness": sh, "kind": k, "threshold": th,
                  "ratio": r, "edge_of_stability": bool(e), "distance": d}
                 for n, st_, lr, sh, k, th, r, e, d in zip(res.names, res.step, res.lr, res.sharpness,

@@ -18,26 +18,20 @@ et al. 2023: statistics interpolated with the weights are wrong), recorded as th
 
 from __future__ import annotations
 
-import datetime as _dt
-import platform
-import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import h5py
 import numpy as np
-import torch
 
-from . import __version__
-from .checkpoint import file_sha256
 from .connectivity import Path as ConnPath
 from .connectivity import bezier_path, fit_bezier, linear_path, with_ends
 from .errors import LandscapeError
 from .matching import apply_permutation, permutation_spec, weight_matching
 from .problem import BN_TYPES, Problem
 from .runfile import SCHEMA, RunFile, decode_attr, encode_attr
-from .scan import ScanConfig, run_scan, setup
+from .scan import ScanConfig, run_scan, setup, tool_provenance
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -118,12 +112,18 @@ def _complete(run: Path) -> bool:
         return "completed" in f.attrs and "slices" in f and ("hessian" in f or "sharpness" in f)
 
 
+def _main_slice(f: h5py.File) -> h5py.Group | None:
+    """The random slice a model's run file holds (2D first), the one the comparison shows and reads values from."""
+    slices = f.get("slices", {})
+    return next((slices[n] for n in ("random_2d", "random_1d") if n in slices), None)
+
+
 def _metric_values(run: Path) -> dict[str, tuple[float, float]]:
     """``metric -> (value, standard error)`` of one model's run file (NaN: none); λmax's error is its residual."""
     out: dict[str, tuple[float, float]] = {}
     nan = float("nan")
     with h5py.File(run, "r") as f:
-        sl = next((f["slices"][n] for n in ("random_2d", "random_1d") if "slices" in f and n in f["slices"]), None)
+        sl = _main_slice(f)
         if sl is not None:
             out["loss"] = (float(sl.attrs.get("loss_at_origin", nan)), nan)
             if "accuracy" in sl:
@@ -150,11 +150,8 @@ def _rank(values: np.ndarray, higher_is_better: bool) -> np.ndarray:
 
 
 def _provenance(cfg: CompareConfig) -> dict[str, Any]:
-    return {"tool": "landscape", "tool_version": __version__, "torch_version": torch.__version__,
-            "numpy_version": np.__version__, "h5py_version": h5py.__version__,
-            "python_version": platform.python_version(), "platform": platform.platform(),
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
-            "kind": "compare", "seed": cfg.scan.seed, "align": cfg.align, "curve": cfg.curve or ""}
+    return {**tool_provenance(), "kind": "compare", "seed": cfg.scan.seed, "align": cfg.align,
+            "curve": cfg.curve or ""}
 
 
 def _pair_attrs(cfg: CompareConfig, bn: str) -> dict[str, Any]:
@@ -220,7 +217,7 @@ def run_compare(cfg: CompareConfig, *, progress: ProgressFn | None = None,
             mg.create_dataset("name", data=np.array([m.name for m in models], dtype=h5py.string_dtype()))
             mg.create_dataset("checkpoint", data=np.array([str(Path(m.checkpoint).resolve()) for m in models],
                                                           dtype=h5py.string_dtype()))
-            mg.create_dataset("checkpoint_sha256", data=np.array([file_sha256(m.checkpoint) for m in models],
+            mg.create_dataset("checkpoint_sha256", data=np.array([st.checkpoint.sha256 for st in setups],
                                                                  dtype=h5py.string_dtype()))
             mg.create_dataset("run_file", data=np.array([str(m.run_file) for m in models], dtype=h5py.string_dtype()))
             for k, d in metrics.items():
@@ -229,7 +226,7 @@ def run_compare(cfg: CompareConfig, *, progress: ProgressFn | None = None,
                     g.create_dataset(field_, data=np.asarray(arr))
             for i, m in enumerate(models):
                 with h5py.File(m.run_file, "r") as src:
-                    sl = next((src["slices"][n] for n in ("random_2d", "random_1d") if n in src.get("slices", {})), None)
+                    sl = _main_slice(src)
                     if sl is not None:
                         g = c.create_group(f"slices/{i}")
                         for key in ("x", "y", "loss", "done"):

@@ -284,14 +284,21 @@ def hessian_directions(pb: Problem, dims: int, *, bottom: bool, seed: int = 0) -
     return [{n: t.detach().cpu().double() for n, t in op.to_params(v).items()} for v in vecs]
 
 
-def provenance(config: ScanConfig, st: Setup) -> dict[str, Any]:
-    ck = st.checkpoint
+def tool_provenance() -> dict[str, Any]:
+    """Versions, time and command line: the root attributes every file landscape writes starts with."""
     return {
         "tool": "landscape", "tool_version": __version__, "torch_version": torch.__version__,
         "h5py_version": h5py.__version__, "numpy_version": np.__version__,
         "python_version": platform.python_version(), "platform": platform.platform(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
+    }
+
+
+def provenance(config: ScanConfig, st: Setup) -> dict[str, Any]:
+    ck = st.checkpoint
+    return {
+        **tool_provenance(),
         "checkpoint_path": str(Path(config.checkpoint).resolve()), "checkpoint_sha256": ck.sha256,
         "checkpoint_format": ck.format, "state_key": ck.state_key or "", "state_prefix": st.state_prefix,
         "model_spec": st.model_spec, "data_spec": st.data.spec, "loss": st.loss_name,
