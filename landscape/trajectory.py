@@ -290,11 +290,12 @@ class TrajectoryConfig:
     output: str | None = None
     plane_steps: int = 21
 
-    def run_path(self, files: Sequence[str]) -> Path:
+    def run_path(self, final: str) -> Path:
+        """``-o`` (a file, or a folder for ``trajectory.h5``), else ``reports/trajectory_<final checkpoint>``."""
         if self.output:
             out = Path(self.output)
             return out if out.suffix in (".h5", ".hdf5") else out / "trajectory.h5"
-        return Path("reports") / f"trajectory_{Path(files[-1]).stem}" / "trajectory.h5"
+        return Path("reports") / f"trajectory_{Path(final).stem}" / "trajectory.h5"
 
 
 def run_trajectory(cfg: TrajectoryConfig, *, progress: Any = None) -> tuple[str, TrajectoryResult]:
@@ -319,7 +320,7 @@ def run_trajectory(cfg: TrajectoryConfig, *, progress: Any = None) -> tuple[str,
                        batch_size=pb0.batch_size, bn=base.bn, bn_batches=base.bn_batches, seed=base.seed)
 
     result = analyze_trajectory(problem_for, snaps, plane_steps=cfg.plane_steps, seed=base.seed, progress=progress)
-    path = cfg.run_path(files)
+    path = cfg.run_path(snaps[-1].path)
     prov = provenance(base, st)
     with RunFile(path, mode="overwrite") as rf:
         with rf.transaction() as f:

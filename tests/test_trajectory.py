@@ -122,6 +122,9 @@ def test_trajectory_command(tmp_path):
         assert g["plane/loss"].shape == (5, 5) and f.attrs["kind"] == "trajectory"
     assert {p.stem for p in (tmp_path / "figures").iterdir()} == {"trajectory_plane", "trajectory_sharpness",
                                                                  "trajectory_distance"}
+    default = cli("trajectory", files[2], files[1], "--max-samples", "100", "--plane-steps", "3", "--no-report",
+                  "--json", cwd=tmp_path)  # named after the final checkpoint by step, not the last file given
+    assert json.loads(default.stdout)["trajectory_file"] == "reports/trajectory_mlp_adam_s0500/trajectory.h5"
     bad = cli("trajectory", files[0], "-o", str(tmp_path / "x"))
     assert bad.returncode == 2 and "at least two" in bad.stderr
     mixed = cli("trajectory", files[0], str(EXAMPLES / "cnn_adam_s0000.pt"), "-o", str(tmp_path / "y"))
