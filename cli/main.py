@@ -61,7 +61,7 @@ def _errors(debug: bool) -> Iterator[None]:
     except LandscapeError as err:
         if debug:
             raise
-        err_console.print(Text(f"error: {err}"), soft_wrap=True)
+        _report_error(f"error: {err}")
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         err_console.print("interrupted; finished points are saved, continue with --resume")
@@ -72,9 +72,24 @@ def _errors(debug: bool) -> Iterator[None]:
         if debug:
             raise
         msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        err_console.print(Text(f"error: unexpected {type(err).__name__}: {msg} (this is a bug in landscape; "
-                               "re-run with --debug for the traceback and report it)"), soft_wrap=True)
+        _report_error(f"error: unexpected {type(err).__name__}: {msg} (this is a bug in landscape; "
+                      "re-run with --debug for the traceback and report it)")
         raise typer.Exit(1) from None
+
+
+def _report_error(line: str) -> None:
+    """Print the one error line. Under torchrun rank 0 speaks for the job; another rank prints its own (marked with
+    its rank) after a pause, which torchrun cuts short when rank 0 failed the same way and exited first."""
+    import time
+
+    from landscape.distributed import current
+
+    comm = current()
+    if comm.is_writer:
+        err_console.print(Text(line), soft_wrap=True)
+        return
+    time.sleep(3)
+    Console(stderr=True).print(Text(f"rank {comm.rank}: {line}"), soft_wrap=True)
 
 
 class _RateColumn(ProgressColumn):
@@ -151,6 +166,7 @@ def _base_config(checkpoint: str, model: Optional[str], model_arg: Optional[list
         raise LandscapeError("--model-arg needs --model", hint="name the model factory with --model")
     if data is None and data_arg:
         raise LandscapeError("--data-arg needs --data", hint="name the data with --data")
+    _join_job(device)
     return ScanConfig(
         checkpoint=checkpoint,
         model=Spec(model, parse_kv(model_arg, "--model-arg")) if model else None,
@@ -158,6 +174,26 @@ def _base_config(checkpoint: str, model: Optional[str], model_arg: Optional[list
         loss=loss, metrics=tuple(_parse_metric(m) for m in metric or ()), state_key=state_key,
         trust_pickle=trust_pickle, max_samples=max_samples, seed=seed, batch_size=batch_size, device=device,
         dtype=dtype, output=output, **rest)
+
+
+def _join_job(device: str) -> None:
+    """Under torchrun, join the job (gloo on CPU, NCCL on GPU); only rank 0 prints, draws and writes."""
+    import os
+
+    from landscape.distributed import init_from_env
+
+    if not init_from_env(device).is_writer:
+        err_console.quiet = out_console.quiet = True
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+
+
+def _single_process(command: str) -> None:
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise LandscapeError(f"landscape {command} runs in one process",
+                             hint=f"start it without torchrun (its models' scans can be run with torchrun first, "
+                                  f"then {command} reuses their run files)")
 
 
 @contextmanager
@@ -199,10 +235,11 @@ def _draw_report(run_file: str, when: Optional[bool]) -> Any:
     """Draw the report next to ``run_file``: always (True), never (False), or only over one already there (None)."""
     from pathlib import Path
 
+    from landscape.distributed import current
     from landscape.report import render_report
 
     directory = Path(run_file).parent
-    if not (when or (when is None and (directory / "index.html").exists())):
+    if not current().is_writer or not (when or (when is None and (directory / "index.html").exists())):
         return None
     with err_console.status("drawing the report", spinner="dots"):
         return render_report(run_file, directory)
@@ -657,6 +694,7 @@ def compare(
     from landscape.hessian import CurvatureSettings
 
     with _errors(debug):
+        _single_process("compare")
         scan_cfg = _base_config(
             "", None, None, data, data_arg, loss, None, None, False, max_samples, seed, batch_size, device, dtype,
             None, bn=bn, steps=_parse_steps(steps), curvature=CurvatureSettings(seed=seed) if hessian else None,
@@ -730,6 +768,7 @@ def trajectory(
     from landscape.trajectory import TrajectoryConfig, run_trajectory
 
     with _errors(debug):
+        _single_process("trajectory")
         scan_cfg = _base_config("", model, model_arg, data, data_arg, loss, None, state_key, trust_pickle,
                                 max_samples, seed, batch_size, device, dtype, None)
         cfg = TrajectoryConfig(inputs=tuple(inputs), scan=scan_cfg, output=output, plane_steps=plane_steps)

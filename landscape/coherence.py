@@ -35,6 +35,7 @@ import torch
 from torch.func import functional_call
 
 from .curvature import CurvatureOperator
+from .distributed import Comm
 from .errors import LandscapeError
 from .persample import iter_gradients, sketched_gradients
 from .problem import Problem
@@ -111,6 +112,20 @@ class GradientStats:
                 self.batch_sum[b].index_add_(0, torch.as_tensor(sel[ok]), g[torch.as_tensor(ok)])
         for i in np.intersect1d(self.keep, idx):
             self.kept[int(i)] = g[i - start].clone()
+
+    def all_reduce(self, comm: Comm) -> None:
+        """Add up the statistics of the ranks' shards of the samples (every statistic here is a sum over samples;
+        per-sample rows are zero outside a rank's shard)."""
+        if not comm.active:
+            return
+        kept = torch.zeros(len(self.keep), self.sum.shape[0], dtype=torch.float64)
+        for j, i in enumerate(self.keep):
+            if int(i) in self.kept:
+                kept[j] = self.kept[int(i)]
+        norms, class_sqnorm = torch.from_numpy(self.norms), torch.from_numpy(self.class_sqnorm)  # views: reduced in place
+        comm.all_reduce_([self.sum, self.class_sum, self.class_unit, norms, class_sqnorm, kept,
+                          *self.batch_sum.values(), *([self.sumsq] if self.sumsq is not None else [])])
+        self.kept = {int(i): kept[j] for j, i in enumerate(self.keep)}
 
     @property
     def mean(self) -> torch.Tensor:
@@ -292,17 +307,20 @@ def _analyze(problem: Problem, s: CoherenceSettings, y: torch.Tensor,
     ids = _batch_ids(n, s.batch_sizes, s.batch_repeats, s.seed)
     dim = s.sketch or problem.num_parameters
     stats = GradientStats(dim, labels, batch_ids=ids, keep=keep, per_coordinate=not s.sketch)
+    comm = problem.comm
+    lo, hi = comm.shard(n)  # under torchrun each rank takes its shard of the samples; the sums are all-reduced
     if s.sketch:
         if progress:
             progress(f"{label}: sketch of {s.sketch} projections", 0, 0)
-        stats.add(0, sketched_gradients(problem, problem.X, y, s.sketch, seed=s.seed))
+        stats.add(lo, sketched_gradients(problem, problem.X[lo:hi], y[lo:hi], s.sketch, seed=s.seed))
         method = "sketch"
     else:
         method = "vmap"
-        for start, g, method in iter_gradients(problem, problem.X, y, memory_budget=s.memory_budget):
-            stats.add(start, g)
+        for start, g, method in iter_gradients(problem, problem.X[lo:hi], y[lo:hi], memory_budget=s.memory_budget):
+            stats.add(lo + start, g)
             if progress:
-                progress(label, min(start + len(g), n), n)
+                progress(label, min((start + len(g)) * comm.world, n), n)
+    stats.all_reduce(comm)
     metrics = stats.metrics()
     arrays = {**stats.class_metrics(), **stats.batch_metrics(), "grand": stats.norms,
               "el2n": el2n(problem, problem.X, y)}

@@ -17,6 +17,10 @@ running statistics; ``recompute`` re-estimates the running statistics at every p
 fixed set of ``bn_batches`` batches (cumulative average, train mode), then evaluates in eval
 mode. Gradients and HVPs always use the frozen statistics.
 
+Under ``torchrun`` (``comm``, see :mod:`landscape.distributed`) evaluations at points use the whole evaluation
+set on every rank (the points are what is shared out), while gradients, HVPs and GGN products are data-parallel:
+each rank sums over its shard of the samples and an all-reduce adds the shards.
+
 Evaluation strategy (``strategy``): points are evaluated in blocks. ``inplace`` writes each
 point of a block into the private model's parameters and runs a plain forward pass;
 ``vmap`` runs the whole block in one batched forward with ``torch.func.vmap`` over
@@ -38,6 +42,7 @@ import numpy as np
 import torch
 from torch.func import functional_call, grad, jvp, vmap
 
+from .distributed import SINGLE, Comm, rank_device
 from .errors import LandscapeError
 from .losses import LossFn, stacked_correct, stacked_loss
 
@@ -89,6 +94,7 @@ class Problem:
         hvp_mode: str = "auto",
         graph_chunks: int = 4,
         seed: int = 0,
+        comm: Comm | None = None,
     ) -> None:
         if bn not in ("frozen", "recompute"):
             raise LandscapeError(f"BatchNorm policy {bn!r} is unknown", hint="use --bn frozen or --bn recompute")
@@ -96,7 +102,11 @@ class Problem:
             raise LandscapeError(f"evaluation strategy {strategy!r} is unknown", hint="use auto, inplace or vmap")
         if X.shape[0] == 0:
             raise LandscapeError("the evaluation set is empty", hint="check the data spec and --max-samples")
-        self.device = torch.device(device)
+        self.comm = comm or SINGLE
+        if self.comm.world > X.shape[0]:
+            raise LandscapeError(f"{X.shape[0]} samples cannot be shared by {self.comm.world} ranks",
+                                 hint="use more samples or fewer processes")
+        self.device = rank_device(torch.device(device), self.comm)
         first = next(iter(model.parameters()), None)
         if first is None:
             raise LandscapeError("the model has no parameters")
@@ -119,6 +129,9 @@ class Problem:
         self.classification = classification
         self.batch_size = max(1, int(batch_size))
         self._chunks = [(s, min(s + self.batch_size, self.n)) for s in range(0, self.n, self.batch_size)]
+        lo, hi = self.comm.shard(self.n)
+        # derivatives are data-parallel: this rank's samples only, summed over the ranks by all-reduce
+        self._grad_chunks = [(s, min(s + self.batch_size, hi)) for s in range(lo, hi, self.batch_size)]
         self.bn = bn
         self._bn_modules = [m for m in self._model.modules() if isinstance(m, BN_TYPES)]
         if bn == "recompute":
@@ -294,6 +307,8 @@ class Problem:
             self.block = trial  # vmap's cost per point depends on the block size: keep the one that was timed
         else:
             self.block = int(max(1, min(mem_block, self.block_seconds // max(timings[self.strategy], 1e-9))))
+        # under torchrun every rank evaluates with rank 0's choice (timings differ from rank to rank)
+        self.strategy, self.block = self.comm.broadcast((self.strategy, self.block))
         return self.strategy
 
     # ------------------------------------------------------------------ derivatives
@@ -304,14 +319,16 @@ class Problem:
         return dict(self.theta0) if params is None else {n: t.to(self.device, self.dtype) for n, t in params.items()}
 
     def _batches(self, indices: torch.Tensor | None) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
-        """``(X_c, y_c, weight)`` chunks of the evaluation set, or of the samples ``indices``; weights sum to 1."""
+        """``(X_c, y_c, weight)`` chunks of the evaluation set, or of the samples ``indices``; weights sum to 1 over
+        all ranks (each rank yields its shard, see :mod:`landscape.distributed`)."""
         if indices is None:
-            for s, e in self._chunks:
+            for s, e in self._grad_chunks:
                 yield self.X[s:e], self.y[s:e], (e - s) / self.n
             return
         idx = torch.as_tensor(indices, dtype=torch.long, device=self.device)
-        for s in range(0, len(idx), self.batch_size):
-            j = idx[s:s + self.batch_size]
+        lo, hi = self.comm.shard(len(idx))
+        for s in range(lo, hi, self.batch_size):
+            j = idx[s:min(s + self.batch_size, hi)]
             yield self.X[j], self.y[j], len(j) / len(idx)
 
     def loss_and_gradient(self, params: Mapping[str, torch.Tensor] | None = None,
@@ -326,13 +343,15 @@ class Problem:
             g, v = gfn(p, x, y)
             torch._foreach_add_(list(total.values()), [g[n] for n in total], alpha=w)
             loss += v.double() * w
+        self.comm.all_reduce_([loss, *total.values()])
         return float(loss), total
 
     def loss(self, params: Mapping[str, torch.Tensor] | None = None, indices: torch.Tensor | None = None) -> float:
         """The loss alone (no graph), over the evaluation set or the samples ``indices``."""
         p = self._params(params)
         with torch.no_grad():
-            return float(sum(self._chunk_loss(p, x, y).double() * w for x, y, w in self._batches(indices)))
+            local = sum(float(self._chunk_loss(p, x, y).double()) * w for x, y, w in self._batches(indices))
+        return self.comm.sum(float(local))
 
     def gradient(self, params: Mapping[str, torch.Tensor] | None = None) -> Params:
         return self.loss_and_gradient(params)[1]
@@ -344,13 +363,14 @@ class Problem:
 
     def _chunked(self, product: Callable[[Params, Params, torch.Tensor, torch.Tensor], Params],
                  v: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor] | None) -> Params:
-        """``sum_c (n_c / n) product(theta, v, X_c, y_c)`` over the evaluation chunks."""
+        """``sum_c (n_c / n) product(theta, v, X_c, y_c)`` over the evaluation chunks (of all ranks)."""
         p = self._params(params)
         v = {n: v[n].to(self.device, self.dtype) for n in p}
         total: Params = {n: torch.zeros_like(t) for n, t in p.items()}
-        for s, e in self._chunks:
+        for s, e in self._grad_chunks:
             out = product(p, v, self.X[s:e], self.y[s:e])
             torch._foreach_add_(list(total.values()), [out[n] for n in total], alpha=(e - s) / self.n)
+        self.comm.all_reduce_(list(total.values()))
         return total
 
     def _hessian_vector(self, f: Callable[[object], torch.Tensor], x: object, v: object) -> object:
@@ -375,16 +395,16 @@ class Problem:
         each product is one backward pass instead of a forward and two backward passes."""
         if self._grad_graph is None:
             leaves = {n: t.detach().clone().requires_grad_(True) for n, t in self.theta0.items()}
-            total = None
-            for s, e in self._chunks:
-                loss = self._chunk_loss(leaves, self.X[s:e], self.y[s:e]) * ((e - s) / self.n)
-                total = loss if total is None else total + loss
+            total = sum(self._chunk_loss(leaves, self.X[s:e], self.y[s:e]) * ((e - s) / self.n)
+                        for s, e in self._grad_chunks)
             grads = torch.autograd.grad(total, list(leaves.values()), create_graph=True)
             self._grad_graph = (list(leaves.values()), grads)
         leaves, grads = self._grad_graph
         hv = torch.autograd.grad(grads, leaves, grad_outputs=[v[n].to(self.device, self.dtype) for n in self.names],
                                  retain_graph=True)
-        return {n: h.detach() for n, h in zip(self.names, hv)}
+        out = {n: h.detach() for n, h in zip(self.names, hv)}
+        self.comm.all_reduce_(list(out.values()))
+        return out
 
     def hvp(self, v: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor] | None = None) -> Params:
         """Hessian-vector product ``H v`` of the full-data loss.
@@ -398,7 +418,7 @@ class Problem:
             return self._functional_hvp(v, params)
         if self.hvp_mode == "graph":
             return self._graph_hvp(v)
-        if len(self._chunks) > self.graph_chunks:
+        if len(self._grad_chunks) > self.graph_chunks:
             self.hvp_mode = "functional"
             return self._functional_hvp(v, None)
         timings = {}
@@ -408,7 +428,8 @@ class Problem:
             t = time.perf_counter()
             out = fn()
             timings[mode] = time.perf_counter() - t
-        self.hvp_mode = "graph" if timings["graph"] <= timings["functional"] else "functional"
+        # rank 0's choice, so that every rank runs the same engine and gets the same bits
+        self.hvp_mode = self.comm.broadcast("graph" if timings["graph"] <= timings["functional"] else "functional")
         if self.hvp_mode != "graph":
             self._grad_graph = None
         self.hvp_timings = timings

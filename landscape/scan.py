@@ -13,6 +13,7 @@ import math
 import platform
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -29,6 +30,7 @@ from .coherence import same_settings as coherence_same_settings
 from .coherence import summary_from_group as coherence_summary
 from .curvature import CurvatureOperator
 from .data import EvalData, load_data
+from .distributed import Comm, current
 from .directions import difference_direction, random_directions
 from .errors import LandscapeError
 from .hessian import CurvatureSettings, analyze_curvature
@@ -192,8 +194,9 @@ def build_model(ck: Checkpoint, model_spec: Spec | None) -> tuple[torch.nn.Modul
     return model, spec_json, prefix
 
 
-def setup(config: ScanConfig) -> Setup:
-    """Load the checkpoint, build model, data and loss, and make the Problem."""
+def setup(config: ScanConfig, comm: Comm | None = None) -> Setup:
+    """Load the checkpoint, build model, data and loss, and make the Problem (for the ranks of ``comm``, by
+    default the job :func:`landscape.distributed.init_from_env` joined)."""
     ck = load_checkpoint(config.checkpoint, state_key=config.state_key, trust_pickle=config.trust_pickle)
     model, model_spec, prefix = build_model(ck, config.model)
     manifest = ck.manifest or {}
@@ -216,7 +219,7 @@ def setup(config: ScanConfig) -> Setup:
         metrics[mname] = resolve(target, what="metric")
     problem = Problem(model, data.X, data.y, loss_fn, metrics=metrics, device=resolve_device(config.device), dtype=dtype,
                       batch_size=config.batch_size, bn=config.bn, bn_batches=config.bn_batches,
-                      strategy=config.strategy, seed=config.seed)
+                      strategy=config.strategy, seed=config.seed, comm=comm or current())
     try:
         problem.evaluate()
     except LandscapeError:
@@ -352,52 +355,70 @@ def _load_directions(g: h5py.Group) -> list[dict[str, torch.Tensor]]:
 ProgressFn = Callable[[str, int, int], None]
 
 
+def _read_existing(rf: RunFile, prov: Mapping[str, Any], plan: Sequence[SliceSettings], path: Path,
+                   data_indices: np.ndarray) -> dict[str, tuple[dict[str, Any], list, np.ndarray, tuple]]:
+    """Check that the run file belongs to this scan (or stamp a new one) and return its slices:
+    name -> (attributes, directions, done mask, axes)."""
+    with rf.read() as f:
+        stored = read_attrs(f)
+        existing = {n: (read_attrs(g), _load_directions(g), g["done"][()],
+                        tuple(g[lab][()] for lab in ("x", "y") if lab in g))
+                    for n, g in (f["slices"].items() if "slices" in f else [])}
+    if "checkpoint_sha256" in stored:
+        # slices must match the file's dtype; a curvature-only run records its own dtype in its group
+        _check_identity(stored, prov, path, IDENTITY_ATTRS if plan else
+                        tuple(k for k in IDENTITY_ATTRS if k != "dtype"))
+    else:
+        with rf.transaction() as f:
+            for k, v in prov.items():
+                f.attrs[k] = encode_attr(v)
+            f.create_dataset("data/subset_index", data=data_indices)
+    return existing
+
+
 def run_scan(config: ScanConfig, *, progress: ProgressFn | None = None,
              prepared: Setup | None = None) -> ScanSummary:
-    """Compute every planned slice into the run file; resumable (``config.resume``)."""
+    """Compute every planned slice into the run file; resumable (``config.resume``).
+
+    Under ``torchrun`` every rank calls this with the same config: the grid points are shared out, gradients and
+    curvature products are data-parallel, and only rank 0 opens the run file, writes and reports ``progress``
+    (see :mod:`landscape.distributed`). Every rank returns the same summary.
+    """
     st = prepared or setup(config)
     pb = st.problem
+    comm = pb.comm
+    progress = progress if comm.is_writer else None
     plan = plan_slices(config)
     path = config.run_path()
     mode = "overwrite" if config.overwrite else ("resume" if config.resume else "create")
     prov = provenance(config, st)
     results: list[SliceResult] = []
-    with RunFile(path, mode=mode, compact_every=config.compact_every) as rf:
-        with rf.read() as f:
-            stored = read_attrs(f)
-            existing = {n: (read_attrs(f["slices"][n]), _load_directions(f["slices"][n]),
-                            f["slices"][n]["done"][()]) for n in (f["slices"] if "slices" in f else [])}
-        if "checkpoint_sha256" in stored:
-            # slices must match the file's dtype; a curvature-only run records its own dtype in its group
-            _check_identity(stored, prov, path, IDENTITY_ATTRS if plan else
-                            tuple(k for k in IDENTITY_ATTRS if k != "dtype"))
-        else:
-            with rf.transaction() as f:
-                for k, v in prov.items():
-                    f.attrs[k] = encode_attr(v)
-                f.create_dataset("data/subset_index", data=st.data.indices)
+    with ExitStack() as stack:
+        rf: RunFile = comm.from_writer(lambda: stack.enter_context(RunFile(path, mode=mode,  # type: ignore[assignment]
+                                                                           compact_every=config.compact_every)),
+                                       share=False)
+        existing = comm.from_writer(lambda: _read_existing(rf, prov, plan, path, st.data.indices))
         keys = ["loss"] + (["accuracy"] if pb.classification else []) + sorted(pb.metrics)
         for s in plan:
             t0 = time.perf_counter()
             if s.name in existing:
-                attrs, dirs, done = existing[s.name]
+                attrs, dirs, done, axes = existing[s.name]
                 want = _slice_attrs(s, attrs["strategy"], attrs["block"], config)
                 diff = [k for k in want if attrs.get(k) != want[k]]
-                with rf.read() as f:
-                    axes_match = all(np.array_equal(f["slices"][s.name][lab][()], a) for lab, a in zip("xy", s.axes))
-                if diff or not axes_match:
+                if diff or not all(np.array_equal(a, b) for a, b in zip(axes, s.axes)):
                     raise LandscapeError(f"cannot resume slice {s.name!r} of {path}: its settings differ "
                                          f"({', '.join(diff) or 'grid'})",
                                          hint="use --overwrite, another -o, or --name for a new slice")
                 pb.strategy, pb.block = attrs["strategy"], int(attrs["block"])
                 block = pb.block
             else:
-                dirs = make_directions(s, st, config)
+                dirs = comm.broadcast(make_directions(s, st, config) if comm.is_writer or s.kind.startswith("hessian")
+                                      else None)
                 strategy = pb.choose_strategy([pb.as_list(d) for d in dirs])
                 block = pb.block
                 done = np.zeros(tuple(len(a) for a in s.axes), dtype=bool)
-                with rf.transaction() as f:
-                    _create_slice(f, s, dirs, keys, _slice_attrs(s, strategy, block, config))
+                comm.from_writer(lambda: _new_slice(rf, s, dirs, keys, _slice_attrs(s, strategy, block, config)),
+                                 share=False)
             total = done.size
             n_done = int(done.sum())
             todo = sum(len(b) for b in missing_blocks(done, block))
@@ -412,64 +433,94 @@ def run_scan(config: ScanConfig, *, progress: ProgressFn | None = None,
                     progress(_name, min(n_done, total), total)
 
             compute_slice(pb, dirs, s.axes, done=done, block=block, on_block=on_block)
-            rf.compact()
-            results.append(_summarize(rf, s, todo, time.perf_counter() - t0))
+            results.append(comm.from_writer(lambda: (rf.compact(), _summarize(rf, s, todo,
+                                                                              time.perf_counter() - t0))[1]))
         curvature = None
         if config.curvature is not None:
             curvature = analyze_curvature(pb, config.curvature,
                                           progress=(lambda msg: progress(msg, 0, 0)) if progress else None)
-        with rf.transaction() as f:
-            f.attrs["completed"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-            if curvature is not None:
-                op = CurvatureOperator(pb, kind=curvature.settings.kind, parameters=curvature.settings.parameters or None)
-                curvature.write(f, eigenvector_params=lambda vec: {
-                    n: t.detach().cpu().double().numpy() for n, t in op.to_params(vec).items()})
-            for r in results:
-                g = f["slices"][r.name]
-                g.attrs["loss_at_origin"] = np.nan if r.loss_at_origin is None else r.loss_at_origin
-                g.attrs["loss_min"], g.attrs["loss_max"] = r.loss_min, r.loss_max
-                g.attrs["n_nonfinite"] = r.n_nonfinite
+        comm.from_writer(lambda: _finish(rf, results, curvature, pb), share=False)
         sharp = _run_sharpness(rf, config, st, progress)
         coherence = _run_coherence(rf, config, st, progress) if config.coherence is not None else None
     return ScanSummary(str(path), config.checkpoint, pb.num_parameters, pb.n, pb.strategy, tuple(results),
                        curvature.summary() if curvature is not None else None, tuple(sharp), coherence)
 
 
-def _run_coherence(rf: RunFile, config: ScanConfig, st: Setup, progress: ProgressFn | None) -> dict[str, Any]:
+def _new_slice(rf: RunFile, s: SliceSettings, dirs: Sequence[Mapping[str, torch.Tensor]], keys: Sequence[str],
+               attrs: Mapping[str, Any]) -> None:
+    with rf.transaction() as f:
+        _create_slice(f, s, dirs, keys, attrs)
+
+
+def _finish(rf: RunFile, results: Sequence[SliceResult], curvature: Any, pb: Problem) -> None:
+    """Stamp completion, the curvature result and each slice's summary attributes."""
+    with rf.transaction() as f:
+        f.attrs["completed"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        if curvature is not None:
+            op = CurvatureOperator(pb, kind=curvature.settings.kind,
+                                   parameters=curvature.settings.parameters or None)
+            curvature.write(f, eigenvector_params=lambda vec: {
+                n: t.detach().cpu().double().numpy() for n, t in op.to_params(vec).items()})
+        for r in results:
+            g = f["slices"][r.name]
+            g.attrs["loss_at_origin"] = np.nan if r.loss_at_origin is None else r.loss_at_origin
+            g.attrs["loss_min"], g.attrs["loss_max"] = r.loss_min, r.loss_max
+            g.attrs["n_nonfinite"] = r.n_nonfinite
+
+
+def _run_coherence(rf: RunFile | None, config: ScanConfig, st: Setup, progress: ProgressFn | None
+                   ) -> dict[str, Any]:
     """``/coherence``, kept as it is when the file already holds it with the same settings."""
     settings = config.coherence
     assert settings is not None
-    with rf.read() as f:
-        if "coherence" in f and coherence_same_settings(f["coherence"], settings):
-            return coherence_summary(f["coherence"])
+    comm = st.problem.comm
+
+    def stored() -> dict[str, Any] | None:
+        with rf.read() as f:
+            if "coherence" in f and coherence_same_settings(f["coherence"], settings):
+                return coherence_summary(f["coherence"])
+        return None
+
+    kept = comm.from_writer(stored)
+    if kept is not None:
+        return kept
     res = analyze_coherence(st.problem, settings, sample_index=st.data.indices, progress=progress)
-    with rf.transaction() as f:
-        res.write(f)
+    comm.from_writer(lambda: _write(rf, res), share=False)
     return res.summary()
 
 
-def _run_sharpness(rf: RunFile, config: ScanConfig, st: Setup, progress: ProgressFn | None) -> list[dict[str, Any]]:
+def _write(rf: RunFile, result: Any) -> None:
+    with rf.transaction() as f:
+        result.write(f)
+
+
+def _run_sharpness(rf: RunFile | None, config: ScanConfig, st: Setup, progress: ProgressFn | None
+                   ) -> list[dict[str, Any]]:
     """Each sharpness measure, written as soon as it is done; on resume, a group already in the file with the same
     settings is kept, not recomputed."""
+    comm = st.problem.comm
     out = []
     for settings in config.sharpness:
         s = settings.resolved()
-        with rf.read() as f:
-            stored = f["sharpness"][s.group] if "sharpness" in f and s.group in f["sharpness"] else None
-            if stored is not None and same_settings(stored, s):
-                out.append(summary_from_group(stored))
-                continue
-            dirs = None
-            if s.measure == "basin-width":
+
+        def stored(s: SharpnessSettings = s) -> tuple[dict[str, Any] | None, list | None]:
+            with rf.read() as f:
+                g = f["sharpness"][s.group] if "sharpness" in f and s.group in f["sharpness"] else None
+                if g is not None and same_settings(g, s):
+                    return summary_from_group(g), None
                 first = next(iter(f["slices"]), None) if "slices" in f else None
-                dirs = _load_directions(f["slices"][first]) if first else None
+                return None, (_load_directions(f["slices"][first]) if first and s.measure == "basin-width" else None)
+
+        kept, dirs = comm.from_writer(stored)
+        if kept is not None:
+            out.append(kept)
+            continue
         if s.measure == "basin-width" and not dirs:
             dirs = random_directions(st.problem.theta0, 2, seed=config.seed, norm=config.norm, ignore=config.ignore)
         label = f"sharpness {s.group}"
         res = sharpness(st.problem, s, directions=dirs,
                         progress=(lambda d, t, _l=label: progress(_l, d, t)) if progress else None)
-        with rf.transaction() as f:
-            res.write(f)
+        comm.from_writer(lambda: _write(rf, res), share=False)
         out.append(res.summary())
     return out
 

@@ -5,7 +5,10 @@ A slice along directions ``d_1[, d_2]`` evaluates ``f(a[, b]) = L(theta0 + a d_1
 ``(x[i], y[j])``; the original loss-landscape code stored ``[y, x]``, which scrambles
 non-square grids. Points are numbered in C order (``p = i * ny + j``) and evaluated in blocks
 of fixed, aligned size, so a resumed slice evaluates exactly the same blocks as an
-uninterrupted one and gives the same bits.
+uninterrupted one and gives the same bits. Under ``torchrun`` the blocks are dealt out to the
+ranks round by round (block ``r + k * world`` to rank ``r``) and each round is gathered on rank 0,
+which is the only one that sees ``on_block``; the points and their bits do not depend on the
+number of ranks.
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ def compute_slice(
     ``on_block(index, values)`` is called after each block (flat indices and their values),
     which is how the scan journals progress. Points already done are left as NaN in the
     returned arrays. ``block`` defaults to the Problem's block size (:meth:`Problem.choose_strategy`).
+    Under ``torchrun`` (the Problem's ``comm``) each rank computes its share of the blocks; rank 0 receives
+    all of them (``on_block`` and the returned arrays), the other ranks return only their own.
     """
     shape = tuple(len(a) for a in axes)
     done = np.zeros(shape, dtype=bool) if done is None else done
@@ -69,11 +74,18 @@ def compute_slice(
         if problem.block is None:
             problem.choose_strategy(dirs)
         block = problem.block
+    comm = problem.comm
     out: dict[str, np.ndarray] = {}
-    for idx in missing_blocks(done, block):
-        vals = problem.evaluate_points(coeffs[idx], dirs)
-        for k, v in vals.items():
-            out.setdefault(k, np.full(math.prod(shape), np.nan))[idx] = v
-        if on_block is not None:
-            on_block(idx, vals)
+    blocks = missing_blocks(done, block)
+    for first in range(0, len(blocks), comm.world):
+        mine = first + comm.rank
+        part = (blocks[mine], problem.evaluate_points(coeffs[blocks[mine]], dirs)) if mine < len(blocks) else None
+        for got in comm.gather(part) or [part]:
+            if got is None:
+                continue
+            idx, vals = got
+            for k, v in vals.items():
+                out.setdefault(k, np.full(math.prod(shape), np.nan))[idx] = v
+            if on_block is not None and comm.is_writer:
+                on_block(idx, vals)
     return {k: v.reshape(shape) for k, v in out.items()}

@@ -1,0 +1,168 @@
+"""torchrun with 2 CPU processes (gloo): the same run file as one process, and resume across rank counts.
+
+Slices must be bitwise equal; everything that goes through data-parallel gradients and Hessian-vector products
+(spectrum, trace, coherence, sharpness) only to round-off, since the ranks' partial sums are added in another
+order. Both runs use one BLAS thread per process, so that the only difference is the number of ranks.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from landscape.distributed import Comm
+from landscape.runfile import RunFile
+from test_resume import assert_same, contents, journal_points
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+
+
+def torchrun(nproc, *args, **popen):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "landscape", *args]
+    if popen:
+        return subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def one_process(*args):
+    return subprocess.run([sys.executable, "-m", "landscape", *args], env=ENV, capture_output=True, text=True,
+                          timeout=600)
+
+
+def descendants(pid):
+    """``pid`` and every process below it (torchrun starts each worker in a session of its own)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie holds no file or lock
+    except OSError:
+        return False
+
+
+def kill_job(proc):
+    """SIGKILL a whole job at once, as a scheduler (or the OOM killer) would, and wait until it is gone."""
+    pids = descendants(proc.pid)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_shards_cover_everything_once():
+    for n in (1, 2, 7, 10, 1438):
+        for world in (1, 2, 3, 5):
+            if world > n:
+                continue
+            parts = [Comm(rank=r, world=world).shard(n) for r in range(world)]
+            assert parts[0][0] == 0 and parts[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+            sizes = [hi - lo for lo, hi in parts]
+            assert max(sizes) - min(sizes) <= 1
+
+
+def test_two_processes_equal_one(tmp_path, mlp_ckpt):
+    args = ["scan", str(mlp_ckpt), "--steps", "7x5", "--max-samples", "400", "--dtype", "float64", "--no-report",
+            "--json"]
+    one = one_process(*args, "-o", str(tmp_path / "one.h5"))
+    assert one.returncode == 0, one.stderr
+    two = torchrun(2, *args, "-o", str(tmp_path / "two.h5"))
+    assert two.returncode == 0, two.stderr
+    summary = json.loads(two.stdout)  # rank 0 alone prints: one JSON document
+    assert summary["run_file"].endswith("two.h5")
+    with h5py.File(tmp_path / "one.h5") as a, h5py.File(tmp_path / "two.h5") as b:
+        for key in ("loss", "accuracy", "done", "x", "y"):
+            assert a[f"slices/random_2d/{key}"][()].tobytes() == b[f"slices/random_2d/{key}"][()].tobytes(), key
+        assert a["slices/random_2d/done"][()].all()
+        np.testing.assert_allclose(b["hessian/eigenvalues"][()], a["hessian/eigenvalues"][()], rtol=1e-6)
+        np.testing.assert_allclose(b["hessian/trace"].attrs["estimate"], a["hessian/trace"].attrs["estimate"],
+                                   rtol=1e-6)
+        for k in ("m_coherence", "b_simple", "gsnr_mean", "b_noise"):
+            np.testing.assert_allclose(b["coherence"].attrs[k], a["coherence"].attrs[k], rtol=1e-8, err_msg=k)
+        np.testing.assert_allclose(b["coherence/grand"][()], a["coherence/grand"][()], rtol=1e-10)
+        np.testing.assert_allclose(b["coherence/class_cosine"][()], a["coherence/class_cosine"][()], rtol=1e-8)
+        for g in a["sharpness"]:
+            # APGD's worst case is an ascent: round-off in a gradient can move its path a little
+            tol = 1e-4 if g.startswith("worst") else 1e-6
+            np.testing.assert_allclose(b[f"sharpness/{g}/value"][()], a[f"sharpness/{g}/value"][()], rtol=tol,
+                                       atol=1e-12, err_msg=g)
+
+
+SLICE = ["scan", None, "--steps", "61x51", "--strategy", "inplace", "--save-every", "0.3", "--no-report",
+         "--no-hessian", "--no-sharpness", "--no-coherence"]
+
+
+@pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
+def test_killed_run_resumes_with_another_number_of_ranks(tmp_path, mlp_ckpt, first, then):
+    args = [str(mlp_ckpt) if a is None else a for a in SLICE]
+    ref = tmp_path / "ref.h5"
+    res = one_process(*args, "-o", str(ref))
+    assert res.returncode == 0, res.stderr
+    run = tmp_path / "killed.h5"
+    if first == 2:
+        proc = torchrun(2, *args, "-o", str(run), popen=True)
+    else:
+        proc = subprocess.Popen([sys.executable, "-m", "landscape", *args, "-o", str(run)], env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not journal_points(run) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(random.Random(first).uniform(0.0, 0.2))
+    assert proc.poll() is None, "the scan finished before it could be killed; make the grid larger"
+    kill_job(proc)
+    RunFile(run, mode="resume").close()  # merge the journal
+    with h5py.File(run) as f:
+        partial = int(f["slices/random_2d/done"][()].sum())
+    assert 0 < partial < 61 * 51
+    resume = ["--resume", "--json", "-o", str(run)]
+    res = torchrun(2, *args, *resume) if then == 2 else one_process(*args, *resume)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["slices"][0]["computed"] == 61 * 51 - partial
+    assert_same(contents(ref), contents(run))
+
+
+def test_compare_and_trajectory_refuse_torchrun(mlp_ckpt):
+    env = {**ENV, "WORLD_SIZE": "2"}
+    for cmd in (["compare", str(mlp_ckpt), str(mlp_ckpt)], ["trajectory", str(mlp_ckpt)]):
+        res = subprocess.run([sys.executable, "-m", "landscape", *cmd], env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert res.returncode == 2, res.stderr
+        assert "runs in one process" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_more_ranks_than_samples_is_a_clear_error(tmp_path, mlp_ckpt):
+    res = torchrun(2, "scan", str(mlp_ckpt), "--max-samples", "1", "--steps", "3", "--no-report",
+                   "-o", str(tmp_path / "r.h5"))
+    assert res.returncode != 0
+    ours = [line for line in res.stderr.splitlines() if "cannot be shared" in line]
+    # one line, from rank 0 (torchrun adds its own report of the failed child after it)
+    assert ours == ["error: 1 samples cannot be shared by 2 ranks; use more samples or fewer processes"], res.stderr
