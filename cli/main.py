@@ -117,6 +117,27 @@ def _parse_metric(text: str) -> tuple[str, str]:
     return name.strip(), target.strip()
 
 
+def _parse_bytes(text: Optional[str]) -> Optional[float]:
+    """``4GB``, ``512MiB``, ``2e9`` -> bytes.
+
+    >>> _parse_bytes("1.5GiB"), _parse_bytes("256MB"), _parse_bytes("1000")
+    (1610612736.0, 256000000.0, 1000.0)
+    """
+    if text is None:
+        return None
+    import re
+
+    m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([KMGT]?)(i?)B?\s*", text, flags=re.IGNORECASE)
+    try:
+        value = float(m.group(1)) if m else -1.0
+    except ValueError:
+        value = -1.0
+    if m is None or value <= 0:
+        raise LandscapeError(f"--memory-budget {text!r} is not a size", hint="e.g. 512MiB, 4GB or 2e9 (bytes)")
+    power = "KMGT".find(m.group(2).upper()) + 1 if m.group(2) else 0
+    return value * (1024.0 if m.group(3) else 1000.0) ** power
+
+
 def _parse_steps(text: str) -> tuple[int, ...]:
     try:
         vals = tuple(int(p) for p in text.lower().replace(",", "x").split("x"))
@@ -146,6 +167,8 @@ SeedOpt = Annotated[int, typer.Option(help="Seed for directions, probes and the 
 BatchOpt = Annotated[int, typer.Option(help="Samples per forward pass.")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
 DtypeOpt = Annotated[Optional[str], typer.Option(help="float32 or float64 (default: the checkpoint's).")]
+MemoryOpt = Annotated[Optional[str], typer.Option(help="Memory for blocks of slice points and chunks of per-sample "
+                                                       "gradients, e.g. 512MiB, 4GB (default 256MiB).")]
 OutputOpt = Annotated[Optional[str], typer.Option("-o", "--output", help="Run file or directory (default: "
                                                                           "reports/<checkpoint stem>/run.h5).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")]
@@ -305,6 +328,9 @@ def scan(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
     strategy: str = typer.Option("auto", help="Evaluation strategy: auto (measured), inplace or vmap."),
+    precision: str = typer.Option("full", help="Forward passes of slice points: full, bf16 (autocast) or tf32 (CUDA); "
+                                               "the error is measured on 16 points and stored with the slice."),
+    memory_budget: MemoryOpt = None,
     output: OutputOpt = None,
     resume: bool = typer.Option(False, "--resume", help="Continue an existing run file, computing only missing points."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run file."),
@@ -330,7 +356,8 @@ def scan(
             raise LandscapeError("--resume and --overwrite contradict each other", hint="pick one")
         config = _base_config(
             checkpoint, model, model_arg, data, data_arg, loss, metric, state_key, trust_pickle, max_samples, seed,
-            batch_size, device, dtype, output, bn=bn, bn_batches=bn_batches, strategy=strategy, dims=dims,
+            batch_size, device, dtype, output, bn=bn, bn_batches=bn_batches, strategy=strategy, precision=precision,
+            memory_budget=_parse_bytes(memory_budget), dims=dims,
             steps=_parse_steps(steps), range=_parse_range(range_), y_range=_parse_range(y_range) if y_range else None,
             norm=norm, ignore=ignore, orthogonalize=orthogonalize, directions=directions, interpolate=interpolate, name=name, resume=resume,
             overwrite=overwrite, compact_every=save_every, curvature=CurvatureSettings(seed=seed) if hessian else None,
@@ -536,6 +563,7 @@ def coherence(
     batch_size: BatchOpt = 2048,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
+    memory_budget: MemoryOpt = None,
     output: OutputOpt = None,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
@@ -563,7 +591,7 @@ def coherence(
                                      batch_repeats=batch_repeats, control=control is not None, seed=seed).resolved()
         config = _base_config(checkpoint, model, model_arg, data, data_arg, loss, None, state_key, trust_pickle,
                               max_samples, seed, batch_size, device, dtype, output, slices=False, resume=True,
-                              coherence=settings)
+                              coherence=settings, memory_budget=_parse_bytes(memory_budget))
         with err_console.status("loading checkpoint, model and data", spinner="dots"):
             st = setup(config)
         summary = _run_and_print(config, st, json_out, report=None)

@@ -261,15 +261,17 @@ def _batch_ids(n: int, sizes: tuple[int, ...], repeats: int, seed: int) -> dict[
 
 
 def el2n(problem: Problem, X: torch.Tensor, y: torch.Tensor) -> np.ndarray:
-    """EL2N per sample: ``||softmax(f(x)) - onehot(y)||``, or ``||f(x) - y||`` for regression."""
+    """EL2N per sample: ``||softmax(f(x)) - onehot(y)||`` (over every target of a sample, e.g. each token of a
+    sequence), or ``||f(x) - y||`` for regression."""
     out = []
     with torch.no_grad():
         for s in range(0, len(X), problem.batch_size):
             f = functional_call(problem._model, (problem.theta0, problem.buffers), (X[s:s + problem.batch_size],))
             t = y[s:s + problem.batch_size]
-            if problem.classification:
-                err = torch.softmax(f.double(), dim=1)
-                err[torch.arange(len(t)), t] -= 1.0
+            if not t.is_floating_point():  # class targets, on the last axis of the logits (a label or a token each)
+                err = torch.softmax(f.double(), dim=-1)
+                err.scatter_add_(-1, t.unsqueeze(-1), torch.full(t.shape + (1,), -1.0, dtype=err.dtype,
+                                                                 device=err.device))
             else:
                 err = (f.double() - t.double().reshape(f.shape))
             out.append(torch.linalg.vector_norm(err.reshape(len(t), -1), dim=1).cpu().numpy())

@@ -239,8 +239,10 @@ def _finish(X: torch.Tensor, y: torch.Tensor, indices: np.ndarray, n_source: int
         raise LandscapeError(f"data {spec.target!r} has no samples", hint="check the data spec and --max-samples")
     if y.shape[0] != X.shape[0]:
         raise LandscapeError(f"data {spec.target!r} has {X.shape[0]} inputs but {y.shape[0]} targets")
-    if X.dtype not in (torch.float32, torch.float64):
-        X = X.float()
+    if X.dtype in (torch.int16, torch.int32, torch.int64):
+        X = X.long()  # token or index inputs (embeddings) stay integers
+    elif X.dtype not in (torch.float32, torch.float64):
+        X = X.float()  # uint8 images, bool masks, half precision
     if y.is_floating_point() and y.ndim == 1:
         y = y.unsqueeze(1)
     if not y.is_floating_point():

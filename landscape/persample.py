@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 from torch.func import functional_call, grad, jvp, vmap
 
-from .problem import Problem
+from .problem import Problem, differentiable_attention
 
 
 class PerSampleWarning(UserWarning):
@@ -46,7 +46,8 @@ def per_sample_gradients(problem: Problem, X: torch.Tensor, y: torch.Tensor, *, 
     loss = _single_loss(problem)
     p = dict(problem.theta0)
     if method == "vmap":
-        g = vmap(grad(loss), in_dims=(None, 0, 0), randomness="different")(p, X, y)
+        with differentiable_attention():
+            g = vmap(grad(loss), in_dims=(None, 0, 0), randomness="different")(p, X, y)
         return _flat(g, problem.names, len(X))
     rows = [_flat({n: t.unsqueeze(0) for n, t in grad(loss)(p, X[i], y[i]).items()}, problem.names, 1)
             for i in range(len(X))]
@@ -112,6 +113,7 @@ def sketched_gradients(problem: Problem, X: torch.Tensor, y: torch.Tensor, k: in
         for s in range(0, len(X), problem.batch_size):
             xb, yb = X[s:s + problem.batch_size], y[s:s + problem.batch_size]
             # the group's tangents batched by vmap: one forward-mode pass for all of them
-            block = vmap(lambda tan: jvp(lambda q: losses(q, xb, yb), (p,), (tan,))[1])(tangents)
+            with differentiable_attention():
+                    block = vmap(lambda tan: jvp(lambda q: losses(q, xb, yb), (p,), (tan,))[1])(tangents)
             out[s:s + len(xb), j0:j0 + len(R)] = block.T.detach()
     return out

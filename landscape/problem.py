@@ -21,6 +21,10 @@ Under ``torchrun`` (``comm``, see :mod:`landscape.distributed`) evaluations at p
 set on every rank (the points are what is shared out), while gradients, HVPs and GGN products are data-parallel:
 each rank sums over its shard of the samples and an all-reduce adds the shards.
 
+Precision (``precision``, slice points only): ``full`` evaluates at the Problem's dtype; ``bf16`` runs the forward
+passes under bfloat16 autocast and ``tf32`` with TensorFloat-32 matmuls (CUDA only); losses are reduced at full
+precision either way, and gradients and HVPs are never lowered. The scan measures the error this introduces.
+
 Evaluation strategy (``strategy``): points are evaluated in blocks. ``inplace`` writes each
 point of a block into the private model's parameters and runs a plain forward pass;
 ``vmap`` runs the whole block in one batched forward with ``torch.func.vmap`` over
@@ -33,6 +37,7 @@ faster; the block size follows from a memory budget and the measured time per po
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import dataclass
@@ -41,6 +46,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 from torch.func import functional_call, grad, jvp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .distributed import SINGLE, Comm, rank_device
 from .errors import LandscapeError
@@ -50,6 +56,26 @@ Params = dict[str, torch.Tensor]
 Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 BN_TYPES = (torch.nn.modules.batchnorm._BatchNorm,)
+
+
+def differentiable_attention() -> contextlib.AbstractContextManager[object]:
+    """Route ``scaled_dot_product_attention`` to its math kernel: the fused (flash, memory-efficient) kernels have
+    no second derivative, no forward-mode derivative and no vmap rule, all of which HVPs, per-sample gradients and
+    vmapped evaluation need (torch 2.13 on CPU: "derivative for ..._flash_attention_for_cpu_backward is not
+    implemented"). A no-op for models without attention."""
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+@contextlib.contextmanager
+def _tf32() -> Iterator[None]:
+    """TensorFloat-32 matmuls and convolutions on Ampere and later GPUs (10-bit mantissa inputs, float32
+    accumulation), the previous settings restored after."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 @dataclass(frozen=True)
@@ -95,6 +121,7 @@ class Problem:
         graph_chunks: int = 4,
         seed: int = 0,
         comm: Comm | None = None,
+        precision: str = "full",
     ) -> None:
         if bn not in ("frozen", "recompute"):
             raise LandscapeError(f"BatchNorm policy {bn!r} is unknown", hint="use --bn frozen or --bn recompute")
@@ -103,6 +130,9 @@ class Problem:
         if X.shape[0] == 0:
             raise LandscapeError("the evaluation set is empty", hint="check the data spec and --max-samples")
         self.comm = comm or SINGLE
+        if precision not in ("full", "tf32", "bf16"):
+            raise LandscapeError(f"precision {precision!r} is unknown", hint="use full, tf32 or bf16")
+        self.precision = precision
         if self.comm.world > X.shape[0]:
             raise LandscapeError(f"{X.shape[0]} samples cannot be shared by {self.comm.world} ranks",
                                  hint="use more samples or fewer processes")
@@ -111,6 +141,11 @@ class Problem:
         if first is None:
             raise LandscapeError("the model has no parameters")
         self.dtype = dtype or first.dtype
+        if precision == "tf32" and self.device.type != "cuda":
+            raise LandscapeError("--precision tf32 needs a CUDA device", hint="use --precision bf16 or full on a CPU")
+        if precision != "full" and self.dtype != torch.float32:
+            raise LandscapeError(f"--precision {precision} lowers float32 evaluation, the model is {self.dtype}",
+                                 hint="drop --dtype float64 or --precision")
         self._model = copy.deepcopy(model).to(device=self.device, dtype=self.dtype)
         self._model.eval()
         self._model.requires_grad_(False)
@@ -207,15 +242,25 @@ class Problem:
                 acc[k] = acc[k] + v if k in acc else v
         return {k: (v / self.n).cpu().numpy() for k, v in acc.items()}
 
+    def _forward_precision(self, precision: str) -> contextlib.AbstractContextManager[object]:
+        """The context of a forward pass at ``precision``: as is (``full``), bf16 autocast, or TF32 matmuls."""
+        if precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if precision == "tf32":
+            return _tf32()
+        return contextlib.nullcontext()
+
     def _evaluate_inplace(self, coeffs: np.ndarray, dirs: Sequence[list[torch.Tensor]],
-                          origin: list[torch.Tensor] | None = None) -> dict[str, np.ndarray]:
+                          origin: list[torch.Tensor] | None = None, precision: str = "full") -> dict[str, np.ndarray]:
         per_chunk: list[list[torch.Tensor]] = [[] for _ in self._chunks]
         with torch.inference_mode():
             for c in coeffs:
                 self._set_point(c, dirs, origin)
-                for i, (s, e) in enumerate(self._chunks):
-                    per_chunk[i].append(self._model(self.X[s:e]))
-            return self._reduce([torch.stack(o) for o in per_chunk])
+                with self._forward_precision(precision):
+                    for i, (s, e) in enumerate(self._chunks):
+                        per_chunk[i].append(self._model(self.X[s:e]))
+            # losses are reduced at the Problem's precision whatever the forward pass ran at
+            return self._reduce([torch.stack(o).to(self.dtype) for o in per_chunk])
 
     def _stacked_params(self, coeffs: np.ndarray, dirs: Sequence[list[torch.Tensor]]) -> Params:
         c = torch.as_tensor(coeffs, dtype=self.dtype, device=self.device)
@@ -228,15 +273,18 @@ class Problem:
             out[name] = t
         return out
 
-    def _evaluate_vmap(self, coeffs: np.ndarray, dirs: Sequence[list[torch.Tensor]]) -> dict[str, np.ndarray]:
+    def _evaluate_vmap(self, coeffs: np.ndarray, dirs: Sequence[list[torch.Tensor]],
+                       precision: str = "full") -> dict[str, np.ndarray]:
         P = self._stacked_params(coeffs, dirs)
-        with torch.no_grad():
-            outs = [vmap(lambda p: functional_call(self._model, (p, self.buffers), (self.X[s:e],)),
-                         randomness="different")(P) for s, e in self._chunks]
-            return self._reduce(outs)
+        with torch.no_grad(), differentiable_attention():
+            with self._forward_precision(precision):
+                outs = [vmap(lambda p: functional_call(self._model, (p, self.buffers), (self.X[s:e],)),
+                             randomness="different")(P) for s, e in self._chunks]
+            return self._reduce([o.to(self.dtype) for o in outs])
 
     def evaluate_points(self, coeffs: np.ndarray,
-                        directions: Sequence[Mapping[str, torch.Tensor] | list[torch.Tensor]]) -> dict[str, np.ndarray]:
+                        directions: Sequence[Mapping[str, torch.Tensor] | list[torch.Tensor]], *,
+                        precision: str | None = None) -> dict[str, np.ndarray]:
         """Loss, accuracy and metrics at ``theta0 + sum_k coeffs[p, k] d_k`` for each row ``p``.
 
         A direction is a dict keyed by parameter name, or a list already made by :meth:`as_list`.
@@ -251,7 +299,8 @@ class Problem:
         if self.block is None:
             self.choose_strategy(dirs)
         fn = self._evaluate_vmap if self.strategy == "vmap" else self._evaluate_inplace
-        parts = [fn(coeffs[s:s + self.block], dirs) for s in range(0, len(coeffs), self.block)]
+        prec = precision or self.precision
+        parts = [fn(coeffs[s:s + self.block], dirs, precision=prec) for s in range(0, len(coeffs), self.block)]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def evaluate(self, point: Mapping[str, torch.Tensor] | None = None) -> Evaluation:
@@ -279,11 +328,11 @@ class Problem:
         coeffs = np.linspace(-0.1, 0.1, trial * len(dirs)).reshape(trial, len(dirs))
 
         def per_point(fn: Callable[[np.ndarray, Sequence[list[torch.Tensor]]], object]) -> float:
-            fn(coeffs, dirs)  # warm-up
+            fn(coeffs, dirs, precision=self.precision)  # warm-up
             best = float("inf")
             for _ in range(repeats):
                 t = time.perf_counter()
-                fn(coeffs, dirs)
+                fn(coeffs, dirs, precision=self.precision)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 best = min(best, time.perf_counter() - t)
@@ -368,7 +417,8 @@ class Problem:
         v = {n: v[n].to(self.device, self.dtype) for n in p}
         total: Params = {n: torch.zeros_like(t) for n, t in p.items()}
         for s, e in self._grad_chunks:
-            out = product(p, v, self.X[s:e], self.y[s:e])
+            with differentiable_attention():
+                out = product(p, v, self.X[s:e], self.y[s:e])
             torch._foreach_add_(list(total.values()), [out[n] for n in total], alpha=(e - s) / self.n)
         self.comm.all_reduce_(list(total.values()))
         return total
@@ -395,9 +445,10 @@ class Problem:
         each product is one backward pass instead of a forward and two backward passes."""
         if self._grad_graph is None:
             leaves = {n: t.detach().clone().requires_grad_(True) for n, t in self.theta0.items()}
-            total = sum(self._chunk_loss(leaves, self.X[s:e], self.y[s:e]) * ((e - s) / self.n)
-                        for s, e in self._grad_chunks)
-            grads = torch.autograd.grad(total, list(leaves.values()), create_graph=True)
+            with differentiable_attention():
+                total = sum(self._chunk_loss(leaves, self.X[s:e], self.y[s:e]) * ((e - s) / self.n)
+                            for s, e in self._grad_chunks)
+                grads = torch.autograd.grad(total, list(leaves.values()), create_graph=True)
             self._grad_graph = (list(leaves.values()), grads)
         leaves, grads = self._grad_graph
         hv = torch.autograd.grad(grads, leaves, grad_outputs=[v[n].to(self.device, self.dtype) for n in self.names],

@@ -14,7 +14,7 @@ import platform
 import sys
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -41,7 +41,7 @@ from .problem import Problem
 from .runfile import RESERVED, RunFile, encode_attr, read_attrs
 from .sharpness import SharpnessSettings, same_settings, sharpness, summary_from_group
 from .sharpness import forward_equivalents as sharpness_cost
-from .slices import axis, compute_slice, missing_blocks
+from .slices import axis, compute_slice, grid_coefficients, missing_blocks
 from .specs import Spec, call_spec, resolve
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -87,6 +87,8 @@ class ScanConfig:
     bn_batches: int = 10
     batch_size: int = 2048
     strategy: str = "auto"
+    precision: str = "full"
+    memory_budget: float | None = None
     dims: int = 2
     steps: tuple[int, ...] = (51,)
     range: tuple[float, float] = (-1.0, 1.0)
@@ -219,7 +221,9 @@ def setup(config: ScanConfig, comm: Comm | None = None) -> Setup:
         metrics[mname] = resolve(target, what="metric")
     problem = Problem(model, data.X, data.y, loss_fn, metrics=metrics, device=resolve_device(config.device), dtype=dtype,
                       batch_size=config.batch_size, bn=config.bn, bn_batches=config.bn_batches,
-                      strategy=config.strategy, seed=config.seed, comm=comm or current())
+                      strategy=config.strategy, seed=config.seed, comm=comm or current(),
+                      precision=config.precision,
+                      **({"memory_budget": config.memory_budget} if config.memory_budget else {}))
     try:
         problem.evaluate()
     except LandscapeError:
@@ -327,7 +331,30 @@ def _check_identity(stored: Mapping[str, Any], current: Mapping[str, Any], path:
 def _slice_attrs(s: SliceSettings, strategy: str, block: int, config: ScanConfig) -> dict[str, Any]:
     return {"kind": s.kind, "dims": s.dims, "norm": s.norm, "ignore": s.ignore, "seed": s.seed,
             "orthogonalize": s.orthogonalize, "bn": config.bn, "strategy": strategy, "block": block,
-            "other_checkpoint": s.other_checkpoint or ""}
+            "other_checkpoint": s.other_checkpoint or "", "precision": config.precision}
+
+
+#: What a slice attribute meant before it was recorded (files written by earlier versions).
+SLICE_ATTR_DEFAULTS = {"precision": "full"}
+
+
+def precision_error(pb: Problem, dirs: Sequence[Mapping[str, torch.Tensor]], axes: Sequence[np.ndarray],
+                    points: int = 16) -> dict[str, float]:
+    """The error of a lowered-precision slice, measured: ``points`` grid points spread over the grid (corners and
+    centre included) evaluated at ``pb.precision`` and at full precision; the largest absolute and relative loss
+    differences."""
+    coeffs = grid_coefficients(axes)
+    pick = np.unique(np.linspace(0, len(coeffs) - 1, min(points, len(coeffs))).round().astype(int))
+    pick = np.unique(np.append(pick, len(coeffs) // 2))
+    lists = [pb.as_list(d) for d in dirs]
+    low = pb.evaluate_points(coeffs[pick], lists)["loss"]
+    full = pb.evaluate_points(coeffs[pick], lists, precision="full")["loss"]
+    ok = np.isfinite(low) & np.isfinite(full)
+    diff = np.abs(low - full)[ok]
+    return {"precision_points": int(ok.sum()),
+            "precision_max_abs_error": float(diff.max()) if ok.any() else float("nan"),
+            "precision_max_rel_error": float((diff / np.maximum(np.abs(full[ok]), 1e-30)).max()) if ok.any()
+            else float("nan")}
 
 
 def _create_slice(f: h5py.File, s: SliceSettings, dirs: Sequence[Mapping[str, torch.Tensor]],
@@ -404,7 +431,7 @@ def run_scan(config: ScanConfig, *, progress: ProgressFn | None = None,
             if s.name in existing:
                 attrs, dirs, done, axes = existing[s.name]
                 want = _slice_attrs(s, attrs["strategy"], attrs["block"], config)
-                diff = [k for k in want if attrs.get(k) != want[k]]
+                diff = [k for k in want if attrs.get(k, SLICE_ATTR_DEFAULTS.get(k)) != want[k]]
                 if diff or not all(np.array_equal(a, b) for a, b in zip(axes, s.axes)):
                     raise LandscapeError(f"cannot resume slice {s.name!r} of {path}: its settings differ "
                                          f"({', '.join(diff) or 'grid'})",
@@ -417,8 +444,10 @@ def run_scan(config: ScanConfig, *, progress: ProgressFn | None = None,
                 strategy = pb.choose_strategy([pb.as_list(d) for d in dirs])
                 block = pb.block
                 done = np.zeros(tuple(len(a) for a in s.axes), dtype=bool)
-                comm.from_writer(lambda: _new_slice(rf, s, dirs, keys, _slice_attrs(s, strategy, block, config)),
-                                 share=False)
+                attrs = _slice_attrs(s, strategy, block, config)
+                if pb.precision != "full":
+                    attrs.update(precision_error(pb, dirs, s.axes))
+                comm.from_writer(lambda: _new_slice(rf, s, dirs, keys, attrs), share=False)
             total = done.size
             n_done = int(done.sum())
             todo = sum(len(b) for b in missing_blocks(done, block))
@@ -484,6 +513,8 @@ def _run_coherence(rf: RunFile | None, config: ScanConfig, st: Setup, progress: 
     kept = comm.from_writer(stored)
     if kept is not None:
         return kept
+    if config.memory_budget:
+        settings = replace(settings, memory_budget=config.memory_budget)
     res = analyze_coherence(st.problem, settings, sample_index=st.data.indices, progress=progress)
     comm.from_writer(lambda: _write(rf, res), share=False)
     return res.summary()
