@@ -329,7 +329,7 @@ def scan(
     dtype: DtypeOpt = None,
     strategy: str = typer.Option("auto", help="Evaluation strategy: auto (measured), inplace or vmap."),
     precision: str = typer.Option("full", help="Forward passes of slice points: full, bf16 (autocast) or tf32 (CUDA); "
-                                               "the error is measured on 16 points and stored with the slice."),
+                                               "the error is measured on 64 grid points and stored with the slice."),
     memory_budget: MemoryOpt = None,
     output: OutputOpt = None,
     resume: bool = typer.Option(False, "--resume", help="Continue an existing run file, computing only missing points."),

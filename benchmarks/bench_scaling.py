@@ -1,0 +1,155 @@
+"""Benchmark: scaling. One vs two processes under torchrun, and how cost grows with grid points, parameters and
+samples on this machine.
+
+    python benchmarks/bench_scaling.py [--part processes,growth] [--repeats 2]
+
+``processes``: the shipped MLP and CNN, ``landscape scan`` of a 51x51 slice (nothing else) and ``landscape hessian``
+(top-5 eigenvalues and Hutch++ trace), each run as
+
+* one process with 2 BLAS threads (the default on this 2-core machine),
+* one process with 1 thread,
+* ``torchrun --standalone --nproc-per-node 2`` (gloo), 1 thread per process,
+
+timed as whole commands (start-up included) and, for the slice, as the slice's own time from ``--json``.
+
+``growth`` (in process, 2 threads): time per slice point and per Hessian-vector product as the number of grid points,
+of parameters (MLPs of growing width on the digits) and of samples grows.
+
+Results: a markdown table on stdout and ``benchmarks/out/bench_scaling.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from landscape.data import load_data
+from landscape.directions import random_directions
+from landscape.problem import Problem
+from landscape.slices import axis, compute_slice
+from landscape.specs import Spec
+
+sys.path.insert(0, str(Path(__file__).parent))
+from timing import best_of  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CKPTS = {"mlp": ROOT / "data/examples/mlp_sgd_s2000.pt", "cnn": ROOT / "data/examples/cnn_adam_s2000.pt"}
+SLICE = ["--steps", "51", "--no-hessian", "--no-sharpness", "--no-coherence", "--no-report", "--json"]
+HESSIAN = ["--json"]
+SETUPS = {  # name -> (launcher, threads per process)
+    "1 process, 2 threads": ([sys.executable, "-m", "landscape"], 2),
+    "1 process, 1 thread": ([sys.executable, "-m", "landscape"], 1),
+    "2 processes (torchrun), 1 thread each": ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                               "--nproc-per-node=2", "-m", "landscape"], 1),
+}
+
+
+def run_command(launcher: list[str], threads: int, args: list[str]) -> tuple[float, dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    t = time.perf_counter()
+    res = subprocess.run([*launcher, *args], env=env, capture_output=True, text=True, timeout=1800)
+    wall = time.perf_counter() - t
+    if res.returncode:
+        raise RuntimeError(res.stderr[-2000:])
+    return wall, json.loads(res.stdout)
+
+
+def processes(repeats: int) -> list[dict]:
+    rows = []
+    for model, ckpt in CKPTS.items():
+        for job, extra in (("slice 51x51", SLICE), ("hessian top-5 + trace", HESSIAN)):
+            for setup, (launcher, threads) in SETUPS.items():
+                walls, inner = [], []
+                for _ in range(repeats):
+                    with tempfile.TemporaryDirectory() as tmp:
+                        cmd = "scan" if job.startswith("slice") else "hessian"
+                        wall, out = run_command(launcher, threads, [cmd, str(ckpt), *extra, "-o", f"{tmp}/run.h5"])
+                    walls.append(wall)
+                    if out.get("slices"):
+                        inner.append(out["slices"][0]["seconds"])
+                rows.append({"model": model, "job": job, "setup": setup, "wall_s": min(walls),
+                             "slice_s": min(inner) if inner else None})
+                print(rows[-1], flush=True)
+    return rows
+
+
+def mlp(width: int, depth: int = 2) -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    layers: list[torch.nn.Module] = [torch.nn.Flatten()]
+    sizes = [64] + [width] * depth
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers, torch.nn.Linear(width, 10))
+
+
+def per_point_and_hvp(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, repeats: int) -> tuple[float, float]:
+    pb = Problem(model, X, y, torch.nn.functional.cross_entropy)
+    dirs = random_directions(pb.theta0, 2, seed=0)
+    lists = [pb.as_list(d) for d in dirs]
+    pb.choose_strategy(lists)
+    coeffs = np.linspace(-1, 1, 32).reshape(16, 2)
+    t_point, _ = best_of(lambda: pb.evaluate_points(coeffs, lists), repeats)
+    v = {n: torch.randn_like(t) for n, t in pb.theta0.items()}
+    pb.hvp(v)  # engine choice and warm-up
+    t_hvp, _ = best_of(lambda: pb.hvp(v), repeats)
+    return t_point / 16, t_hvp
+
+
+def growth(repeats: int) -> dict:
+    torch.set_num_threads(2)
+    data = load_data(Spec("digits", {}))
+    X, y = data.X, data.y
+    out: dict = {"parameters": [], "samples": [], "grid": []}
+    for width in (32, 128, 512, 2048):
+        model = mlp(width)
+        point, hvp = per_point_and_hvp(model, X, y, repeats)
+        out["parameters"].append({"width": width, "parameters": sum(p.numel() for p in model.parameters()),
+                                  "ms_per_point": point * 1e3, "ms_per_hvp": hvp * 1e3})
+        print(out["parameters"][-1], flush=True)
+    for n in (180, 360, 720, len(X)):
+        point, hvp = per_point_and_hvp(mlp(128), X[:n], y[:n], repeats)
+        out["samples"].append({"samples": n, "ms_per_point": point * 1e3, "ms_per_hvp": hvp * 1e3})
+        print(out["samples"][-1], flush=True)
+    pb = Problem(mlp(128), X, y, torch.nn.functional.cross_entropy)
+    dirs = random_directions(pb.theta0, 2, seed=0)
+    for steps in (11, 21, 41, 61):
+        a = axis(-1, 1, steps)
+        t, _ = best_of(lambda: compute_slice(pb, dirs, (a, a)), repeats)
+        out["grid"].append({"points": steps * steps, "seconds": t, "ms_per_point": t / steps ** 2 * 1e3})
+        print(out["grid"][-1], flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", default="processes,growth")
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    result: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "torch": torch.__version__,
+                    "date": time.strftime("%Y-%m-%d")}
+    parts = args.part.split(",")
+    if "processes" in parts:
+        result["processes"] = processes(args.repeats)
+        print("\n| model | job | setup | command wall (s) | slice alone (s) |\n|---|---|---|---|---|")
+        for r in result["processes"]:
+            inner = f"{r['slice_s']:.2f}" if r["slice_s"] is not None else "-"
+            print(f"| {r['model']} | {r['job']} | {r['setup']} | {r['wall_s']:.2f} | {inner} |")
+    if "growth" in parts:
+        result["growth"] = growth(args.repeats)
+    out = ROOT / "benchmarks/out/bench_scaling.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
