@@ -33,7 +33,8 @@ app = typer.Typer(
            "  landscape scan ckpt.pt --model mypkg.models:resnet20 --data mypkg.data:cifar_subset --loss cross_entropy\n\n"
            "  landscape compare data/examples/mlp_sgd_s2000.pt data/examples/mlp_adam_s2000.pt --align\n\n"
            "  landscape report reports/mlp_sgd_s2000/run.h5 --format pdf\n\n"
-           "  landscape inspect reports/mlp_sgd_s2000/run.h5 --json",
+           "  landscape inspect reports/mlp_sgd_s2000/run.h5 --json\n\n"
+           "  torchrun --nproc-per-node 2 -m landscape scan ckpt.pt   # shared out over 2 processes (docs/scaling.md)",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
