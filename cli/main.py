@@ -378,7 +378,8 @@ def scan(
             t.add_row("forward passes", f"{est.forward_passes:,}")
             t.add_row("strategy", est.strategy)
             t.add_row("time per point", f"{est.seconds_per_point * 1e3:.2f} ms")
-            t.add_row("estimated time, slices", f"{est.seconds:.1f} s")
+            ranks = f" ({est.ranks} ranks)" if est.ranks > 1 else ""
+            t.add_row("estimated time, slices", f"{est.seconds:.1f} s{ranks}")
             t.add_row("estimated time, Hessian", f"{est.curvature_seconds:.1f} s (rough)")
             t.add_row("estimated time, sharpness", f"{est.sharpness_seconds:.1f} s (rough)")
             t.add_row("estimated time, coherence", f"{est.coherence_seconds:.1f} s (rough)")

@@ -122,7 +122,8 @@ class GradientStats:
         for j, i in enumerate(self.keep):
             if int(i) in self.kept:
                 kept[j] = self.kept[int(i)]
-        norms, class_sqnorm = torch.from_numpy(self.norms), torch.from_numpy(self.class_sqnorm)  # views: reduced in place
+        # views of the numpy arrays: reduced in place
+        norms, class_sqnorm = torch.from_numpy(self.norms), torch.from_numpy(self.class_sqnorm)
         comm.all_reduce_([self.sum, self.class_sum, self.class_unit, norms, class_sqnorm, kept,
                           *self.batch_sum.values(), *([self.sumsq] if self.sumsq is not None else [])])
         self.kept = {int(i): kept[j] for j, i in enumerate(self.keep)}

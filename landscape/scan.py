@@ -588,6 +588,7 @@ class Estimate:
     memory_note: str
     n_parameters: int
     n_samples: int
+    ranks: int = 1
     curvature_seconds: float = 0.0
     sharpness_seconds: float = 0.0
     coherence_seconds: float = 0.0
@@ -629,9 +630,11 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
     curvature_passes = curvature_cost(curv, len(pb.names)) if curv is not None else 0.0
     sharpness_passes = sum(sharpness_cost(s, pb.n) for s in config.sharpness)
     coherence_passes = coherence_cost(config.coherence) if config.coherence is not None else 0.0
+    # under torchrun the points are shared out; the data-parallel analyses are counted as one process's work
     return Estimate(points=points, forward_passes=points * chunks, seconds_per_point=per_point,
-                    seconds=per_point * points, strategy=strategy, memory_bytes=int(mem), memory_note=note,
-                    n_parameters=pb.num_parameters, n_samples=pb.n, curvature_seconds=per_point * curvature_passes,
+                    seconds=per_point * points / pb.comm.world, strategy=strategy, memory_bytes=int(mem),
+                    memory_note=note, n_parameters=pb.num_parameters, n_samples=pb.n, ranks=pb.comm.world,
+                    curvature_seconds=per_point * curvature_passes,
                     sharpness_seconds=per_point * sharpness_passes, coherence_seconds=per_point * coherence_passes)
 
 
