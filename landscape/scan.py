@@ -424,9 +424,10 @@ def run_scan(config: ScanConfig, *, progress: ProgressFn | None = None,
     prov = provenance(config, st)
     results: list[SliceResult] = []
     with ExitStack() as stack:
-        rf: RunFile = comm.from_writer(lambda: stack.enter_context(RunFile(path, mode=mode,  # type: ignore[assignment]
-                                                                           compact_every=config.compact_every)),
-                                       share=False)
+        def open_run() -> RunFile:
+            return stack.enter_context(RunFile(path, mode=mode, compact_every=config.compact_every))
+
+        rf = comm.from_writer(open_run, share=False)  # None on the other ranks: they never touch the file
         existing = comm.from_writer(lambda: _read_existing(rf, prov, plan, path, st.data.indices))
         keys = ["loss"] + (["accuracy"] if pb.classification else []) + sorted(pb.metrics)
         for s in plan:
@@ -465,8 +466,7 @@ def run_scan(config: ScanConfig, *, progress: ProgressFn | None = None,
                     progress(_name, min(n_done, total), total)
 
             compute_slice(pb, dirs, s.axes, done=done, block=block, on_block=on_block)
-            results.append(comm.from_writer(lambda: (rf.compact(), _summarize(rf, s, todo,
-                                                                              time.perf_counter() - t0))[1]))
+            results.append(comm.from_writer(lambda: _summarize(rf, s, todo, time.perf_counter() - t0)))
         curvature = None
         if config.curvature is not None:
             curvature = analyze_curvature(pb, config.curvature,
@@ -560,6 +560,8 @@ def _run_sharpness(rf: RunFile | None, config: ScanConfig, st: Setup, progress: 
 
 
 def _summarize(rf: RunFile, s: SliceSettings, computed: int, seconds: float) -> SliceResult:
+    """Merge the slice's journal into the file and summarize what it holds."""
+    rf.compact()
     with rf.read() as f:
         g = f["slices"][s.name]
         loss = g["loss"][()]
