@@ -5,6 +5,7 @@ Slices must be bitwise equal; everything that goes through data-parallel gradien
 order. Both runs use one BLAS thread per process, so that the only difference is the number of ranks.
 """
 
+import fcntl
 import json
 import os
 import random
@@ -64,18 +65,52 @@ def alive(pid):
         return False
 
 
-def kill_job(proc):
-    """SIGKILL a whole job at once, as a scheduler (or the OOM killer) would, and wait until it is gone."""
-    pids = descendants(proc.pid)
+def holders(path):
+    """Processes with ``path`` open (any process the job left behind, forked children included)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fds = os.listdir(f"/proc/{entry}/fd")
+            except OSError:
+                continue
+            for fd in fds:
+                try:
+                    if os.readlink(f"/proc/{entry}/fd/{fd}") == str(path):
+                        out.append(int(entry))
+                        break
+                except OSError:
+                    continue
+    return out
+
+
+def kill_job(proc, run):
+    """SIGKILL a whole job at once, as a scheduler does with a job's cgroup (the OOM killer likewise): torchrun, its
+    workers (each in a session of its own) and any process still holding the run file; then wait until they are
+    gone and the run file's lock is free."""
+    lock = run.with_name(run.name + ".lock")
+    pids = descendants(proc.pid) + holders(lock)
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     proc.wait()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                return
+            except BlockingIOError:
+                assert time.monotonic() < deadline, f"lock still held by {holders(lock)} after killing {pids}"
+                time.sleep(0.05)
+    finally:
+        os.close(fd)
 
 
 def test_shards_cover_everything_once():
@@ -138,7 +173,7 @@ def test_killed_run_resumes_with_another_number_of_ranks(tmp_path, mlp_ckpt, fir
         time.sleep(0.01)
     time.sleep(random.Random(first).uniform(0.0, 0.2))
     assert proc.poll() is None, "the scan finished before it could be killed; make the grid larger"
-    kill_job(proc)
+    kill_job(proc, run)
     RunFile(run, mode="resume").close()  # merge the journal
     with h5py.File(run) as f:
         partial = int(f["slices/random_2d/done"][()].sum())
