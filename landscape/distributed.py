@@ -9,8 +9,8 @@ Work is split two ways:
 
 * **Points** (slice grid points): every rank holds the whole evaluation set and evaluates its share of the
   blocks of points; rank 0 gathers each round of blocks and writes them (:func:`landscape.slices.compute_slice`).
-  Each point is computed exactly as in one process, so slices are bitwise equal to a one-process run (at the
-  same number of BLAS threads per process).
+  Each point is computed exactly as in one process, so slices are bitwise equal to a one-process run with the
+  same evaluation strategy (``--strategy auto`` chooses by timing, per run) and BLAS threads per process.
 * **Data** (gradients, Hessian-vector products, per-sample statistics, every Monte Carlo probe of the curvature
   and sharpness estimators): each rank takes a contiguous shard of the samples (:meth:`Comm.shard`), computes its
   part of the sum ``sum_c (n_c / n) f_c`` and the parts are added by an all-reduce. Every rank then holds the same
