@@ -267,6 +267,7 @@ def el2n(problem: Problem, X: torch.Tensor, y: torch.Tensor) -> np.ndarray:
     out = []
     with torch.no_grad():
         for s in range(0, len(X), problem.batch_size):
+            # a plain forward pass: the fused attention kernels are fine here (Problem.forward avoids them)
             f = functional_call(problem._model, (problem.theta0, problem.buffers), (X[s:s + problem.batch_size],))
             t = y[s:s + problem.batch_size]
             if not t.is_floating_point():  # class targets, on the last axis of the logits (a label or a token each)

@@ -17,9 +17,9 @@ import warnings
 from typing import Iterator
 
 import torch
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import grad, jvp, vmap
 
-from .problem import Problem, differentiable_attention
+from .problem import Problem
 
 
 class PerSampleWarning(UserWarning):
@@ -32,7 +32,7 @@ def _flat(grads: dict[str, torch.Tensor], names: list[str], c: int) -> torch.Ten
 
 def _single_loss(problem: Problem):  # noqa: ANN202
     def loss(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = functional_call(problem._model, (params, problem.buffers), (x.unsqueeze(0),))
+        out = problem.forward(params, x.unsqueeze(0))
         return problem.loss_fn(out, y.unsqueeze(0))
     return loss
 
@@ -46,8 +46,7 @@ def per_sample_gradients(problem: Problem, X: torch.Tensor, y: torch.Tensor, *, 
     loss = _single_loss(problem)
     p = dict(problem.theta0)
     if method == "vmap":
-        with differentiable_attention():
-            g = vmap(grad(loss), in_dims=(None, 0, 0), randomness="different")(p, X, y)
+        g = vmap(grad(loss), in_dims=(None, 0, 0), randomness="different")(p, X, y)
         return _flat(g, problem.names, len(X))
     rows = [_flat({n: t.unsqueeze(0) for n, t in grad(loss)(p, X[i], y[i]).items()}, problem.names, 1)
             for i in range(len(X))]
@@ -103,7 +102,7 @@ def sketched_gradients(problem: Problem, X: torch.Tensor, y: torch.Tensor, k: in
     p = dict(problem.theta0)
 
     def losses(params: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        out = functional_call(problem._model, (params, problem.buffers), (xb,))
+        out = problem.forward(params, xb)
         return vmap(lambda o, t: problem.loss_fn(o.unsqueeze(0), t.unsqueeze(0)))(out, yb)
 
     out = torch.empty(len(X), k, dtype=problem.dtype, device=problem.device)
@@ -113,7 +112,6 @@ def sketched_gradients(problem: Problem, X: torch.Tensor, y: torch.Tensor, k: in
         for s in range(0, len(X), problem.batch_size):
             xb, yb = X[s:s + problem.batch_size], y[s:s + problem.batch_size]
             # the group's tangents batched by vmap: one forward-mode pass for all of them
-            with differentiable_attention():
-                    block = vmap(lambda tan: jvp(lambda q: losses(q, xb, yb), (p,), (tan,))[1])(tangents)
+            block = vmap(lambda tan: jvp(lambda q: losses(q, xb, yb), (p,), (tan,))[1])(tangents)
             out[s:s + len(xb), j0:j0 + len(R)] = block.T.detach()
     return out

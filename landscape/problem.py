@@ -58,14 +58,6 @@ Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 BN_TYPES = (torch.nn.modules.batchnorm._BatchNorm,)
 
 
-def differentiable_attention() -> contextlib.AbstractContextManager[object]:
-    """Route ``scaled_dot_product_attention`` to its math kernel: the fused (flash, memory-efficient) kernels have
-    no second derivative, no forward-mode derivative and no vmap rule, all of which HVPs, per-sample gradients and
-    vmapped evaluation need (torch 2.13 on CPU: "derivative for ..._flash_attention_for_cpu_backward is not
-    implemented"). A no-op for models without attention."""
-    return sdpa_kernel([SDPBackend.MATH])
-
-
 @contextlib.contextmanager
 def _tf32() -> Iterator[None]:
     """TensorFloat-32 matmuls and convolutions on Ampere and later GPUs (10-bit mantissa inputs, float32
@@ -276,10 +268,8 @@ class Problem:
     def _evaluate_vmap(self, coeffs: np.ndarray, dirs: Sequence[list[torch.Tensor]],
                        precision: str = "full") -> dict[str, np.ndarray]:
         P = self._stacked_params(coeffs, dirs)
-        with torch.no_grad(), differentiable_attention():
-            with self._forward_precision(precision):
-                outs = [vmap(lambda p: functional_call(self._model, (p, self.buffers), (self.X[s:e],)),
-                             randomness="different")(P) for s, e in self._chunks]
+        with torch.no_grad(), self._forward_precision(precision):
+            outs = [vmap(lambda p: self.forward(p, self.X[s:e]), randomness="different")(P) for s, e in self._chunks]
             return self._reduce([o.to(self.dtype) for o in outs])
 
     def evaluate_points(self, coeffs: np.ndarray,
@@ -361,8 +351,19 @@ class Problem:
         return self.strategy
 
     # ------------------------------------------------------------------ derivatives
+    def forward(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The model's output on ``x`` at ``params``: a functional call with the Problem's buffers, the form every
+        derivative (gradients, HVPs, GGN products, per-sample gradients) and vmapped evaluation goes through.
+
+        ``scaled_dot_product_attention`` runs on its math kernel here: the fused (flash, memory-efficient) kernels
+        have no second derivative, no forward-mode derivative and no vmap rule (torch 2.13 on CPU: "derivative for
+        ..._flash_attention_for_cpu_backward is not implemented"). Models without attention are unaffected.
+        """
+        with sdpa_kernel([SDPBackend.MATH]):
+            return functional_call(self._model, (params, self.buffers), (x,))
+
     def _chunk_loss(self, params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.loss_fn(functional_call(self._model, (params, self.buffers), (x,)), y)
+        return self.loss_fn(self.forward(params, x), y)
 
     def _params(self, params: Mapping[str, torch.Tensor] | None) -> Params:
         return dict(self.theta0) if params is None else {n: t.to(self.device, self.dtype) for n, t in params.items()}
@@ -399,8 +400,8 @@ class Problem:
         """The loss alone (no graph), over the evaluation set or the samples ``indices``."""
         p = self._params(params)
         with torch.no_grad():
-            local = sum(float(self._chunk_loss(p, x, y).double()) * w for x, y, w in self._batches(indices))
-        return self.comm.sum(float(local))
+            local = sum((float(self._chunk_loss(p, x, y).double()) * w for x, y, w in self._batches(indices)), 0.0)
+        return self.comm.sum(local)
 
     def gradient(self, params: Mapping[str, torch.Tensor] | None = None) -> Params:
         return self.loss_and_gradient(params)[1]
@@ -417,8 +418,7 @@ class Problem:
         v = {n: v[n].to(self.device, self.dtype) for n in p}
         total: Params = {n: torch.zeros_like(t) for n, t in p.items()}
         for s, e in self._grad_chunks:
-            with differentiable_attention():
-                out = product(p, v, self.X[s:e], self.y[s:e])
+            out = product(p, v, self.X[s:e], self.y[s:e])
             torch._foreach_add_(list(total.values()), [out[n] for n in total], alpha=(e - s) / self.n)
         self.comm.all_reduce_(list(total.values()))
         return total
@@ -445,10 +445,9 @@ class Problem:
         each product is one backward pass instead of a forward and two backward passes."""
         if self._grad_graph is None:
             leaves = {n: t.detach().clone().requires_grad_(True) for n, t in self.theta0.items()}
-            with differentiable_attention():
-                total = sum(self._chunk_loss(leaves, self.X[s:e], self.y[s:e]) * ((e - s) / self.n)
-                            for s, e in self._grad_chunks)
-                grads = torch.autograd.grad(total, list(leaves.values()), create_graph=True)
+            total = sum(self._chunk_loss(leaves, self.X[s:e], self.y[s:e]) * ((e - s) / self.n)
+                        for s, e in self._grad_chunks)
+            grads = torch.autograd.grad(total, list(leaves.values()), create_graph=True)
             self._grad_graph = (list(leaves.values()), grads)
         leaves, grads = self._grad_graph
         hv = torch.autograd.grad(grads, leaves, grad_outputs=[v[n].to(self.device, self.dtype) for n in self.names],
@@ -496,7 +495,7 @@ class Problem:
         """
         def product(p: Params, v: Params, x: torch.Tensor, y: torch.Tensor) -> Params:
             def f(q: Params) -> torch.Tensor:
-                return functional_call(self._model, (q, self.buffers), (x,))
+                return self.forward(q, x)
 
             z, jv = jvp(f, (p,), (v,))
             hjv = self._hessian_vector(lambda zz: self.loss_fn(zz, y), z, jv)
