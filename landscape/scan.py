@@ -448,10 +448,8 @@ def run_scan(config: ScanConfig, *, progress: ProgressFn | None = None,
                 strategy = pb.choose_strategy([pb.as_list(d) for d in dirs])
                 block = pb.block
                 done = np.zeros(tuple(len(a) for a in s.axes), dtype=bool)
-                attrs = _slice_attrs(s, strategy, block, config)
-                if pb.precision != "full":
-                    attrs.update(precision_error(pb, dirs, s.axes))
-                comm.from_writer(lambda: _new_slice(rf, s, dirs, keys, attrs), share=False)
+                comm.from_writer(lambda: _new_slice(rf, s, dirs, keys, _slice_attrs(s, strategy, block, config), pb),
+                                 share=False)
             total = done.size
             n_done = int(done.sum())
             todo = sum(len(b) for b in missing_blocks(done, block))
@@ -479,7 +477,10 @@ def run_scan(config: ScanConfig, *, progress: ProgressFn | None = None,
 
 
 def _new_slice(rf: RunFile, s: SliceSettings, dirs: Sequence[Mapping[str, torch.Tensor]], keys: Sequence[str],
-               attrs: Mapping[str, Any]) -> None:
+               attrs: dict[str, Any], pb: Problem) -> None:
+    """Create the slice's group; a lowered precision gets its error measured first (by the writer alone)."""
+    if pb.precision != "full":
+        attrs.update(precision_error(pb, dirs, s.axes))
     with rf.transaction() as f:
         _create_slice(f, s, dirs, keys, attrs)
 
