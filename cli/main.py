@@ -212,9 +212,9 @@ def _join_job(device: str) -> None:
 
 
 def _single_process(command: str) -> None:
-    import os
+    from landscape.distributed import job_size
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if job_size() > 1:
         raise LandscapeError(f"landscape {command} runs in one process",
                              hint=f"start it without torchrun (its models' scans can be run with torchrun first, "
                                   f"then {command} reuses their run files)")

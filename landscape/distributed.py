@@ -135,6 +135,11 @@ def current() -> Comm:
     return _current
 
 
+def job_size() -> int:
+    """The number of processes torchrun started for this job (``WORLD_SIZE``; 1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_from_env(device: str = "auto", *, timeout_s: float = 1800) -> Comm:
     """Join the ``torchrun`` job described by the environment, or return :data:`SINGLE` outside one.
 
@@ -142,8 +147,7 @@ def init_from_env(device: str = "auto", *, timeout_s: float = 1800) -> Comm:
     present) and gloo otherwise. Idempotent: a second call returns the same Comm.
     """
     global _current
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 or _current.active:
+    if job_size() <= 1 or _current.active:
         return _current
     if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
         raise LandscapeError("WORLD_SIZE is set but RANK or MASTER_ADDR is not",
