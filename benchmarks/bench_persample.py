@@ -8,10 +8,14 @@ BatchNorm in eval mode) on ``--samples`` digits, float32. Methods, each producin
 * *naive loop*: for each sample, ``model.zero_grad(); loss(model(x[None]), y[None]).backward()`` and a copy of
   every ``.grad`` (what most scripts do);
 * *torch.func loop*: ``landscape.persample.per_sample_gradients(method="loop")``, one ``grad`` call per sample;
-* *landscape vmap*: ``landscape.persample.iter_gradients`` (vmap over grad, chunked to a 256 MiB budget);
+* *landscape vmap*: ``landscape.persample.gradient_matrix`` (vmap over grad, chunked to a 256 MiB budget, each
+  chunk written straight into the matrix);
 * *landscape sketch (K=256)*: ``sketched_gradients`` (forward-mode products; an ``(n, 256)`` matrix instead).
 
-Times are the best of ``--repeats``. Memory: the peak resident set of a fresh process computing one chunk by vmap,
+The naive loop and vmap run once per round for ``--repeats`` interleaved rounds (this VM's speed drifts over
+minutes); their times are the best round's, the speed-up is the median and range over rounds of the naive loop's
+time over vmap's in the same round, after one warm-up call of each. The torch.func loop (for reference) is the
+best of 3, after those rounds. Memory: the peak resident set of a fresh process computing one chunk by vmap,
 minus that process's resident set before it, divided by the chunk size (``/proc/self/status`` VmHWM; Linux).
 Output: markdown on stdout, JSON in ``benchmarks/out/bench_persample.json``.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -27,9 +32,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from landscape.persample import iter_gradients, per_sample_gradients, sketched_gradients
+from landscape.persample import gradient_matrix, per_sample_gradients, sketched_gradients
 from landscape.scan import ScanConfig, setup
-from timing import best_of
+from timing import best_of, interleaved
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("mlp_sgd_s2000", "cnn_adam_s2000")
@@ -85,9 +90,14 @@ def main() -> None:
         pb = st.problem
         model = st.model.float().eval()
         X, y = pb.X, pb.y
-        t_naive, g_naive = best_of(lambda: naive_loop(model, X, y), args.repeats)
-        t_floop, _ = best_of(lambda: per_sample_gradients(pb, X, y, method="loop"), args.repeats)
-        t_vmap, g_vmap = best_of(lambda: torch.cat([g for _, g, _ in iter_gradients(pb, X, y)]), args.repeats)
+        fns = {"naive": lambda: naive_loop(model, X, y), "vmap": lambda: gradient_matrix(pb, X, y)}
+        for fn in fns.values():  # warm-up: vmap traces on its first call
+            fn()
+        best, ratios = interleaved(fns, args.repeats, "vmap")
+        t_naive, t_vmap = best["naive"], best["vmap"]
+        t_floop, _ = best_of(lambda: per_sample_gradients(pb, X, y, method="loop"), 3)
+        speedup = sorted(ratios["naive"])
+        g_naive, g_vmap = naive_loop(model, X, y), gradient_matrix(pb, X, y)
         t_sketch, _ = best_of(lambda: sketched_gradients(pb, X, y, 256), 1)
         diff = float((g_naive - g_vmap).abs().max())
         mem = []
@@ -99,10 +109,10 @@ def main() -> None:
         per_sample = (mem[1]["peak_growth_kib"] - mem[0]["peak_growth_kib"]) * 1024 / (256 - 64)
         grad_bytes = pb.num_parameters * 4
         out["models"][name] = {"n_parameters": pb.num_parameters, "naive_s": t_naive, "func_loop_s": t_floop,
-                               "vmap_s": t_vmap, "sketch256_s": t_sketch, "max_abs_diff": diff, "memory": mem,
+                               "vmap_s": t_vmap, "speedup_vs_naive_per_round": speedup, "sketch256_s": t_sketch, "max_abs_diff": diff, "memory": mem,
                                "bytes_per_sample": per_sample, "gradient_bytes_per_sample": grad_bytes}
         print(f"| {name} ({pb.num_parameters:,} params) | {t_naive:.2f} s | {t_floop:.2f} s | {t_vmap:.3f} s | "
-              f"{t_naive / t_vmap:.1f}× | {t_sketch:.2f} s | {per_sample / 1024:.0f} KiB ({per_sample / grad_bytes:.1f}× "
+              f"{statistics.median(speedup):.1f}× [{speedup[0]:.1f}–{speedup[-1]:.1f}] | {t_sketch:.2f} s | {per_sample / 1024:.0f} KiB ({per_sample / grad_bytes:.1f}× "
               f"one gradient) | {diff:.1e} |")
     path = ROOT / "benchmarks" / "out" / "bench_persample.json"
     path.parent.mkdir(exist_ok=True)

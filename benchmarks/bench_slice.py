@@ -24,7 +24,6 @@ import copy
 import json
 import platform
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,27 +33,11 @@ import torch.nn.functional as F
 from landscape.directions import random_directions
 from landscape.scan import ScanConfig, run_scan, setup
 from landscape.slices import axis, compute_slice
+from timing import interleaved
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "data" / "examples"
 CKPTS = {"mlp": EXAMPLES / "mlp_sgd_s2000.pt", "cnn": EXAMPLES / "cnn_adam_s2000.pt"}
 STEPS = 51
-
-
-def interleaved(fns: dict, repeats: int, reference: str) -> tuple[dict, dict]:
-    """Time every function once per round for ``repeats`` rounds.
-
-    Returns the best time of each and the median over rounds of its time divided by ``reference``'s time in the
-    same round: this VM's speed drifts by tens of percent over minutes, and a within-round ratio cancels that.
-    """
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t)
-    best = {k: min(v) for k, v in times.items()}
-    ratio = {k: [a / b for a, b in zip(v, times[reference])] for k, v in times.items()}
-    return best, ratio
 
 
 def bench_model(name: str, repeats: int) -> dict:

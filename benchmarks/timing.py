@@ -16,3 +16,20 @@ def best_of(fn: Callable[[], T], repeats: int) -> tuple[float, T]:
         out = fn()
         best = min(best, time.perf_counter() - t)
     return best, out  # type: ignore[return-value]
+
+
+def interleaved(fns: dict, repeats: int, reference: str) -> tuple[dict, dict]:
+    """Time every function once per round for ``repeats`` rounds.
+
+    Returns the best time of each and the median over rounds of its time divided by ``reference``'s time in the
+    same round: this VM's speed drifts by tens of percent over minutes, and a within-round ratio cancels that.
+    """
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    best = {k: min(v) for k, v in times.items()}
+    ratio = {k: [a / b for a, b in zip(v, times[reference])] for k, v in times.items()}
+    return best, ratio

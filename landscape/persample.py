@@ -26,8 +26,9 @@ class PerSampleWarning(UserWarning):
     """vmap could not trace the model; per-sample gradients are computed one sample at a time."""
 
 
-def _flat(grads: dict[str, torch.Tensor], names: list[str], c: int) -> torch.Tensor:
-    return torch.cat([grads[n].reshape(c, -1) for n in names], dim=1)
+def _flat(grads: dict[str, torch.Tensor], names: list[str], c: int, out: torch.Tensor | None = None
+          ) -> torch.Tensor:
+    return torch.cat([grads[n].reshape(c, -1) for n in names], dim=1, out=out)
 
 
 def _single_loss(problem: Problem):  # noqa: ANN202
@@ -37,20 +38,21 @@ def _single_loss(problem: Problem):  # noqa: ANN202
     return loss
 
 
-def per_sample_gradients(problem: Problem, X: torch.Tensor, y: torch.Tensor, *, method: str = "vmap"
-                         ) -> torch.Tensor:
+def per_sample_gradients(problem: Problem, X: torch.Tensor, y: torch.Tensor, *, method: str = "vmap",
+                         out: torch.Tensor | None = None) -> torch.Tensor:
     """``(len(X), P)`` per-sample gradients at theta0, parameters flattened in the Problem's order.
 
-    ``method`` is ``vmap`` (batched) or ``loop`` (one sample at a time, the reference).
+    ``method`` is ``vmap`` (batched) or ``loop`` (one sample at a time, the reference). ``out``, a contiguous
+    ``(len(X), P)`` tensor, receives the rows (no second copy of them); it is returned.
     """
     loss = _single_loss(problem)
     p = dict(problem.theta0)
     if method == "vmap":
         g = vmap(grad(loss), in_dims=(None, 0, 0), randomness="different")(p, X, y)
-        return _flat(g, problem.names, len(X))
+        return _flat(g, problem.names, len(X), out)
     rows = [_flat({n: t.unsqueeze(0) for n, t in grad(loss)(p, X[i], y[i]).items()}, problem.names, 1)
             for i in range(len(X))]
-    return torch.cat(rows)
+    return torch.cat(rows, out=out)
 
 
 #: Most samples per vmap chunk: larger chunks measured slower on CPU (cache), e.g. the shipped MLP's 1,438 samples
@@ -64,23 +66,35 @@ def chunk_size(problem: Problem, memory_budget: float) -> int:
     return max(1, min(problem.batch_size, MAX_CHUNK, int(memory_budget // per_sample)))
 
 
-def iter_gradients(problem: Problem, X: torch.Tensor, y: torch.Tensor, *, memory_budget: float = 256 * 2**20
-                   ) -> Iterator[tuple[int, torch.Tensor, str]]:
+def iter_gradients(problem: Problem, X: torch.Tensor, y: torch.Tensor, *, memory_budget: float = 256 * 2**20,
+                   out: torch.Tensor | None = None) -> Iterator[tuple[int, torch.Tensor, str]]:
     """``(start, gradients, method)`` for consecutive chunks of ``(X, y)``; ``method`` is ``vmap``, or ``loop``
-    after a warning if vmap fails."""
+    after a warning if vmap fails. With ``out`` (``(len(X), P)``, contiguous) each chunk is written into its rows
+    and the chunk yielded is that view."""
     c = chunk_size(problem, memory_budget)
     method = "vmap"
     for s in range(0, len(X), c):
+        rows = None if out is None else out[s:s + c]
         try:
-            g = per_sample_gradients(problem, X[s:s + c], y[s:s + c], method=method)
+            g = per_sample_gradients(problem, X[s:s + c], y[s:s + c], method=method, out=rows)
         except (RuntimeError, NotImplementedError) as err:
             if method != "vmap":
                 raise
             warnings.warn(f"vmap cannot trace this model ({str(err).splitlines()[0][:120]}); per-sample gradients "
                           "fall back to a loop over samples (slower, same values)", PerSampleWarning, stacklevel=2)
             method = "loop"
-            g = per_sample_gradients(problem, X[s:s + c], y[s:s + c], method=method)
+            g = per_sample_gradients(problem, X[s:s + c], y[s:s + c], method=method, out=rows)
         yield s, g.detach(), method
+
+
+def gradient_matrix(problem: Problem, X: torch.Tensor, y: torch.Tensor, *, memory_budget: float = 256 * 2**20
+                    ) -> torch.Tensor:
+    """The whole ``(len(X), P)`` matrix of per-sample gradients, computed in chunks (:func:`iter_gradients`) that
+    are written straight into it: the rows are copied once, from the per-parameter gradients into the matrix."""
+    out = torch.empty(len(X), problem.num_parameters, dtype=problem.dtype, device=problem.device)
+    for _ in iter_gradients(problem, X, y, memory_budget=memory_budget, out=out):
+        pass
+    return out
 
 
 def sketch_matrix_rows(problem: Problem, k: int, seed: int, start: int, stop: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ from conftest import EXAMPLES, blobs, relu_mlp
 from landscape import Problem
 from landscape.coherence import CoherenceSettings, GradientStats, analyze_coherence
 from landscape.curvature import CurvatureOperator
-from landscape.persample import per_sample_gradients
+from landscape.persample import chunk_size, gradient_matrix, per_sample_gradients
 
 FAST = dict(noise_samples=0, batch_sizes=(4,), batch_repeats=4)
 
@@ -136,3 +136,15 @@ def test_untraceable_model_falls_back_to_the_loop_with_a_warning():
     assert r.method == "loop"
     G = per_sample_gradients(pb, X, y, method="loop").numpy()
     assert r.metrics["m_coherence"] == pytest.approx(np.sum(G.sum(0) ** 2) / np.sum(G ** 2), rel=1e-12)
+    with pytest.warns(PerSampleWarning):  # the matrix path falls back too, and writes the loop's rows in place
+        np.testing.assert_array_equal(gradient_matrix(pb, X, y).numpy(), G)
+
+
+def test_gradient_matrix_writes_chunks_in_place():
+    X, y = blobs(30, 4, 3)
+    pb = Problem(relu_mlp((4, 8, 3)), X, y, F.cross_entropy)
+    budget = 7 * 3 * pb.num_parameters * 8  # 7 samples per chunk: 30 = 4 * 7 + 2, a short last chunk
+    assert chunk_size(pb, budget) == 7
+    M = gradient_matrix(pb, X, y, memory_budget=budget)
+    assert M.shape == (30, pb.num_parameters) and M.dtype == torch.float64
+    torch.testing.assert_close(M, per_sample_gradients(pb, X, y, method="loop"), rtol=0, atol=1e-12)
