@@ -43,20 +43,36 @@ def resolve_loss(name: str, *, from_checkpoint: bool = False) -> LossFn:
     return resolve(name, what="loss", from_checkpoint=from_checkpoint)
 
 
-def stacked_cross_entropy(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of each of K stacked outputs ``out[k]`` (shape ``(K, n, C)``) against ``target`` (n,).
+def stacked_cross_entropy(out: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy and number of correct arg-max predictions of each of K stacked outputs ``out[k]``
+    (shape ``(K, n, C)``) against ``target`` (n,): two tensors of shape (K,).
 
     ``l_i = log sum_c exp(z_ic - m_i) - (z_{i, y_i} - m_i)`` with ``m_i = max_c z_ic``: the numerics of
     ``F.cross_entropy``'s log-softmax (the shift keeps the loss accurate near a minimum, where it is far below
     the logits' rounding error; ``logsumexp(z) - z_y`` would cancel). The class axis is moved to the middle so
     that the reductions over a few classes vectorize across samples: about 3x faster than ``log_softmax`` over
     a last axis of 10 on a CPU, and one call for K points instead of K calls.
+
+    Sample i is correct when ``argmax_c z_ic = y_i``, read off the shifted logits: ``z_{i, y_i} - m_i = 0`` and no
+    class before ``y_i`` reaches ``m_i`` (arg-max takes the first maximum). That reuses the shift instead of a
+    separate arg-max over a last axis of 10 (5x the time); non-finite maxima go through ``argmax`` itself.
     """
-    o = out.transpose(1, 2).contiguous()  # (K, C, n)
+    o = out.transpose(1, 2).contiguous()  # (K, C, n), a private copy: shifted and exponentiated in place
     m = o.amax(dim=1, keepdim=True)
-    lse = (o - m).exp().sum(dim=1).log()
-    picked = o.gather(1, target.expand(o.shape[0], -1).unsqueeze(1)).squeeze(1)
-    return (lse - (picked - m.squeeze(1))).mean(dim=-1)
+    o.sub_(m)
+    picked = o.gather(1, target.expand(o.shape[0], -1).unsqueeze(1)).squeeze(1)  # z_y - m
+    if bool(torch.isfinite(m.sum())):  # every maximum finite (or a sum that overflows: argmax then, still exact)
+        # max over the classes before y_i of z_ic - m_i (0 for a tie), masking the others with -inf: float
+        # reductions over the middle axis are fast, boolean ones are not
+        cls = torch.arange(o.shape[1], device=o.device).unsqueeze(1)  # (C, 1)
+        mask = torch.zeros(cls.shape[0], target.shape[0], dtype=o.dtype, device=o.device)
+        mask.masked_fill_(cls >= target, float("-inf"))  # (C, n): 0 where c < y_i
+        tie_before = (o + mask).amax(dim=1) == 0
+        correct = ((picked == 0) & ~tie_before).sum(dim=-1)
+    else:
+        correct = stacked_correct(out, target)
+    lse = o.exp_().sum(dim=1).log()
+    return (lse - picked).mean(dim=-1), correct
 
 
 def stacked_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -64,17 +80,22 @@ def stacked_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (out - target).pow(2).flatten(1).mean(dim=-1)
 
 
-def stacked_loss(loss: LossFn, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Batch-mean ``loss(out[k], target)`` for each of the K stacked outputs, as a tensor of shape (K,).
+def stacked_loss(loss: LossFn, out: torch.Tensor, target: torch.Tensor, *, correct: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Batch-mean ``loss(out[k], target)`` for each of the K stacked outputs, shape (K,), and with ``correct`` the
+    number of samples whose arg-max class equals the integer target (K,) (else None).
 
     The built-in losses have closed forms over the stack (when the shapes are the plain ones: logits ``(n, C)``
     with class targets ``(n,)``, or outputs shaped like the targets); any other loss is called once per k.
     """
     if loss is F.cross_entropy and out.ndim == 3 and target.ndim == 1 and not target.is_floating_point():
-        return stacked_cross_entropy(out, target)
+        ce, right = stacked_cross_entropy(out, target)
+        return ce, right if correct else None
     if loss is F.mse_loss and tuple(out.shape[1:]) == tuple(target.shape):
-        return stacked_mse(out, target)
-    return torch.stack([loss(o, target) for o in out])
+        vals = stacked_mse(out, target)
+    else:
+        vals = torch.stack([loss(o, target) for o in out])
+    return vals, stacked_correct(out, target) if correct else None
 
 
 def stacked_correct(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -50,7 +50,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .distributed import SINGLE, Comm, rank_device
 from .errors import LandscapeError
-from .losses import LossFn, stacked_correct, stacked_loss
+from .losses import LossFn, stacked_loss
 
 Params = dict[str, torch.Tensor]
 Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -225,9 +225,10 @@ class Problem:
         acc: dict[str, torch.Tensor] = {}
         for (s, e), out in zip(self._chunks, outs):
             yb = self.y[s:e]
-            vals = {"loss": stacked_loss(self.loss_fn, out, yb).double() * (e - s)}
-            if self.classification:
-                vals["accuracy"] = stacked_correct(out, yb).double()
+            loss, correct = stacked_loss(self.loss_fn, out, yb, correct=self.classification)
+            vals = {"loss": loss.double() * (e - s)}
+            if correct is not None:
+                vals["accuracy"] = correct.double()
             for k, m in self.metrics.items():
                 vals[k] = torch.stack([m(o, yb) for o in out]).double() * (e - s)
             for k, v in vals.items():

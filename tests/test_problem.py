@@ -108,23 +108,45 @@ def test_bn_recompute_matches_manual_estimate():
 
 
 def test_stacked_losses_match_functional_losses_near_a_minimum():
-    from landscape.losses import stacked_correct, stacked_loss
+    from landscape.losses import stacked_loss
 
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 10, (200,), generator=g)
     logits = torch.randn(4, 200, 10, generator=g)
     logits[..., :] += 12.0 * F.one_hot(y, 10)  # confident: loss ~ 1e-5, far below the logits' rounding error
-    ce = stacked_loss(F.cross_entropy, logits, y)
+    ce, correct = stacked_loss(F.cross_entropy, logits, y, correct=True)
     for k in range(4):
         exact = F.cross_entropy(logits[k].double(), y).item()  # float64 truth for the float32 logits
         assert ce[k].item() == pytest.approx(exact, rel=1e-4)
         naive = (torch.logsumexp(logits[k], 1) - logits[k].gather(1, y[:, None]).squeeze(1)).mean().item()
         assert naive != pytest.approx(exact, rel=1e-4)  # the cancelling formula would fail this check
-        assert stacked_correct(logits, y)[k].item() == (logits[k].argmax(1) == y).sum().item()
+        assert correct[k].item() == (logits[k].argmax(1) == y).sum().item()
     target = torch.randn(200, 3, generator=g)
     outs = torch.randn(4, 200, 3, generator=g)
-    mse = stacked_loss(F.mse_loss, outs, target)
-    custom = stacked_loss(lambda o, t: (o - t).abs().mean(), outs, target)
+    mse, none = stacked_loss(F.mse_loss, outs, target)
+    assert none is None
+    custom, _ = stacked_loss(lambda o, t: (o - t).abs().mean(), outs, target)
     for k in range(4):
         assert mse[k].item() == pytest.approx(F.mse_loss(outs[k], target).item(), rel=1e-6)
         assert custom[k].item() == pytest.approx((outs[k] - target).abs().mean().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("special", [None, float("nan"), float("inf"), float("-inf")])
+def test_stacked_accuracy_equals_argmax_with_ties_and_non_finite_logits(special):
+    """Accuracy is read off the shifted logits; it must agree with ``argmax`` (first maximum wins) on ties, and
+    with non-finite logits too."""
+    from landscape.losses import stacked_loss
+
+    g = torch.Generator().manual_seed(1)
+    y = torch.randint(0, 5, (300,), generator=g)
+    logits = torch.randint(0, 3, (6, 300, 5), generator=g).float()  # three values over five classes: many ties
+    if special is not None:
+        logits[2, ::7, 1] = special
+        logits[4, 5, y[5]] = special
+    loss, correct = stacked_loss(F.cross_entropy, logits, y, correct=True)
+    for k in range(6):
+        assert correct[k].item() == (logits[k].argmax(1) == y).sum().item()
+        torch.testing.assert_close(loss[k], F.cross_entropy(logits[k], y), equal_nan=True)
+    # the custom-loss path counts with argmax directly
+    _, counted = stacked_loss(lambda o, t: F.cross_entropy(o, t) * 1.0, logits, y, correct=True)
+    torch.testing.assert_close(counted, correct)
