@@ -1,7 +1,7 @@
 """Benchmark: scaling. One vs two processes under torchrun, and how cost grows with grid points, parameters and
 samples on this machine.
 
-    python benchmarks/bench_scaling.py [--part processes,growth] [--repeats 2]
+    python benchmarks/bench_scaling.py [--part processes,growth,stream] [--repeats 2] [--stream-samples 200000]
 
 ``processes``: the shipped MLP and CNN, ``landscape scan`` of a 51x51 slice (nothing else) and ``landscape hessian``
 (top-5 eigenvalues and Hutch++ trace), each run as
@@ -14,6 +14,12 @@ timed as whole commands (start-up included) and, for the slice, as the slice's o
 
 ``growth`` (in process, 2 threads): time per slice point and per Hessian-vector product as the number of grid points,
 of parameters (MLPs of growing width on the digits) and of samples grows.
+
+``stream`` (in process, 2 threads): a 64-128-128-10 MLP on a 10-class Gaussian mixture of ``--stream-samples``
+64-dimensional samples, chunks of 8,192: time per slice point (blocks of 16 points), per gradient and per
+Hessian-vector product with the inputs in memory, streamed from an ``.h5`` file and from a memory-mapped ``.pt``
+file. Streamed reads are timed warm (the file in the page cache) and cold (its pages dropped with
+``posix_fadvise(DONTNEED)`` before every call).
 
 Results: a markdown table on stdout and ``benchmarks/out/bench_scaling.json``.
 """
@@ -38,6 +44,7 @@ from landscape.directions import random_directions
 from landscape.problem import Problem
 from landscape.slices import axis, compute_slice
 from landscape.specs import Spec
+from landscape.stream import StreamedInputs
 
 sys.path.insert(0, str(Path(__file__).parent))
 from timing import best_of  # noqa: E402
@@ -130,10 +137,61 @@ def growth(repeats: int) -> dict:
     return out
 
 
+def _drop_cache(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def stream(n: int, repeats: int) -> list[dict]:
+    import h5py
+
+    torch.set_num_threads(2)
+    data = load_data(Spec("gaussian_mixture", {"n": n, "classes": 10, "dim": 64}))
+    X, y = data.X, data.y
+    tmp = Path(tempfile.mkdtemp())
+    with h5py.File(tmp / "data.h5", "w") as f:
+        f["X"], f["y"] = X.numpy(), y.numpy()
+    torch.save({"X": X, "y": y}, tmp / "data.pt")
+    model = mlp(128)
+    sources = {"in memory": (lambda: X, None),
+               "h5 (h5py)": (lambda: load_data(str(tmp / "data.h5"), stream="on").X, tmp / "data.h5"),
+               "pt (mmap)": (lambda: load_data(str(tmp / "data.pt"), stream="on").X, tmp / "data.pt")}
+    rows = []
+    for name, (inputs, path) in sources.items():
+        for cold in ([False] if path is None else [False, True]):
+            pb = Problem(model, inputs(), y, torch.nn.functional.cross_entropy, batch_size=8192, strategy="inplace")
+            dirs = [pb.as_list(d) for d in random_directions(pb.theta0, 2, seed=0)]
+            pb.block = 16
+            coeffs = np.linspace(-1, 1, 32).reshape(16, 2)
+            v = {k: torch.randn_like(t) for k, t in pb.theta0.items()}
+            pb.hvp_mode = "functional"  # the graph engine would keep every chunk's activations
+
+            def timed(fn):  # noqa: ANN001, ANN202
+                def run():  # noqa: ANN202
+                    if cold:
+                        _drop_cache(path)
+                    return fn()
+                run()
+                return best_of(run, repeats)[0]
+
+            row = {"source": name, "cache": "cold" if cold else ("warm" if path else "-"), "samples": n,
+                   "inputs_mb": X.numel() * 4 / 2**20, "held_mb": (X.numel() if path is None else 8192 * 64) * 4 / 2**20,
+                   "ms_per_point": timed(lambda: pb.evaluate_points(coeffs, dirs)) / 16 * 1e3,
+                   "ms_per_gradient": timed(pb.gradient) * 1e3, "ms_per_hvp": timed(lambda: pb.hvp(v)) * 1e3}
+            assert isinstance(pb.X, StreamedInputs) == (path is not None)
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", default="processes,growth")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--stream-samples", type=int, default=200_000)
     args = ap.parse_args()
     result: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "torch": torch.__version__,
                     "date": time.strftime("%Y-%m-%d")}
@@ -146,6 +204,13 @@ def main() -> None:
             print(f"| {r['model']} | {r['job']} | {r['setup']} | {r['wall_s']:.2f} | {inner} |")
     if "growth" in parts:
         result["growth"] = growth(args.repeats)
+    if "stream" in parts:
+        result["stream"] = stream(args.stream_samples, args.repeats)
+        print("\n| inputs | page cache | held (MB) | ms per slice point | ms per gradient | ms per HVP |\n"
+              "|---|---|---|---|---|---|")
+        for r in result["stream"]:
+            print(f"| {r['source']} | {r['cache']} | {r['held_mb']:.1f} | {r['ms_per_point']:.1f} | "
+                  f"{r['ms_per_gradient']:.0f} | {r['ms_per_hvp']:.0f} |")
     out = ROOT / "benchmarks/out/bench_scaling.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -170,6 +170,9 @@ DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
 DtypeOpt = Annotated[Optional[str], typer.Option(help="float32 or float64 (default: the checkpoint's).")]
 MemoryOpt = Annotated[Optional[str], typer.Option(help="Memory for blocks of slice points and chunks of per-sample "
                                                        "gradients, e.g. 512MiB, 4GB (default 256MiB).")]
+StreamOpt = Annotated[str, typer.Option(help="Inputs read from disk a chunk at a time, for data larger than memory: "
+                                             "on, off, or auto (when they would fill a quarter of memory). .h5 and "
+                                             ".pt data files, map-style datasets.")]
 OutputOpt = Annotated[Optional[str], typer.Option("-o", "--output", help="Run file or directory (default: "
                                                                           "reports/<checkpoint stem>/run.h5).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")]
@@ -293,6 +296,7 @@ def _run_and_print(config: Any, st: Any, json_out: bool, *, report: Optional[boo
                     "  landscape scan data/examples/cnn_adam_s2000.pt\n\n"
                     "  landscape scan ckpt.pt --model pkg.models:Net --model-arg width=64 --data digits --max-samples 500\n\n"
                     "  landscape scan a.pt --interpolate b.pt --dims 1 --steps 101\n\n"
+                    "  landscape scan ckpt.pt --data big.h5 --stream on   # inputs read from disk by chunks\n\n"
                     "  landscape scan ckpt.pt --dry-run")
 def scan(
     checkpoint: CheckpointArg,
@@ -328,6 +332,7 @@ def scan(
     batch_size: BatchOpt = 2048,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
+    stream: StreamOpt = "auto",
     strategy: str = typer.Option("auto", help="Evaluation strategy: auto (measured), inplace or vmap."),
     precision: str = typer.Option("full", help="Forward passes of slice points: full, bf16 (autocast) or tf32 (CUDA); "
                                                "the error is measured on 64 grid points and stored with the slice."),
@@ -357,7 +362,8 @@ def scan(
             raise LandscapeError("--resume and --overwrite contradict each other", hint="pick one")
         config = _base_config(
             checkpoint, model, model_arg, data, data_arg, loss, metric, state_key, trust_pickle, max_samples, seed,
-            batch_size, device, dtype, output, bn=bn, bn_batches=bn_batches, strategy=strategy, precision=precision,
+            batch_size, device, dtype, output, stream=stream, bn=bn, bn_batches=bn_batches, strategy=strategy,
+            precision=precision,
             memory_budget=_parse_bytes(memory_budget), dims=dims,
             steps=_parse_steps(steps), range=_parse_range(range_), y_range=_parse_range(y_range) if y_range else None,
             norm=norm, ignore=ignore, orthogonalize=orthogonalize, directions=directions, interpolate=interpolate, name=name, resume=resume,
@@ -427,6 +433,7 @@ def hessian(
     batch_size: BatchOpt = 2048,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
+    stream: StreamOpt = "auto",
     output: OutputOpt = None,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
@@ -457,7 +464,7 @@ def hessian(
             parameters=tuple(parameters or ()), seed=seed, engine=engine)
         config = _base_config(checkpoint, model, model_arg, data, data_arg, loss, None, state_key, trust_pickle,
                               max_samples, seed, batch_size, device, dtype, output, slices=False, resume=True,
-                              curvature=settings)
+                              curvature=settings, stream=stream)
         with err_console.status("loading checkpoint, model and data", spinner="dots"):
             st = setup(config)
         _run_and_print(config, st, json_out, report=None)
@@ -503,6 +510,7 @@ def sharpness(
     batch_size: BatchOpt = 2048,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
+    stream: StreamOpt = "auto",
     output: OutputOpt = None,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
@@ -532,7 +540,7 @@ def sharpness(
             s_.resolved()  # validate before loading anything
         config = _base_config(checkpoint, model, model_arg, data, data_arg, loss, None, state_key, trust_pickle,
                               max_samples, seed, batch_size, device, dtype, output, slices=False, resume=True,
-                              sharpness=settings)
+                              sharpness=settings, stream=stream)
         with err_console.status("loading checkpoint, model and data", spinner="dots"):
             st = setup(config)
         _run_and_print(config, st, json_out, report=None)
@@ -565,6 +573,7 @@ def coherence(
     batch_size: BatchOpt = 2048,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
+    stream: StreamOpt = "auto",
     memory_budget: MemoryOpt = None,
     output: OutputOpt = None,
     json_out: JsonOpt = False,
@@ -593,7 +602,7 @@ def coherence(
                                      batch_repeats=batch_repeats, control=control is not None, seed=seed).resolved()
         config = _base_config(checkpoint, model, model_arg, data, data_arg, loss, None, state_key, trust_pickle,
                               max_samples, seed, batch_size, device, dtype, output, slices=False, resume=True,
-                              coherence=settings, memory_budget=_parse_bytes(memory_budget))
+                              coherence=settings, memory_budget=_parse_bytes(memory_budget), stream=stream)
         with err_console.status("loading checkpoint, model and data", spinner="dots"):
             st = setup(config)
         summary = _run_and_print(config, st, json_out, report=None)

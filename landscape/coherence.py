@@ -38,6 +38,7 @@ from .curvature import CurvatureOperator
 from .distributed import Comm
 from .errors import LandscapeError
 from .persample import iter_gradients, sketched_gradients
+from .stream import rows
 from .problem import Problem
 from .runfile import encode_attr, read_attrs
 
@@ -316,11 +317,12 @@ def _analyze(problem: Problem, s: CoherenceSettings, y: torch.Tensor,
     if s.sketch:
         if progress:
             progress(f"{label}: sketch of {s.sketch} projections", 0, 0)
-        stats.add(lo, sketched_gradients(problem, problem.X[lo:hi], y[lo:hi], s.sketch, seed=s.seed))
+        stats.add(lo, sketched_gradients(problem, rows(problem.X, lo, hi), y[lo:hi], s.sketch, seed=s.seed))
         method = "sketch"
     else:
         method = "vmap"
-        for start, g, method in iter_gradients(problem, problem.X[lo:hi], y[lo:hi], memory_budget=s.memory_budget):
+        for start, g, method in iter_gradients(problem, rows(problem.X, lo, hi), y[lo:hi],
+                                               memory_budget=s.memory_budget):
             stats.add(lo + start, g)
             if progress:
                 progress(label, min((start + len(g)) * comm.world, n), n)

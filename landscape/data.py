@@ -12,32 +12,43 @@ A data spec is one of
 
 The result is an :class:`EvalData`: the evaluation inputs and targets as tensors, the indices
 of the seeded subset (``max_samples``) and a sha256 of the exact tensors evaluated.
+
+With ``stream`` the inputs stay on disk (:class:`landscape.stream.StreamedInputs`) and are read a chunk at a
+time: ``.h5``/``.hdf5`` files (read through h5py), ``.pt``/``.pth`` files (memory-mapped) and map-style
+datasets from a callable. Targets are always loaded. ``stream="auto"`` streams when the inputs would take more
+than a quarter of the machine's memory. The sha256 is the same streamed or not.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
 
 from .errors import LandscapeError
 from .specs import Spec, call_spec
+from .stream import DatasetRows, StreamedInputs, converted_dtype, source_dtype
 
 X_KEYS = ("X", "x", "inputs", "images", "data", "features")
 Y_KEYS = ("y", "Y", "targets", "labels", "target", "label")
 DATA_FILE_SUFFIXES = (".pt", ".pth", ".npz", ".h5", ".hdf5")
+STREAM_MODES = ("off", "on", "auto")
+#: bytes per read when streamed inputs are hashed and checked
+READ_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
 class EvalData:
-    """The evaluation set: ``X[i]``, ``y[i]`` is sample ``indices[i]`` of the source data."""
+    """The evaluation set: ``X[i]``, ``y[i]`` is sample ``indices[i]`` of the source data (``X`` in memory, or
+    streamed from disk)."""
 
-    X: torch.Tensor
+    X: torch.Tensor | StreamedInputs
     y: torch.Tensor
     indices: np.ndarray
     n_source: int
@@ -46,6 +57,10 @@ class EvalData:
 
     def __len__(self) -> int:
         return int(self.X.shape[0])
+
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.X, StreamedInputs)
 
 
 # --------------------------------------------------------------------------- built-ins
@@ -118,31 +133,40 @@ def _pick(mapping: Mapping[str, Any], keys: tuple[str, ...], path: Path, what: s
                          hint="store inputs as 'X' and targets as 'y'")
 
 
-def _load_tensor_file(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+def _load_tensor_file(path: Path, *, lazy: bool = False) -> tuple[Any, torch.Tensor]:
+    """Inputs and targets of a data file. With ``lazy`` the inputs stay on disk: an ``h5py.Dataset`` of the file,
+    left open, or a memory-mapped tensor (``.npz`` archives cannot be read lazily)."""
     try:
         if path.suffix == ".npz":
+            if lazy:
+                raise LandscapeError(f"{path} cannot be streamed (an .npz archive is read whole)",
+                                     hint="save X and y to an .h5 or .pt file to stream them, or drop --stream")
             with np.load(path, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
         elif path.suffix in (".h5", ".hdf5"):
             import h5py
 
-            with h5py.File(path, "r") as f:
-                arrays = {k: f[k][()] for k in f.keys() if isinstance(f[k], h5py.Dataset)}
+            f = h5py.File(path, "r")
+            arrays = {k: f[k] if lazy else f[k][()] for k in f.keys() if isinstance(f[k], h5py.Dataset)}
+            if not lazy:
+                f.close()
         else:
-            arrays = torch.load(path, map_location="cpu", weights_only=True)
+            arrays = torch.load(path, map_location="cpu", weights_only=True, mmap=lazy)
             if isinstance(arrays, (tuple, list)) and len(arrays) == 2:
                 arrays = {"X": arrays[0], "y": arrays[1]}
             if not isinstance(arrays, Mapping):
                 raise LandscapeError(f"{path} holds a {type(arrays).__name__}", hint="save a dict {'X': ..., 'y': ...}")
+        X = _pick(arrays, X_KEYS, path, "input")
+        y = _pick(arrays, Y_KEYS, path, "target")
+        y = y.clone() if isinstance(y, torch.Tensor) else torch.as_tensor(np.asarray(y[()]))  # targets: in memory
     except LandscapeError:
         raise
     except Exception as err:  # any reader failure means an unreadable file
         raise LandscapeError(f"cannot read data file {path} ({str(err).splitlines()[0] if str(err) else type(err).__name__})",
                              hint="the file may be corrupt; it should hold X and y arrays") from err
-    X = _pick(arrays, X_KEYS, path, "input")
-    y = _pick(arrays, Y_KEYS, path, "target")
-    return torch.as_tensor(np.asarray(X) if not isinstance(X, torch.Tensor) else X), \
-        torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y)
+    if lazy:
+        return X, y
+    return (X if isinstance(X, torch.Tensor) else torch.as_tensor(np.asarray(X))), y
 
 
 def _split_item(item: Any) -> tuple[Any, Any]:
@@ -189,22 +213,43 @@ def subset_indices(n: int, max_samples: int | None, seed: int) -> np.ndarray:
     return np.sort(perm.numpy())
 
 
+def _hash_update(h: Any, shape: tuple[int, ...], dtype: torch.dtype, chunks: Iterable[torch.Tensor]) -> None:
+    h.update(str((tuple(shape), str(dtype))).encode())
+    for t in chunks:
+        t = t.detach().cpu().contiguous()
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy().tobytes())
+
+
 def tensors_sha256(*tensors: torch.Tensor, extra: bytes = b"") -> str:
     h = hashlib.sha256(extra)
     for t in tensors:
-        t = t.detach().cpu().contiguous()
-        h.update(str((tuple(t.shape), str(t.dtype))).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        _hash_update(h, tuple(t.shape), t.dtype, [t])
     return h.hexdigest()
 
 
+def _memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _stream_it(stream: str, shape: tuple[int, ...], dtype: torch.dtype, n_rows: int) -> bool:
+    """Whether to stream inputs of ``shape`` (``n_rows`` of them evaluated): ``on``, or ``auto`` and more than a
+    quarter of the machine's memory once converted."""
+    if stream == "on":
+        return True
+    row = int(np.prod(shape[1:])) * torch.empty(0, dtype=converted_dtype(dtype)).element_size()
+    return stream == "auto" and row * n_rows > _memory_bytes() // 4
+
+
 def load_data(spec: str | Spec, *, max_samples: int | None = None, seed: int = 0,
-              from_checkpoint: bool = False) -> EvalData:
-    """Turn a data spec into an :class:`EvalData` (a seeded subset when ``max_samples`` is set)."""
+              from_checkpoint: bool = False, stream: str = "off") -> EvalData:
+    """Turn a data spec into an :class:`EvalData` (a seeded subset when ``max_samples`` is set); ``stream`` is
+    ``off``, ``on`` or ``auto`` (see the module docstring)."""
+    if stream not in STREAM_MODES:
+        raise LandscapeError(f"stream mode {stream!r} is unknown", hint=f"use {', '.join(STREAM_MODES)}")
     if isinstance(spec, str):
         spec = Spec(spec, {})
     target, args = spec.target, dict(spec.args)
-    subset: np.ndarray | None = None
     if target in BUILTINS:
         try:
             X, y = BUILTINS[target](**args)
@@ -214,6 +259,12 @@ def load_data(spec: str | Spec, *, max_samples: int | None = None, seed: int = 0
         path = Path(target)
         if not path.is_file():
             raise LandscapeError(f"data file {path} does not exist", hint="check the --data path")
+        if stream != "off" and (path.suffix != ".npz" or stream == "on"):
+            source, y = _load_tensor_file(path, lazy=True)
+            subset = subset_indices(int(source.shape[0]), max_samples, seed)
+            if _stream_it(stream, tuple(source.shape), source_dtype(source), len(subset)):
+                return _finish(StreamedInputs(source, subset), y[torch.from_numpy(subset)], subset,
+                               int(source.shape[0]), spec)
         X, y = _load_tensor_file(path)
     elif ":" in target:
         obj = call_spec(spec, what="data", from_checkpoint=from_checkpoint)
@@ -221,8 +272,16 @@ def load_data(spec: str | Spec, *, max_samples: int | None = None, seed: int = 0
                 and hasattr(obj, "__len__"):
             subset = subset_indices(len(obj), max_samples, seed)
             n_source = len(obj)
+            if stream != "off" and n_source:
+                rows = DatasetRows(obj, _split_item)
+                if _stream_it(stream, tuple(rows.shape), rows.dtype, len(subset)):
+                    y = torch.stack([torch.as_tensor(_split_item(obj[i])[1]) for i in subset.tolist()])
+                    return _finish(StreamedInputs(rows, subset), y, subset, n_source, spec)
             X, y = _materialize(obj, subset)
-            return _finish(X, y, subset, n_source, spec)
+            return _finish(X, y, subset, n_source, spec, stream=stream)
+        if stream == "on" and not isinstance(obj, (tuple, list)):
+            raise LandscapeError(f"the data callable returned a {type(obj).__name__}, which cannot be read by rows",
+                                 hint="return a map-style Dataset to stream, or drop --stream")
         X, y = _materialize(obj, None)
     else:
         raise LandscapeError(f"data spec {target!r} is not a built-in, a data file or module:callable",
@@ -231,24 +290,38 @@ def load_data(spec: str | Spec, *, max_samples: int | None = None, seed: int = 0
     subset = subset_indices(n_source, max_samples, seed)
     if len(subset) < n_source:
         X, y = X[torch.from_numpy(subset)], y[torch.from_numpy(subset)]
-    return _finish(X, y, subset, n_source, spec)
+    return _finish(X, y, subset, n_source, spec, stream=stream)
 
 
-def _finish(X: torch.Tensor, y: torch.Tensor, indices: np.ndarray, n_source: int, spec: Spec) -> EvalData:
+def _finish(X: torch.Tensor | StreamedInputs, y: torch.Tensor, indices: np.ndarray, n_source: int, spec: Spec, *,
+            stream: str = "off") -> EvalData:
+    """Check and convert the evaluation set and hash it. In-memory inputs are streamed from memory when
+    ``stream`` is ``on`` (built-in data, tuples of tensors: what cannot be left on disk)."""
     if X.ndim == 0 or X.shape[0] == 0:
         raise LandscapeError(f"data {spec.target!r} has no samples", hint="check the data spec and --max-samples")
     if y.shape[0] != X.shape[0]:
         raise LandscapeError(f"data {spec.target!r} has {X.shape[0]} inputs but {y.shape[0]} targets")
-    if X.dtype in (torch.int16, torch.int32, torch.int64):
-        X = X.long()  # token or index inputs (embeddings) stay integers
-    elif X.dtype not in (torch.float32, torch.float64):
-        X = X.float()  # uint8 images, bool masks, half precision
+    if isinstance(X, torch.Tensor):
+        X = X.to(converted_dtype(X.dtype))  # tokens stay integers; uint8 images, bool masks, half: float32
+        if stream == "on":
+            X = StreamedInputs(X)
     if y.is_floating_point() and y.ndim == 1:
         y = y.unsqueeze(1)
     if not y.is_floating_point():
         y = y.long()
-    if X.is_floating_point() and not bool(torch.isfinite(X).all()):
-        raise LandscapeError(f"data {spec.target!r} has NaN or Inf inputs", hint="clean the data first")
-    sha = tensors_sha256(X, y, extra=np.asarray(indices, dtype=np.int64).tobytes())
-    return EvalData(X=X, y=y, indices=np.asarray(indices, dtype=np.int64), n_source=n_source, sha256=sha,
-                    spec=spec.to_json())
+
+    def checked(chunks: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        for t in chunks:
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise LandscapeError(f"data {spec.target!r} has NaN or Inf inputs", hint="clean the data first")
+            yield t
+
+    indices = np.asarray(indices, dtype=np.int64)
+    h = hashlib.sha256(indices.tobytes())
+    if isinstance(X, StreamedInputs):
+        row_bytes = max(1, X.numel() // len(X) * X.element_size())
+        _hash_update(h, tuple(X.shape), X.dtype, checked(X.chunks(max(1, READ_BYTES // row_bytes))))
+    else:
+        _hash_update(h, tuple(X.shape), X.dtype, checked([X]))
+    _hash_update(h, tuple(y.shape), y.dtype, [y])
+    return EvalData(X=X, y=y, indices=indices, n_source=n_source, sha256=h.hexdigest(), spec=spec.to_json())

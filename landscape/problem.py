@@ -17,6 +17,11 @@ running statistics; ``recompute`` re-estimates the running statistics at every p
 fixed set of ``bn_batches`` batches (cumulative average, train mode), then evaluates in eval
 mode. Gradients and HVPs always use the frozen statistics.
 
+Inputs larger than memory (``X`` a :class:`~landscape.stream.StreamedInputs`) are read from disk a chunk at a
+time on every use instead of being held on the device: a block of points is evaluated chunk by chunk (each
+chunk read once per block, all the block's points run on it), every gradient or HVP reads the data once. The
+results are the same bits as with the inputs in memory.
+
 Under ``torchrun`` (``comm``, see :mod:`landscape.distributed`) evaluations at points use the whole evaluation
 set on every rank (the points are what is shared out), while gradients, HVPs and GGN products are data-parallel:
 each rank sums over its shard of the samples and an all-reduce adds the shards.
@@ -50,6 +55,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .distributed import SINGLE, Comm, rank_device
 from .errors import LandscapeError
+from .stream import StreamedInputs
 from .losses import LossFn, stacked_loss
 
 Params = dict[str, torch.Tensor]
@@ -93,7 +99,7 @@ class Problem:
     def __init__(
         self,
         model: torch.nn.Module,
-        X: torch.Tensor,
+        X: torch.Tensor | StreamedInputs,
         y: torch.Tensor,
         loss: LossFn,
         *,
@@ -247,11 +253,19 @@ class Problem:
                           origin: list[torch.Tensor] | None = None, precision: str = "full") -> dict[str, np.ndarray]:
         per_chunk: list[list[torch.Tensor]] = [[] for _ in self._chunks]
         with torch.inference_mode():
-            for c in coeffs:
-                self._set_point(c, dirs, origin)
-                with self._forward_precision(precision):
-                    for i, (s, e) in enumerate(self._chunks):
-                        per_chunk[i].append(self._model(self.X[s:e]))
+            if isinstance(self.X, StreamedInputs):  # chunk by chunk: each is read once for the whole block
+                for i, (s, e) in enumerate(self._chunks):
+                    x = self.X[s:e]
+                    for c in coeffs:
+                        self._set_point(c, dirs, origin)
+                        with self._forward_precision(precision):
+                            per_chunk[i].append(self._model(x))
+            else:
+                for c in coeffs:
+                    self._set_point(c, dirs, origin)
+                    with self._forward_precision(precision):
+                        for i, (s, e) in enumerate(self._chunks):
+                            per_chunk[i].append(self._model(self.X[s:e]))
             # losses are reduced at the Problem's precision whatever the forward pass ran at
             return self._reduce([torch.stack(o).to(self.dtype) for o in per_chunk])
 
@@ -270,7 +284,10 @@ class Problem:
                        precision: str = "full") -> dict[str, np.ndarray]:
         P = self._stacked_params(coeffs, dirs)
         with torch.no_grad(), self._forward_precision(precision):
-            outs = [vmap(lambda p: self.forward(p, self.X[s:e]), randomness="different")(P) for s, e in self._chunks]
+            outs = []
+            for s, e in self._chunks:
+                x = self.X[s:e]
+                outs.append(vmap(lambda p: self.forward(p, x), randomness="different")(P))
             return self._reduce([o.to(self.dtype) for o in outs])
 
     def evaluate_points(self, coeffs: np.ndarray,

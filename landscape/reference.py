@@ -58,6 +58,19 @@ def _counting(ph) -> Iterator[dict[str, int]]:  # noqa: ANN001
         ph.hessian_vector_product, ph.hessian.dataloader_hv_product = single, loader
 
 
+class _Chunks:
+    """The Problem's evaluation chunks as a data loader PyHessian can iterate again on every product (read on
+    each pass, so streamed inputs stay on disk)."""
+
+    def __init__(self, problem: Problem) -> None:
+        self.problem = problem
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        pb = self.problem
+        for s in range(0, pb.n, pb.batch_size):
+            yield pb.X[s:s + pb.batch_size], pb.y[s:s + pb.batch_size]
+
+
 def pyhessian_spectrum(problem: Problem, *, top_k: int, tol: float, max_iter: int, trace: bool,
                        trace_max_iter: int, trace_tol: float = PYHESSIAN_TRACE_TOL,
                        parameters: Iterable[str] | None = None, seed: int = 0
@@ -77,10 +90,9 @@ def pyhessian_spectrum(problem: Problem, *, top_k: int, tol: float, max_iter: in
         p.requires_grad_(name in chosen)  # PyHessian differentiates every parameter that requires grad
     cuda = problem.device.type == "cuda"
     if problem.n <= problem.batch_size:
-        source = {"data": (problem.X, problem.y)}
+        source = {"data": (problem.X[0:problem.n], problem.y)}
     else:
-        source = {"dataloader": [(problem.X[s:s + problem.batch_size], problem.y[s:s + problem.batch_size])
-                                 for s in range(0, problem.n, problem.batch_size)]}
+        source = {"dataloader": _Chunks(problem)}
     top = est = None
     devices = [problem.device] if cuda else []
     with torch.random.fork_rng(devices=devices), _counting(ph) as counts, torch.enable_grad(), \

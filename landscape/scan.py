@@ -89,6 +89,7 @@ class ScanConfig:
     strategy: str = "auto"
     precision: str = "full"
     memory_budget: float | None = None
+    stream: str = "auto"
     dims: int = 2
     steps: tuple[int, ...] = (51,)
     range: tuple[float, float] = (-1.0, 1.0)
@@ -203,10 +204,10 @@ def setup(config: ScanConfig, comm: Comm | None = None) -> Setup:
     model, model_spec, prefix = build_model(ck, config.model)
     manifest = ck.manifest or {}
     if config.data is not None:
-        data = load_data(config.data, max_samples=config.max_samples, seed=config.seed)
+        data = load_data(config.data, max_samples=config.max_samples, seed=config.seed, stream=config.stream)
     elif manifest.get("data"):
         data = load_data(Spec.from_json(manifest["data"]), max_samples=config.max_samples, seed=config.seed,
-                         from_checkpoint=True)
+                         from_checkpoint=True, stream=config.stream)
     else:
         raise LandscapeError(f"{config.checkpoint} does not say which data to evaluate on",
                              hint="pass --data (a built-in such as digits, a .pt/.npz/.h5 file, or module:callable)")
@@ -312,6 +313,7 @@ def provenance(config: ScanConfig, st: Setup) -> dict[str, Any]:
         "optimizer": ck.optimizer, "step": ck.step if ck.step is not None else -1,
         "seed": config.seed, "max_samples": config.max_samples if config.max_samples else -1,
         "n_samples": len(st.data), "n_source_samples": st.data.n_source, "data_sha256": st.data.sha256,
+        "data_streamed": st.data.streamed,
         "n_parameters": st.problem.num_parameters, "device": str(st.problem.device),
         "dtype": str(st.problem.dtype).replace("torch.", ""), "bn": config.bn, "bn_batches": config.bn_batches,
         "batch_size": st.problem.batch_size, "classification": st.problem.classification,
@@ -623,12 +625,15 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
     per_point = (time.perf_counter() - t) / n
     chunks = math.ceil(pb.n / pb.batch_size)
     param_bytes = sum(t.numel() * t.element_size() for t in pb.theta0.values())
-    data_bytes = pb.X.numel() * pb.X.element_size() + pb.y.numel() * pb.y.element_size()
+    # streamed inputs are held one chunk at a time
+    x_rows = min(pb.batch_size, pb.n) if st.data.streamed else pb.n
+    data_bytes = pb.X.numel() // pb.n * x_rows * pb.X.element_size() + pb.y.numel() * pb.y.element_size()
     if pb.device.type == "cuda":
         mem, note = torch.cuda.max_memory_allocated(pb.device), "peak CUDA memory measured on a few points"
     else:
         mem = param_bytes * (4 + (pb.block if strategy == "vmap" else 0)) + data_bytes
-        note = "model copies, directions and data; activations of one chunk come on top"
+        note = "model copies, directions and data" + (" (one chunk of streamed inputs)" if st.data.streamed else "") \
+            + "; activations of one chunk come on top"
     curv = config.curvature
     curvature_passes = curvature_cost(curv, len(pb.names)) if curv is not None else 0.0
     sharpness_passes = sum(sharpness_cost(s, pb.n) for s in config.sharpness)
