@@ -155,6 +155,10 @@ def stream(n: int, repeats: int) -> list[dict]:
     with h5py.File(tmp / "data.h5", "w") as f:
         f["X"], f["y"] = X.numpy(), y.numpy()
     torch.save({"X": X, "y": y}, tmp / "data.pt")
+    for name in ("data.h5", "data.pt"):  # written back to disk, so that dropping their cached pages works
+        fd = os.open(tmp / name, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
     model = mlp(128)
     sources = {"in memory": (lambda: X, None),
                "h5 (h5py)": (lambda: load_data(str(tmp / "data.h5"), stream="on").X, tmp / "data.h5"),
