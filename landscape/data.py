@@ -259,8 +259,15 @@ def load_data(spec: str | Spec, *, max_samples: int | None = None, seed: int = 0
         path = Path(target)
         if not path.is_file():
             raise LandscapeError(f"data file {path} does not exist", hint="check the --data path")
+        source = None
         if stream != "off" and (path.suffix != ".npz" or stream == "on"):
-            source, y = _load_tensor_file(path, lazy=True)
+            try:
+                source, y = _load_tensor_file(path, lazy=True)
+            except LandscapeError:
+                if stream == "on":
+                    raise
+                # auto: a file that cannot be opened lazily (e.g. a legacy, non-zip .pt) is read whole below
+        if source is not None:
             subset = subset_indices(int(source.shape[0]), max_samples, seed)
             if _stream_it(stream, tuple(source.shape), source_dtype(source), len(subset)):
                 return _finish(StreamedInputs(source, subset), y[torch.from_numpy(subset)], subset,

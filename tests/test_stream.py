@@ -167,3 +167,12 @@ def test_what_cannot_stream_is_a_one_line_error(tmp_path, mlp_ckpt, make, messag
 def test_unknown_stream_mode_is_refused(mlp_ckpt):
     r = cli("scan", str(mlp_ckpt), "--stream", "sometimes", "--dry-run")
     assert r.returncode == 2 and "stream mode 'sometimes' is unknown" in r.stderr
+
+
+def test_auto_reads_a_legacy_pt_file_whole(tmp_path):
+    X, y = digits("test")
+    torch.save({"X": X, "y": y}, tmp_path / "old.pt", _use_new_zipfile_serialization=False)  # cannot be mapped
+    data = load_data(str(tmp_path / "old.pt"), stream="auto")
+    assert not data.streamed and torch.equal(data.X, X)
+    with pytest.raises(Exception, match="cannot read data file"):
+        load_data(str(tmp_path / "old.pt"), stream="on")
