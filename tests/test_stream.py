@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import blobs, cli, relu_mlp
+from conftest import blobs, cli
 
 from landscape import Problem
 from landscape.data import digits, load_data
