@@ -169,6 +169,15 @@ def _load_tensor_file(path: Path, *, lazy: bool = False) -> tuple[Any, torch.Ten
     return (X if isinstance(X, torch.Tensor) else torch.as_tensor(np.asarray(X))), y
 
 
+def _read_whole(source: Any) -> torch.Tensor:
+    """The inputs a lazily opened data file holds, read into memory (an h5py dataset's file is closed after)."""
+    if isinstance(source, torch.Tensor):
+        return source.clone()  # off the memory map
+    X = torch.as_tensor(np.asarray(source[()]))
+    source.file.close()
+    return X
+
+
 def _split_item(item: Any) -> tuple[Any, Any]:
     if isinstance(item, Mapping):
         return _pick(item, X_KEYS, Path("<dataset item>"), "input"), _pick(item, Y_KEYS, Path("<dataset item>"), "target")
@@ -237,7 +246,7 @@ def _stream_it(stream: str, shape: tuple[int, ...], dtype: torch.dtype, n_rows: 
     quarter of the machine's memory once converted."""
     if stream == "on":
         return True
-    row = int(np.prod(shape[1:])) * torch.empty(0, dtype=converted_dtype(dtype)).element_size()
+    row = int(np.prod(shape[1:])) * converted_dtype(dtype).itemsize
     return stream == "auto" and row * n_rows > _memory_bytes() // 4
 
 
@@ -272,7 +281,9 @@ def load_data(spec: str | Spec, *, max_samples: int | None = None, seed: int = 0
             if _stream_it(stream, tuple(source.shape), source_dtype(source), len(subset)):
                 return _finish(StreamedInputs(source, subset), y[torch.from_numpy(subset)], subset,
                                int(source.shape[0]), spec)
-        X, y = _load_tensor_file(path)
+            X = _read_whole(source)  # small enough: read what is already open, not the file again
+        else:
+            X, y = _load_tensor_file(path)
     elif ":" in target:
         obj = call_spec(spec, what="data", from_checkpoint=from_checkpoint)
         if isinstance(obj, torch.utils.data.Dataset) and not isinstance(obj, torch.utils.data.IterableDataset) \

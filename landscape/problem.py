@@ -55,8 +55,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .distributed import SINGLE, Comm, rank_device
 from .errors import LandscapeError
-from .stream import StreamedInputs
 from .losses import LossFn, stacked_loss
+from .stream import StreamedInputs
 
 Params = dict[str, torch.Tensor]
 Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -252,20 +252,24 @@ class Problem:
     def _evaluate_inplace(self, coeffs: np.ndarray, dirs: Sequence[list[torch.Tensor]],
                           origin: list[torch.Tensor] | None = None, precision: str = "full") -> dict[str, np.ndarray]:
         per_chunk: list[list[torch.Tensor]] = [[] for _ in self._chunks]
-        with torch.inference_mode():
+
+        def runs() -> Iterator[tuple[np.ndarray, list[tuple[int, torch.Tensor]]]]:
+            """``(point, [(chunk index, inputs), ...])`` in the order the forward passes run."""
             if isinstance(self.X, StreamedInputs):  # chunk by chunk: each is read once for the whole block
                 for i, (s, e) in enumerate(self._chunks):
                     x = self.X[s:e]
                     for c in coeffs:
-                        self._set_point(c, dirs, origin)
-                        with self._forward_precision(precision):
-                            per_chunk[i].append(self._model(x))
-            else:
+                        yield c, [(i, x)]
+            else:  # point by point: each point is written into the parameters once
                 for c in coeffs:
-                    self._set_point(c, dirs, origin)
-                    with self._forward_precision(precision):
-                        for i, (s, e) in enumerate(self._chunks):
-                            per_chunk[i].append(self._model(self.X[s:e]))
+                    yield c, [(i, self.X[s:e]) for i, (s, e) in enumerate(self._chunks)]
+
+        with torch.inference_mode():
+            for c, parts in runs():
+                self._set_point(c, dirs, origin)
+                with self._forward_precision(precision):
+                    for i, x in parts:
+                        per_chunk[i].append(self._model(x))
             # losses are reduced at the Problem's precision whatever the forward pass ran at
             return self._reduce([torch.stack(o).to(self.dtype) for o in per_chunk])
 

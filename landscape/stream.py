@@ -91,7 +91,7 @@ class StreamedInputs:
         return int(np.prod(self.shape))
 
     def element_size(self) -> int:
-        return torch.empty(0, dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> StreamedInputs:
         out = StreamedInputs.__new__(StreamedInputs)

@@ -98,7 +98,10 @@ def test_auto_streams_only_what_would_not_fit(tmp_path, monkeypatch):
 
     path = tmp_path / "digits.h5"
     _write_digits(path, "h5")
-    assert not load_data(str(path), stream="auto").streamed
+    _write_digits(tmp_path / "digits.pt", "pt")
+    for p in (path, tmp_path / "digits.pt"):  # opened lazily, found small, read from what was opened
+        auto, off = load_data(str(p), stream="auto"), load_data(str(p), stream="off")
+        assert not auto.streamed and auto.sha256 == off.sha256 and torch.equal(auto.X, off.X)
     monkeypatch.setattr(data, "_memory_bytes", lambda: 4 * 1437 * 64 * 4 - 4)  # inputs: just over a quarter
     assert load_data(str(path), stream="auto").streamed
     assert not load_data(str(path), stream="auto", max_samples=1000).streamed  # the subset fits
