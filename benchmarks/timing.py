@@ -21,8 +21,8 @@ def best_of(fn: Callable[[], T], repeats: int) -> tuple[float, T]:
 def interleaved(fns: dict, repeats: int, reference: str) -> tuple[dict, dict]:
     """Time every function once per round for ``repeats`` rounds.
 
-    Returns the best time of each and the median over rounds of its time divided by ``reference``'s time in the
-    same round: this VM's speed drifts by tens of percent over minutes, and a within-round ratio cancels that.
+    Returns the best time of each, and for each the list over rounds of its time divided by ``reference``'s time in
+    the same round: this VM's speed drifts by tens of percent over minutes, and a within-round ratio cancels that.
     """
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
