@@ -43,7 +43,15 @@ def resolve_loss(name: str, *, from_checkpoint: bool = False) -> LossFn:
     return resolve(name, what="loss", from_checkpoint=from_checkpoint)
 
 
-def stacked_cross_entropy(out: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def class_major(loss: LossFn, out: torch.Tensor, target: torch.Tensor) -> bool:
+    """Whether :func:`stacked_loss` reduces K outputs shaped like ``out`` fastest when they are stacked
+    class-major: held as a contiguous ``(K, C, n)`` tensor and passed as its ``(K, n, C)`` transposed view
+    (the cross-entropy on ``(n, C)`` logits with class targets)."""
+    return loss is F.cross_entropy and out.ndim == 2 and target.ndim == 1 and not target.is_floating_point()
+
+
+def stacked_cross_entropy(out: torch.Tensor, target: torch.Tensor, *, overwrite: bool = False
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy and number of correct arg-max predictions of each of K stacked outputs ``out[k]``
     (shape ``(K, n, C)``) against ``target`` (n,): two tensors of shape (K,).
 
@@ -56,12 +64,18 @@ def stacked_cross_entropy(out: torch.Tensor, target: torch.Tensor) -> tuple[torc
     Sample i is correct when ``argmax_c z_ic = y_i``, read off the shifted logits: ``z_{i, y_i} - m_i = 0`` and no
     class before ``y_i`` reaches ``m_i`` (arg-max takes the first maximum). That reuses the shift instead of a
     separate arg-max over a last axis of 10 (5x the time); non-finite maxima go through ``argmax`` itself.
+
+    With ``overwrite`` and ``out`` stacked class-major (see :func:`class_major`), ``out`` is used as the work
+    space and its values are destroyed; otherwise it is copied.
     """
-    o = out.transpose(1, 2).contiguous()  # (K, C, n), a private copy: shifted and exponentiated in place
+    o = out.transpose(1, 2)  # (K, C, n): shifted and exponentiated in place
+    o = o if overwrite and o.is_contiguous() else o.clone(memory_format=torch.contiguous_format)
     m = o.amax(dim=1, keepdim=True)
+    finite = bool(torch.isfinite(m.sum()))  # every maximum finite (or a sum that overflows: argmax then, exact)
+    correct = None if finite else stacked_correct(out, target)  # before the shift, which may overwrite ``out``
     o.sub_(m)
     picked = o.gather(1, target.expand(o.shape[0], -1).unsqueeze(1)).squeeze(1)  # z_y - m
-    if bool(torch.isfinite(m.sum())):  # every maximum finite (or a sum that overflows: argmax then, still exact)
+    if finite:
         # max over the classes before y_i of z_ic - m_i (0 for a tie), masking the others with -inf: float
         # reductions over the middle axis are fast, boolean ones are not
         cls = torch.arange(o.shape[1], device=o.device).unsqueeze(1)  # (C, 1)
@@ -69,8 +83,6 @@ def stacked_cross_entropy(out: torch.Tensor, target: torch.Tensor) -> tuple[torc
         mask.masked_fill_(cls >= target, float("-inf"))  # (C, n): 0 where c < y_i
         tie_before = (o + mask).amax(dim=1) == 0
         correct = ((picked == 0) & ~tie_before).sum(dim=-1)
-    else:
-        correct = stacked_correct(out, target)
     lse = o.exp_().sum(dim=1).log()
     return (lse - picked).mean(dim=-1), correct
 
@@ -80,16 +92,17 @@ def stacked_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (out - target).pow(2).flatten(1).mean(dim=-1)
 
 
-def stacked_loss(loss: LossFn, out: torch.Tensor, target: torch.Tensor, *, correct: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def stacked_loss(loss: LossFn, out: torch.Tensor, target: torch.Tensor, *, correct: bool = False,
+                 overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Batch-mean ``loss(out[k], target)`` for each of the K stacked outputs, shape (K,), and with ``correct`` the
     number of samples whose arg-max class equals the integer target (K,) (else None).
 
     The built-in losses have closed forms over the stack (when the shapes are the plain ones: logits ``(n, C)``
     with class targets ``(n,)``, or outputs shaped like the targets); any other loss is called once per k.
+    ``overwrite`` lets the cross-entropy use ``out`` as its work space (see :func:`stacked_cross_entropy`).
     """
-    if loss is F.cross_entropy and out.ndim == 3 and target.ndim == 1 and not target.is_floating_point():
-        ce, right = stacked_cross_entropy(out, target)
+    if out.ndim == 3 and class_major(loss, out[0], target):
+        ce, right = stacked_cross_entropy(out, target, overwrite=overwrite)
         return ce, right if correct else None
     if loss is F.mse_loss and tuple(out.shape[1:]) == tuple(target.shape):
         vals = stacked_mse(out, target)

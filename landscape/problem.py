@@ -31,7 +31,10 @@ passes under bfloat16 autocast and ``tf32`` with TensorFloat-32 matmuls (CUDA on
 precision either way, and gradients and HVPs are never lowered. The scan measures the error this introduces.
 
 Evaluation strategy (``strategy``): points are evaluated in blocks. ``inplace`` writes each
-point of a block into the private model's parameters and runs a plain forward pass;
+point of a block into the private model's parameters and runs a forward pass, in which the
+linear layers that read the raw inputs are evaluated by linearity from outputs cached per
+direction set (:mod:`landscape.inputlayer`; ``linear_inputs=False`` turns that off; the cache takes
+at most ``memory_budget`` bytes);
 ``vmap`` runs the whole block in one batched forward with ``torch.func.vmap`` over
 ``functional_call``. Either way the block's outputs are stacked and the loss and accuracy of
 all its points are reduced at once, which matters for small models where a cross-entropy
@@ -55,13 +58,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .distributed import SINGLE, Comm, rank_device
 from .errors import LandscapeError
-from .losses import LossFn, stacked_loss
+from .inputlayer import InputLayers
+from .losses import LossFn, class_major, stacked_loss
 from .stream import StreamedInputs
 
 Params = dict[str, torch.Tensor]
 Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 BN_TYPES = (torch.nn.modules.batchnorm._BatchNorm,)
+KEEP_STACK_BYTES = 64 * 2**20  # stacked-output buffers up to this size are reused from block to block
 
 
 @contextlib.contextmanager
@@ -120,6 +125,7 @@ class Problem:
         seed: int = 0,
         comm: Comm | None = None,
         precision: str = "full",
+        linear_inputs: bool = True,
     ) -> None:
         if bn not in ("frozen", "recompute"):
             raise LandscapeError(f"BatchNorm policy {bn!r} is unknown", hint="use --bn frozen or --bn recompute")
@@ -192,6 +198,9 @@ class Problem:
         self._grad_graph: tuple[list[torch.Tensor], tuple[torch.Tensor, ...]] | None = None
         self.graph_chunks = graph_chunks
         self.strategy = strategy if strategy != "auto" else ("inplace" if bn == "recompute" else "auto")
+        self.linear_inputs = linear_inputs
+        self._inputs = InputLayers(self._model, self._live, self._theta0_list, self.n, memory_budget)
+        self._stacks: dict[int, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ basics
     @property
@@ -205,6 +214,12 @@ class Problem:
             raise LandscapeError(f"direction lacks parameters {', '.join(missing[:5])}",
                                  hint="directions are matched to parameters by name")
         return [d[n].to(self.device, self.dtype) for n in self.names]
+
+    @property
+    def linear_input_layers(self) -> list[str]:
+        """Names of the layers that the last slice points took by linearity from cached outputs
+        (:mod:`landscape.inputlayer`); empty when none qualified or :attr:`linear_inputs` is off."""
+        return self._inputs.routed if self.linear_inputs and self.precision == "full" else []
 
     # ------------------------------------------------------------------ evaluation
     def _set_point(self, coeffs: Sequence[float], dirs: Sequence[list[torch.Tensor]],
@@ -231,15 +246,33 @@ class Problem:
         acc: dict[str, torch.Tensor] = {}
         for (s, e), out in zip(self._chunks, outs):
             yb = self.y[s:e]
-            loss, correct = stacked_loss(self.loss_fn, out, yb, correct=self.classification)
-            vals = {"loss": loss.double() * (e - s)}
+            # the metrics first: the loss may use the stacked outputs as its work space
+            vals = {k: torch.stack([m(o, yb) for o in out]).double() * (e - s) for k, m in self.metrics.items()}
+            loss, correct = stacked_loss(self.loss_fn, out, yb, correct=self.classification, overwrite=True)
+            vals["loss"] = loss.double() * (e - s)
             if correct is not None:
                 vals["accuracy"] = correct.double()
-            for k, m in self.metrics.items():
-                vals[k] = torch.stack([m(o, yb) for o in out]).double() * (e - s)
             for k, v in vals.items():
                 acc[k] = acc[k] + v if k in acc else v
         return {k: (v / self.n).cpu().numpy() for k, v in acc.items()}
+
+    def _stack(self, chunk: int, outs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The K outputs of one chunk as a ``(K, *out.shape)`` tensor at the Problem's dtype, for :meth:`_reduce`.
+
+        Laid out class-major when the loss reduces fastest that way (:func:`~landscape.losses.class_major`), and
+        written into a buffer kept from block to block when it is small: a fresh one per block costs a page fault
+        per 4 KiB, a third of the reduction on a small model."""
+        first = outs[0]
+        cm = class_major(self.loss_fn, first, self.y[:1])
+        shape = (len(outs), *(reversed(first.shape) if cm else first.shape))
+        buf = self._stacks.get(chunk)
+        if buf is None or buf.shape[1:] != shape[1:] or buf.shape[0] < shape[0]:
+            buf = torch.empty(shape, dtype=self.dtype, device=self.device)
+            if sum(b.numel() * b.element_size() for b in self._stacks.values()) + buf.nbytes <= KEEP_STACK_BYTES:
+                self._stacks[chunk] = buf
+        buf = buf[:len(outs)]
+        torch.stack([o.t() for o in outs] if cm else outs, out=buf)
+        return buf.transpose(1, 2) if cm else buf
 
     def _forward_precision(self, precision: str) -> contextlib.AbstractContextManager[object]:
         """The context of a forward pass at ``precision``: as is (``full``), bf16 autocast, or TF32 matmuls."""
@@ -264,14 +297,17 @@ class Problem:
                 for c in coeffs:
                     yield c, [(i, self.X[s:e]) for i, (s, e) in enumerate(self._chunks)]
 
-        with torch.inference_mode():
+        # layers that read the inputs are evaluated by linearity (full precision, along directions from theta0)
+        linear = dirs if self.linear_inputs and origin is None and precision == "full" else None
+        with torch.inference_mode(), self._inputs.patched(linear):
             for c, parts in runs():
                 self._set_point(c, dirs, origin)
                 with self._forward_precision(precision):
                     for i, x in parts:
+                        self._inputs.at(i, x, c)
                         per_chunk[i].append(self._model(x))
             # losses are reduced at the Problem's precision whatever the forward pass ran at
-            return self._reduce([torch.stack(o).to(self.dtype) for o in per_chunk])
+            return self._reduce([self._stack(i, o) for i, o in enumerate(per_chunk)])
 
     def _stacked_params(self, coeffs: np.ndarray, dirs: Sequence[list[torch.Tensor]]) -> Params:
         c = torch.as_tensor(coeffs, dtype=self.dtype, device=self.device)

@@ -443,15 +443,17 @@ def run_scan(config: ScanConfig, *, progress: ProgressFn | None = None,
                                          f"({', '.join(diff) or 'grid'})",
                                          hint="use --overwrite, another -o, or --name for a new slice")
                 pb.strategy, pb.block = attrs["strategy"], int(attrs["block"])
+                pb.linear_inputs = bool(attrs.get("input_layers", ""))  # as it was computed: the same bits
                 block = pb.block
             else:
                 dirs = comm.broadcast(make_directions(s, st, config) if comm.is_writer or s.kind.startswith("hessian")
                                       else None)
+                pb.linear_inputs = True
                 strategy = pb.choose_strategy([pb.as_list(d) for d in dirs])
                 block = pb.block
                 done = np.zeros(tuple(len(a) for a in s.axes), dtype=bool)
-                comm.from_writer(lambda: _new_slice(rf, s, dirs, keys, _slice_attrs(s, strategy, block, config), pb),
-                                 share=False)
+                attrs = {**_slice_attrs(s, strategy, block, config), "input_layers": ",".join(pb.linear_input_layers)}
+                comm.from_writer(lambda: _new_slice(rf, s, dirs, keys, attrs, pb), share=False)
             total = done.size
             n_done = int(done.sum())
             todo = sum(len(b) for b in missing_blocks(done, block))

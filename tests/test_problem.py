@@ -150,3 +150,11 @@ def test_stacked_accuracy_equals_argmax_with_ties_and_non_finite_logits(special)
     # the custom-loss path counts with argmax directly
     _, counted = stacked_loss(lambda o, t: F.cross_entropy(o, t) * 1.0, logits, y, correct=True)
     torch.testing.assert_close(counted, correct)
+    # stacked class-major and overwritten (the Problem's way): the same numbers; without overwrite, untouched
+    work = logits.transpose(1, 2).contiguous().transpose(1, 2)
+    kept = work.clone()
+    same = stacked_loss(F.cross_entropy, work, y, correct=True)
+    torch.testing.assert_close(work, kept, equal_nan=True, rtol=0, atol=0)
+    over = stacked_loss(F.cross_entropy, work, y, correct=True, overwrite=True)
+    torch.testing.assert_close(over[0], loss, equal_nan=True, rtol=0, atol=0)
+    assert torch.equal(over[1], correct) and torch.equal(same[1], correct)

@@ -87,6 +87,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, mlp_ckpt):
     RunFile(run, mode="resume").close()  # merge the journal: journaled points count as done
     with h5py.File(run) as f:
         partial = int(f["slices/random_2d/done"][()].sum())
+        assert f["slices/random_2d"].attrs["input_layers"] == "net.1"  # the first layer went by linearity
     assert partial < N, "every point was done before the kill"
     res = cli("scan", str(mlp_ckpt), *ARGS, "-o", str(run), "--resume", "--json")
     assert res.returncode == 0, res.stderr
