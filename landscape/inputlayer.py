@@ -38,6 +38,22 @@ LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 Layout = tuple[tuple[int, ...], tuple[int, ...], torch.dtype]  # shape, strides, dtype of the layer's input
 
 
+@contextlib.contextmanager
+def swapped_forward(module: nn.Module, make: Callable[[Callable[[torch.Tensor], torch.Tensor]],
+                                                       Callable[[torch.Tensor], torch.Tensor]]) -> Iterator[None]:
+    """Run ``module`` with ``make(its current forward)`` as its forward while inside; on exit (also after an
+    exception) the forward it had is back, so swaps nest."""
+    before = vars(module).get("forward")
+    module.forward = make(module.forward)
+    try:
+        yield
+    finally:
+        if before is None:
+            del module.forward
+        else:
+            module.forward = before
+
+
 @dataclass
 class _Layer:
     name: str
@@ -97,14 +113,13 @@ class InputLayers:
             for lay in self.layers:
                 lay.usable = True
         self._key, self._dirs = key, dirs
-        for j, lay in enumerate(self.layers):
-            lay.module.forward = self._routed(j, lay.module.forward)
-        try:
-            yield
-        finally:
-            self._current = None
-            for lay in self.layers:
-                del lay.module.forward
+        with contextlib.ExitStack() as stack:
+            for j, lay in enumerate(self.layers):
+                stack.enter_context(swapped_forward(lay.module, lambda own, j=j: self._routed(j, own)))
+            try:
+                yield
+            finally:
+                self._current = None
 
     def at(self, chunk: int, x: torch.Tensor, coeffs: np.ndarray) -> None:
         """The next forward pass runs chunk ``chunk`` (inputs ``x``) at ``theta0 + sum_k coeffs[k] d_k``."""

@@ -31,10 +31,10 @@ passes under bfloat16 autocast and ``tf32`` with TensorFloat-32 matmuls (CUDA on
 precision either way, and gradients and HVPs are never lowered. The scan measures the error this introduces.
 
 Evaluation strategy (``strategy``): points are evaluated in blocks. ``inplace`` writes each
-point of a block into the private model's parameters and runs a forward pass, in which the
-linear layers that read the raw inputs are evaluated by linearity from outputs cached per
-direction set (:mod:`landscape.inputlayer`; ``linear_inputs=False`` turns that off; the cache takes
-at most ``memory_budget`` bytes);
+point of a block into the private model's parameters and runs a forward pass, in which, at
+full precision, the linear layers that read the raw inputs are evaluated by linearity from
+outputs cached per direction set (:mod:`landscape.inputlayer`: a cache of at most
+``memory_budget`` bytes; ``linear_inputs=False`` turns this off);
 ``vmap`` runs the whole block in one batched forward with ``torch.func.vmap`` over
 ``functional_call``. Either way the block's outputs are stacked and the loss and accuracy of
 all its points are reduced at once, which matters for small models where a cross-entropy
@@ -217,7 +217,7 @@ class Problem:
 
     @property
     def linear_input_layers(self) -> list[str]:
-        """Names of the layers that the last slice points took by linearity from cached outputs
+        """Names of the layers that the last full-precision slice points took by linearity from cached outputs
         (:mod:`landscape.inputlayer`); empty when none qualified or :attr:`linear_inputs` is off."""
         return self._inputs.routed if self.linear_inputs and self.precision == "full" else []
 
@@ -297,7 +297,7 @@ class Problem:
                 for c in coeffs:
                     yield c, [(i, self.X[s:e]) for i, (s, e) in enumerate(self._chunks)]
 
-        # layers that read the inputs are evaluated by linearity (full precision, along directions from theta0)
+        # layers that read the inputs go by linearity (full precision, along directions from theta0)
         linear = dirs if self.linear_inputs and origin is None and precision == "full" else None
         with torch.inference_mode(), self._inputs.patched(linear):
             for c, parts in runs():

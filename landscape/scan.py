@@ -443,7 +443,7 @@ def run_scan(config: ScanConfig, *, progress: ProgressFn | None = None,
                                          f"({', '.join(diff) or 'grid'})",
                                          hint="use --overwrite, another -o, or --name for a new slice")
                 pb.strategy, pb.block = attrs["strategy"], int(attrs["block"])
-                pb.linear_inputs = bool(attrs.get("input_layers", ""))  # as it was computed: the same bits
+                pb.linear_inputs = "input_layers" in attrs  # as it was computed (older files: without), same bits
                 block = pb.block
             else:
                 dirs = comm.broadcast(make_directions(s, st, config) if comm.is_writer or s.kind.startswith("hessian")
