@@ -214,15 +214,6 @@ def _join_job(device: str) -> None:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
 
 
-def _single_process(command: str) -> None:
-    from landscape.distributed import job_size
-
-    if job_size() > 1:
-        raise LandscapeError(f"landscape {command} runs in one process",
-                             hint=f"start it without torchrun (its models' scans can be run with torchrun first, "
-                                  f"then {command} reuses their run files)")
-
-
 @contextmanager
 def _progress_bars() -> Iterator[Any]:
     """Rich progress bars on stderr; yields the library's ``progress(name, done, total)`` callback.
@@ -733,7 +724,6 @@ def compare(
     from landscape.hessian import CurvatureSettings
 
     with _errors(debug):
-        _single_process("compare")
         scan_cfg = _base_config(
             "", None, None, data, data_arg, loss, None, None, False, max_samples, seed, batch_size, device, dtype,
             None, bn=bn, steps=_parse_steps(steps), curvature=CurvatureSettings(seed=seed) if hessian else None,
@@ -807,7 +797,6 @@ def trajectory(
     from landscape.trajectory import TrajectoryConfig, run_trajectory
 
     with _errors(debug):
-        _single_process("trajectory")
         scan_cfg = _base_config("", model, model_arg, data, data_arg, loss, None, state_key, trust_pickle,
                                 max_samples, seed, batch_size, device, dtype, None)
         cfg = TrajectoryConfig(inputs=tuple(inputs), scan=scan_cfg, output=output, plane_steps=plane_steps)

@@ -14,13 +14,18 @@ complete). The comparison file ``DIR/compare.h5`` then holds, for the report and
 
 Models with BatchNorm are interpolated with re-estimated BatchNorm statistics at every point (Ainsworth
 et al. 2023: statistics interpolated with the weights are wrong), recorded as the attribute ``bn``.
+
+Under ``torchrun`` each model's analysis is a distributed scan; rank 0 alone reads and writes the files and
+broadcasts what it read; the interpolation paths are evaluated on every rank (a few dozen points) with
+data-parallel gradients for the Bezier fit, so every rank holds the same results.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -188,13 +193,15 @@ def run_compare(cfg: CompareConfig, *, progress: ProgressFn | None = None,
     """Analyse every model (reusing complete run files), then compare them into ``DIR/compare.h5``."""
     prep = prepared or prepare_compare(cfg)
     models, setups = prep.models, prep.setups
+    comm = setups[0].problem.comm
+    progress = progress if comm.is_writer else None
     for k, (m, st) in enumerate(zip(models, setups)):
         if progress:
             progress(f"analysing {m.name}", k, len(models))
-        if not _complete(m.run_file):
+        if not comm.from_writer(lambda: _complete(m.run_file)):
             run_scan(replace(cfg.scan, checkpoint=m.checkpoint, output=str(m.run_file), resume=True),
                      progress=progress, prepared=st)
-    values = [_metric_values(m.run_file) for m in models]
+    values = comm.from_writer(lambda: [_metric_values(m.run_file) for m in models])
     names = sorted(set().union(*values), key=lambda k: (not k.startswith(("loss", "accuracy")), k))
     metrics = {}
     for k in names:
@@ -203,36 +210,9 @@ def run_compare(cfg: CompareConfig, *, progress: ProgressFn | None = None,
         metrics[k] = {"value": v.tolist(), "stderr": e.tolist(), "rank": _rank(v, k == "accuracy").tolist()}
     path = Path(cfg.output) / "compare.h5"
     pairs: dict[str, dict[str, Any]] = {}
-    with RunFile(path, mode="resume") as rf:
-        with rf.transaction() as f:
-            for k, v in _provenance(cfg).items():
-                if k != "created" or k not in f.attrs:
-                    f.attrs[k] = encode_attr(v)
-            if "compare" in f:
-                for key in ("models", "metrics", "slices"):
-                    if key in f["compare"]:
-                        del f["compare"][key]
-            c = f.require_group("compare")
-            mg = c.create_group("models")
-            mg.create_dataset("name", data=np.array([m.name for m in models], dtype=h5py.string_dtype()))
-            mg.create_dataset("checkpoint", data=np.array([str(Path(m.checkpoint).resolve()) for m in models],
-                                                          dtype=h5py.string_dtype()))
-            mg.create_dataset("checkpoint_sha256", data=np.array([st.checkpoint.sha256 for st in setups],
-                                                                 dtype=h5py.string_dtype()))
-            mg.create_dataset("run_file", data=np.array([str(m.run_file) for m in models], dtype=h5py.string_dtype()))
-            for k, d in metrics.items():
-                g = c.create_group(f"metrics/{k}")
-                for field_, arr in d.items():
-                    g.create_dataset(field_, data=np.asarray(arr))
-            for i, m in enumerate(models):
-                with h5py.File(m.run_file, "r") as src:
-                    sl = _main_slice(src)
-                    if sl is not None:
-                        g = c.create_group(f"slices/{i}")
-                        for key in ("x", "y", "loss", "done"):
-                            if key in sl:
-                                g.create_dataset(key, data=sl[key][()])
-                        g.attrs["name"] = m.name
+    with contextlib.ExitStack() as stack:
+        rf = comm.from_writer(lambda: stack.enter_context(RunFile(path, mode="resume")), share=False)
+        comm.from_writer(lambda: _write_models(rf, cfg, models, setups, metrics), share=False)
         for i in range(len(models)):
             for j in range(i + 1, len(models)):
                 key = f"{i}_{j}"
@@ -240,6 +220,40 @@ def run_compare(cfg: CompareConfig, *, progress: ProgressFn | None = None,
                     progress(f"connecting {models[i].name} and {models[j].name}", 0, 0)
                 pairs[key] = _connect(rf, cfg, key, setups[i], setups[j])
     return CompareSummary(str(path), tuple(m.name for m in models), metrics, pairs)
+
+
+def _write_models(rf: RunFile, cfg: CompareConfig, models: Sequence[Model], setups: Sequence[Any],
+                  metrics: Mapping[str, Mapping[str, list[Any]]]) -> None:
+    """The comparison file's header: provenance, the models, the metrics table and each model's main slice."""
+    with rf.transaction() as f:
+        for k, v in _provenance(cfg).items():
+            if k != "created" or k not in f.attrs:
+                f.attrs[k] = encode_attr(v)
+        if "compare" in f:
+            for key in ("models", "metrics", "slices"):
+                if key in f["compare"]:
+                    del f["compare"][key]
+        c = f.require_group("compare")
+        mg = c.create_group("models")
+        mg.create_dataset("name", data=np.array([m.name for m in models], dtype=h5py.string_dtype()))
+        mg.create_dataset("checkpoint", data=np.array([str(Path(m.checkpoint).resolve()) for m in models],
+                                                      dtype=h5py.string_dtype()))
+        mg.create_dataset("checkpoint_sha256", data=np.array([st.checkpoint.sha256 for st in setups],
+                                                             dtype=h5py.string_dtype()))
+        mg.create_dataset("run_file", data=np.array([str(m.run_file) for m in models], dtype=h5py.string_dtype()))
+        for k, d in metrics.items():
+            g = c.create_group(f"metrics/{k}")
+            for field_, arr in d.items():
+                g.create_dataset(field_, data=np.asarray(arr))
+        for i, m in enumerate(models):
+            with h5py.File(m.run_file, "r") as src:
+                sl = _main_slice(src)
+                if sl is not None:
+                    g = c.create_group(f"slices/{i}")
+                    for key in ("x", "y", "loss", "done"):
+                        if key in sl:
+                            g.create_dataset(key, data=sl[key][()])
+                    g.attrs["name"] = m.name
 
 
 #: Results of a pair stored as attributes of ``/compare/interpolation/<i>_<j>``.
@@ -252,15 +266,22 @@ def _connect(rf: RunFile, cfg: CompareConfig, key: str, a: Any, b: Any) -> dict[
     has_bn = any(isinstance(mod, BN_TYPES) for mod in a.model.modules())
     bn = "recompute" if has_bn else cfg.scan.bn
     attrs = _pair_attrs(cfg, bn)
-    with rf.read() as f:
-        g = f.get(f"compare/interpolation/{key}")
-        if g is not None and all(decode_attr(g.attrs.get(k)) == v for k, v in attrs.items()) and \
-                (not cfg.curve or f"compare/bezier/{key}" in f):
-            return {k: decode_attr(v) for k, v in g.attrs.items() if k in _RESULT_ATTRS}
+
+    def stored() -> dict[str, Any] | None:
+        with rf.read() as f:
+            g = f.get(f"compare/interpolation/{key}")
+            if g is not None and all(decode_attr(g.attrs.get(k)) == v for k, v in attrs.items()) and \
+                    (not cfg.curve or f"compare/bezier/{key}" in f):
+                return {k: decode_attr(v) for k, v in g.attrs.items() if k in _RESULT_ATTRS}
+        return None
+
     pa = a.problem
+    done = pa.comm.from_writer(stored)  # rank 0 reads the file; every rank takes the same branch
+    if done is not None:
+        return done
     pb = Problem(a.model, a.data.X, a.data.y, pa.loss_fn, device=pa.device, dtype=pa.dtype,
-                 batch_size=pa.batch_size, bn=bn, bn_batches=cfg.scan.bn_batches, seed=cfg.scan.seed) \
-        if bn != pa.bn else pa
+                 batch_size=pa.batch_size, bn=bn, bn_batches=cfg.scan.bn_batches, seed=cfg.scan.seed,
+                 comm=pa.comm) if bn != pa.bn else pa
     theta_b = {n: t.detach().to(pa.device, pa.dtype) for n, t in b.model.named_parameters()}
     alpha = cfg.alpha()
     plain = linear_path(pb, theta_b, alpha)
@@ -281,17 +302,21 @@ def _connect(rf: RunFile, cfg: CompareConfig, key: str, a: Any, b: Any) -> dict[
         curve = bezier_path(pb, theta_b, bend, np.linspace(0, 1, 51))
         out["bezier_max_loss"] = float(np.nanmax(curve.loss))
         out["bezier_loss_barrier"] = curve.loss_barrier
-    with rf.transaction() as f:
-        for grp in (f"compare/interpolation/{key}", f"compare/bezier/{key}"):
-            if grp in f:
-                del f[grp]
-        g = f.create_group(f"compare/interpolation/{key}")
-        main: ConnPath = aligned if aligned is not None else plain
-        main.write(g, **attrs, **{k: v for k, v in out.items() if k not in ("loss_barrier", "error_barrier")})
-        if aligned is not None:
-            plain.write(g.create_group("unaligned"))
-        if curve is not None:
-            curve.write(f.create_group(f"compare/bezier/{key}"), max_loss=out["bezier_max_loss"], **attrs)
+
+    def write() -> None:
+        with rf.transaction() as f:
+            for grp in (f"compare/interpolation/{key}", f"compare/bezier/{key}"):
+                if grp in f:
+                    del f[grp]
+            g = f.create_group(f"compare/interpolation/{key}")
+            main: ConnPath = aligned if aligned is not None else plain
+            main.write(g, **attrs, **{k: v for k, v in out.items() if k not in ("loss_barrier", "error_barrier")})
+            if aligned is not None:
+                plain.write(g.create_group("unaligned"))
+            if curve is not None:
+                curve.write(f.create_group(f"compare/bezier/{key}"), max_loss=out["bezier_max_loss"], **attrs)
+
+    pa.comm.from_writer(write, share=False)
     return out
 
 

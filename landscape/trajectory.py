@@ -32,6 +32,7 @@ from .curvature import CurvatureOperator
 from .lanczos import lanczos
 from .problem import Params, Problem
 from .runfile import encode_attr
+from .slices import compute_slice
 
 #: Ratio of sharpness to the stability threshold from which a checkpoint counts as at the edge of stability.
 EOS_RATIO = 0.9
@@ -210,9 +211,10 @@ def analyze_trajectory(problem_for: Any, snapshots: Sequence[Snapshot], *, plane
     pad = np.maximum((hi - lo) * margin, 1e-3 * max(1.0, float(np.abs(pca.coords).max())))
     xs = np.linspace(lo[0] - pad[0], hi[0] + pad[0], plane_steps)
     ys = np.linspace(lo[1] - pad[1], hi[1] + pad[1], plane_steps)
-    X, Y = np.meshgrid(xs, ys, indexing="ij")  # around the final checkpoint: the last Problem of the loop
-    vals = pb.evaluate_points(np.stack([X.ravel(), Y.ravel()], axis=1), list(pca.directions))
-    plane = {"x": xs, "y": ys, **{k: v.reshape(X.shape) for k, v in vals.items()}}
+    # around the final checkpoint (the last Problem of the loop); under torchrun the points are shared out like a
+    # scan's and gathered on rank 0, the one that writes
+    vals = compute_slice(pb, list(pca.directions), (xs, ys))
+    plane = {"x": xs, "y": ys, **vals}
     return TrajectoryResult(names=tuple(s.name for s in snapshots), step=steps, lr=np.array(lrs),
                             sharpness=np.array(sharp), sharpness_kind=tuple(kinds), threshold=np.array(thr),
                             distance=distance, step_size=step_size, weight_norms=norms, pca=pca, plane=plane)
@@ -299,7 +301,11 @@ class TrajectoryConfig:
 
 
 def run_trajectory(cfg: TrajectoryConfig, *, progress: Any = None) -> tuple[str, TrajectoryResult]:
-    """Load the series, analyse it and write ``trajectory.h5`` (replacing an earlier one)."""
+    """Load the series, analyse it and write ``trajectory.h5`` (replacing an earlier one).
+
+    Under ``torchrun`` every rank loads the series; the Hessian-vector products of the sharpness are
+    data-parallel and the plane's points are shared out (:mod:`landscape.distributed`). Rank 0 writes the file;
+    the other ranks' results hold only their own points of the plane."""
     import copy as _copy
     from dataclasses import replace
 
@@ -317,15 +323,21 @@ def run_trajectory(cfg: TrajectoryConfig, *, progress: Any = None) -> tuple[str,
         m = _copy.deepcopy(st.model)
         m.load_state_dict({**s.params, **s.buffers}, strict=False)
         return Problem(m, st.data.X, st.data.y, pb0.loss_fn, device=pb0.device, dtype=pb0.dtype,
-                       batch_size=pb0.batch_size, bn=base.bn, bn_batches=base.bn_batches, seed=base.seed)
+                       batch_size=pb0.batch_size, bn=base.bn, bn_batches=base.bn_batches, seed=base.seed,
+                       comm=pb0.comm)
 
-    result = analyze_trajectory(problem_for, snaps, plane_steps=cfg.plane_steps, seed=base.seed, progress=progress)
+    result = analyze_trajectory(problem_for, snaps, plane_steps=cfg.plane_steps, seed=base.seed,
+                                progress=progress if pb0.comm.is_writer else None)
     path = cfg.run_path(snaps[-1].path)
     prov = provenance(base, st)
-    with RunFile(path, mode="overwrite") as rf:
-        with rf.transaction() as f:
-            for k, v in {**prov, "kind": "trajectory"}.items():
-                f.attrs[k] = encode_attr(v)
-            result.write(f)
+
+    def write() -> None:
+        with RunFile(path, mode="overwrite") as rf:
+            with rf.transaction() as f:
+                for k, v in {**prov, "kind": "trajectory"}.items():
+                    f.attrs[k] = encode_attr(v)
+                result.write(f)
+
+    pb0.comm.from_writer(write, share=False)  # rank 0 writes; an error there is raised on every rank
     return str(path), result
 
