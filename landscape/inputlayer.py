@@ -18,7 +18,8 @@ at ``theta0``.
 A layer qualifies when it is exactly one of those types (a subclass may override ``forward``), holds its weight
 and bias as plain parameters of the model (not through a parametrization), and is called on the very tensor the
 model was given (the same memory, shape and strides, e.g. after ``nn.Flatten``); any other call of it runs its own
-``forward``. The cached outputs are dropped when the directions change; a layer whose cache would take more than
+``forward`` (and after one evaluation a layer never called on the inputs is no longer wrapped). The cached
+outputs are dropped when the directions change; a layer whose cache would take more than
 ``budget`` bytes over the whole evaluation set is left alone, a decision that depends only on the shapes, so
 in-memory, streamed and distributed evaluations take the same path and give the same bits.
 """
@@ -60,7 +61,8 @@ class _Layer:
     module: nn.Module
     weight: int  # index of the weight in the Problem's parameter list
     bias: int | None
-    usable: bool = True
+    usable: bool = True  # within the cache budget
+    reads_inputs: bool | None = None  # seen called on the raw inputs (False: not in a whole patched evaluation)
 
 
 class InputLayers:
@@ -88,6 +90,7 @@ class InputLayers:
         self._dirs: Sequence[Sequence[torch.Tensor]] = ()
         self._cache: dict[tuple[int, int], tuple[torch.Tensor, Layout]] = {}
         self._current: tuple[int, torch.Tensor, np.ndarray] | None = None
+        self._ran = False  # a forward pass ran inside the current patched evaluation
 
     @property
     def routed(self) -> list[str]:
@@ -113,23 +116,33 @@ class InputLayers:
             for lay in self.layers:
                 lay.usable = True
         self._key, self._dirs = key, dirs
+        ran = self._ran = False
         with contextlib.ExitStack() as stack:
             for j, lay in enumerate(self.layers):
-                stack.enter_context(swapped_forward(lay.module, lambda own, j=j: self._routed(j, own)))
+                if lay.reads_inputs is not False:  # layers never called on the inputs are left alone after a pass
+                    stack.enter_context(swapped_forward(lay.module, lambda own, j=j: self._routed(j, own)))
             try:
                 yield
+                ran = self._ran
             finally:
                 self._current = None
+        for lay in self.layers:
+            if ran and lay.reads_inputs is None:
+                lay.reads_inputs = False
 
     def at(self, chunk: int, x: torch.Tensor, coeffs: np.ndarray) -> None:
         """The next forward pass runs chunk ``chunk`` (inputs ``x``) at ``theta0 + sum_k coeffs[k] d_k``."""
         self._current = (chunk, x, coeffs)
+        self._ran = True
 
     def _routed(self, j: int, own: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
         def forward(inp: torch.Tensor) -> torch.Tensor:
             cur = self._current
             lay = self.layers[j]
-            if cur is None or not lay.usable or inp.data_ptr() != cur[1].data_ptr():
+            if cur is None or inp.data_ptr() != cur[1].data_ptr():
+                return own(inp)
+            lay.reads_inputs = True
+            if not lay.usable:
                 return own(inp)
             chunk, x, coeffs = cur
             layout = (tuple(inp.shape), tuple(inp.stride()), inp.dtype)

@@ -155,8 +155,15 @@ class Problem:
         self._model.requires_grad_(False)
         self.names: list[str] = [n for n, _ in self._model.named_parameters()]
         self._live: list[torch.Tensor] = [p for _, p in self._model.named_parameters()]
-        self.theta0: Params = {n: p.detach().clone() for n, p in self._model.named_parameters()}
-        self._theta0_list = [self.theta0[n] for n in self.names]
+        # the private parameters become views of one flat vector, so that writing a point is 1 + K vector operations
+        # instead of (1 + K) per tensor (most of the cost of a point update on a small model)
+        self._flat = torch.cat([p.detach().reshape(-1) for p in self._live])
+        self._theta0_flat = self._flat.clone()
+        self._theta0_list = self._views(self._theta0_flat)
+        for p, view in zip(self._live, self._views(self._flat)):
+            p.data = view
+        self.theta0: Params = dict(zip(self.names, self._theta0_list))
+        self._flat_dirs: tuple[list[tuple[torch.Tensor, int]], list[torch.Tensor]] = ([], [])
         self.buffers: Params = {n: b.detach().clone() for n, b in self._model.named_buffers()}
         self.loss_fn = loss
         self.metrics: dict[str, Metric] = dict(metrics or {})
@@ -222,13 +229,34 @@ class Problem:
         return self._inputs.routed if self.linear_inputs and self.precision == "full" else []
 
     # ------------------------------------------------------------------ evaluation
-    def _set_point(self, coeffs: Sequence[float], dirs: Sequence[list[torch.Tensor]],
+    def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """``flat`` (one vector of all parameters) as tensors shaped like the parameters, in order."""
+        out, i = [], 0
+        for p in self._live:
+            out.append(flat[i:i + p.numel()].view(p.shape))
+            i += p.numel()
+        return out
+
+    def _flat_directions(self, dirs: Sequence[list[torch.Tensor]]) -> list[torch.Tensor]:
+        """Each direction as one flat vector, kept while the same tensors (unchanged) are passed again."""
+        key = [(t, t._version) for d in dirs for t in d]
+        known, flat = self._flat_dirs
+        if len(key) != len(known) or any(a is not b or u != v for (a, u), (b, v) in zip(key, known)):
+            flat = [torch.cat([t.reshape(-1) for t in d]) for d in dirs]
+            self._flat_dirs = (key, flat)
+        return flat
+
+    def _set_point(self, coeffs: Sequence[float], dirs: Sequence[torch.Tensor],
                    origin: list[torch.Tensor] | None = None) -> None:
-        """Write ``origin + sum_k coeffs[k] dirs[k]`` (origin: theta0) into the private model."""
-        torch._foreach_copy_(self._live, self._theta0_list if origin is None else origin)
+        """Write ``origin + sum_k coeffs[k] dirs[k]`` (origin: theta0; ``dirs`` flat, see :meth:`_flat_directions`)
+        into the private model."""
+        if origin is None:
+            self._flat.copy_(self._theta0_flat)
+        else:
+            torch._foreach_copy_(self._live, origin)
         for c, d in zip(coeffs, dirs):
             if c != 0.0:
-                torch._foreach_add_(self._live, d, alpha=float(c))
+                self._flat.add_(d, alpha=float(c))
         if self.bn == "recompute":
             for m in self._bn_modules:
                 m.reset_running_stats()
@@ -300,8 +328,9 @@ class Problem:
         # layers that read the inputs go by linearity (full precision, along directions from theta0)
         linear = dirs if self.linear_inputs and origin is None and precision == "full" else None
         with torch.inference_mode(), self._inputs.patched(linear):
+            flat = self._flat_directions(dirs)
             for c, parts in runs():
-                self._set_point(c, dirs, origin)
+                self._set_point(c, flat, origin)
                 with self._forward_precision(precision):
                     for i, x in parts:
                         self._inputs.at(i, x, c)

@@ -153,3 +153,22 @@ def test_own_forward_restored_also_after_an_error():
         for private, mine in zip(pb._model, net):
             assert "forward" not in vars(private) and "forward" not in vars(mine)
 
+
+
+def test_layers_never_called_on_the_inputs_are_not_wrapped_after_a_first_pass():
+    torch.manual_seed(8)
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+    X, y = blobs(20)
+    pb = None
+
+    def wrapped(layer):  # a metric, computed while the evaluation's layers are swapped
+        return lambda out, t: torch.tensor(float("forward" in vars(pb._model[layer])), dtype=torch.float64)
+
+    pb = Problem(net, X, y, F.cross_entropy, strategy="inplace", metrics={"first": wrapped(0), "last": wrapped(2)})
+    pb.block = 8  # no strategy timing first: the first evaluation is the first pass
+    dirs = random_directions(pb.theta0, 2, seed=0)
+    first = pb.evaluate_points(COEFFS, dirs)
+    again = pb.evaluate_points(COEFFS, dirs)
+    assert first["first"].tolist() == again["first"].tolist() == [1.0] * len(COEFFS)
+    assert first["last"].tolist() == [1.0] * len(COEFFS) and again["last"].tolist() == [0.0] * len(COEFFS)
+    np.testing.assert_array_equal(first["loss"], again["loss"])
