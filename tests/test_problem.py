@@ -131,6 +131,22 @@ def test_stacked_losses_match_functional_losses_near_a_minimum():
         assert custom[k].item() == pytest.approx((outs[k] - target).abs().mean().item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_stacked_cross_entropy_with_underflowing_exponentials_is_exact(dtype):
+    """Far from a minimum the shifted logits go below -87, where exp is subnormal or zero: clamped, the same loss."""
+    from landscape.losses import stacked_loss
+
+    g = torch.Generator().manual_seed(2)
+    y = torch.randint(0, 10, (300,), generator=g)
+    logits = (torch.randn(5, 300, 10, generator=g, dtype=torch.float64) * torch.tensor([1.0, 30, 100, 300, 1e4],
+              dtype=torch.float64).view(5, 1, 1)).to(dtype)
+    loss, correct = stacked_loss(F.cross_entropy, logits, y, correct=True)
+    for k in range(5):
+        assert loss[k].item() == F.cross_entropy(logits[k], y).item() or \
+            loss[k].item() == pytest.approx(F.cross_entropy(logits[k].double(), y).item(), rel=1e-6)
+        assert correct[k].item() == (logits[k].argmax(1) == y).sum().item()
+
+
 @pytest.mark.parametrize("special", [None, float("nan"), float("inf"), float("-inf")])
 def test_stacked_accuracy_equals_argmax_with_ties_and_non_finite_logits(special):
     """Accuracy is read off the shifted logits; it must agree with ``argmax`` (first maximum wins) on ties, and
