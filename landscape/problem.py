@@ -322,8 +322,9 @@ class Problem:
                     for c in coeffs:
                         yield c, [(i, x)]
             else:  # point by point: each point is written into the parameters once
+                chunks = [(i, self.X[s:e]) for i, (s, e) in enumerate(self._chunks)]
                 for c in coeffs:
-                    yield c, [(i, self.X[s:e]) for i, (s, e) in enumerate(self._chunks)]
+                    yield c, chunks
 
         # layers that read the inputs go by linearity (full precision, along directions from theta0)
         linear = dirs if self.linear_inputs and origin is None and precision == "full" else None
