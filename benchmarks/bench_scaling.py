@@ -1,7 +1,7 @@
 """Benchmark: scaling. One vs two processes under torchrun, and how cost grows with grid points, parameters and
 samples on this machine.
 
-    python benchmarks/bench_scaling.py [--part processes,growth,stream] [--repeats 2] [--stream-samples 200000]
+    python benchmarks/bench_scaling.py [--part processes,series,growth,stream] [--repeats 2] [--stream-samples 200000]
 
 ``processes``: the shipped MLP and CNN, ``landscape scan`` of a 51x51 slice (nothing else) and ``landscape hessian``
 (top-5 eigenvalues and Hutch++ trace), each run as
@@ -11,6 +11,9 @@ samples on this machine.
 * ``torchrun --standalone --nproc-per-node 2`` (gloo), 1 thread per process,
 
 timed as whole commands (start-up included) and, for the slice, as the slice's own time from ``--json``.
+
+``series``: the same setups for ``landscape trajectory`` over four MLP checkpoints and ``landscape compare`` of two
+CNNs (a slice each, the aligned linear path and a Bezier curve).
 
 ``growth`` (in process, 2 threads): time per slice point and per Hessian-vector product as the number of grid points,
 of parameters (MLPs of growing width on the digits) and of samples grows.
@@ -35,6 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -71,23 +75,43 @@ def run_command(launcher: list[str], threads: int, args: list[str]) -> tuple[flo
     return wall, json.loads(res.stdout)
 
 
-def processes(repeats: int) -> list[dict]:
+def time_jobs(jobs: list[tuple[str, str, Callable[[str], list[str]]]], repeats: int) -> list[dict]:
+    """Each ``(model, job, args(tmp folder))`` under every setup of :data:`SETUPS`, best of ``repeats``."""
     rows = []
-    for model, ckpt in CKPTS.items():
-        for job, extra in (("slice 51x51", SLICE), ("hessian top-5 + trace", HESSIAN)):
-            for setup, (launcher, threads) in SETUPS.items():
-                walls, inner = [], []
-                for _ in range(repeats):
-                    with tempfile.TemporaryDirectory() as tmp:
-                        cmd = "scan" if job.startswith("slice") else "hessian"
-                        wall, out = run_command(launcher, threads, [cmd, str(ckpt), *extra, "-o", f"{tmp}/run.h5"])
-                    walls.append(wall)
-                    if out.get("slices"):
-                        inner.append(out["slices"][0]["seconds"])
-                rows.append({"model": model, "job": job, "setup": setup, "wall_s": min(walls),
-                             "slice_s": min(inner) if inner else None})
-                print(rows[-1], flush=True)
+    for model, job, args in jobs:
+        for setup, (launcher, threads) in SETUPS.items():
+            walls, inner = [], []
+            for _ in range(repeats):
+                with tempfile.TemporaryDirectory() as tmp:
+                    wall, out = run_command(launcher, threads, args(tmp))
+                walls.append(wall)
+                if out.get("slices"):
+                    inner.append(out["slices"][0]["seconds"])
+            rows.append({"model": model, "job": job, "setup": setup, "wall_s": min(walls),
+                         "slice_s": min(inner) if inner else None})
+            print(rows[-1], flush=True)
     return rows
+
+
+def processes(repeats: int) -> list[dict]:
+    return time_jobs([(model, job, lambda tmp, c=ckpt, e=extra, cmd=cmd: [cmd, str(c), *e, "-o", f"{tmp}/run.h5"])
+                      for model, ckpt in CKPTS.items()
+                      for job, cmd, extra in (("slice 51x51", "scan", SLICE), ("hessian top-5 + trace", "hessian",
+                                                                                  HESSIAN))], repeats)
+
+
+def series(repeats: int) -> list[dict]:
+    """``trajectory`` and ``compare``: several checkpoints per command."""
+    ex = ROOT / "data/examples"
+    mlps = [str(ex / f"mlp_sgd_s{s:04d}.pt") for s in (0, 100, 500, 2000)]
+    cnns = [str(ex / f"cnn_{o}_s2000.pt") for o in ("sgd", "adam")]
+    return time_jobs([
+        ("mlp", "trajectory, 4 checkpoints (sharpness of each, 21x21 PCA plane)",
+         lambda tmp: ["trajectory", *mlps, "--no-report", "--json", "-o", tmp]),
+        ("cnn", "compare, 2 models (51x51 slice each, aligned linear path, Bezier curve)",
+         lambda tmp: ["compare", *cnns, "--no-hessian", "--no-sharpness", "--no-coherence", "--align", "--curve",
+                      "bezier", "--no-report", "--json", "-o", tmp]),
+    ], repeats)
 
 
 def mlp(width: int, depth: int = 2) -> torch.nn.Sequential:
@@ -200,12 +224,13 @@ def main() -> None:
     result: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "torch": torch.__version__,
                     "date": time.strftime("%Y-%m-%d")}
     parts = args.part.split(",")
-    if "processes" in parts:
-        result["processes"] = processes(args.repeats)
-        print("\n| model | job | setup | command wall (s) | slice alone (s) |\n|---|---|---|---|---|")
-        for r in result["processes"]:
-            inner = f"{r['slice_s']:.2f}" if r["slice_s"] is not None else "-"
-            print(f"| {r['model']} | {r['job']} | {r['setup']} | {r['wall_s']:.2f} | {inner} |")
+    for part, fn in (("processes", processes), ("series", series)):
+        if part in parts:
+            result[part] = fn(args.repeats)
+            print("\n| model | job | setup | command wall (s) | slice alone (s) |\n|---|---|---|---|---|")
+            for r in result[part]:
+                inner = f"{r['slice_s']:.2f}" if r["slice_s"] is not None else "-"
+                print(f"| {r['model']} | {r['job']} | {r['setup']} | {r['wall_s']:.2f} | {inner} |")
     if "growth" in parts:
         result["growth"] = growth(args.repeats)
     if "stream" in parts:
