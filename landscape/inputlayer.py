@@ -8,8 +8,9 @@ gives, at the point ``theta = theta0 + sum_k a_k d_k`` with weight direction ``D
 
 because ``f(x; W, b)`` is linear in ``(W, b)`` jointly. The ``1 + K`` outputs ``Z_0 = f(x; W0, b0)`` and
 ``Z_k = f(x; D_k, e_k)`` are computed once per evaluation chunk and direction set; after that the layer costs one
-``axpy`` per direction and point instead of a matrix product or a convolution. On a small MLP the first layer is
-about a third of a forward pass, and this makes a slice cheaper than plain forward passes at each point.
+``axpy`` per direction and point instead of a matrix product or a convolution. On the shipped MLP the first layer
+is about a third of a forward pass; the shipped CNN's slice costs less than its plain forward passes this way
+(``benchmarks/RESULTS.md``).
 
 The rest of the model runs as it is. The result differs from evaluating the layer at the moved weights only by
 rounding (float32: about 1e-7 relative); at ``a = 0`` it is the same bits, since ``Z_0`` is the layer's own output
