@@ -15,6 +15,16 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "data" / "examples"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` are skipped where torch sees no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def mlp_ckpt() -> Path:
     return EXAMPLES / "mlp_sgd_s2000.pt"
