@@ -81,16 +81,18 @@ def _errors(debug: bool) -> Iterator[None]:
 def _report_error(line: str) -> None:
     """Print the one error line. Under torchrun rank 0 speaks for the job; another rank prints its own (marked with
     its rank) after a pause, which torchrun cuts short when rank 0 failed the same way and exited first."""
+    import os
     import time
 
     from landscape.distributed import current
 
     comm = current()
-    if comm.is_writer:
+    rank = comm.rank if comm.active else int(os.environ.get("RANK", "0"))  # also before the job was joined
+    if rank == 0:
         err_console.print(Text(line), soft_wrap=True)
         return
     time.sleep(3)
-    Console(stderr=True).print(Text(f"rank {comm.rank}: {line}"), soft_wrap=True)
+    Console(stderr=True).print(Text(f"rank {rank}: {line}"), soft_wrap=True)
 
 
 class _RateColumn(ProgressColumn):

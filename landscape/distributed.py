@@ -140,11 +140,36 @@ def job_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def local_world() -> int:
+    """The number of this job's processes on this node (``LOCAL_WORLD_SIZE``; 1 outside torchrun)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def cuda_for_job() -> bool:
+    """What ``--device auto`` means: CUDA when there is one device for each process of this node (one process
+    outside torchrun), else the CPU."""
+    return torch.cuda.is_available() and torch.cuda.device_count() >= local_world()
+
+
+def job_backend(device: str) -> str:
+    """``nccl`` when the job computes on CUDA devices (``device`` ``cuda...``, or ``auto`` as
+    :func:`cuda_for_job` decides), else ``gloo``. Each process needs a GPU of its own: fewer GPUs than processes
+    on this node is a :class:`LandscapeError` (every rank finds the same, so rank 0 reports it)."""
+    cuda = device.startswith("cuda") or (device == "auto" and cuda_for_job())
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if cuda and gpus < local_world():
+        raise LandscapeError(f"{local_world()} processes on this node share {gpus} CUDA device(s); each process "
+                             "needs one of its own",
+                             hint=f"start at most {gpus} per node (--nproc-per-node) or use --device cpu"
+                             if gpus else "use --device cpu")
+    return "nccl" if cuda else "gloo"
+
+
 def init_from_env(device: str = "auto", *, timeout_s: float = 1800) -> Comm:
     """Join the ``torchrun`` job described by the environment, or return :data:`SINGLE` outside one.
 
-    The backend is NCCL when the job computes on CUDA devices (``device`` ``cuda`` or ``auto`` with CUDA
-    present) and gloo otherwise. Idempotent: a second call returns the same Comm.
+    The backend is NCCL when the job computes on CUDA devices and gloo otherwise (:func:`job_backend`).
+    Idempotent: a second call returns the same Comm.
     """
     global _current
     if job_size() <= 1 or _current.active:
@@ -152,8 +177,8 @@ def init_from_env(device: str = "auto", *, timeout_s: float = 1800) -> Comm:
     if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
         raise LandscapeError("WORLD_SIZE is set but RANK or MASTER_ADDR is not",
                              hint="start distributed runs with torchrun --nproc-per-node N -m landscape ...")
-    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    backend = "nccl" if cuda else "gloo"
+    backend = job_backend(device)
+    cuda = backend == "nccl"
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local_rank)

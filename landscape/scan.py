@@ -30,7 +30,7 @@ from .coherence import same_settings as coherence_same_settings
 from .coherence import summary_from_group as coherence_summary
 from .curvature import CurvatureOperator
 from .data import EvalData, load_data
-from .distributed import Comm, current
+from .distributed import Comm, cuda_for_job, current
 from .directions import difference_direction, random_directions
 from .errors import LandscapeError
 from .hessian import CurvatureSettings, analyze_curvature
@@ -166,7 +166,7 @@ class ScanSummary:
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if cuda_for_job() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise LandscapeError("--device cuda was asked for, but CUDA is not available", hint="use --device cpu")
     try:

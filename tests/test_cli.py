@@ -33,7 +33,8 @@ def test_scan_example_and_inspect(tmp_path, mlp_ckpt):
     net = MLP()
     net.load_state_dict(load_checkpoint(mlp_ckpt).state_dict)
     X, y = digits("train")
-    direct = F.cross_entropy(net(X), y).item()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # where --device auto computed (float32 differs by device)
+    direct = F.cross_entropy(net.to(dev)(X.to(dev)), y.to(dev)).item()
     with h5py.File(run) as f:
         assert f.attrs["schema"] == "landscape/1"
         loss = f["slices/random_2d/loss"][()]

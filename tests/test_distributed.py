@@ -128,7 +128,7 @@ def test_shards_cover_everything_once():
 def test_two_processes_equal_one(tmp_path, mlp_ckpt):
     # the strategy is pinned: "auto" picks in-place or vmap by timing, per run, and the two round differently
     args = ["scan", str(mlp_ckpt), "--steps", "7x5", "--max-samples", "400", "--dtype", "float64", "--no-report",
-            "--strategy", "inplace", "--json"]
+            "--strategy", "inplace", "--json", "--device", "cpu"]  # CPU processes (gloo), also where a GPU is
     one = one_process(*args, "-o", str(tmp_path / "one.h5"))
     assert one.returncode == 0, one.stderr
     two = torchrun(2, *args, "-o", str(tmp_path / "two.h5"))
@@ -154,7 +154,7 @@ def test_two_processes_equal_one(tmp_path, mlp_ckpt):
 
 
 SLICE = ["scan", None, "--steps", "61x51", "--strategy", "inplace", "--save-every", "0.3", "--no-report",
-         "--no-hessian", "--no-sharpness", "--no-coherence"]
+         "--no-hessian", "--no-sharpness", "--no-coherence", "--device", "cpu"]
 
 
 @pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
@@ -189,7 +189,7 @@ def test_killed_run_resumes_with_another_number_of_ranks(tmp_path, mlp_ckpt, fir
 def test_compare_and_trajectory_under_torchrun_equal_one_process(tmp_path):
     from conftest import EXAMPLES
 
-    common = ["--max-samples", "300", "--dtype", "float64", "--no-report", "--json"]
+    common = ["--max-samples", "300", "--dtype", "float64", "--no-report", "--json", "--device", "cpu"]
     pair = [str(EXAMPLES / f"mlp_{opt}_s2000.pt") for opt in ("sgd", "adam")]
     cmp = ["compare", *pair, "--steps", "5", "--no-hessian", "--no-sharpness", "--no-coherence", "--align",
            "--curve", "bezier", "--bezier-steps", "20", "--alpha-steps", "11", *common]
@@ -217,6 +217,28 @@ def test_compare_and_trajectory_under_torchrun_equal_one_process(tmp_path):
             for k in keys:
                 assert np.isfinite(fa[k][()]).all(), k  # every point gathered on the writer
                 np.testing.assert_allclose(fb[k][()], fa[k][()], rtol=1e-6 if "bezier" in k else 1e-10, err_msg=k)
+
+
+def test_device_auto_and_cuda_need_a_gpu_per_process(monkeypatch):
+    """On a node with fewer GPUs than processes, ``--device auto`` means the CPU (gloo) and ``--device cuda`` is a
+    clear error on every rank (seen on a 1-GPU machine: rank 1 failed with "invalid device ordinal")."""
+    from landscape.distributed import cuda_for_job, job_backend
+    from landscape.errors import LandscapeError
+    from landscape.scan import resolve_device
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert cuda_for_job() and job_backend("auto") == "nccl" and resolve_device("auto").type == "cuda"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert not cuda_for_job() and job_backend("auto") == "gloo" and resolve_device("auto").type == "cpu"
+    with pytest.raises(LandscapeError, match="2 processes on this node share 1 CUDA device") as err:
+        job_backend("cuda")
+    assert "--nproc-per-node" in err.value.hint
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert job_backend("cpu") == "gloo"
+    with pytest.raises(LandscapeError, match="share 0 CUDA device"):
+        job_backend("cuda")
 
 
 def test_more_ranks_than_samples_is_a_clear_error(tmp_path, mlp_ckpt):
