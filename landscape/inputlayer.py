@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -54,6 +54,19 @@ def swapped_forward(module: nn.Module, make: Callable[[Callable[[torch.Tensor], 
             del module.forward
         else:
             module.forward = before
+
+
+Versions = list[tuple[torch.Tensor, int]]
+
+
+def versions(tensors: Iterable[torch.Tensor]) -> Versions:
+    """The tensors with their in-place version counters: what a cache derived from them is keyed by."""
+    return [(t, t._version) for t in tensors]
+
+
+def same_versions(a: Versions, b: Versions) -> bool:
+    """Whether ``a`` and ``b`` hold the very same tensors, unchanged in place since (held, so ids stay unique)."""
+    return len(a) == len(b) and all(s is t and u == v for (s, u), (t, v) in zip(a, b))
 
 
 @dataclass
@@ -87,7 +100,7 @@ class InputLayers:
         self.n = n
         self.budget = budget
         self._bytes = 0.0
-        self._key: list[tuple[torch.Tensor, int]] = []
+        self._key: Versions = []
         self._dirs: Sequence[Sequence[torch.Tensor]] = ()
         self._cache: dict[tuple[int, int], tuple[torch.Tensor, Layout]] = {}
         self._current: tuple[int, torch.Tensor, np.ndarray] | None = None
@@ -98,9 +111,9 @@ class InputLayers:
         """Names of the layers whose outputs the current directions take from the cache."""
         return sorted({self.layers[j].name for j, _ in self._cache})
 
-    def _direction_key(self, dirs: Sequence[Sequence[torch.Tensor]]) -> list[tuple[torch.Tensor, int]]:
+    def _direction_key(self, dirs: Sequence[Sequence[torch.Tensor]]) -> Versions:
         idx = [i for lay in self.layers for i in (lay.weight, lay.bias) if i is not None]
-        return [(d[i], d[i]._version) for d in dirs for i in idx]
+        return versions(d[i] for d in dirs for i in idx)
 
     @contextlib.contextmanager
     def patched(self, dirs: Sequence[Sequence[torch.Tensor]] | None) -> Iterator[None]:
@@ -111,7 +124,7 @@ class InputLayers:
             yield
             return
         key = self._direction_key(dirs)
-        if len(key) != len(self._key) or any(a is not b or u != v for (a, u), (b, v) in zip(key, self._key)):
+        if not same_versions(key, self._key):
             self._cache.clear()
             self._bytes = 0.0
             for lay in self.layers:

@@ -58,7 +58,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .distributed import SINGLE, Comm, rank_device
 from .errors import LandscapeError
-from .inputlayer import InputLayers
+from .inputlayer import InputLayers, Versions, same_versions, versions
 from .losses import LossFn, class_major, stacked_loss
 from .stream import StreamedInputs
 
@@ -163,7 +163,7 @@ class Problem:
         for p, view in zip(self._live, self._views(self._flat)):
             p.data = view
         self.theta0: Params = dict(zip(self.names, self._theta0_list))
-        self._flat_dirs: tuple[list[tuple[torch.Tensor, int]], list[torch.Tensor]] = ([], [])
+        self._flat_dirs: tuple[Versions, list[torch.Tensor]] = ([], [])
         self.buffers: Params = {n: b.detach().clone() for n, b in self._model.named_buffers()}
         self.loss_fn = loss
         self.metrics: dict[str, Metric] = dict(metrics or {})
@@ -239,9 +239,9 @@ class Problem:
 
     def _flat_directions(self, dirs: Sequence[list[torch.Tensor]]) -> list[torch.Tensor]:
         """Each direction as one flat vector, kept while the same tensors (unchanged) are passed again."""
-        key = [(t, t._version) for d in dirs for t in d]
+        key = versions(t for d in dirs for t in d)
         known, flat = self._flat_dirs
-        if len(key) != len(known) or any(a is not b or u != v for (a, u), (b, v) in zip(key, known)):
+        if not same_versions(key, known):
             flat = [torch.cat([t.reshape(-1) for t in d]) for d in dirs]
             self._flat_dirs = (key, flat)
         return flat
