@@ -145,10 +145,15 @@ def local_world() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
+def _gpus() -> int:
+    """CUDA devices this process can see (0 without CUDA)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def cuda_for_job() -> bool:
     """What ``--device auto`` means: CUDA when there is one device for each process of this node (one process
     outside torchrun), else the CPU."""
-    return torch.cuda.is_available() and torch.cuda.device_count() >= local_world()
+    return _gpus() >= local_world()  # at least 1
 
 
 def job_backend(device: str) -> str:
@@ -156,7 +161,7 @@ def job_backend(device: str) -> str:
     :func:`cuda_for_job` decides), else ``gloo``. Each process needs a GPU of its own: fewer GPUs than processes
     on this node is a :class:`LandscapeError` (every rank finds the same, so rank 0 reports it)."""
     cuda = device.startswith("cuda") or (device == "auto" and cuda_for_job())
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = _gpus()
     if cuda and gpus < local_world():
         raise LandscapeError(f"{local_world()} processes on this node share {gpus} CUDA device(s); each process "
                              "needs one of its own",
