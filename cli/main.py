@@ -120,6 +120,19 @@ def _parse_metric(text: str) -> tuple[str, str]:
     return name.strip(), target.strip()
 
 
+def _parse_workers(text: str) -> int | str:
+    """``auto`` or a positive number of blocks evaluated at once.
+
+    >>> _parse_workers("auto"), _parse_workers("2")
+    ('auto', 2)
+    """
+    if text == "auto":
+        return text
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise LandscapeError(f"--workers {text!r} is neither auto nor a positive number", hint="use --workers auto or 2")
+
+
 def _parse_bytes(text: Optional[str]) -> Optional[float]:
     """``4GB``, ``512MiB``, ``2e9`` -> bytes.
 
@@ -327,6 +340,9 @@ def scan(
     dtype: DtypeOpt = None,
     stream: StreamOpt = "auto",
     strategy: str = typer.Option("auto", help="Evaluation strategy: auto (measured), inplace or vmap."),
+    workers: str = typer.Option("auto", help="In-place slice blocks evaluated at once on a CPU, on model copies with "
+                                             "one thread each: auto (measured) or a number (1: one block at a time "
+                                             "on all threads)."),
     precision: str = typer.Option("full", help="Forward passes of slice points: full, bf16 (autocast) or tf32 (CUDA); "
                                                "the error is measured on 64 grid points and stored with the slice."),
     memory_budget: MemoryOpt = None,
@@ -356,6 +372,7 @@ def scan(
         config = _base_config(
             checkpoint, model, model_arg, data, data_arg, loss, metric, state_key, trust_pickle, max_samples, seed,
             batch_size, device, dtype, output, stream=stream, bn=bn, bn_batches=bn_batches, strategy=strategy,
+            workers=_parse_workers(workers),
             precision=precision,
             memory_budget=_parse_bytes(memory_budget), dims=dims,
             steps=_parse_steps(steps), range=_parse_range(range_), y_range=_parse_range(y_range) if y_range else None,
@@ -375,7 +392,7 @@ def scan(
             t.add_row("samples", f"{est.n_samples:,}")
             t.add_row("grid points", f"{est.points:,}")
             t.add_row("forward passes", f"{est.forward_passes:,}")
-            t.add_row("strategy", est.strategy)
+            t.add_row("strategy", est.strategy + (f", {est.workers} blocks at once" if est.workers > 1 else ""))
             t.add_row("time per point", f"{est.seconds_per_point * 1e3:.2f} ms")
             ranks = f" ({est.ranks} ranks)" if est.ranks > 1 else ""
             t.add_row("estimated time, slices", f"{est.seconds:.1f} s{ranks}")

@@ -101,6 +101,7 @@ class InputLayers:
         self.budget = budget
         self._bytes = 0.0
         self._key: Versions = []
+        self._threads = 0  # torch.get_num_threads() when the cache was made
         self._dirs: Sequence[Sequence[torch.Tensor]] = ()
         self._cache: dict[tuple[int, int], tuple[torch.Tensor, Layout]] = {}
         self._current: tuple[int, torch.Tensor, np.ndarray] | None = None
@@ -123,13 +124,15 @@ class InputLayers:
         if dirs is None or not self.layers:
             yield
             return
-        key = self._direction_key(dirs)
-        if not same_versions(key, self._key):
+        key, threads = self._direction_key(dirs), torch.get_num_threads()
+        # outputs computed with another number of threads may differ in the last bit: recomputed, so that a point's
+        # value depends only on its block and the thread count (the same on every replica, see landscape.replica)
+        if not same_versions(key, self._key) or threads != self._threads:
             self._cache.clear()
             self._bytes = 0.0
             for lay in self.layers:
                 lay.usable = True
-        self._key, self._dirs = key, dirs
+        self._key, self._dirs, self._threads = key, dirs, threads
         ran = self._ran = False
         with contextlib.ExitStack() as stack:
             for j, lay in enumerate(self.layers):

@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -58,15 +59,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .distributed import SINGLE, Comm, rank_device
 from .errors import LandscapeError
-from .inputlayer import InputLayers, Versions, same_versions, versions
-from .losses import LossFn, class_major, stacked_loss
+from .inputlayer import Versions, same_versions, versions
+from .losses import LossFn, stacked_loss
+from .replica import BN_TYPES, Replica, views
 from .stream import StreamedInputs
 
 Params = dict[str, torch.Tensor]
 Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-BN_TYPES = (torch.nn.modules.batchnorm._BatchNorm,)
-KEEP_STACK_BYTES = 64 * 2**20  # stacked-output buffers up to this size are reused from block to block
 
 
 @contextlib.contextmanager
@@ -126,6 +126,8 @@ class Problem:
         comm: Comm | None = None,
         precision: str = "full",
         linear_inputs: bool = True,
+        direct_output: bool = True,
+        workers: int | str = "auto",
     ) -> None:
         if bn not in ("frozen", "recompute"):
             raise LandscapeError(f"BatchNorm policy {bn!r} is unknown", hint="use --bn frozen or --bn recompute")
@@ -154,14 +156,11 @@ class Problem:
         self._model.eval()
         self._model.requires_grad_(False)
         self.names: list[str] = [n for n, _ in self._model.named_parameters()]
-        self._live: list[torch.Tensor] = [p for _, p in self._model.named_parameters()]
-        # the private parameters become views of one flat vector, so that writing a point is 1 + K vector operations
-        # instead of (1 + K) per tensor (most of the cost of a point update on a small model)
-        self._flat = torch.cat([p.detach().reshape(-1) for p in self._live])
-        self._theta0_flat = self._flat.clone()
-        self._theta0_list = self._views(self._theta0_flat)
-        for p, view in zip(self._live, self._views(self._flat)):
-            p.data = view
+        live = [p.detach() for p in self._model.parameters()]
+        # the private parameters become views of one flat vector (see Replica), so that writing a point is 1 + K
+        # vector operations instead of (1 + K) per tensor (most of the cost of a point update on a small model)
+        self._theta0_flat = torch.cat([p.reshape(-1) for p in live])
+        self._theta0_list = views(self._theta0_flat, live)
         self.theta0: Params = dict(zip(self.names, self._theta0_list))
         self._flat_dirs: tuple[Versions, list[torch.Tensor]] = ([], [])
         self.buffers: Params = {n: b.detach().clone() for n, b in self._model.named_buffers()}
@@ -179,13 +178,14 @@ class Problem:
         # derivatives are data-parallel: this rank's samples only, summed over the ranks by all-reduce
         self._grad_chunks = [(s, min(s + self.batch_size, hi)) for s in range(lo, hi, self.batch_size)]
         self.bn = bn
-        self._bn_modules = [m for m in self._model.modules() if isinstance(m, BN_TYPES)]
+        self._bn_batches: list[torch.Tensor] | None = None
         if bn == "recompute":
-            if not self._bn_modules:
+            if not any(isinstance(m, BN_TYPES) for m in self._model.modules()):
                 raise LandscapeError("--bn recompute was asked for, but the model has no BatchNorm layer",
                                      hint="drop --bn recompute")
-            for m in self._bn_modules:
-                m.momentum = None  # cumulative moving average: exact mean over the batches
+            for m in self._model.modules():
+                if isinstance(m, BN_TYPES):
+                    m.momentum = None  # cumulative moving average: exact mean over the batches
             perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed)).to(self.device)
             size = min(bn_batch_size, self.n)
             self._bn_batches = [self.X[perm[s:s + size]] for s in range(0, min(bn_batches * size, self.n), size)]
@@ -206,8 +206,13 @@ class Problem:
         self.graph_chunks = graph_chunks
         self.strategy = strategy if strategy != "auto" else ("inplace" if bn == "recompute" else "auto")
         self.linear_inputs = linear_inputs
-        self._inputs = InputLayers(self._model, self._live, self._theta0_list, self.n, memory_budget)
-        self._stacks: dict[int, torch.Tensor] = {}
+        self.direct_output = direct_output
+        if workers != "auto" and (not isinstance(workers, int) or workers < 1):
+            raise LandscapeError(f"workers {workers!r} is not a positive number", hint="use --workers auto or N >= 1")
+        self._workers_setting = workers
+        self.workers = 1 if workers == "auto" else workers
+        self._replicas = [self._replica(self._model)]
+        self._pool: tuple[ThreadPoolExecutor, int] | None = None
 
     # ------------------------------------------------------------------ basics
     @property
@@ -226,17 +231,15 @@ class Problem:
     def linear_input_layers(self) -> list[str]:
         """Names of the layers that the last full-precision slice points took by linearity from cached outputs
         (:mod:`landscape.inputlayer`); empty when none qualified or :attr:`linear_inputs` is off."""
-        return self._inputs.routed if self.linear_inputs and self.precision == "full" else []
+        return self._replicas[0].inputs.routed if self.linear_inputs and self.precision == "full" else []
+
+    @property
+    def direct_output_layer(self) -> str:
+        """Name of the output layer that the last full-precision in-place points wrote straight into the stack of
+        their outputs (:mod:`landscape.outputlayer`); empty when none qualified or :attr:`direct_output` is off."""
+        return self._replicas[0].output.routed if self.direct_output and self.precision == "full" else ""
 
     # ------------------------------------------------------------------ evaluation
-    def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """``flat`` (one vector of all parameters) as tensors shaped like the parameters, in order."""
-        out, i = [], 0
-        for p in self._live:
-            out.append(flat[i:i + p.numel()].view(p.shape))
-            i += p.numel()
-        return out
-
     def _flat_directions(self, dirs: Sequence[list[torch.Tensor]]) -> list[torch.Tensor]:
         """Each direction as one flat vector, kept while the same tensors (unchanged) are passed again."""
         key = versions(t for d in dirs for t in d)
@@ -245,25 +248,6 @@ class Problem:
             flat = [torch.cat([t.reshape(-1) for t in d]) for d in dirs]
             self._flat_dirs = (key, flat)
         return flat
-
-    def _set_point(self, coeffs: Sequence[float], dirs: Sequence[torch.Tensor],
-                   origin: list[torch.Tensor] | None = None) -> None:
-        """Write ``origin + sum_k coeffs[k] dirs[k]`` (origin: theta0; ``dirs`` flat, see :meth:`_flat_directions`)
-        into the private model."""
-        if origin is None:
-            self._flat.copy_(self._theta0_flat)
-        else:
-            torch._foreach_copy_(self._live, origin)
-        for c, d in zip(coeffs, dirs):
-            if c != 0.0:
-                self._flat.add_(d, alpha=float(c))
-        if self.bn == "recompute":
-            for m in self._bn_modules:
-                m.reset_running_stats()
-            self._model.train()
-            for xb in self._bn_batches:
-                self._model(xb)
-            self._model.eval()
 
     def _reduce(self, outs: Sequence[torch.Tensor]) -> dict[str, np.ndarray]:
         """Mean loss, accuracy and metrics of K points from their stacked outputs, one ``(K, n_c, ...)`` per chunk.
@@ -284,24 +268,6 @@ class Problem:
                 acc[k] = acc[k] + v if k in acc else v
         return {k: (v / self.n).cpu().numpy() for k, v in acc.items()}
 
-    def _stack(self, chunk: int, outs: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The K outputs of one chunk as a ``(K, *out.shape)`` tensor at the Problem's dtype, for :meth:`_reduce`.
-
-        Laid out class-major when the loss reduces fastest that way (:func:`~landscape.losses.class_major`), and
-        written into a buffer kept from block to block when it is small: a fresh one per block costs a page fault
-        per 4 KiB, a third of the reduction on a small model."""
-        first = outs[0]
-        cm = class_major(self.loss_fn, first, self.y[:1])
-        shape = (len(outs), *(reversed(first.shape) if cm else first.shape))
-        buf = self._stacks.get(chunk)
-        if buf is None or buf.shape[1:] != shape[1:] or buf.shape[0] < shape[0]:
-            buf = torch.empty(shape, dtype=self.dtype, device=self.device)
-            if sum(b.numel() * b.element_size() for b in self._stacks.values()) + buf.nbytes <= KEEP_STACK_BYTES:
-                self._stacks[chunk] = buf
-        buf = buf[:len(outs)]
-        torch.stack([o.t() for o in outs] if cm else outs, out=buf)
-        return buf.transpose(1, 2) if cm else buf
-
     def _forward_precision(self, precision: str) -> contextlib.AbstractContextManager[object]:
         """The context of a forward pass at ``precision``: as is (``full``), bf16 autocast, or TF32 matmuls."""
         if precision == "bf16":
@@ -310,34 +276,61 @@ class Problem:
             return _tf32()
         return contextlib.nullcontext()
 
-    def _evaluate_inplace(self, coeffs: np.ndarray, dirs: Sequence[list[torch.Tensor]],
-                          origin: list[torch.Tensor] | None = None, precision: str = "full") -> dict[str, np.ndarray]:
-        per_chunk: list[list[torch.Tensor]] = [[] for _ in self._chunks]
+    def _replica(self, model: torch.nn.Module) -> Replica:
+        return Replica(model, self._theta0_list, self._theta0_flat, n=self.n, memory_budget=self.memory_budget,
+                       loss=self.loss_fn, target=self.y, bn_batches=self._bn_batches)
 
-        def runs() -> Iterator[tuple[np.ndarray, list[tuple[int, torch.Tensor]]]]:
-            """``(point, [(chunk index, inputs), ...])`` in the order the forward passes run."""
-            if isinstance(self.X, StreamedInputs):  # chunk by chunk: each is read once for the whole block
-                for i, (s, e) in enumerate(self._chunks):
-                    x = self.X[s:e]
-                    for c in coeffs:
-                        yield c, [(i, x)]
-            else:  # point by point: each point is written into the parameters once
-                chunks = [(i, self.X[s:e]) for i, (s, e) in enumerate(self._chunks)]
+    def _runs(self, coeffs: np.ndarray) -> Iterator[tuple[np.ndarray, list[tuple[int, torch.Tensor]]]]:
+        """``(point, [(chunk index, inputs), ...])`` in the order the forward passes run."""
+        if isinstance(self.X, StreamedInputs):  # chunk by chunk: each is read once for the whole block
+            for i, (s, e) in enumerate(self._chunks):
+                x = self.X[s:e]
                 for c in coeffs:
-                    yield c, chunks
+                    yield c, [(i, x)]
+        else:  # point by point: each point is written into the parameters once
+            chunks = [(i, self.X[s:e]) for i, (s, e) in enumerate(self._chunks)]
+            for c in coeffs:
+                yield c, chunks
 
-        # layers that read the inputs go by linearity (full precision, along directions from theta0)
-        linear = dirs if self.linear_inputs and origin is None and precision == "full" else None
-        with torch.inference_mode(), self._inputs.patched(linear):
-            flat = self._flat_directions(dirs)
-            for c, parts in runs():
-                self._set_point(c, flat, origin)
-                with self._forward_precision(precision):
-                    for i, x in parts:
-                        self._inputs.at(i, x, c)
-                        per_chunk[i].append(self._model(x))
+    def _evaluate_inplace(self, coeffs: np.ndarray, dirs: Sequence[list[torch.Tensor]],
+                          origin: list[torch.Tensor] | None = None, precision: str = "full",
+                          replica: Replica | None = None) -> dict[str, np.ndarray]:
+        flat = self._flat_directions(dirs)
+        with torch.inference_mode():
+            # layers that read the inputs go by linearity (full precision, along directions from theta0), and a
+            # classifier's output layer writes into the class-major stack (full precision)
+            outs = (replica or self._replicas[0]).outputs(
+                self._runs(coeffs), len(coeffs), len(self._chunks), dirs, flat, origin,
+                linear=self.linear_inputs and origin is None and precision == "full",
+                direct=self.direct_output and precision == "full",
+                precision=lambda: self._forward_precision(precision))
             # losses are reduced at the Problem's precision whatever the forward pass ran at
-            return self._reduce([self._stack(i, o) for i, o in enumerate(per_chunk)])
+            return self._reduce(outs)
+
+    def _evaluate_shared(self, blocks: Sequence[np.ndarray], dirs: Sequence[list[torch.Tensor]],
+                         precision: str = "full") -> list[dict[str, np.ndarray]]:
+        """In-place evaluation of the blocks on :attr:`workers` replicas at once, each in its own thread with one
+        intra-op thread (see :mod:`landscape.replica`): replica j takes blocks j, j + workers, ... A block's values
+        do not depend on which replica or how many blocks there are, so a resumed slice gives the same bits."""
+        while len(self._replicas) < self.workers:
+            self._replicas.append(self._replica(copy.deepcopy(self._model)))
+        if self._pool is None or self._pool[1] < self.workers:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="landscape-replica"), self.workers
+        self._flat_directions(dirs)  # made once, here, not by the threads at once
+
+        def job(j: int) -> list[dict[str, np.ndarray]]:
+            torch.set_num_threads(1)  # this thread's own setting (process-wide in older torch: restored below)
+            return [self._evaluate_inplace(b, dirs, precision=precision, replica=self._replicas[j])
+                    for b in blocks[j::self.workers]]
+
+        threads = torch.get_num_threads()
+        try:
+            futures = [self._pool[0].submit(job, j) for j in range(min(self.workers, len(blocks)))]
+            wait(futures)
+        finally:
+            torch.set_num_threads(threads)
+        done = [f.result() for f in futures]
+        return [done[i % self.workers][i // self.workers] for i in range(len(blocks))]
 
     def _stacked_params(self, coeffs: np.ndarray, dirs: Sequence[list[torch.Tensor]]) -> Params:
         c = torch.as_tensor(coeffs, dtype=self.dtype, device=self.device)
@@ -368,18 +361,38 @@ class Problem:
         A direction is a dict keyed by parameter name, or a list already made by :meth:`as_list`.
         Returns arrays of length ``len(coeffs)`` keyed ``loss``, ``accuracy`` (classification)
         and each metric name. Non-finite values are returned as they are. Points are evaluated in
-        blocks of :attr:`block` (see :meth:`choose_strategy`).
+        blocks of :attr:`block` (see :meth:`choose_strategy` and :meth:`evaluate_blocks`).
         """
         coeffs = np.atleast_2d(np.asarray(coeffs, dtype=np.float64))
+        dirs = self._directions(coeffs, directions)
+        parts = self.evaluate_blocks([coeffs[s:s + self.block] for s in range(0, len(coeffs), self.block)], dirs,
+                                     precision=precision)
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def evaluate_blocks(self, blocks: Sequence[np.ndarray],
+                        directions: Sequence[Mapping[str, torch.Tensor] | list[torch.Tensor]], *,
+                        precision: str | None = None) -> list[dict[str, np.ndarray]]:
+        """:meth:`evaluate_points` of each block (rows of coefficients, usually :attr:`block` of them), each evaluated
+        as one block: the values of a point depend only on its block. With ``workers > 1`` in-place blocks are
+        evaluated that many at a time, on concurrent replicas of the model."""
+        dirs = self._directions(blocks[0] if blocks else np.zeros((0, len(directions))), directions)
+        prec = precision or self.precision
+        if self.strategy == "vmap":
+            return [self._evaluate_vmap(b, dirs, precision=prec) for b in blocks]
+        if self.workers > 1:
+            return self._evaluate_shared(blocks, dirs, precision=prec)
+        return [self._evaluate_inplace(b, dirs, precision=prec) for b in blocks]
+
+    def _directions(self, coeffs: np.ndarray, directions: Sequence[Mapping[str, torch.Tensor] | list[torch.Tensor]]
+                    ) -> list[list[torch.Tensor]]:
+        """The directions as lists (:meth:`as_list`), checked against the coefficients; the strategy is chosen
+        first if it has not been."""
         dirs = [d if isinstance(d, list) else self.as_list(d) for d in directions]
         if coeffs.shape[1] != len(dirs):
             raise ValueError(f"{coeffs.shape[1]} coefficients per point for {len(dirs)} directions")
         if self.block is None:
             self.choose_strategy(dirs)
-        fn = self._evaluate_vmap if self.strategy == "vmap" else self._evaluate_inplace
-        prec = precision or self.precision
-        parts = [fn(coeffs[s:s + self.block], dirs, precision=prec) for s in range(0, len(coeffs), self.block)]
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return dirs
 
     def evaluate(self, point: Mapping[str, torch.Tensor] | None = None) -> Evaluation:
         """Loss, accuracy and metrics at ``point`` (a full parameter dict; ``theta0`` when None)."""
@@ -394,9 +407,11 @@ class Problem:
         on the largest block that fits ``memory_budget`` bytes of stacked outputs (at most ``max_block``) when it
         is within 1.5x of in-place: batching gains grow with the block on a GPU. ``vmap`` is kept when it is at
         least 20% faster per point (it is dropped when it cannot trace the model or runs out of memory), with the
-        block size it was fastest at. For ``inplace`` the block is what fits the memory budget and about
-        ``block_seconds`` of work.
-        Sets :attr:`strategy`, :attr:`block` and :attr:`strategy_timings`.
+        block size it was fastest at. For ``inplace`` on a CPU with ``workers="auto"``, the points of a block are
+        also timed shared out over ``torch.get_num_threads()`` concurrent replicas of the model, one intra-op thread
+        each (:mod:`landscape.replica`), kept when at least 10% faster. The block is then what fits the memory
+        budget and about ``block_seconds`` of work.
+        Sets :attr:`strategy`, :attr:`block`, :attr:`workers` and :attr:`strategy_timings`.
         """
         if not dirs:
             dirs = [[torch.randn_like(t) * 1e-3 for t in self._theta0_list]]
@@ -439,14 +454,37 @@ class Problem:
         # win clearly (20%) so that timing noise does not pick the slower strategy
         self.strategy = "vmap" if timings.get("vmap", float("inf")) < 0.8 * timings.get("inplace", float("inf")) \
             else candidates[0]
+        fixed = self.strategy == "inplace" and self.device.type == "cpu" and self._workers_setting != "auto"
+        self.workers = int(self._workers_setting) if fixed else 1
+        per = timings[self.strategy]
+        threads = torch.get_num_threads()
+        if self.strategy == "inplace" and self._workers_setting == "auto" and self._may_share_out(threads):
+            # the points of a block on concurrent replicas, one thread each (landscape.replica): kept when clearly
+            # faster (10%), since it costs a model copy per thread
+            self.workers = threads
+            try:
+                shared = per_point(lambda c, d, precision: self._evaluate_shared(np.array_split(c, threads), d, precision),
+                                   trial * threads)
+                timings[f"inplace x{threads}"] = shared
+            finally:
+                self.workers = 1
+            if shared < 0.9 * per:
+                self.workers, per = threads, shared
         self.strategy_timings = timings
         if self.strategy == "vmap":
             self.block = vmap_block  # vmap's cost per point depends on the block size: keep the one that was timed
         else:
-            self.block = int(max(1, min(mem_block, self.block_seconds // max(timings[self.strategy], 1e-9))))
+            self.block = int(max(1, min(mem_block, self.block_seconds // max(per, 1e-9))))
         # under torchrun every rank evaluates with rank 0's choice (timings differ from rank to rank)
-        self.strategy, self.block = self.comm.broadcast((self.strategy, self.block))
+        self.strategy, self.block, self.workers = self.comm.broadcast((self.strategy, self.block, self.workers))
         return self.strategy
+
+    def _may_share_out(self, threads: int) -> bool:
+        """Whether concurrent replicas are worth timing: more than one intra-op thread on a CPU, inputs in memory,
+        and a model whose copies take at most an eighth of the memory budget."""
+        param_bytes = self._theta0_flat.numel() * self._theta0_flat.element_size()
+        return (threads > 1 and self.device.type == "cpu" and not isinstance(self.X, StreamedInputs)
+                and param_bytes * (threads - 1) <= self.memory_budget / 8)
 
     # ------------------------------------------------------------------ derivatives
     def forward(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:

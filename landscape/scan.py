@@ -87,6 +87,7 @@ class ScanConfig:
     bn_batches: int = 10
     batch_size: int = 2048
     strategy: str = "auto"
+    workers: int | str = "auto"
     precision: str = "full"
     memory_budget: float | None = None
     stream: str = "auto"
@@ -222,7 +223,7 @@ def setup(config: ScanConfig, comm: Comm | None = None) -> Setup:
         metrics[mname] = resolve(target, what="metric")
     problem = Problem(model, data.X, data.y, loss_fn, metrics=metrics, device=resolve_device(config.device), dtype=dtype,
                       batch_size=config.batch_size, bn=config.bn, bn_batches=config.bn_batches,
-                      strategy=config.strategy, seed=config.seed, comm=comm or current(),
+                      strategy=config.strategy, workers=config.workers, seed=config.seed, comm=comm or current(),
                       precision=config.precision,
                       **({"memory_budget": config.memory_budget} if config.memory_budget else {}))
     try:
@@ -442,17 +443,19 @@ def run_scan(config: ScanConfig, *, progress: ProgressFn | None = None,
                     raise LandscapeError(f"cannot resume slice {s.name!r} of {path}: its settings differ "
                                          f"({', '.join(diff) or 'grid'})",
                                          hint="use --overwrite, another -o, or --name for a new slice")
-                pb.strategy, pb.block = attrs["strategy"], int(attrs["block"])
-                pb.linear_inputs = "input_layers" in attrs  # as it was computed (older files: without), same bits
+                pb.strategy, pb.block, pb.workers = attrs["strategy"], int(attrs["block"]), int(attrs.get("workers", 1))
+                # as it was computed (older files: without these shortcuts), so the same bits
+                pb.linear_inputs, pb.direct_output = "input_layers" in attrs, "output_layer" in attrs
                 block = pb.block
             else:
                 dirs = comm.broadcast(make_directions(s, st, config) if comm.is_writer or s.kind.startswith("hessian")
                                       else None)
-                pb.linear_inputs = True
+                pb.linear_inputs = pb.direct_output = True
                 strategy = pb.choose_strategy([pb.as_list(d) for d in dirs])
                 block = pb.block
                 done = np.zeros(tuple(len(a) for a in s.axes), dtype=bool)
-                attrs = {**_slice_attrs(s, strategy, block, config), "input_layers": ",".join(pb.linear_input_layers)}
+                attrs = {**_slice_attrs(s, strategy, block, config), "input_layers": ",".join(pb.linear_input_layers),
+                         "output_layer": pb.direct_output_layer if strategy == "inplace" else "", "workers": pb.workers}
                 comm.from_writer(lambda: _new_slice(rf, s, dirs, keys, attrs, pb), share=False)
             total = done.size
             n_done = int(done.sum())
@@ -596,6 +599,7 @@ class Estimate:
     n_parameters: int
     n_samples: int
     ranks: int = 1
+    workers: int = 1
     curvature_seconds: float = 0.0
     sharpness_seconds: float = 0.0
     coherence_seconds: float = 0.0
@@ -617,7 +621,7 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
     dirs = random_directions(pb.theta0, 2, seed=config.seed, norm=config.norm, ignore=config.ignore)
     lists = [pb.as_list(d) for d in dirs]
     strategy = pb.choose_strategy(lists)
-    n = pb.block
+    n = pb.block * pb.workers  # a round of blocks, as the slice evaluates them
     coeffs = np.linspace(-0.5, 0.5, 2 * n).reshape(n, 2)
     if pb.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(pb.device)
@@ -625,6 +629,8 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
     t = time.perf_counter()
     pb.evaluate_points(coeffs, lists)
     per_point = (time.perf_counter() - t) / n
+    # gradients and HVPs run one at a time on all threads: a forward pass there costs what one in-place point does
+    per_pass = pb.strategy_timings["inplace"] if pb.workers > 1 else per_point
     chunks = math.ceil(pb.n / pb.batch_size)
     param_bytes = sum(t.numel() * t.element_size() for t in pb.theta0.values())
     # streamed inputs are held one chunk at a time
@@ -633,7 +639,7 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
     if pb.device.type == "cuda":
         mem, note = torch.cuda.max_memory_allocated(pb.device), "peak CUDA memory measured on a few points"
     else:
-        mem = param_bytes * (4 + (pb.block if strategy == "vmap" else 0)) + data_bytes
+        mem = param_bytes * (4 + (pb.block if strategy == "vmap" else pb.workers - 1)) + data_bytes
         note = "model copies, directions and data" + (" (one chunk of streamed inputs)" if st.data.streamed else "") \
             + "; activations of one chunk come on top"
     curv = config.curvature
@@ -642,10 +648,11 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
     coherence_passes = coherence_cost(config.coherence) if config.coherence is not None else 0.0
     # under torchrun the points are shared out; the data-parallel analyses are counted as one process's work
     return Estimate(points=points, forward_passes=points * chunks, seconds_per_point=per_point,
-                    seconds=per_point * points / pb.comm.world, strategy=strategy, memory_bytes=int(mem),
+                    seconds=per_point * points / pb.comm.world, strategy=strategy, workers=pb.workers,
+                    memory_bytes=int(mem),
                     memory_note=note, n_parameters=pb.num_parameters, n_samples=pb.n, ranks=pb.comm.world,
-                    curvature_seconds=per_point * curvature_passes,
-                    sharpness_seconds=per_point * sharpness_passes, coherence_seconds=per_point * coherence_passes)
+                    curvature_seconds=per_pass * curvature_passes,
+                    sharpness_seconds=per_pass * sharpness_passes, coherence_seconds=per_pass * coherence_passes)
 
 
 __all__ = ["ScanConfig", "ScanSummary", "SliceResult", "Setup", "Estimate", "setup", "run_scan", "estimate",

@@ -5,9 +5,10 @@ A slice along directions ``d_1[, d_2]`` evaluates ``f(a[, b]) = L(theta0 + a d_1
 ``(x[i], y[j])``; the original loss-landscape code stored ``[y, x]``, which scrambles
 non-square grids. Points are numbered in C order (``p = i * ny + j``) and evaluated in blocks
 of fixed, aligned size, so a resumed slice evaluates exactly the same blocks as an
-uninterrupted one and gives the same bits. Under ``torchrun`` the blocks are dealt out to the
-ranks round by round (block ``r + k * world`` to rank ``r``) and each round is gathered on rank 0,
-which is the only one that sees ``on_block``; the points and their bits do not depend on the
+uninterrupted one and gives the same bits. A Problem with ``workers > 1`` evaluates that many blocks
+at once (:meth:`~landscape.problem.Problem.evaluate_blocks`). Under ``torchrun`` the blocks are dealt
+out to the ranks round by round (``workers`` consecutive blocks each) and each round is gathered on
+rank 0, which is the only one that sees ``on_block``; the points and their bits do not depend on the
 number of ranks.
 """
 
@@ -77,15 +78,14 @@ def compute_slice(
     comm = problem.comm
     out: dict[str, np.ndarray] = {}
     blocks = missing_blocks(done, block)
-    for first in range(0, len(blocks), comm.world):
-        mine = first + comm.rank
-        part = (blocks[mine], problem.evaluate_points(coeffs[blocks[mine]], dirs)) if mine < len(blocks) else None
+    per_rank = problem.workers if problem.strategy == "inplace" else 1  # blocks a rank evaluates at once
+    for first in range(0, len(blocks), comm.world * per_rank):
+        mine = blocks[first + comm.rank * per_rank:first + (comm.rank + 1) * per_rank]
+        part = list(zip(mine, problem.evaluate_blocks([coeffs[b] for b in mine], dirs))) if mine else []
         for got in comm.gather(part) or [part]:
-            if got is None:
-                continue
-            idx, vals = got
-            for k, v in vals.items():
-                out.setdefault(k, np.full(math.prod(shape), np.nan))[idx] = v
-            if on_block is not None and comm.is_writer:
-                on_block(idx, vals)
+            for idx, vals in got:
+                for k, v in vals.items():
+                    out.setdefault(k, np.full(math.prod(shape), np.nan))[idx] = v
+                if on_block is not None and comm.is_writer:
+                    on_block(idx, vals)
     return {k: v.reshape(shape) for k, v in out.items()}

@@ -15,7 +15,7 @@ from landscape.runfile import RunFile
 
 VOLATILE = {"created", "completed", "command", "seconds"}  # wall-clock facts differ between runs
 N = 91 * 81
-ARGS = ["--steps", "91x81", "--strategy", "inplace", "--save-every", "0.3", "--no-report"]
+ARGS = ["--steps", "91x81", "--strategy", "inplace", "--save-every", "0.3", "--no-report", "--workers", "2"]
 
 
 def contents(path):
@@ -87,7 +87,9 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, mlp_ckpt):
     RunFile(run, mode="resume").close()  # merge the journal: journaled points count as done
     with h5py.File(run) as f:
         partial = int(f["slices/random_2d/done"][()].sum())
-        assert f["slices/random_2d"].attrs["input_layers"] == "net.1"  # the first layer went by linearity
+        attrs = f["slices/random_2d"].attrs
+        assert attrs["input_layers"] == "net.1"  # the first layer went by linearity
+        assert attrs["output_layer"] == "net.5" and attrs["workers"] == 2  # the last one into the stack, 2 replicas
     assert partial < N, "every point was done before the kill"
     res = cli("scan", str(mlp_ckpt), *ARGS, "-o", str(run), "--resume", "--json")
     assert res.returncode == 0, res.stderr

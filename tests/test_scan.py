@@ -46,11 +46,11 @@ def test_failing_scan_leaves_model_unchanged_and_resumable(tmp_path, mlp_ckpt):
     cfg = ScanConfig(str(mlp_ckpt), steps=(3,), max_samples=32, output=out, metrics=(("bad", "test_scan:boom"),))
     with pytest.raises(LandscapeError, match="running the model on the data failed"):
         setup(cfg)
-    good = ScanConfig(str(mlp_ckpt), steps=(3,), max_samples=32, output=out)
+    good = ScanConfig(str(mlp_ckpt), steps=(3,), max_samples=32, output=out, workers=1)
     st = setup(good)
     before = state(st.model)
     calls = {"n": 0}
-    real = st.problem.evaluate_points
+    real = st.problem.evaluate_blocks
 
     def flaky(*a, **k):
         calls["n"] += 1
@@ -59,11 +59,11 @@ def test_failing_scan_leaves_model_unchanged_and_resumable(tmp_path, mlp_ckpt):
         return real(*a, **k)
 
     st.problem.max_block = 1  # one point per block, so the failure comes after four journaled points
-    st.problem.evaluate_points = flaky
+    st.problem.evaluate_blocks = flaky
     with pytest.raises(RuntimeError, match="device lost"):
         run_scan(good, prepared=st)
     assert unchanged(before, st.model)
-    st.problem.evaluate_points = real
+    st.problem.evaluate_blocks = real
     summary = run_scan(ScanConfig(**{**good.__dict__, "resume": True}), prepared=st)
     assert summary.slices[0].computed == 9 - 4  # the four points done before the failure were kept
     with h5py.File(out) as f:
