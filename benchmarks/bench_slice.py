@@ -6,6 +6,8 @@ For each shipped model (digits train split, 1,438 samples, one forward per point
 
 * forward limit: 51*51 plain ``model(X)`` passes of a frozen copy (``requires_grad_(False)``, eval mode) under
   ``torch.inference_mode()``: the fastest plain forward we found;
+* forward side by side: the same passes shared out over one thread per core, each on its own model copy with one
+  intra-op thread: the forward limit of what ``--workers`` does;
 * forward+loss+accuracy limit: the same plus the cross-entropy and top-1 count read back per point, the least any
   tool that reports loss and accuracy must do;
 * landscape ``compute_slice``: the slice alone (directions, point updates, loss and accuracy);
@@ -24,6 +26,7 @@ import copy
 import json
 import platform
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -50,11 +53,29 @@ def bench_model(name: str, repeats: int) -> dict:
     axes = (axis(-1, 1, STEPS), axis(-1, 1, STEPS))
     dirs = random_directions(pb.theta0, 2, seed=0)
     strategy = pb.choose_strategy([pb.as_list(d) for d in dirs])
+    workers = pb.workers  # compute_slice runs with the choice of the scan before it (this one in the first round)
 
     def forward_limit():
         with torch.inference_mode():
             for _ in range(STEPS * STEPS):
                 model(X)
+
+    copies = [copy.deepcopy(model) for _ in range(torch.get_num_threads())]
+
+    def forward_side_by_side():
+        """The same passes shared out over one thread per core, each on its own model copy with one intra-op
+        thread: the forward limit of what ``--workers`` does."""
+        def run(m: torch.nn.Module, passes: int) -> None:
+            torch.set_num_threads(1)
+            with torch.inference_mode():
+                for _ in range(passes):
+                    m(X)
+
+        total = STEPS * STEPS
+        with ThreadPoolExecutor(len(copies)) as pool:
+            for f in [pool.submit(run, m, total // len(copies) + (i < total % len(copies)))
+                      for i, m in enumerate(copies)]:
+                f.result()
 
     def evaluation_limit():
         with torch.inference_mode():
@@ -66,9 +87,12 @@ def bench_model(name: str, repeats: int) -> dict:
     def ours_slice():
         compute_slice(pb, dirs, axes)
 
+    scan_workers = []  # each scan chooses its strategy and workers again, by timing
+
     def ours_scan():
         with tempfile.TemporaryDirectory() as tmp:
             run_scan(ScanConfig(str(CKPTS[name]), device="cpu", output=f"{tmp}/run.h5"), prepared=st)
+        scan_workers.append(pb.workers)
 
     import loss_landscapes
     from loss_landscapes.metrics import Loss
@@ -79,11 +103,13 @@ def bench_model(name: str, repeats: int) -> dict:
         loss_landscapes.random_plane(model, metric, distance=2, steps=STEPS, normalization="filter",
                                      deepcopy_model=True)
 
-    fns = {"forward_limit": forward_limit, "forward_loss_accuracy_limit": evaluation_limit,
+    fns = {"forward_limit": forward_limit, "forward_side_by_side_limit": forward_side_by_side,
+           "forward_loss_accuracy_limit": evaluation_limit,
            "landscape_compute_slice": ours_slice, "landscape_run_scan": ours_scan, "loss_landscapes_random_plane": ll_plane}
     t, ratios = interleaved(fns, repeats, "forward_limit")
     return {"model": name, "n_parameters": pb.num_parameters, "n_samples": pb.n, "strategy": strategy,
-            "block": pb.block, "strategy_timings_s_per_point": getattr(pb, "strategy_timings", None), "seconds": t,
+            "block": pb.block, "workers_first": workers, "workers_chosen_by_each_scan": scan_workers,
+            "strategy_timings_s_per_point": getattr(pb, "strategy_timings", None), "seconds": t,
             "ratios_to_forward_limit_per_round": ratios}
 
 
@@ -158,15 +184,16 @@ def main() -> None:
     (out / "bench_slice.json").write_text(json.dumps(results, indent=2))
     print(f"torch {torch.__version__}, {args.threads} threads, rounds {args.repeats}\n")
     print("Best times (s); in brackets, time / that round's forward limit: median [min-max] over rounds\n")
-    print("| model | params | strategy (block) | forward limit | fwd+loss+acc limit | landscape compute_slice |"
-          " landscape run_scan | loss-landscapes random_plane |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | params | strategy (block, workers: first, by scan) | forward limit | forward side by side | "
+          "fwd+loss+acc limit | landscape compute_slice | landscape run_scan | loss-landscapes random_plane |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results["models"]:
         s, q = r["seconds"], r["ratios_to_forward_limit_per_round"]
-        cells = [f"{s[k]:.2f} ({np.median(q[k]):.2f}x [{min(q[k]):.2f}-{max(q[k]):.2f}])" for k in ("forward_limit", "forward_loss_accuracy_limit",
-                                                      "landscape_compute_slice", "landscape_run_scan",
-                                                      "loss_landscapes_random_plane")]
-        print(f"| {r['model']} | {r['n_parameters']:,} | {r['strategy']} ({r['block']}) | " + " | ".join(cells) + " |")
+        cells = [f"{s[k]:.2f} ({np.median(q[k]):.2f}x [{min(q[k]):.2f}-{max(q[k]):.2f}])" for k in (
+            "forward_limit", "forward_side_by_side_limit", "forward_loss_accuracy_limit", "landscape_compute_slice",
+            "landscape_run_scan", "loss_landscapes_random_plane")]
+        setting = f"{r['strategy']} ({r['block']}, {r['workers_first']}, {r['workers_chosen_by_each_scan']})"
+        print(f"| {r['model']} | {r['n_parameters']:,} | {setting} | " + " | ".join(cells) + " |")
     print("\nloss-landscapes 3.0.6 random_plane geometry:", json.dumps(results["loss_landscapes_geometry"], indent=2))
 
 

@@ -34,7 +34,11 @@ Evaluation strategy (``strategy``): points are evaluated in blocks. ``inplace`` 
 point of a block into the private model's parameters and runs a forward pass, in which, at
 full precision, the linear layers that read the raw inputs are evaluated by linearity from
 outputs cached per direction set (:mod:`landscape.inputlayer`: a cache of at most
-``memory_budget`` bytes; ``linear_inputs=False`` turns this off);
+``memory_budget`` bytes; ``linear_inputs=False`` turns this off), and a classifier's output
+layer writes its logits transposed straight into the stack the loss is reduced over
+(:mod:`landscape.outputlayer`; ``direct_output=False`` turns this off); on a CPU ``workers``
+blocks are evaluated at once, each on its own copy of the model with one thread
+(:mod:`landscape.replica`; ``"auto"``: by measurement);
 ``vmap`` runs the whole block in one batched forward with ``torch.func.vmap`` over
 ``functional_call``. Either way the block's outputs are stacked and the loss and accuracy of
 all its points are reduced at once, which matters for small models where a cross-entropy
