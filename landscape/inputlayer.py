@@ -104,6 +104,7 @@ class InputLayers:
         self._threads = 0  # torch.get_num_threads() when the cache was made
         self._dirs: Sequence[Sequence[torch.Tensor]] = ()
         self._cache: dict[tuple[int, int], tuple[torch.Tensor, Layout]] = {}
+        self._partial: dict[tuple[int, int], tuple[tuple[float, ...], torch.Tensor]] = {}  # see _routed
         self._current: tuple[int, torch.Tensor, np.ndarray] | None = None
         self._ran = False  # a forward pass ran inside the current patched evaluation
 
@@ -129,6 +130,7 @@ class InputLayers:
         # value depends only on its block and the thread count (the same on every replica, see landscape.replica)
         if not same_versions(key, self._key) or threads != self._threads:
             self._cache.clear()
+            self._partial.clear()
             self._bytes = 0.0
             for lay in self.layers:
                 lay.usable = True
@@ -171,12 +173,19 @@ class InputLayers:
             Z, seen = hit
             if seen != layout:
                 return own(inp)
-            out = None
-            for k, c in enumerate(coeffs):
-                if c != 0.0:
-                    out = torch.add(Z[0], Z[k + 1], alpha=float(c)) if out is None else out.add_(Z[k + 1],
-                                                                                               alpha=float(c))
-            return Z[0].clone() if out is None else out
+            # Z_0 + sum_{k < K} c_k Z_k is kept while those coefficients repeat (along a grid row): a point then
+            # costs one axpy; the sums run in the same order either way, so the bits do not depend on it
+            head = tuple(coeffs[:-1].tolist())
+            known = self._partial.get((j, chunk))
+            if known is None or known[0] != head:
+                part, fresh = Z[0], False
+                for k, c in enumerate(head):
+                    if c != 0.0:
+                        part = part.add_(Z[k + 1], alpha=c) if fresh else torch.add(part, Z[k + 1], alpha=c)
+                        fresh = True
+                known = self._partial[(j, chunk)] = (head, part)
+            last = float(coeffs[-1]) if len(coeffs) else 0.0
+            return torch.add(known[1], Z[-1], alpha=last) if last != 0.0 else known[1].clone()
 
         return forward
 
@@ -194,7 +203,8 @@ class InputLayers:
         Z = torch.stack([self._apply(lay, inp, s[lay.weight], None if lay.bias is None else s[lay.bias])
                          for s in sets])
         if not any(jj == j for jj, _ in self._cache):  # the first chunk decides for the whole evaluation set
-            projected = Z.numel() * Z.element_size() * self.n / max(1, x.shape[0])
+            # Z_0..Z_K and one partial sum (see _routed) per chunk, over the whole evaluation set
+            projected = Z[0].numel() * Z.element_size() * (len(Z) + 1) * self.n / max(1, x.shape[0])
             if self._bytes + projected > self.budget:
                 lay.usable = False
                 return None
