@@ -425,7 +425,9 @@ class Problem:
         mem_block = int(max(1, min(self.max_block, self.memory_budget // max(out_bytes, 1))))
         trial = max(1, min(mem_block, 8))
 
-        def per_point(fn: Callable[..., object], k: int) -> float:
+        def per_point(fn: Callable[..., object], k: int, beat: float = float("inf")) -> float:
+            """Best of ``repeats`` timings per point after a warm-up; stops early once the best is over 1.5x
+            ``beat`` (a candidate that clearly loses needs no precise time)."""
             coeffs = np.linspace(-0.1, 0.1, k * len(dirs)).reshape(k, len(dirs))
             fn(coeffs, dirs, precision=self.precision)  # warm-up
             best = float("inf")
@@ -435,18 +437,22 @@ class Problem:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 best = min(best, time.perf_counter() - t)
+                if best / k > 1.5 * beat:
+                    break
             return best / k
 
-        def timed(name: str, k: int) -> float:
+        def timed(name: str, k: int, beat: float = float("inf")) -> float:
             try:
-                return per_point(self._evaluate_vmap if name == "vmap" else self._evaluate_inplace, k)
+                return per_point(self._evaluate_vmap if name == "vmap" else self._evaluate_inplace, k, beat)
             except Exception:  # vmap cannot run this model (or not this block): not an error, not a candidate
                 if self.strategy != "auto":
                     raise
                 return float("inf")
 
         candidates = ["inplace", "vmap"] if self.strategy == "auto" else [self.strategy]
-        timings = {name: timed(name, trial) for name in candidates}
+        timings: dict[str, float] = {}
+        for name in candidates:
+            timings[name] = timed(name, trial, min(timings.values(), default=float("inf")))
         vmap_block = trial
         # vmap's cost per point falls with the block on a GPU (4x from 8 to 32 points on an H100, RESULTS.md): when it
         # is within reach at the trial block, it is timed at the largest block the memory budget allows too
@@ -468,7 +474,7 @@ class Problem:
             self.workers = threads
             try:
                 shared = per_point(lambda c, d, precision: self._evaluate_shared(np.array_split(c, threads), d, precision),
-                                   trial * threads)
+                                   trial * threads, per)
                 timings[f"inplace x{threads}"] = shared
             finally:
                 self.workers = 1
