@@ -88,7 +88,7 @@ class OutputLayer:
             yield
             return
         m = self.candidates[self.layer][1]
-        with swapped_forward(m, lambda own: self._route(m, own)):
+        with swapped_forward(m, lambda own: self._route(m.weight, m.bias, own)):
             yield
 
     def run(self, model: nn.Module, x: torch.Tensor, slot: torch.Tensor | None) -> torch.Tensor:
@@ -109,19 +109,22 @@ class OutputLayer:
             view.copy_(out.clone() if shares else out)
         return view
 
-    def _route(self, m: nn.Linear, own: Callable[[torch.Tensor], torch.Tensor]
+    def _route(self, w: torch.Tensor, b: torch.Tensor | None, own: Callable[[torch.Tensor], torch.Tensor]
                ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The routed forward, for the layer's parameters ``w`` and ``b`` as they are while patched (the model's own
+        tensors, moved in place)."""
+        bias = None if b is None else b.unsqueeze(1)
+
         def forward(inp: torch.Tensor) -> torch.Tensor:
             slot = self._slot
             self._calls += 1
-            w, b = m.weight, m.bias
             if (slot is None or self._calls > 1 or inp.ndim != 2 or slot.shape != (w.shape[0], inp.shape[0])
                     or not inp.dtype == w.dtype == slot.dtype):
                 return own(inp)
-            if b is None:
+            if bias is None:
                 torch.mm(w, inp.t(), out=slot)
             else:
-                torch.addmm(b.unsqueeze(1), w, inp.t(), out=slot)
+                torch.addmm(bias, w, inp.t(), out=slot)
             return slot.t()
 
         return forward

@@ -69,13 +69,16 @@ class Replica:
     def set_point(self, coeffs: Sequence[float], dirs: Sequence[torch.Tensor],
                   origin: Sequence[torch.Tensor] | None = None) -> None:
         """Write ``origin + sum_k coeffs[k] dirs[k]`` (origin: theta0; ``dirs`` flat vectors) into the parameters."""
-        if origin is None:
-            self.flat.copy_(self.theta0_flat)
-        else:
+        terms = [(float(c), d) for c, d in zip(coeffs, dirs) if c != 0.0]
+        if origin is not None:
             torch._foreach_copy_(self.live, list(origin))
-        for c, d in zip(coeffs, dirs):
-            if c != 0.0:
-                self.flat.add_(d, alpha=float(c))
+        elif terms:  # theta0 + c d written in one pass (the same arithmetic as a copy and an add_)
+            c, d = terms.pop(0)
+            torch.add(self.theta0_flat, d, alpha=c, out=self.flat)
+        else:
+            self.flat.copy_(self.theta0_flat)
+        for c, d in terms:
+            self.flat.add_(d, alpha=c)
         if self.bn_batches is not None:
             for m in self.bn_modules:
                 m.reset_running_stats()
