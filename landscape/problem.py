@@ -319,6 +319,8 @@ class Problem:
         while len(self._replicas) < self.workers:
             self._replicas.append(self._replica(copy.deepcopy(self._model)))
         if self._pool is None or self._pool[1] < self.workers:
+            if self._pool is not None:
+                self._pool[0].shutdown()  # idle: the last evaluation waited for all its jobs
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="landscape-replica"), self.workers
         self._flat_directions(dirs)  # made once, here, not by the threads at once
 
