@@ -184,12 +184,12 @@ class Problem:
         self.bn = bn
         self._bn_batches: list[torch.Tensor] | None = None
         if bn == "recompute":
-            if not any(isinstance(m, BN_TYPES) for m in self._model.modules()):
+            bn_modules = [m for m in self._model.modules() if isinstance(m, BN_TYPES)]
+            if not bn_modules:
                 raise LandscapeError("--bn recompute was asked for, but the model has no BatchNorm layer",
                                      hint="drop --bn recompute")
-            for m in self._model.modules():
-                if isinstance(m, BN_TYPES):
-                    m.momentum = None  # cumulative moving average: exact mean over the batches
+            for m in bn_modules:
+                m.momentum = None  # cumulative moving average: exact mean over the batches
             perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed)).to(self.device)
             size = min(bn_batch_size, self.n)
             self._bn_batches = [self.X[perm[s:s + size]] for s in range(0, min(bn_batches * size, self.n), size)]
