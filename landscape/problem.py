@@ -70,6 +70,8 @@ from .stream import StreamedInputs
 
 Params = dict[str, torch.Tensor]
 Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: a slice's blocks are timed with and without replicas only when it has this many times the blocks the timing takes
+WORKERS_TIMING_SHARE = 4
 
 
 
@@ -407,16 +409,36 @@ class Problem:
         return Evaluation(loss=vals.pop("loss"), accuracy=vals.pop("accuracy", None), metrics=vals)
 
     def choose_strategy(self, dirs: Sequence[list[torch.Tensor]] | None = None, repeats: int = 3) -> str:
-        """Pick the evaluation strategy and block size by timing them on this model and data.
+        """Pick the evaluation strategy, the block size and the number of workers by timing them on this model and
+        data (:meth:`choose_strategy_for`, on made-up points whose values are thrown away)."""
+        self.choose_strategy_for(dirs, repeats=repeats)
+        return self.strategy
+
+    def choose_strategy_for(self, dirs: Sequence[list[torch.Tensor]] | None = None,
+                            blocks: Callable[[int], Sequence[np.ndarray]] | None = None, *, repeats: int = 3
+                            ) -> dict[int, dict[str, np.ndarray]]:
+        """Pick the evaluation strategy and block size by timing them on this model and data, and return the values
+        of the points this evaluated as the chosen settings will.
 
         With ``strategy="auto"``, ``inplace`` and ``vmap`` are both timed on a block of 8 points, and ``vmap`` also
         on the largest block that fits ``memory_budget`` bytes of stacked outputs (at most ``max_block``) when it
         is within 1.5x of in-place: batching gains grow with the block on a GPU. ``vmap`` is kept when it is at
         least 20% faster per point (it is dropped when it cannot trace the model or runs out of memory), with the
-        block size it was fastest at. For ``inplace`` on a CPU with ``workers="auto"``, the points of a block are
-        also timed shared out over ``torch.get_num_threads()`` concurrent replicas of the model, one intra-op thread
-        each (:mod:`landscape.replica`), kept when at least 10% faster. The block is then what fits the memory
-        budget and about ``block_seconds`` of work.
+        block size it was fastest at. For ``inplace`` the block is what fits the memory budget and about
+        ``block_seconds`` of work.
+
+        On a CPU with ``workers="auto"``, in-place blocks are then also timed ``torch.get_num_threads()`` at a time
+        on as many concurrent replicas of the model, one intra-op thread each (:mod:`landscape.replica`), against
+        one block at a time on all threads, both at the real block size (8-point trial blocks are biased against the
+        replicas by their fixed cost per block) and each after a round that warms it up (see
+        :meth:`_settle_workers`); the replicas are kept when at least 10% faster per point. ``blocks(block)`` gives
+        the blocks to time this on: a slice passes its own blocks (see :func:`landscape.slices.block_points`), so
+        that the timing is not wasted work, and the values of those evaluated with the setting that was kept come
+        back, keyed by position in that list (a block's values depend only on its points and on that setting). A
+        slice with fewer than :data:`WORKERS_TIMING_SHARE` times the blocks this takes keeps one worker (the
+        timing would cost more than it can save); without ``blocks``, made-up points are timed and nothing comes
+        back.
+
         Sets :attr:`strategy`, :attr:`block`, :attr:`workers` and :attr:`strategy_timings`.
         """
         if not dirs:
@@ -428,10 +450,11 @@ class Problem:
         trial = max(1, min(mem_block, 8))
 
         def per_point(fn: Callable[..., object], k: int, beat: float = float("inf")) -> float:
-            """Best of ``repeats`` timings per point after a warm-up; stops early once the best is over 1.5x
-            ``beat`` (a candidate that clearly loses needs no precise time)."""
+            """Best of ``repeats`` timings per point after a warm-up (of one point on a CPU, where nothing depends
+            on the block's shape); stops early once the best is over 1.5x ``beat`` (a candidate that clearly loses
+            needs no precise time)."""
             coeffs = np.linspace(-0.1, 0.1, k * len(dirs)).reshape(k, len(dirs))
-            fn(coeffs, dirs, precision=self.precision)  # warm-up
+            fn(coeffs if self.device.type == "cuda" else coeffs[:1], dirs, precision=self.precision)  # warm-up
             best = float("inf")
             for _ in range(repeats):
                 t = time.perf_counter()
@@ -469,27 +492,54 @@ class Problem:
         fixed = self.strategy == "inplace" and self.device.type == "cpu" and self._workers_setting != "auto"
         self.workers = int(self._workers_setting) if fixed else 1
         per = timings[self.strategy]
-        threads = torch.get_num_threads()
-        if self.strategy == "inplace" and self._workers_setting == "auto" and self._may_share_out(threads):
-            # the points of a block on concurrent replicas, one thread each (landscape.replica): kept when clearly
-            # faster (10%), since it costs a model copy per thread
-            self.workers = threads
-            try:
-                shared = per_point(lambda c, d, precision: self._evaluate_shared(np.array_split(c, threads), d, precision),
-                                   trial * threads, per)
-                timings[f"inplace x{threads}"] = shared
-            finally:
-                self.workers = 1
-            if shared < 0.9 * per:
-                self.workers, per = threads, shared
-        self.strategy_timings = timings
         if self.strategy == "vmap":
             self.block = vmap_block  # vmap's cost per point depends on the block size: keep the one that was timed
         else:
             self.block = int(max(1, min(mem_block, self.block_seconds // max(per, 1e-9))))
+        ready: dict[int, dict[str, np.ndarray]] = {}
+        threads = torch.get_num_threads()
+        if self.strategy == "inplace" and self._workers_setting == "auto" and self._may_share_out(threads):
+            need = 2 * (1 + threads)  # blocks _settle_workers evaluates
+            if blocks is None:
+                made_up = np.linspace(-0.1, 0.1, need * self.block * len(dirs)).reshape(need, self.block, len(dirs))
+                self._settle_workers(list(made_up), dirs, threads, timings)
+            elif len(first := blocks(self.block)) >= WORKERS_TIMING_SHARE * need:
+                ready = self._settle_workers(first, dirs, threads, timings)
+        self.strategy_timings = timings
         # under torchrun every rank evaluates with rank 0's choice (timings differ from rank to rank)
-        self.strategy, self.block, self.workers = self.comm.broadcast((self.strategy, self.block, self.workers))
-        return self.strategy
+        chosen = (self.strategy, self.block, self.workers)
+        self.strategy, self.block, self.workers = self.comm.broadcast(chosen)
+        # a rank whose own timing chose otherwise evaluated those blocks in another way; the points are shared out
+        # over the ranks anyway, so values are only handed back in a single process
+        return ready if self.comm.world == 1 and chosen == (self.strategy, self.block, self.workers) else {}
+
+    def _settle_workers(self, blocks: Sequence[np.ndarray], dirs: Sequence[list[torch.Tensor]], threads: int,
+                        timings: dict[str, float]) -> dict[int, dict[str, np.ndarray]]:
+        """Evaluate ``blocks`` in order: two rounds of one block on all threads, then two rounds of ``threads``
+        blocks on as many replicas; set :attr:`workers` from the time per point of each setting's second round. The
+        first round of each only warms up: a setting's first blocks after the other's run up to 1.5x slower, and
+        rounds that take turns measured that switch instead of the settings. Returns the values of the blocks
+        evaluated with the setting kept, by position in ``blocks`` (see :meth:`choose_strategy_for`)."""
+        got: dict[int, dict[int, dict[str, np.ndarray]]] = {1: {}, threads: {}}
+        per_point: dict[int, float] = {}
+        at = 0
+        for workers in (1, threads):
+            for warm in (True, False):
+                part = list(range(at, at + workers))
+                at += workers
+                self.workers = workers
+                try:
+                    t = time.perf_counter()
+                    got[workers].update(zip(part, self.evaluate_blocks([blocks[i] for i in part], dirs)))
+                    t = time.perf_counter() - t
+                finally:
+                    self.workers = 1
+                if not warm:
+                    per_point[workers] = t / sum(len(blocks[i]) for i in part)
+        one, shared = per_point[1], per_point[threads]
+        timings[f"inplace x1 ({self.block})"], timings[f"inplace x{threads} ({self.block})"] = one, shared
+        self.workers = threads if shared < 0.9 * one else 1
+        return got[self.workers]
 
     def _may_share_out(self, threads: int) -> bool:
         """Whether concurrent replicas are worth timing: more than one intra-op thread on a CPU, inputs in memory,

@@ -41,7 +41,7 @@ from .problem import Problem
 from .runfile import RESERVED, RunFile, encode_attr, read_attrs
 from .sharpness import SharpnessSettings, same_settings, sharpness, summary_from_group
 from .sharpness import forward_equivalents as sharpness_cost
-from .slices import axis, compute_slice, grid_coefficients, missing_blocks
+from .slices import axis, block_points, compute_slice, grid_coefficients, missing_blocks
 from .specs import Spec, call_spec, resolve
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -446,14 +446,15 @@ def run_scan(config: ScanConfig, *, progress: ProgressFn | None = None,
                 pb.strategy, pb.block, pb.workers = attrs["strategy"], int(attrs["block"]), int(attrs.get("workers", 1))
                 # as it was computed (older files: without these shortcuts), so the same bits
                 pb.linear_inputs, pb.direct_output = "input_layers" in attrs, "output_layer" in attrs
-                block = pb.block
+                block, ready = pb.block, {}
             else:
                 dirs = comm.broadcast(make_directions(s, st, config) if comm.is_writer or s.kind.startswith("hessian")
                                       else None)
                 pb.linear_inputs = pb.direct_output = True
-                strategy = pb.choose_strategy([pb.as_list(d) for d in dirs])
-                block = pb.block
                 done = np.zeros(tuple(len(a) for a in s.axes), dtype=bool)
+                # timed on the slice's own first blocks: their values are kept (ready) and journaled first
+                ready = pb.choose_strategy_for([pb.as_list(d) for d in dirs], block_points(s.axes, done))
+                strategy, block = pb.strategy, pb.block
                 attrs = {**_slice_attrs(s, strategy, block, config), "input_layers": ",".join(pb.linear_input_layers),
                          "output_layer": pb.direct_output_layer if strategy == "inplace" else "", "workers": pb.workers}
                 comm.from_writer(lambda: _new_slice(rf, s, dirs, keys, attrs, pb), share=False)
@@ -470,7 +471,7 @@ def run_scan(config: ScanConfig, *, progress: ProgressFn | None = None,
                 if progress:
                     progress(_name, min(n_done, total), total)
 
-            compute_slice(pb, dirs, s.axes, done=done, block=block, on_block=on_block)
+            compute_slice(pb, dirs, s.axes, done=done, block=block, on_block=on_block, ready=ready)
             results.append(comm.from_writer(lambda: _summarize(rf, s, todo, time.perf_counter() - t0)))
         curvature = None
         if config.curvature is not None:

@@ -50,6 +50,13 @@ def missing_blocks(done: np.ndarray, block: int) -> list[np.ndarray]:
     return out
 
 
+def block_points(axes: Sequence[np.ndarray], done: np.ndarray) -> Callable[[int], list[np.ndarray]]:
+    """For a block size, the grid coefficients of each block :func:`missing_blocks` gives, in its order: the blocks
+    :meth:`Problem.choose_strategy_for` times on a slice's own points."""
+    coeffs = grid_coefficients(axes)
+    return lambda block: [coeffs[b] for b in missing_blocks(done, block)]
+
+
 def compute_slice(
     problem: Problem,
     directions: Sequence[Mapping[str, torch.Tensor]],
@@ -58,12 +65,15 @@ def compute_slice(
     done: np.ndarray | None = None,
     block: int | None = None,
     on_block: Callable[[np.ndarray, Mapping[str, np.ndarray]], None] | None = None,
+    ready: Mapping[int, Mapping[str, np.ndarray]] | None = None,
 ) -> dict[str, np.ndarray]:
     """Evaluate every grid point not yet ``done``; returns arrays shaped like the grid.
 
     ``on_block(index, values)`` is called after each block (flat indices and their values),
     which is how the scan journals progress. Points already done are left as NaN in the
-    returned arrays. ``block`` defaults to the Problem's block size (:meth:`Problem.choose_strategy`).
+    returned arrays. ``block`` defaults to the Problem's block size; when the Problem has none yet, its strategy is
+    chosen by timing this slice's first blocks (:meth:`Problem.choose_strategy_for`), whose values are kept.
+    ``ready`` holds such values already computed: by position in :func:`missing_blocks` ``(done, block)``.
     Under ``torchrun`` (the Problem's ``comm``) each rank computes its share of the blocks; rank 0 receives
     all of them (``on_block`` and the returned arrays), the other ranks return only their own.
     """
@@ -71,21 +81,29 @@ def compute_slice(
     done = np.zeros(shape, dtype=bool) if done is None else done
     coeffs = grid_coefficients(axes)
     dirs = [problem.as_list(d) for d in directions]
+    ready = dict(ready or {})
     if block is None:
         if problem.block is None:
-            problem.choose_strategy(dirs)
+            ready = problem.choose_strategy_for(dirs, block_points(axes, done))
         block = problem.block
     comm = problem.comm
     out: dict[str, np.ndarray] = {}
     blocks = missing_blocks(done, block)
     per_rank = problem.workers if problem.strategy == "inplace" else 1  # blocks a rank evaluates at once
+
+    def record(idx: np.ndarray, vals: Mapping[str, np.ndarray]) -> None:
+        for k, v in vals.items():
+            out.setdefault(k, np.full(math.prod(shape), np.nan))[idx] = v
+        if on_block is not None and comm.is_writer:
+            on_block(idx, vals)
+
+    for i, vals in sorted(ready.items()):
+        record(blocks[i], vals)
+    blocks = [b for i, b in enumerate(blocks) if i not in ready]
     for first in range(0, len(blocks), comm.world * per_rank):
         mine = blocks[first + comm.rank * per_rank:first + (comm.rank + 1) * per_rank]
         part = list(zip(mine, problem.evaluate_blocks([coeffs[b] for b in mine], dirs))) if mine else []
         for got in comm.gather(part) or [part]:
             for idx, vals in got:
-                for k, v in vals.items():
-                    out.setdefault(k, np.full(math.prod(shape), np.nan))[idx] = v
-                if on_block is not None and comm.is_writer:
-                    on_block(idx, vals)
+                record(idx, vals)
     return {k: v.reshape(shape) for k, v in out.items()}

@@ -2,6 +2,8 @@
 (landscape.outputlayer): the same values as the plain path, wherever the model's shape allows the shortcut and
 nowhere else; blocks shared out over threads give the values of one block at a time."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ from conftest import blobs, cli
 from landscape import Problem
 from landscape.directions import random_directions
 from landscape.errors import LandscapeError
+from landscape.slices import axis, compute_slice
 
 COEFFS = np.array([[0.0, 0.0], [0.3, -0.2], [-1.0, 1.0], [0.0, 0.7], [0.5, 0.0], [0.2, 0.9], [-0.4, -0.6]])
 
@@ -155,10 +158,12 @@ def test_workers_are_chosen_only_where_they_can_run():
         assert pb.workers == 1 and not any(k.startswith("inplace x") for k in pb.strategy_timings)
         torch.set_num_threads(2)
         pb.choose_strategy()
-        assert "inplace x2" in pb.strategy_timings and pb.workers in (1, 2)  # kept only when measured faster
+        t = pb.strategy_timings
+        one, two = t[f"inplace x1 ({pb.block})"], t[f"inplace x2 ({pb.block})"]  # both at the real block size
+        assert pb.workers == (2 if two < 0.9 * one else 1)  # kept only when measured 10% faster
         tiny = problem(net, X, y, memory_budget=1000.0)  # copies would take more than 1/8 of the budget
         tiny.choose_strategy()
-        assert tiny.workers == 1 and "inplace x2" not in tiny.strategy_timings
+        assert tiny.workers == 1 and not any(k.startswith("inplace x") for k in tiny.strategy_timings)
     finally:
         torch.set_num_threads(threads)
     fixed = problem(net, X, y, workers=2)
@@ -167,6 +172,46 @@ def test_workers_are_chosen_only_where_they_can_run():
     vm = Problem(net, X, y, F.cross_entropy, strategy="vmap", workers=2)
     vm.choose_strategy()
     assert vm.workers == 1  # replicas are an in-place strategy
+
+
+@pytest.mark.parametrize("slower", [1, 2])
+def test_blocks_timed_for_the_workers_choice_are_kept_with_the_values_of_a_plain_run(monkeypatch, slower):
+    """The workers comparison runs on the slice's first blocks; those evaluated with the setting that was kept are
+    journaled as they are, and equal what that setting gives them in a slice computed without any timing."""
+    X, y = blobs(64)
+    net = bn_net()
+    dirs = random_directions(dict(net.named_parameters()), 2, seed=3)
+    axes = (axis(-1, 1, 16), axis(-1, 1, 13))  # 208 points: 26 blocks of 8, enough for the timing's 6 (x4)
+    threads = torch.get_num_threads()
+    plain = Problem.evaluate_blocks
+
+    def lagging(self, blocks, directions, **kw):  # the setting that should lose sleeps
+        if self.workers == slower:
+            time.sleep(0.05)
+        return plain(self, blocks, directions, **kw)
+
+    seen = []
+    try:
+        torch.set_num_threads(2)
+        small = problem(net, X, y, max_block=8)
+        compute_slice(small, dirs, (axis(-1, 1, 9), axis(-1, 1, 7)))  # 8 blocks: timing would cost too much
+        assert small.workers == 1 and not any(k.startswith("inplace x") for k in small.strategy_timings)
+        auto = problem(net, X, y, max_block=8)
+        monkeypatch.setattr(Problem, "evaluate_blocks", lagging)
+        got = compute_slice(auto, dirs, axes, on_block=lambda idx, vals: seen.append(int(idx[0])))
+        monkeypatch.setattr(Problem, "evaluate_blocks", plain)
+        assert auto.workers == 3 - slower and auto.block == 8
+        # blocks 0-1 on all threads, then 2-5 on two replicas (each setting's first round a warm-up): the winner's
+        # are journaled first
+        assert seen[:4 if slower == 1 else 2] == ([16, 24, 32, 40] if slower == 1 else [0, 8])
+        assert sorted(seen) == list(range(0, 208, 8))
+        fixed = problem(net, X, y, max_block=8, workers=auto.workers)
+        fixed.choose_strategy()
+        want = compute_slice(fixed, dirs, axes, block=8)
+    finally:
+        torch.set_num_threads(threads)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
 
 
 def test_cli_rejects_a_bad_workers_value(mlp_ckpt):
