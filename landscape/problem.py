@@ -430,14 +430,14 @@ class Problem:
         On a CPU with ``workers="auto"``, in-place blocks are then also timed ``torch.get_num_threads()`` at a time
         on as many concurrent replicas of the model, one intra-op thread each (:mod:`landscape.replica`), against
         one block at a time on all threads, both at the real block size (8-point trial blocks are biased against the
-        replicas by their fixed cost per block) and each after a round that warms it up (see
-        :meth:`_settle_workers`); the replicas are kept when at least 10% faster per point. ``blocks(block)`` gives
-        the blocks to time this on: a slice passes its own blocks (see :func:`landscape.slices.block_points`), so
-        that the timing is not wasted work, and the values of those evaluated with the setting that was kept come
-        back, keyed by position in that list (a block's values depend only on its points and on that setting). A
-        slice with fewer than :data:`WORKERS_TIMING_SHARE` times the blocks this takes keeps one worker (the
-        timing would cost more than it can save); without ``blocks``, made-up points are timed and nothing comes
-        back.
+        replicas by their fixed cost per block), the replicas after a round that warms them up (see
+        :meth:`_settle_workers`). They are kept when at least 5% faster per point: the copies are already within
+        the memory budget, and a wrong pick costs about as much either way. ``blocks(block)`` gives the blocks to
+        time this on: a slice passes its own blocks (see :func:`landscape.slices.block_points`), so that the timing
+        is not wasted work, and the values of those evaluated with the setting that was kept come back, keyed by
+        position in that list (a block's values depend only on its points and on that setting). A slice with fewer
+        than :data:`WORKERS_TIMING_SHARE` times the blocks this takes keeps one worker (the timing would cost more
+        than it can save); without ``blocks``, made-up points are timed and nothing comes back.
 
         Sets :attr:`strategy`, :attr:`block`, :attr:`workers` and :attr:`strategy_timings`.
         """
@@ -499,7 +499,7 @@ class Problem:
         ready: dict[int, dict[str, np.ndarray]] = {}
         threads = torch.get_num_threads()
         if self.strategy == "inplace" and self._workers_setting == "auto" and self._may_share_out(threads):
-            need = 2 * (1 + threads)  # blocks _settle_workers evaluates
+            need = 1 + 2 * threads  # blocks _settle_workers evaluates
             if blocks is None:
                 made_up = np.linspace(-0.1, 0.1, need * self.block * len(dirs)).reshape(need, self.block, len(dirs))
                 self._settle_workers(list(made_up), dirs, threads, timings)
@@ -515,30 +515,30 @@ class Problem:
 
     def _settle_workers(self, blocks: Sequence[np.ndarray], dirs: Sequence[list[torch.Tensor]], threads: int,
                         timings: dict[str, float]) -> dict[int, dict[str, np.ndarray]]:
-        """Evaluate ``blocks`` in order: two rounds of one block on all threads, then two rounds of ``threads``
-        blocks on as many replicas; set :attr:`workers` from the time per point of each setting's second round. The
-        first round of each only warms up: a setting's first blocks after the other's run up to 1.5x slower, and
-        rounds that take turns measured that switch instead of the settings. Returns the values of the blocks
-        evaluated with the setting kept, by position in ``blocks`` (see :meth:`choose_strategy_for`)."""
+        """Evaluate ``blocks`` in order: one block on all threads, then two rounds of ``threads`` blocks on as many
+        replicas; set :attr:`workers` from the time per point of the first block and of the second round. The
+        replicas' first round only warms them up: a setting's first blocks after the other's run up to 1.5x slower
+        (rounds that took turns measured that switch instead of the settings), while one block at a time runs
+        warm, right after the trial timing on the same threads. Returns the values of the blocks evaluated with the
+        setting kept, by position in ``blocks`` (see :meth:`choose_strategy_for`)."""
         got: dict[int, dict[int, dict[str, np.ndarray]]] = {1: {}, threads: {}}
         per_point: dict[int, float] = {}
         at = 0
-        for workers in (1, threads):
-            for warm in (True, False):
-                part = list(range(at, at + workers))
-                at += workers
-                self.workers = workers
-                try:
-                    t = time.perf_counter()
-                    got[workers].update(zip(part, self.evaluate_blocks([blocks[i] for i in part], dirs)))
-                    t = time.perf_counter() - t
-                finally:
-                    self.workers = 1
-                if not warm:
-                    per_point[workers] = t / sum(len(blocks[i]) for i in part)
+        for workers, warm in ((1, False), (threads, True), (threads, False)):
+            part = list(range(at, at + workers))
+            at += workers
+            self.workers = workers
+            try:
+                t = time.perf_counter()
+                got[workers].update(zip(part, self.evaluate_blocks([blocks[i] for i in part], dirs)))
+                t = time.perf_counter() - t
+            finally:
+                self.workers = 1
+            if not warm:
+                per_point[workers] = t / sum(len(blocks[i]) for i in part)
         one, shared = per_point[1], per_point[threads]
         timings[f"inplace x1 ({self.block})"], timings[f"inplace x{threads} ({self.block})"] = one, shared
-        self.workers = threads if shared < 0.9 * one else 1
+        self.workers = threads if shared < 0.95 * one else 1
         return got[self.workers]
 
     def _may_share_out(self, threads: int) -> bool:

@@ -160,7 +160,7 @@ def test_workers_are_chosen_only_where_they_can_run():
         pb.choose_strategy()
         t = pb.strategy_timings
         one, two = t[f"inplace x1 ({pb.block})"], t[f"inplace x2 ({pb.block})"]  # both at the real block size
-        assert pb.workers == (2 if two < 0.9 * one else 1)  # kept only when measured 10% faster
+        assert pb.workers == (2 if two < 0.95 * one else 1)  # kept only when measured 5% faster
         tiny = problem(net, X, y, memory_budget=1000.0)  # copies would take more than 1/8 of the budget
         tiny.choose_strategy()
         assert tiny.workers == 1 and not any(k.startswith("inplace x") for k in tiny.strategy_timings)
@@ -181,7 +181,7 @@ def test_blocks_timed_for_the_workers_choice_are_kept_with_the_values_of_a_plain
     X, y = blobs(64)
     net = bn_net()
     dirs = random_directions(dict(net.named_parameters()), 2, seed=3)
-    axes = (axis(-1, 1, 16), axis(-1, 1, 13))  # 208 points: 26 blocks of 8, enough for the timing's 6 (x4)
+    axes = (axis(-1, 1, 16), axis(-1, 1, 13))  # 208 points: 26 blocks of 8, enough for the timing's 5 (x4)
     threads = torch.get_num_threads()
     plain = Problem.evaluate_blocks
 
@@ -201,9 +201,9 @@ def test_blocks_timed_for_the_workers_choice_are_kept_with_the_values_of_a_plain
         got = compute_slice(auto, dirs, axes, on_block=lambda idx, vals: seen.append(int(idx[0])))
         monkeypatch.setattr(Problem, "evaluate_blocks", plain)
         assert auto.workers == 3 - slower and auto.block == 8
-        # blocks 0-1 on all threads, then 2-5 on two replicas (each setting's first round a warm-up): the winner's
-        # are journaled first
-        assert seen[:4 if slower == 1 else 2] == ([16, 24, 32, 40] if slower == 1 else [0, 8])
+        # block 0 on all threads, then 1-4 on two replicas (their first round a warm-up): the winner's are
+        # journaled first
+        assert seen[:4 if slower == 1 else 1] == ([8, 16, 24, 32] if slower == 1 else [0])
         assert sorted(seen) == list(range(0, 208, 8))
         fixed = problem(net, X, y, max_block=8, workers=auto.workers)
         fixed.choose_strategy()
