@@ -70,8 +70,9 @@ from .stream import StreamedInputs
 
 Params = dict[str, torch.Tensor]
 Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-#: a slice's blocks are timed with and without replicas only when it has this many times the blocks the timing takes
-WORKERS_TIMING_SHARE = 4
+#: a slice's blocks are timed on replicas (2 rounds of N blocks for N threads) only when it has this many times as many
+#: blocks: a setting that loses costs at most that share of the slice, twice over for one that is 2x slower
+WORKERS_TIMING_SHARE = 10
 
 
 
@@ -436,8 +437,9 @@ class Problem:
         time this on: a slice passes its own blocks (see :func:`landscape.slices.block_points`), so that the timing
         is not wasted work, and the values of those evaluated with the setting that was kept come back, keyed by
         position in that list (a block's values depend only on its points and on that setting). A slice with fewer
-        than :data:`WORKERS_TIMING_SHARE` times the blocks this takes keeps one worker (the timing would cost more
-        than it can save); without ``blocks``, made-up points are timed and nothing comes back.
+        than :data:`WORKERS_TIMING_SHARE` times the 2N blocks the replicas take keeps one worker (when they lose,
+        the timing would cost more than it can save); without ``blocks``, made-up points are timed and nothing comes
+        back.
 
         Sets :attr:`strategy`, :attr:`block`, :attr:`workers` and :attr:`strategy_timings`.
         """
@@ -499,11 +501,11 @@ class Problem:
         ready: dict[int, dict[str, np.ndarray]] = {}
         threads = torch.get_num_threads()
         if self.strategy == "inplace" and self._workers_setting == "auto" and self._may_share_out(threads):
-            need = 1 + 2 * threads  # blocks _settle_workers evaluates
+            need = 1 + 2 * threads  # blocks _settle_workers evaluates, 2 * threads of them on the replicas
             if blocks is None:
                 made_up = np.linspace(-0.1, 0.1, need * self.block * len(dirs)).reshape(need, self.block, len(dirs))
                 self._settle_workers(list(made_up), dirs, threads, timings)
-            elif len(first := blocks(self.block)) >= WORKERS_TIMING_SHARE * need:
+            elif len(first := blocks(self.block)) >= WORKERS_TIMING_SHARE * 2 * threads:
                 ready = self._settle_workers(first, dirs, threads, timings)
         self.strategy_timings = timings
         # under torchrun every rank evaluates with rank 0's choice (timings differ from rank to rank)
@@ -519,12 +521,13 @@ class Problem:
         replicas; set :attr:`workers` from the time per point of the first block and of the second round. The
         replicas' first round only warms them up: a setting's first blocks after the other's run up to 1.5x slower
         (rounds that took turns measured that switch instead of the settings), while one block at a time runs
-        warm, right after the trial timing on the same threads. Returns the values of the blocks evaluated with the
-        setting kept, by position in ``blocks`` (see :meth:`choose_strategy_for`)."""
+        warm, right after the trial timing on the same threads. A warm-up round 2x slower per point than the first
+        block already settles it (one worker), without the second round. Returns the values of the blocks
+        evaluated with the setting kept, by position in ``blocks`` (see :meth:`choose_strategy_for`)."""
         got: dict[int, dict[int, dict[str, np.ndarray]]] = {1: {}, threads: {}}
         per_point: dict[int, float] = {}
         at = 0
-        for workers, warm in ((1, False), (threads, True), (threads, False)):
+        for r, workers in enumerate((1, threads, threads)):
             part = list(range(at, at + workers))
             at += workers
             self.workers = workers
@@ -534,8 +537,9 @@ class Problem:
                 t = time.perf_counter() - t
             finally:
                 self.workers = 1
-            if not warm:
-                per_point[workers] = t / sum(len(blocks[i]) for i in part)
+            per_point[workers] = t / sum(len(blocks[i]) for i in part)  # the second round's replaces the first's
+            if r == 1 and per_point[threads] > 2 * per_point[1]:
+                break  # the warm-up round already loses clearly
         one, shared = per_point[1], per_point[threads]
         timings[f"inplace x1 ({self.block})"], timings[f"inplace x{threads} ({self.block})"] = one, shared
         self.workers = threads if shared < 0.95 * one else 1

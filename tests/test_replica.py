@@ -181,30 +181,34 @@ def test_blocks_timed_for_the_workers_choice_are_kept_with_the_values_of_a_plain
     X, y = blobs(64)
     net = bn_net()
     dirs = random_directions(dict(net.named_parameters()), 2, seed=3)
-    axes = (axis(-1, 1, 16), axis(-1, 1, 13))  # 208 points: 26 blocks of 8, enough for the timing's 5 (x4)
+    axes = (axis(-1, 1, 20), axis(-1, 1, 16))  # 320 points: 40 blocks of 8, ten times the 4 on replicas
     threads = torch.get_num_threads()
     plain = Problem.evaluate_blocks
 
     def lagging(self, blocks, directions, **kw):  # the setting that should lose sleeps
+        calls.append(self.workers)
         if self.workers == slower:
             time.sleep(0.05)
         return plain(self, blocks, directions, **kw)
+
+    calls = []
 
     seen = []
     try:
         torch.set_num_threads(2)
         small = problem(net, X, y, max_block=8)
-        compute_slice(small, dirs, (axis(-1, 1, 9), axis(-1, 1, 7)))  # 8 blocks: timing would cost too much
+        compute_slice(small, dirs, (axis(-1, 1, 16), axis(-1, 1, 13)))  # 26 blocks: too few for the timing
         assert small.workers == 1 and not any(k.startswith("inplace x") for k in small.strategy_timings)
         auto = problem(net, X, y, max_block=8)
         monkeypatch.setattr(Problem, "evaluate_blocks", lagging)
         got = compute_slice(auto, dirs, axes, on_block=lambda idx, vals: seen.append(int(idx[0])))
         monkeypatch.setattr(Problem, "evaluate_blocks", plain)
         assert auto.workers == 3 - slower and auto.block == 8
-        # block 0 on all threads, then 1-4 on two replicas (their first round a warm-up): the winner's are
-        # journaled first
+        # block 0 on all threads, then 1-4 on two replicas (their first round a warm-up, enough when 2x slower):
+        # the winner's are journaled first
+        assert calls[:3] == ([1, 2, 2] if slower == 1 else [1, 2, 1])
         assert seen[:4 if slower == 1 else 1] == ([8, 16, 24, 32] if slower == 1 else [0])
-        assert sorted(seen) == list(range(0, 208, 8))
+        assert sorted(seen) == list(range(0, 320, 8))
         fixed = problem(net, X, y, max_block=8, workers=auto.workers)
         fixed.choose_strategy()
         want = compute_slice(fixed, dirs, axes, block=8)
