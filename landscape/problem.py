@@ -70,8 +70,8 @@ from .stream import StreamedInputs
 
 Params = dict[str, torch.Tensor]
 Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-#: a slice's blocks are timed on replicas (2 rounds of N blocks for N threads) only when it has this many times as many
-#: blocks: a setting that loses costs at most that share of the slice, twice over for one that is 2x slower
+#: a slice's own blocks are timed on N replicas (2 rounds of N blocks, N threads) only when it has this many times
+#: those 2N blocks: the replicas, should they lose, then run at most a tenth of the slice
 WORKERS_TIMING_SHARE = 10
 
 
