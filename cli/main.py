@@ -426,7 +426,8 @@ def hessian(
     per_layer: bool = typer.Option(False, "--per-layer", help="Also the top eigenvalue and trace of each parameter."),
     parameters: Optional[list[str]] = typer.Option(None, "--parameters", help="Restrict to these parameter names or "
                                                                               "globs; repeatable."),
-    tol: float = typer.Option(1e-6, help="Relative Ritz residual at which eigenpairs count as converged."),
+    tol: float = typer.Option(1e-6, help="Relative Ritz residual at which eigenpairs count as converged (or at the "
+                                          "products' own rounding error, measured)."),
     max_hvp: int = typer.Option(400, help="Most Hessian-vector products for each Lanczos run (PyHessian: for each "
                                           "eigenvalue's power iteration)."),
     engine: str = typer.Option("landscape", help="landscape, or pyhessian: PyHessian's power iteration and trace as "
@@ -668,9 +669,9 @@ def _print_summary(summary: Any) -> None:
                                    "to its tol, not when the pair is accurate; the residuals of its pairs, "
                                    "recomputed with landscape's HVP, exceed --tol (see the run file)"))
         elif not all(c.get("converged", [True]) + c.get("bottom_converged", [True])):
-            err_console.print(Text("warning: some eigenpairs did not reach --tol (residuals are in the run file); "
-                                   "float32 Hessian-vector products limit residuals to about 1e-6 relative: "
-                                   "try --dtype float64, a looser --tol or a larger --max-hvp"))
+            err_console.print(Text("warning: some eigenpairs reached neither --tol nor the rounding error of the "
+                                   "Hessian-vector products (residuals are in the run file): try a larger --max-hvp, "
+                                   "a looser --tol or --dtype float64"))
     if summary.sharpness:
         t = Table(title="sharpness (± standard error over batches or draws)")
         for c_ in ("group", "rho", "value", "±", "m", "samples"):

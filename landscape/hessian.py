@@ -101,6 +101,8 @@ class CurvatureResult:
             g.create_dataset("eigenvalues", data=self.top.eigenvalues)
             g.create_dataset("residuals", data=self.top.residuals)
             g.create_dataset("converged", data=self.top.converged)
+            if self.top.noise is not None:
+                g.create_dataset("residual_noise", data=self.top.noise)
             g.attrs["n_hvp_top"] = self.top.n_matvec
             if eigenvector_params is not None:
                 for i in range(self.top.eigenvectors.shape[1]):
@@ -111,6 +113,8 @@ class CurvatureResult:
             g.create_dataset("bottom_eigenvalues", data=self.bottom.eigenvalues)
             g.create_dataset("bottom_residuals", data=self.bottom.residuals)
             g.create_dataset("bottom_converged", data=self.bottom.converged)
+            if self.bottom.noise is not None:
+                g.create_dataset("bottom_residual_noise", data=self.bottom.noise)
             g.attrs["n_hvp_bottom"] = self.bottom.n_matvec
         if self.trace is not None:
             t = g.create_group("trace")

@@ -36,6 +36,31 @@ def test_lanczos_outlier_spectrum_is_cheap():
     assert r.n_matvec <= 40
 
 
+def test_lanczos_pairs_at_the_rounding_of_a_float32_matvec_count_as_converged():
+    """A float32 product cannot verify a residual of 1e-10 relative: such a pair is converged when its residual is
+    within 4x the product's measured rounding error, and its eigenvalue is then as accurate as float32 allows. A pair
+    stopped early by the budget is not. An exact product spends no matvec on the estimate."""
+    rng = np.random.default_rng(3)
+    ev = np.concatenate([[9.0, 7.0, 5.0], rng.uniform(-1, 2, 397)])
+    A = with_spectrum(ev)
+    A32 = A.astype(np.float32)
+
+    def rounded(v):
+        return (A32 @ v.astype(np.float32)).astype(np.float64)
+
+    r = lanczos(rounded, 400, k=3, tol=1e-10)
+    assert (r.residuals > 1e-10 * np.abs(r.eigenvalues)).all()  # tol is out of reach
+    assert r.converged.all() and (r.residuals <= 4 * r.noise).all()
+    assert ((r.noise > 1e-8) & (r.noise < 1e-5)).all()  # float32 rounding of a norm-9 operator
+    np.testing.assert_allclose(r.eigenvalues, np.sort(np.linalg.eigvalsh(A32.astype(np.float64)))[::-1][:3],
+                               rtol=1e-6)
+    starved = lanczos(rounded, 400, k=3, tol=1e-10, max_matvec=4)
+    assert not starved.converged.any() and (starved.residuals > 100 * starved.noise).all()
+    exact = lanczos(lambda v: A @ v, 400, k=3, tol=1e-10)
+    plain = lanczos(lambda v: A @ v, 400, k=3, tol=1e-10, verify=False)
+    assert exact.converged.all() and np.isnan(exact.noise).all() and exact.n_matvec == plain.n_matvec + 3
+
+
 def test_hutchinson_exact_for_diagonal_and_within_error_bars():
     D = np.diag(np.arange(1.0, 51.0))
     assert hutchinson(lambda v: D @ v, 50, max_matvec=3).estimate == pytest.approx(D.trace(), rel=1e-12)
