@@ -62,7 +62,7 @@ MAX_CHUNK = 512
 
 def chunk_size(problem: Problem, memory_budget: float) -> int:
     """Samples per chunk so that a chunk's gradients (about three copies of ``c * P`` numbers) fit the budget."""
-    per_sample = 3 * problem.num_parameters * problem.theta0[problem.names[0]].element_size()
+    per_sample = 3 * problem.parameter_bytes
     return max(1, min(problem.batch_size, MAX_CHUNK, int(memory_budget // per_sample)))
 
 

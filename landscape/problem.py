@@ -226,6 +226,11 @@ class Problem:
     def num_parameters(self) -> int:
         return sum(t.numel() for t in self._theta0_list)
 
+    @property
+    def parameter_bytes(self) -> int:
+        """Bytes of one copy of the parameters (at the Problem's dtype)."""
+        return self._theta0_flat.numel() * self._theta0_flat.element_size()
+
     def as_list(self, d: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         """Tensors of ``d`` in parameter order, on the problem's device and dtype."""
         missing = [n for n in self.names if n not in d]
@@ -548,9 +553,8 @@ class Problem:
     def _may_share_out(self, threads: int) -> bool:
         """Whether concurrent replicas are worth timing: more than one intra-op thread on a CPU, inputs in memory,
         and a model whose copies take at most an eighth of the memory budget."""
-        param_bytes = self._theta0_flat.numel() * self._theta0_flat.element_size()
         return (threads > 1 and self.device.type == "cpu" and not isinstance(self.X, StreamedInputs)
-                and param_bytes * (threads - 1) <= self.memory_budget / 8)
+                and self.parameter_bytes * (threads - 1) <= self.memory_budget / 8)
 
     # ------------------------------------------------------------------ derivatives
     def forward(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:

@@ -633,14 +633,13 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
     # gradients and HVPs run one at a time on all threads: a forward pass there costs what one in-place point does
     per_pass = pb.strategy_timings["inplace"] if pb.workers > 1 else per_point
     chunks = math.ceil(pb.n / pb.batch_size)
-    param_bytes = sum(t.numel() * t.element_size() for t in pb.theta0.values())
     # streamed inputs are held one chunk at a time
     x_rows = min(pb.batch_size, pb.n) if st.data.streamed else pb.n
     data_bytes = pb.X.numel() // pb.n * x_rows * pb.X.element_size() + pb.y.numel() * pb.y.element_size()
     if pb.device.type == "cuda":
         mem, note = torch.cuda.max_memory_allocated(pb.device), "peak CUDA memory measured on a few points"
     else:
-        mem = param_bytes * (4 + (pb.block if strategy == "vmap" else pb.workers - 1)) + data_bytes
+        mem = pb.parameter_bytes * (4 + (pb.block if strategy == "vmap" else pb.workers - 1)) + data_bytes
         note = "model copies, directions and data" + (" (one chunk of streamed inputs)" if st.data.streamed else "") \
             + "; activations of one chunk come on top"
     curv = config.curvature
