@@ -102,6 +102,15 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
             ) from err
         raise LandscapeError(f"{path} is not a readable PyTorch checkpoint ({err})",
                              hint="the file may be corrupt or truncated; re-save or re-download it") from err
+    except (ImportError, AttributeError) as err:
+        if not trust_pickle:
+            raise LandscapeError(f"{path} is not a readable PyTorch checkpoint ({err})",
+                                 hint="the file may be corrupt or truncated; re-save or re-download it") from err
+        # a pickled module's class lives in the user's code: importing it failed, the file is fine
+        raise LandscapeError(f"{path} holds a pickled object whose class cannot be imported "
+                             f"({type(err).__name__}: {err})",
+                             hint="run from the folder (or with the PYTHONPATH) the model was saved with, or "
+                                  "save model.state_dict() and pass --model") from err
     except Exception as err:  # the unpickler fails in many ways on damaged bytes (IndexError, KeyError, ...)
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise LandscapeError(f"{path} is not a readable PyTorch checkpoint ({msg})",
@@ -175,7 +184,12 @@ def load_checkpoint(path: str | Path, *, state_key: str | None = None, trust_pic
     if not path.exists():
         raise LandscapeError(f"checkpoint {path} does not exist", hint="check the path")
     if path.is_dir():
-        raise LandscapeError(f"{path} is a directory, not a checkpoint file", hint="give the .pt/.ckpt/.safetensors file")
+        from . import hf
+
+        if hf.is_folder(path):
+            return hf.load_folder(path)
+        raise LandscapeError(f"{path} is a directory, not a checkpoint file (nor a save_pretrained folder with "
+                             "config.json)", hint="give the .pt/.ckpt/.safetensors file")
     if path.stat().st_size == 0:
         raise LandscapeError(f"checkpoint {path} is empty (0 bytes)", hint="re-save or re-download it")
     sha = file_sha256(path)
@@ -273,20 +287,44 @@ def _best_prefix(ckpt_keys: set[str], model_keys: set[str]) -> str:
     return best
 
 
-def apply_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> str:
+def tied_keys(model: torch.nn.Module) -> dict[str, str]:
+    """``key -> first key`` for the state-dict entries of ``model`` that are the same tensor as an earlier entry
+    (tied weights, e.g. a language model's output matrix and its token embedding)."""
+    first: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    out: dict[str, str] = {}
+    for k, t in model.state_dict(keep_vars=True).items():
+        key = (t.data_ptr(), t.dtype.itemsize, tuple(t.shape))
+        if t.numel() and key in first:
+            out[k] = first[key]
+        else:
+            first.setdefault(key, k)
+    return out
+
+
+def apply_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], *, strict: bool = True
+                     ) -> str:
     """Load ``state`` into ``model``, reporting every missing, unexpected or mis-shaped key by name.
 
     A common key prefix (``module.`` from DataParallel, ``_orig_mod.`` from torch.compile,
-    ``model.`` from Lightning, ...) is stripped when that makes the keys match. Returns the
-    stripped prefix ("" when none).
+    ``model.`` from Lightning, ...) is stripped when that makes the keys match. A key the file lacks whose
+    tensor is tied to one it has (:func:`tied_keys`; ``save_pretrained`` stores tied weights once) is not
+    missing. With ``strict=False`` missing and unexpected keys are a warning that names them (the model keeps
+    its own values there); shape mismatches are always an error. Returns the stripped prefix ("" when none).
     """
     target = model.state_dict()
     model_keys = set(target)
     prefix = _best_prefix(set(state), model_keys)
     if prefix:
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    missing = sorted(k for k in model_keys - set(state) if not k.endswith("num_batches_tracked"))
+    tied = tied_keys(model)
+    missing = sorted(k for k in model_keys - set(state)
+                     if not k.endswith("num_batches_tracked") and tied.get(k) not in state)
     unexpected = sorted(set(state) - model_keys)
+    if not strict and (missing or unexpected):
+        warnings.warn("loading with --no-strict: " + "; ".join(
+            ([f"missing from checkpoint (model's own values kept): {_names_preview(missing)}"] if missing else [])
+            + ([f"ignored, not in model: {_names_preview(unexpected)}"] if unexpected else [])))
+        missing, unexpected = [], []
     shapes = [
         f"{k} checkpoint {tuple(state[k].shape)} vs model {tuple(target[k].shape)}"
         for k in target if k in state and tuple(state[k].shape) != tuple(target[k].shape)
@@ -300,7 +338,8 @@ def apply_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) 
         problems.append(f"shape mismatch: {_names_preview(shapes)}")
     if problems:
         raise LandscapeError("checkpoint does not fit the model (" + "; ".join(problems) + ")",
-                             hint="check --model and --model-arg, or choose the state dict with --state-key")
+                             hint="check --model and --model-arg, choose the state dict with --state-key, or "
+                                  "accept missing/unexpected keys with --no-strict")
     model.load_state_dict({k: v for k, v in state.items() if k in model_keys}, strict=False)
     return prefix
 

@@ -37,6 +37,7 @@ from torch.func import functional_call
 from .curvature import CurvatureOperator
 from .distributed import Comm
 from .errors import LandscapeError
+from .hf import IGNORE_INDEX
 from .persample import iter_gradients, sketched_gradients
 from .stream import rows
 from .problem import Problem
@@ -264,17 +265,23 @@ def _batch_ids(n: int, sizes: tuple[int, ...], repeats: int, seed: int) -> dict[
 
 def el2n(problem: Problem, X: torch.Tensor, y: torch.Tensor) -> np.ndarray:
     """EL2N per sample: ``||softmax(f(x)) - onehot(y)||`` (over every target of a sample, e.g. each token of a
-    sequence), or ``||f(x) - y||`` for regression."""
+    sequence; for a causal LM each token against the next one, tokens labelled -100 left out), or ``||f(x) - y||``
+    for regression."""
     out = []
     with torch.no_grad():
         for s in range(0, len(X), problem.batch_size):
             # a plain forward pass: the fused attention kernels are fine here (Problem.forward avoids them)
             f = functional_call(problem._model, (problem.theta0, problem.buffers), (X[s:s + problem.batch_size],))
             t = y[s:s + problem.batch_size]
+            shift = getattr(problem.loss_fn, "shift", 0)  # a causal LM scores logits[:, i] against labels[:, i + 1]
+            if shift:
+                f, t = f[:, :-shift], t[:, shift:]
             if not t.is_floating_point():  # class targets, on the last axis of the logits (a label or a token each)
+                keep = t != IGNORE_INDEX  # positions without a label (padding, unmasked tokens) count 0
                 err = torch.softmax(f.double(), dim=-1)
-                err.scatter_add_(-1, t.unsqueeze(-1), torch.full(t.shape + (1,), -1.0, dtype=err.dtype,
-                                                                 device=err.device))
+                err.scatter_add_(-1, t.clamp(min=0).unsqueeze(-1), torch.full(t.shape + (1,), -1.0, dtype=err.dtype,
+                                                                              device=err.device))
+                err = err * keep.unsqueeze(-1)
             else:
                 err = (f.double() - t.double().reshape(f.shape))
             out.append(torch.linalg.vector_norm(err.reshape(len(t), -1), dim=1).cpu().numpy())

@@ -4,9 +4,11 @@ A data spec is one of
 
 * a built-in name: ``digits`` (the 1,797 8x8 handwritten digits shipped in ``data/``, seeded
   80/20 train/test split), ``gaussian_mixture`` (C-class Gaussian mixture) or
-  ``teacher_student`` (regression on a random linear or one-hidden-layer teacher);
+  ``teacher_student`` (regression on a random linear or one-hidden-layer teacher) or ``tokens``
+  (generated token sequences for language models, :func:`landscape.hf.tokens`);
 * a tensor file (``.pt``, ``.npz``, ``.h5``/``.hdf5``) holding inputs under ``X`` (or ``x``,
-  ``inputs``, ``images``, ``data``) and targets under ``y`` (or ``targets``, ``labels``, ``target``);
+  ``inputs``, ``images``, ``data``) and targets under ``y`` (or ``targets``, ``labels``, ``target``), or token
+  data: ``input_ids`` with optional ``attention_mask`` and ``labels`` (:func:`landscape.hf.token_arrays`);
 * ``module:callable`` or ``file.py:callable`` returning a ``Dataset``, a ``DataLoader`` or an
   ``(X, y)`` tuple of tensors.
 
@@ -32,6 +34,8 @@ import numpy as np
 import torch
 
 from .errors import LandscapeError
+from .hf import token_arrays
+from .hf import tokens as hf_tokens
 from .specs import Spec, call_spec
 from .stream import DatasetRows, StreamedInputs, converted_dtype, source_dtype
 
@@ -120,6 +124,7 @@ BUILTINS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
     "digits": digits,
     "gaussian_mixture": gaussian_mixture,
     "teacher_student": teacher_student,
+    "tokens": hf_tokens,
 }
 
 
@@ -156,6 +161,9 @@ def _load_tensor_file(path: Path, *, lazy: bool = False) -> tuple[Any, torch.Ten
                 arrays = {"X": arrays[0], "y": arrays[1]}
             if not isinstance(arrays, Mapping):
                 raise LandscapeError(f"{path} holds a {type(arrays).__name__}", hint="save a dict {'X': ..., 'y': ...}")
+        tokens = token_arrays(arrays)
+        if tokens is not None:  # input_ids (attention_mask, labels): read whole, see landscape.hf
+            return tokens
         X = _pick(arrays, X_KEYS, path, "input")
         y = _pick(arrays, Y_KEYS, path, "target")
         y = y.clone() if isinstance(y, torch.Tensor) else torch.as_tensor(np.asarray(y[()]))  # targets: in memory

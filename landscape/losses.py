@@ -8,6 +8,9 @@ each chunk of the evaluation set by its sample count, so the full-data loss is
 * ``cross_entropy``: ``F.cross_entropy(output, target)`` on integer class targets.
 * ``mse``: ``F.mse_loss(output, target)``, the mean over samples *and* output dimensions, so
   for a linear model ``f(x) = W x`` its Hessian is ``2 X^T X / (n d_out)`` (``torch.nn.MSELoss``).
+* ``causal_lm``: next-token cross-entropy of a language model, ``CE(logits[:, :-1], labels[:, 1:])`` over the
+  tokens whose label is not -100; ``masked_lm``: ``CE(logits, labels)`` over the labelled positions
+  (:mod:`landscape.hf`).
 * ``module:callable`` or ``file.py:callable``: any callable with that signature.
 """
 
@@ -19,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import LandscapeError
+from .hf import causal_lm, masked_lm
 from .specs import resolve
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -26,6 +30,8 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 BUILTIN_LOSSES: dict[str, LossFn] = {
     "cross_entropy": F.cross_entropy,
     "mse": F.mse_loss,
+    "causal_lm": causal_lm,
+    "masked_lm": masked_lm,
 }
 
 

@@ -65,6 +65,7 @@ from .distributed import SINGLE, Comm, rank_device
 from .errors import LandscapeError
 from .inputlayer import Versions, same_versions, versions
 from .losses import LossFn, stacked_loss
+from .outputs import tensor_outputs
 from .replica import BN_TYPES, Replica, views
 from .stream import StreamedInputs
 
@@ -159,7 +160,8 @@ class Problem:
         if precision != "full" and self.dtype != torch.float32:
             raise LandscapeError(f"--precision {precision} lowers float32 evaluation, the model is {self.dtype}",
                                  hint="drop --dtype float64 or --precision")
-        self._model = copy.deepcopy(model).to(device=self.device, dtype=self.dtype)
+        # a private copy whose outputs are reduced to one tensor (landscape.outputs: logits of a ModelOutput, ...)
+        self._model = tensor_outputs(copy.deepcopy(model)).to(device=self.device, dtype=self.dtype)
         self._model.eval()
         self._model.requires_grad_(False)
         self.names: list[str] = [n for n, _ in self._model.named_parameters()]
@@ -413,6 +415,25 @@ class Problem:
         vals = {k: float(v[0]) for k, v in self._evaluate_inplace(
             np.zeros((1, 0)), (), origin=None if point is None else self.as_list(point)).items()}
         return Evaluation(loss=vals.pop("loss"), accuracy=vals.pop("accuracy", None), metrics=vals)
+
+    def batchnorm_check(self, samples: int = 256) -> tuple[float, float] | None:
+        """``(eval-mode loss, train-mode loss)`` at ``theta0`` on the first ``samples`` samples, or None for a
+        model without BatchNorm: the checkpoint's running statistics against the batch's own (what training
+        saw). Far apart, frozen statistics evaluate a point the user did not mean (a briefly trained net, running
+        averages still near their initial values): ``--bn recompute`` re-estimates them. Works on a copy; other
+        random layers (dropout) stay in eval mode."""
+        if not any(isinstance(m, BN_TYPES) for m in self._model.modules()):
+            return None
+        x, y = self.X[:min(samples, self.n)], self.y[:min(samples, self.n)]
+        probe = copy.deepcopy(self._model)
+        with torch.no_grad():
+            probe.load_state_dict({**self.theta0, **self.buffers}, strict=False)
+            frozen = float(self.loss_fn(probe(x), y))
+            for m in probe.modules():
+                if isinstance(m, BN_TYPES):
+                    m.train()
+            batch = float(self.loss_fn(probe(x), y))
+        return frozen, batch
 
     def choose_strategy(self, dirs: Sequence[list[torch.Tensor]] | None = None, repeats: int = 3) -> str:
         """Pick the evaluation strategy, the block size and the number of workers by timing them on this model and

@@ -13,6 +13,7 @@ import math
 import platform
 import sys
 import time
+import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -79,6 +80,7 @@ class ScanConfig:
     metrics: tuple[tuple[str, str], ...] = ()
     state_key: str | None = None
     trust_pickle: bool = False
+    strict: bool = True
     max_samples: int | None = None
     seed: int = 0
     device: str = "auto"
@@ -128,6 +130,8 @@ class Setup:
     problem: Problem
     model_spec: Mapping[str, Any] | None
     state_prefix: str
+    #: ``(eval-mode loss, train-mode loss)`` of :meth:`Problem.batchnorm_check` under frozen statistics, or None
+    bn_check: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -176,8 +180,10 @@ def resolve_device(name: str) -> torch.device:
         raise LandscapeError(f"unknown device {name!r}", hint="use cpu, cuda, cuda:N or auto") from err
 
 
-def build_model(ck: Checkpoint, model_spec: Spec | None) -> tuple[torch.nn.Module, Mapping[str, Any] | None, str]:
-    """The model with the checkpoint's weights, its spec (as JSON) and the stripped key prefix."""
+def build_model(ck: Checkpoint, model_spec: Spec | None, *, strict: bool = True
+                ) -> tuple[torch.nn.Module, Mapping[str, Any] | None, str]:
+    """The model with the checkpoint's weights, its spec (as JSON) and the stripped key prefix (``strict``: see
+    :func:`landscape.checkpoint.apply_state_dict`)."""
     if model_spec is not None:
         model = call_spec(model_spec, what="model")
         spec_json: Mapping[str, Any] | None = model_spec.to_json()
@@ -193,7 +199,7 @@ def build_model(ck: Checkpoint, model_spec: Spec | None) -> tuple[torch.nn.Modul
                              hint="pass --model module:callable (and --model-arg key=value)")
     if not isinstance(model, torch.nn.Module):
         raise LandscapeError(f"the model spec returned a {type(model).__name__}, not an nn.Module")
-    prefix = apply_state_dict(model, ck.state_dict)
+    prefix = apply_state_dict(model, ck.state_dict, strict=strict)
     check_finite(dict(model.state_dict()))
     return model, spec_json, prefix
 
@@ -202,7 +208,7 @@ def setup(config: ScanConfig, comm: Comm | None = None) -> Setup:
     """Load the checkpoint, build model, data and loss, and make the Problem (for the ranks of ``comm``, by
     default the job :func:`landscape.distributed.init_from_env` joined)."""
     ck = load_checkpoint(config.checkpoint, state_key=config.state_key, trust_pickle=config.trust_pickle)
-    model, model_spec, prefix = build_model(ck, config.model)
+    model, model_spec, prefix = build_model(ck, config.model, strict=config.strict)
     manifest = ck.manifest or {}
     if config.data is not None:
         data = load_data(config.data, max_samples=config.max_samples, seed=config.seed, stream=config.stream)
@@ -234,7 +240,25 @@ def setup(config: ScanConfig, comm: Comm | None = None) -> Setup:
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise LandscapeError(f"running the model on the data failed ({type(err).__name__}: {msg})",
                              hint="check that --data matches the model's inputs and --loss its outputs") from err
-    return Setup(ck, model, data, loss_name, problem, model_spec, prefix)
+    bn_check = problem.batchnorm_check() if config.bn == "frozen" else None
+    if bn_check is not None and bn_far_apart(*bn_check):
+        warnings.warn(f"with the checkpoint's frozen BatchNorm statistics the loss is {bn_check[0]:.4g}, with the "
+                      f"batch's own statistics (train mode) {bn_check[1]:.4g}: every number is computed around a "
+                      "point the network did not train at; --bn recompute re-estimates the statistics")
+    return Setup(ck, model, data, loss_name, problem, model_spec, prefix, bn_check)
+
+
+def bn_far_apart(frozen: float, batch: float) -> bool:
+    """Whether eval- and train-mode losses differ enough to warn: more than 2x and more than 0.1 apart (or one is
+    not finite).
+
+    >>> bn_far_apart(54.1, 0.43), bn_far_apart(0.05, 0.02), bn_far_apart(1.0, 1.3)
+    (True, False, False)
+    """
+    if not (math.isfinite(frozen) and math.isfinite(batch)):
+        return True
+    lo, hi = sorted((abs(frozen), abs(batch)))
+    return hi - lo > 0.1 and hi > 2 * lo
 
 
 def plan_slices(config: ScanConfig) -> list[SliceSettings]:
@@ -275,7 +299,7 @@ def make_directions(s: SliceSettings, st: Setup, config: ScanConfig) -> list[dic
     if s.kind in ("hessian", "hessian-bottom"):
         return hessian_directions(st.problem, s.dims, bottom=s.kind == "hessian-bottom", seed=s.seed)
     other = load_checkpoint(s.other_checkpoint, state_key=config.state_key, trust_pickle=config.trust_pickle)
-    model_b, _, _ = build_model(other, config.model)
+    model_b, _, _ = build_model(other, config.model, strict=config.strict)
     theta_b = {n: p.detach() for n, p in model_b.named_parameters()}
     return [difference_direction(st.problem.theta0, theta_b)]
 
@@ -319,6 +343,8 @@ def provenance(config: ScanConfig, st: Setup) -> dict[str, Any]:
         "dtype": str(st.problem.dtype).replace("torch.", ""), "bn": config.bn, "bn_batches": config.bn_batches,
         "batch_size": st.problem.batch_size, "classification": st.problem.classification,
         "metrics": dict(config.metrics),
+        "bn_check_eval_loss": st.bn_check[0] if st.bn_check else float("nan"),
+        "bn_check_train_loss": st.bn_check[1] if st.bn_check else float("nan"),
     }
 
 
