@@ -22,8 +22,14 @@ from rich.text import Text
 from landscape import __version__
 from landscape.errors import LandscapeError
 
-err_console = Console(stderr=True)
-out_console = Console()
+from .options import SpecOptions, spec_options
+
+#: Width of a console that is not a terminal (a pipe, a file, a cluster log): wide enough that no table is cut.
+PIPE_WIDTH = 10_000
+#: Seconds between two plain progress lines of one phase when stderr is not a terminal.
+PLAIN_PROGRESS_SECONDS = 10.0
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else PIPE_WIDTH)
+out_console = Console(width=None if sys.stdout.isatty() else PIPE_WIDTH)
 
 app = typer.Typer(
     name="landscape",
@@ -162,27 +168,11 @@ def _parse_steps(text: str) -> tuple[int, ...]:
     return vals
 
 
-# Options shared by every command that loads a checkpoint, declared once.
-CheckpointArg = Annotated[str, typer.Argument(help="Checkpoint file (.pt, .pth, .ckpt, .safetensors).")]
-ModelOpt = Annotated[Optional[str], typer.Option(help="Model factory, module:callable or file.py:callable "
-                                                      "(default: the checkpoint's manifest).")]
-ModelArgOpt = Annotated[Optional[list[str]], typer.Option("--model-arg", help="key=value for the model factory; "
-                                                                              "repeatable.")]
-DataOpt = Annotated[Optional[str], typer.Option(help="Built-in (digits, gaussian_mixture, teacher_student), a "
-                                                     ".pt/.npz/.h5 file with X and y, or module:callable.")]
-DataArgOpt = Annotated[Optional[list[str]], typer.Option("--data-arg", help="key=value for the data spec; repeatable.")]
-LossOpt = Annotated[Optional[str], typer.Option(help="cross_entropy, mse or module:callable (default: from the "
-                                                     "checkpoint, else from the targets).")]
+# Options of several commands, declared once (the model/data/loss options: cli/options.py).
+CheckpointArg = Annotated[str, typer.Argument(help="Checkpoint file (.pt, .pth, .ckpt, .safetensors) or a "
+                                                   "save_pretrained folder (config.json + weights).")]
 MetricOpt = Annotated[Optional[list[str]], typer.Option("--metric", help="Extra metric name=module:callable, called "
                                                                          "as f(output, target) -> batch mean; repeatable.")]
-StateKeyOpt = Annotated[Optional[str], typer.Option(help="Key of the state dict inside a training checkpoint (dotted).")]
-TrustOpt = Annotated[bool, typer.Option("--trust-pickle", help="Allow pickled modules and TorchScript: runs code "
-                                                               "from the file.")]
-MaxSamplesOpt = Annotated[Optional[int], typer.Option(help="Evaluate on a seeded random subset of this size.")]
-SeedOpt = Annotated[int, typer.Option(help="Seed for directions, probes and the data subset.")]
-BatchOpt = Annotated[int, typer.Option(help="Samples per forward pass.")]
-DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
-DtypeOpt = Annotated[Optional[str], typer.Option(help="float32 or float64 (default: the checkpoint's).")]
 MemoryOpt = Annotated[Optional[str], typer.Option(help="Memory for blocks of slice points and chunks of per-sample "
                                                        "gradients, e.g. 512MiB, 4GB (default 256MiB).")]
 StreamOpt = Annotated[str, typer.Option(help="Inputs read from disk a chunk at a time, for data larger than memory: "
@@ -194,28 +184,28 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the summary as JSON
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 
 
-def _base_config(checkpoint: str, model: Optional[str], model_arg: Optional[list[str]], data: Optional[str],
-                 data_arg: Optional[list[str]], loss: Optional[str], metric: Optional[list[str]],
-                 state_key: Optional[str], trust_pickle: bool, max_samples: Optional[int], seed: int,
-                 batch_size: int, device: str, dtype: Optional[str], output: Optional[str], **rest: Any) -> Any:
-    """The ScanConfig for the options every loading command shares; ``rest`` sets the others."""
+def _base_config(checkpoint: str, specs: SpecOptions, output: Optional[str], metric: Optional[list[str]] = None,
+                 **rest: Any) -> Any:
+    """The ScanConfig for the shared options (cli/options.py) and ``output``; ``rest`` sets the others."""
     from landscape.scan import ScanConfig
     from landscape.specs import Spec, parse_kv
 
-    if dtype not in (None, "float32", "float64"):
-        raise LandscapeError(f"--dtype {dtype!r} is unknown", hint="use float32 or float64")
-    if model is None and model_arg:
+    if specs.dtype not in (None, "float32", "float64"):
+        raise LandscapeError(f"--dtype {specs.dtype!r} is unknown", hint="use float32 or float64")
+    if specs.model is None and specs.model_arg:
         raise LandscapeError("--model-arg needs --model", hint="name the model factory with --model")
-    if data is None and data_arg:
+    if specs.data is None and specs.data_arg:
         raise LandscapeError("--data-arg needs --data", hint="name the data with --data")
-    _join_job(device)
+    if specs.bn not in ("frozen", "recompute"):
+        raise LandscapeError(f"--bn {specs.bn!r} is unknown", hint="use --bn frozen or --bn recompute")
+    _join_job(specs.device)
     return ScanConfig(
         checkpoint=checkpoint,
-        model=Spec(model, parse_kv(model_arg, "--model-arg")) if model else None,
-        data=Spec(data, parse_kv(data_arg, "--data-arg")) if data else None,
-        loss=loss, metrics=tuple(_parse_metric(m) for m in metric or ()), state_key=state_key,
-        trust_pickle=trust_pickle, max_samples=max_samples, seed=seed, batch_size=batch_size, device=device,
-        dtype=dtype, output=output, **rest)
+        model=Spec(specs.model, parse_kv(specs.model_arg, "--model-arg")) if specs.model else None,
+        data=Spec(specs.data, parse_kv(specs.data_arg, "--data-arg")) if specs.data else None,
+        loss=specs.loss, metrics=tuple(_parse_metric(m) for m in metric or ()), state_key=specs.state_key,
+        trust_pickle=specs.trust_pickle, strict=specs.strict, max_samples=specs.max_samples, seed=specs.seed,
+        batch_size=specs.batch_size, device=specs.device, dtype=specs.dtype, bn=specs.bn, output=output, **rest)
 
 
 def _join_job(device: str) -> None:
@@ -229,13 +219,43 @@ def _join_job(device: str) -> None:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
 
 
+def _plain_progress() -> Any:
+    """The library's ``progress(name, done, total)`` callback for a stderr that is not a terminal (nohup, CI, a
+    cluster job): a plain line when a phase starts, when it ends, and in between at most every
+    :data:`PLAIN_PROGRESS_SECONDS`: phase, done/total, elapsed time, ETA."""
+    import time
+
+    started: dict[str, float] = {}
+    printed: dict[str, float] = {}
+
+    def progress(name: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        t0 = started.setdefault(name, now)
+        if total == 0:
+            line = f"{name} ..."
+        elif name in printed and done < total and now - printed[name] < PLAIN_PROGRESS_SECONDS:
+            return
+        else:
+            elapsed = now - t0
+            eta = f", ETA {elapsed / done * (total - done):.1f} s" if 0 < done < total else ""
+            line = f"{name}: {done}/{total}, {elapsed:.1f} s elapsed{eta}"
+        printed[name] = now
+        err_console.print(Text(line), soft_wrap=True)
+
+    return progress
+
+
 @contextmanager
 def _progress_bars() -> Iterator[Any]:
-    """Rich progress bars on stderr; yields the library's ``progress(name, done, total)`` callback.
+    """Rich progress bars on stderr (plain lines when it is not a terminal, :func:`_plain_progress`); yields the
+    library's ``progress(name, done, total)`` callback.
 
     A call with ``total`` 0 is a step without a count (a curvature step, a pair to connect): a spinner that is
     marked done when the next such step starts, or at the end.
     """
+    if not err_console.is_terminal:
+        yield _plain_progress()
+        return
     columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                _RateColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
     with Progress(*columns, console=err_console, transient=False) as prog:
@@ -304,18 +324,11 @@ def _run_and_print(config: Any, st: Any, json_out: bool, *, report: Optional[boo
                     "  landscape scan a.pt --interpolate b.pt --dims 1 --steps 101\n\n"
                     "  landscape scan ckpt.pt --data big.h5 --stream on   # inputs read from disk by chunks\n\n"
                     "  landscape scan ckpt.pt --dry-run")
+@spec_options
 def scan(
     checkpoint: CheckpointArg,
-    model: ModelOpt = None,
-    model_arg: ModelArgOpt = None,
-    data: DataOpt = None,
-    data_arg: DataArgOpt = None,
-    loss: LossOpt = None,
+    specs: SpecOptions = SpecOptions(),
     metric: MetricOpt = None,
-    state_key: StateKeyOpt = None,
-    trust_pickle: TrustOpt = False,
-    max_samples: MaxSamplesOpt = None,
-    seed: SeedOpt = 0,
     dims: int = typer.Option(2, help="1 or 2 random directions."),
     steps: str = typer.Option("51", help="Points per axis: N, or NXxNY for a non-square grid."),
     range_: str = typer.Option("1", "--range", help="Axis range: R for [-R, R], or MIN,MAX (write --range=-0.5,1.5)."),
@@ -333,11 +346,7 @@ def scan(
     coherence: bool = typer.Option(True, help="Also compute gradient coherence and noise scales (no control, "
                                               "B_noise from 16 samples)."),
     report: bool = typer.Option(True, help="Draw the report (index.html and figures/*.png) next to the run file."),
-    bn: str = typer.Option("frozen", help="BatchNorm statistics: frozen (checkpoint's) or recompute at each point."),
     bn_batches: int = typer.Option(10, help="Batches used to recompute BatchNorm statistics."),
-    batch_size: BatchOpt = 2048,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = None,
     stream: StreamOpt = "auto",
     strategy: str = typer.Option("auto", help="Evaluation strategy: auto (measured), inplace or vmap."),
     workers: str = typer.Option("auto", help="In-place slice blocks evaluated at once on a CPU, on model copies with "
@@ -370,16 +379,15 @@ def scan(
         if resume and overwrite:
             raise LandscapeError("--resume and --overwrite contradict each other", hint="pick one")
         config = _base_config(
-            checkpoint, model, model_arg, data, data_arg, loss, metric, state_key, trust_pickle, max_samples, seed,
-            batch_size, device, dtype, output, stream=stream, bn=bn, bn_batches=bn_batches, strategy=strategy,
+            checkpoint, specs, output, metric, stream=stream, bn_batches=bn_batches, strategy=strategy,
             workers=_parse_workers(workers),
             precision=precision,
             memory_budget=_parse_bytes(memory_budget), dims=dims,
             steps=_parse_steps(steps), range=_parse_range(range_), y_range=_parse_range(y_range) if y_range else None,
             norm=norm, ignore=ignore, orthogonalize=orthogonalize, directions=directions, interpolate=interpolate, name=name, resume=resume,
-            overwrite=overwrite, compact_every=save_every, curvature=CurvatureSettings(seed=seed) if hessian else None,
-            sharpness=_default_sharpness(seed) if sharpness else (),
-            coherence=CoherenceSettings(noise_samples=16, seed=seed) if coherence else None)
+            overwrite=overwrite, compact_every=save_every, curvature=CurvatureSettings(seed=specs.seed) if hessian else None,
+            sharpness=_default_sharpness(specs.seed) if sharpness else (),
+            coherence=CoherenceSettings(noise_samples=16, seed=specs.seed) if coherence else None)
         with err_console.status("loading checkpoint, model and data", spinner="dots"):
             st = setup(config)
         if dry_run:
@@ -411,6 +419,7 @@ def scan(
                     "  landscape hessian ckpt.pt --ggn --per-layer --dtype float64\n\n"
                     "  landscape hessian ckpt.pt --parameters 'layer4.*' --trace-method hutchinson --trace-matvecs 300\n\n"
                     "  landscape hessian ckpt.pt --engine pyhessian --dtype float64   # PyHessian's numbers beside ours")
+@spec_options
 def hessian(
     checkpoint: CheckpointArg,
     top_k: int = typer.Option(5, help="Largest eigenvalues (Lanczos with full reorthogonalization)."),
@@ -432,18 +441,7 @@ def hessian(
                                           "eigenvalue's power iteration)."),
     engine: str = typer.Option("landscape", help="landscape, or pyhessian: PyHessian's power iteration and trace as "
                                                  "a reference (top-k and trace only; written to /hessian_pyhessian)."),
-    model: ModelOpt = None,
-    model_arg: ModelArgOpt = None,
-    data: DataOpt = None,
-    data_arg: DataArgOpt = None,
-    loss: LossOpt = None,
-    state_key: StateKeyOpt = None,
-    trust_pickle: TrustOpt = False,
-    max_samples: MaxSamplesOpt = None,
-    seed: SeedOpt = 0,
-    batch_size: BatchOpt = 2048,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = None,
+    specs: SpecOptions = SpecOptions(),
     stream: StreamOpt = "auto",
     output: OutputOpt = None,
     json_out: JsonOpt = False,
@@ -472,10 +470,8 @@ def hessian(
             kind="ggn" if ggn else "hessian", top_k=top_k, bottom_k=bottom_k, tol=tol, max_hvp=max_hvp, trace=trace,
             trace_method=trace_method, trace_matvecs=trace_matvecs, trace_stderr=trace_stderr, density=density,
             density_probes=density_probes, density_steps=density_steps, per_layer=per_layer,
-            parameters=tuple(parameters or ()), seed=seed, engine=engine)
-        config = _base_config(checkpoint, model, model_arg, data, data_arg, loss, None, state_key, trust_pickle,
-                              max_samples, seed, batch_size, device, dtype, output, slices=False, resume=True,
-                              curvature=settings, stream=stream)
+            parameters=tuple(parameters or ()), seed=specs.seed, engine=engine)
+        config = _base_config(checkpoint, specs, output, slices=False, resume=True, curvature=settings, stream=stream)
         with err_console.status("loading checkpoint, model and data", spinner="dots"):
             st = setup(config)
         _run_and_print(config, st, json_out, report=None)
@@ -493,6 +489,7 @@ def _default_sharpness(seed: int, **common: Any) -> tuple[Any, ...]:
                     "  landscape sharpness ckpt.pt --measure worst-case --norm linf --rho 0.001 --rho 0.002 --m 128\n\n"
                     "  landscape sharpness ckpt.pt --measure average-case --no-adaptive --rho 0.01 --draws 50\n\n"
                     "  landscape sharpness ckpt.pt --measure keskar --measure pacbayes --parameters '*bn*'")
+@spec_options
 def sharpness(
     checkpoint: CheckpointArg,
     measure: Optional[list[str]] = typer.Option(None, "--measure", help="worst-case, average-case, sam, asam, "
@@ -509,18 +506,7 @@ def sharpness(
     eta: float = typer.Option(0.01, help="ASAM's eta in T = |w| + eta."),
     parameters: Optional[list[str]] = typer.Option(None, "--parameters", help="Perturb only these parameter names "
                                                                               "or globs; repeatable."),
-    model: ModelOpt = None,
-    model_arg: ModelArgOpt = None,
-    data: DataOpt = None,
-    data_arg: DataArgOpt = None,
-    loss: LossOpt = None,
-    state_key: StateKeyOpt = None,
-    trust_pickle: TrustOpt = False,
-    max_samples: MaxSamplesOpt = None,
-    seed: SeedOpt = 0,
-    batch_size: BatchOpt = 2048,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = None,
+    specs: SpecOptions = SpecOptions(),
     stream: StreamOpt = "auto",
     output: OutputOpt = None,
     json_out: JsonOpt = False,
@@ -540,18 +526,16 @@ def sharpness(
         if measure:
             settings = tuple(SharpnessSettings(
                 measure=name, adaptive=True if adaptive is None else adaptive, norm=norm, rho=tuple(rho or ()),
-                m=m or None, steps=steps, draws=draws, eta=eta, parameters=tuple(parameters or ()), seed=seed)
+                m=m or None, steps=steps, draws=draws, eta=eta, parameters=tuple(parameters or ()), seed=specs.seed)
                 for name in measure)
         else:
             if rho or adaptive is not None:
                 raise LandscapeError("--rho and --adaptive apply to a named measure", hint="add --measure NAME")
-            settings = _default_sharpness(seed, m=m or None, steps=steps, draws=draws, eta=eta,
+            settings = _default_sharpness(specs.seed, m=m or None, steps=steps, draws=draws, eta=eta,
                                           parameters=tuple(parameters or ()))
         for s_ in settings:
             s_.resolved()  # validate before loading anything
-        config = _base_config(checkpoint, model, model_arg, data, data_arg, loss, None, state_key, trust_pickle,
-                              max_samples, seed, batch_size, device, dtype, output, slices=False, resume=True,
-                              sharpness=settings, stream=stream)
+        config = _base_config(checkpoint, specs, output, slices=False, resume=True, sharpness=settings, stream=stream)
         with err_console.status("loading checkpoint, model and data", spinner="dots"):
             st = setup(config)
         _run_and_print(config, st, json_out, report=None)
@@ -561,6 +545,7 @@ def sharpness(
                     "  landscape coherence data/examples/mlp_sgd_s0000.pt --control shuffled-labels --per-class\n\n"
                     "  landscape coherence ckpt.pt --max-samples 2000 --sketch 512   # models too large for exact\n\n"
                     "  landscape coherence ckpt.pt --noise-samples 0 --json | jq .coherence.m_coherence")
+@spec_options
 def coherence(
     checkpoint: CheckpointArg,
     per_class: bool = typer.Option(False, "--per-class", help="Also print per-class m-coherence and the class "
@@ -572,18 +557,7 @@ def coherence(
     noise_samples: int = typer.Option(32, help="Samples (one Hessian-vector product each) for B_noise; 0: skip."),
     batch_sizes: str = typer.Option("1,8,32,128,512", help="Batch sizes of the minibatch-to-full-gradient cosine."),
     batch_repeats: int = typer.Option(16, help="Random disjoint batches per batch size."),
-    model: ModelOpt = None,
-    model_arg: ModelArgOpt = None,
-    data: DataOpt = None,
-    data_arg: DataArgOpt = None,
-    loss: LossOpt = None,
-    state_key: StateKeyOpt = None,
-    trust_pickle: TrustOpt = False,
-    max_samples: MaxSamplesOpt = None,
-    seed: SeedOpt = 0,
-    batch_size: BatchOpt = 2048,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = None,
+    specs: SpecOptions = SpecOptions(),
     stream: StreamOpt = "auto",
     memory_budget: MemoryOpt = None,
     output: OutputOpt = None,
@@ -610,10 +584,8 @@ def coherence(
         if any(b < 1 for b in sizes):
             raise LandscapeError(f"--batch-sizes {batch_sizes!r} must be positive", hint="e.g. 1,8,32")
         settings = CoherenceSettings(sketch=sketch, noise_samples=noise_samples, batch_sizes=sizes,
-                                     batch_repeats=batch_repeats, control=control is not None, seed=seed).resolved()
-        config = _base_config(checkpoint, model, model_arg, data, data_arg, loss, None, state_key, trust_pickle,
-                              max_samples, seed, batch_size, device, dtype, output, slices=False, resume=True,
-                              coherence=settings, memory_budget=_parse_bytes(memory_budget), stream=stream)
+                                     batch_repeats=batch_repeats, control=control is not None, seed=specs.seed).resolved()
+        config = _base_config(checkpoint, specs, output, slices=False, resume=True, coherence=settings, memory_budget=_parse_bytes(memory_budget), stream=stream)
         with err_console.status("loading checkpoint, model and data", spinner="dots"):
             st = setup(config)
         summary = _run_and_print(config, st, json_out, report=None)
@@ -707,6 +679,7 @@ def _print_summary(summary: Any) -> None:
                     "data/examples/mlp_sam_s2000.pt\n\n"
                     "  landscape compare a.pt b.pt --align --curve bezier -o reports/a_vs_b\n\n"
                     "  landscape compare reports/a/run.h5 reports/b/run.h5 --json   # reuse finished analyses")
+@spec_options
 def compare(
     inputs: list[str] = typer.Argument(..., help="Two or more checkpoints (or run files of them)."),
     align: bool = typer.Option(False, "--align", help="Permute each second model onto the first by weight matching "
@@ -721,16 +694,7 @@ def compare(
     sharpness: bool = typer.Option(True, help="The default sharpness set for each model."),
     coherence: bool = typer.Option(True, help="Gradient coherence of each model."),
     report: bool = typer.Option(True, help="Draw the comparison report (index.html, figures/) in the output folder."),
-    data: DataOpt = None,
-    data_arg: DataArgOpt = None,
-    loss: LossOpt = None,
-    max_samples: MaxSamplesOpt = None,
-    seed: SeedOpt = 0,
-    bn: str = typer.Option("frozen", help="BatchNorm statistics of the per-model analyses (interpolation of "
-                                          "BatchNorm models always re-estimates them)."),
-    batch_size: BatchOpt = 2048,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = None,
+    specs: SpecOptions = SpecOptions(),
     output: str = typer.Option("reports/compare", "-o", "--output", help="Folder for compare.h5, the report and "
                                                                         "each model's run file."),
     json_out: JsonOpt = False,
@@ -745,10 +709,9 @@ def compare(
 
     with _errors(debug):
         scan_cfg = _base_config(
-            "", None, None, data, data_arg, loss, None, None, False, max_samples, seed, batch_size, device, dtype,
-            None, bn=bn, steps=_parse_steps(steps), curvature=CurvatureSettings(seed=seed) if hessian else None,
-            sharpness=_default_sharpness(seed) if sharpness else (),
-            coherence=CoherenceSettings(noise_samples=16, seed=seed) if coherence else None)
+            "", specs, None, steps=_parse_steps(steps), curvature=CurvatureSettings(seed=specs.seed) if hessian else None,
+            sharpness=_default_sharpness(specs.seed) if sharpness else (),
+            coherence=CoherenceSettings(noise_samples=16, seed=specs.seed) if coherence else None)
         cfg = CompareConfig(inputs=tuple(inputs), scan=scan_cfg, output=output, align=align, curve=curve,
                             alpha_range=_parse_range(alpha_range), alpha_steps=alpha_steps, bezier_steps=bezier_steps)
         with err_console.status("loading checkpoints, models and data", spinner="dots"):
@@ -789,23 +752,13 @@ def compare(
                     "data/examples/mlp_sgd_s0500.pt data/examples/mlp_sgd_s2000.pt\n\n"
                     "  landscape trajectory runs/ckpts/ -o reports/run7 --plane-steps 31\n\n"
                     "  landscape trajectory ckpts/*.pt --json | jq .edge_of_stability")
+@spec_options
 def trajectory(
     inputs: list[str] = typer.Argument(..., help="Checkpoints of one training run, or a folder of them; ordered "
                                                  "by their recorded step."),
     plane_steps: int = typer.Option(21, help="Points per axis of the loss in the PCA plane."),
     report: bool = typer.Option(True, help="Draw the report (index.html, figures/) next to trajectory.h5."),
-    model: ModelOpt = None,
-    model_arg: ModelArgOpt = None,
-    data: DataOpt = None,
-    data_arg: DataArgOpt = None,
-    loss: LossOpt = None,
-    state_key: StateKeyOpt = None,
-    trust_pickle: TrustOpt = False,
-    max_samples: MaxSamplesOpt = None,
-    seed: SeedOpt = 0,
-    batch_size: BatchOpt = 2048,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = None,
+    specs: SpecOptions = SpecOptions(),
     output: Optional[str] = typer.Option(None, "-o", "--output", help="trajectory.h5 or its folder (default: "
                                                                       "reports/trajectory_<final checkpoint>)."),
     json_out: JsonOpt = False,
@@ -817,8 +770,7 @@ def trajectory(
     from landscape.trajectory import TrajectoryConfig, run_trajectory
 
     with _errors(debug):
-        scan_cfg = _base_config("", model, model_arg, data, data_arg, loss, None, state_key, trust_pickle,
-                                max_samples, seed, batch_size, device, dtype, None)
+        scan_cfg = _base_config("", specs, None)
         cfg = TrajectoryConfig(inputs=tuple(inputs), scan=scan_cfg, output=output, plane_steps=plane_steps)
         with _progress_bars() as progress:
             path, res = run_trajectory(cfg, progress=progress)

@@ -2,7 +2,10 @@
 
 Every model gets the analysis ``landscape scan`` runs (same seed, same direction recipe, each direction
 filter-normalized to that model's own weights), in its own run file ``DIR/<name>/run.h5`` (reused when
-complete). The comparison file ``DIR/compare.h5`` then holds, for the report and for scripts:
+complete). An input may be a finished run file: the model, data, loss, state key and subset size it recorded are
+reused where the command line leaves them open, so run files of scans of plain state dicts need no flags (a run
+file's specs run as if typed: compare run files you made). The comparison file ``DIR/compare.h5`` then holds, for
+the report and for scripts:
 
 - ``/compare/models``: names, checkpoints and their sha256;
 - ``/compare/metrics/<metric>``: ``value``, ``stderr`` and ``rank`` per model (loss and accuracy at the
@@ -37,6 +40,7 @@ from .matching import apply_permutation, permutation_spec, weight_matching
 from .problem import BN_TYPES, Problem
 from .runfile import SCHEMA, RunFile, decode_attr, encode_attr
 from .scan import ScanConfig, run_scan, setup, tool_provenance
+from .specs import Spec
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -74,6 +78,32 @@ class Model:
     name: str
     checkpoint: str
     run_file: Path
+    #: ScanConfig fields recorded in the model's run file (model, data, loss, ...), used where not given
+    recorded: Mapping[str, Any] = field(default_factory=dict)
+
+    def config(self, scan: ScanConfig) -> ScanConfig:
+        """``scan`` for this model: its checkpoint and run file, and the specs its run file recorded wherever
+        ``scan`` leaves them open."""
+        fill = {k: v for k, v in self.recorded.items() if getattr(scan, k) in (None, ())}
+        return replace(scan, checkpoint=self.checkpoint, output=str(self.run_file), **fill)
+
+
+def _recorded(f: h5py.File) -> dict[str, Any]:
+    """The specs a run file was made with, as ScanConfig fields: what a scan of a plain checkpoint needed."""
+    attrs = {k: decode_attr(f.attrs[k]) for k in ("model_spec", "data_spec", "loss", "state_key", "max_samples")
+             if k in f.attrs}
+    out: dict[str, Any] = {}
+    if isinstance(attrs.get("model_spec"), Mapping):
+        out["model"] = Spec.from_json(attrs["model_spec"])
+    if isinstance(attrs.get("data_spec"), Mapping):
+        out["data"] = Spec.from_json(attrs["data_spec"])
+    if attrs.get("loss"):
+        out["loss"] = str(attrs["loss"])
+    if attrs.get("state_key"):
+        out["state_key"] = str(attrs["state_key"])
+    if isinstance(attrs.get("max_samples"), (int, np.integer)) and attrs["max_samples"] > 0:
+        out["max_samples"] = int(attrs["max_samples"])
+    return out
 
 
 @dataclass(frozen=True)
@@ -99,14 +129,15 @@ def _models(cfg: CompareConfig) -> list[Model]:
                 if decode_attr(f.attrs.get("schema")) != SCHEMA or "checkpoint_path" not in f.attrs:
                     raise LandscapeError(f"{item} is not a landscape run file of a checkpoint")
                 ck = str(decode_attr(f.attrs["checkpoint_path"]))
+                recorded = _recorded(f)
             name, run = p.parent.name or p.stem, p
         else:
-            ck, name = str(p), p.stem
+            ck, name, recorded = str(p), p.name if p.is_dir() else p.stem, {}
             run = Path(cfg.output) / name / "run.h5"
         while name in seen:
             name += "_"
         seen.add(name)
-        out.append(Model(name, ck, run))
+        out.append(Model(name, ck, run, recorded))
     return out
 
 
@@ -175,7 +206,7 @@ class Prepared:
 def prepare_compare(cfg: CompareConfig) -> Prepared:
     """Load every model and its data; refuse models evaluated on different data or of different shapes."""
     models = _models(cfg)
-    setups = [setup(replace(cfg.scan, checkpoint=m.checkpoint, output=str(m.run_file))) for m in models]
+    setups = [setup(m.config(cfg.scan)) for m in models]
     if len({st.data.sha256 for st in setups}) > 1:
         raise LandscapeError("the models are evaluated on different data (their data_sha256 differ)",
                              hint="give every model the same --data and --max-samples")
@@ -199,7 +230,7 @@ def run_compare(cfg: CompareConfig, *, progress: ProgressFn | None = None,
         if progress:
             progress(f"analysing {m.name}", k, len(models))
         if not comm.from_writer(lambda: _complete(m.run_file)):
-            run_scan(replace(cfg.scan, checkpoint=m.checkpoint, output=str(m.run_file), resume=True),
+            run_scan(replace(m.config(cfg.scan), resume=True),
                      progress=progress, prepared=st)
     values = comm.from_writer(lambda: [_metric_values(m.run_file) for m in models])
     names = sorted(set().union(*values), key=lambda k: (not k.startswith(("loss", "accuracy")), k))

@@ -20,9 +20,10 @@ import importlib
 import importlib.util
 import inspect
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -88,6 +89,10 @@ def _import_file(path: Path) -> Any:
     return module
 
 
+def _is_file(mod_name: str) -> bool:
+    return mod_name.endswith(".py") or "/" in mod_name or "\\" in mod_name
+
+
 def resolve(target: str, *, what: str, from_checkpoint: bool = False) -> Callable[..., Any]:
     """Return the callable that ``target`` (``module:attr`` or ``file.py:attr``) names."""
     mod_name, sep, attr = target.rpartition(":")
@@ -96,27 +101,32 @@ def resolve(target: str, *, what: str, from_checkpoint: bool = False) -> Callabl
             f"{what} spec {target!r} is not of the form module:callable",
             hint="e.g. mypkg.models:resnet20 or path/to/models.py:resnet20",
         )
-    is_file = mod_name.endswith(".py") or "/" in mod_name or "\\" in mod_name
+    is_file = _is_file(mod_name)
     if is_file and from_checkpoint:
         raise LandscapeError(
             f"the checkpoint names {what} {target!r}, a file path, which is not imported from a checkpoint",
             hint=f"pass --{what} {target} yourself if you trust that file",
         )
+    if is_file and not Path(mod_name).is_file():
+        raise LandscapeError(f"{what} file {mod_name} does not exist", hint="check the path before ':'")
+    # a file sees the modules beside it; a module name the current directory (not for a checkpoint's spec)
+    folder = Path(mod_name).resolve().parent if is_file else None if from_checkpoint else Path.cwd()
     try:
-        if is_file:
-            path = Path(mod_name)
-            if not path.is_file():
-                raise LandscapeError(f"{what} file {path} does not exist", hint="check the path before ':'")
-            module = _import_file(path)
-        else:
-            module = importlib.import_module(mod_name)
+        with _on_path(folder):
+            module = _import_file(Path(mod_name)) if is_file else importlib.import_module(mod_name)
     except LandscapeError:
         raise
-    except ImportError as err:
-        raise LandscapeError(
-            f"cannot import {mod_name!r} for {what} spec {target!r} ({err})",
-            hint="is the package installed, or should it be a path like dir/file.py:callable?",
-        ) from err
+    except ModuleNotFoundError as err:
+        if not is_file and err.name and mod_name.startswith(err.name):
+            raise LandscapeError(
+                f"cannot import {mod_name!r} for {what} spec {target!r} ({err})",
+                hint="is the package installed (or run from its folder), or should it be a path like "
+                     "dir/file.py:callable?") from err
+        raise user_error(err, f"importing {what} spec {target!r}") from err
+    except KeyboardInterrupt:
+        raise
+    except BaseException as err:  # noqa: BLE001 - whatever the user's module raises on import (sys.exit too)
+        raise user_error(err, f"importing {what} spec {target!r}") from err
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -141,13 +151,43 @@ def _trusted_from_checkpoint(obj: Any, mod_name: str) -> bool:
     return False
 
 
-def call_spec(spec: Spec, *, what: str, from_checkpoint: bool = False) -> Any:
-    """Resolve ``spec`` and call it with its arguments; errors name the spec."""
-    fn = resolve(spec.target, what=what, from_checkpoint=from_checkpoint)
+def user_error(err: BaseException, doing: str) -> LandscapeError:
+    """A one-line error for an exception raised by the user's code (or its environment) while ``doing``: the
+    original type and message, blamed on the spec, not on landscape."""
+    msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return LandscapeError(f"{doing} raised {type(err).__name__}" + (f": {msg}" if msg else ""),
+                          hint="the error comes from that code or its environment; --debug shows the traceback")
+
+
+@contextmanager
+def _on_path(folder: Path | None) -> Iterator[None]:
+    """``folder`` (if any) first on ``sys.path`` while the user's module is imported and called."""
+    entry = str(folder)
+    added = folder is not None and entry not in sys.path
+    if added:
+        sys.path.insert(0, entry)
     try:
-        return fn(**dict(spec.args))
+        yield
+    finally:
+        if added and entry in sys.path:
+            sys.path.remove(entry)
+
+
+def call_spec(spec: Spec, *, what: str, from_checkpoint: bool = False) -> Any:
+    """Resolve ``spec`` and call it with its arguments; any error the call raises is reported as an error in
+    that spec (type and message), never as a landscape bug."""
+    fn = resolve(spec.target, what=what, from_checkpoint=from_checkpoint)
+    mod_name = spec.target.rpartition(":")[0]
+    try:
+        with _on_path(Path(mod_name).resolve().parent if _is_file(mod_name) else None if from_checkpoint
+                      else Path.cwd()):
+            return fn(**dict(spec.args))
+    except LandscapeError:
+        raise
     except TypeError as err:
         raise LandscapeError(
             f"calling {what} {spec.target} with {dict(spec.args)} failed: {err}",
             hint=f"check --{what}-arg values",
         ) from err
+    except Exception as err:  # the user's factory, not landscape
+        raise user_error(err, f"calling {what} spec {spec.target!r}") from err
