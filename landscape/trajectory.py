@@ -27,6 +27,7 @@ import h5py
 import numpy as np
 import torch
 
+from . import hf
 from .errors import LandscapeError
 from .curvature import CurvatureOperator
 from .lanczos import lanczos
@@ -225,12 +226,13 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
 
 
 def checkpoint_files(inputs: Sequence[str]) -> list[str]:
-    """The checkpoint files named by ``inputs``: files as they are, folders expanded to their checkpoints."""
+    """The checkpoints named by ``inputs``: files and ``save_pretrained`` folders as they are, other folders expanded
+    to the checkpoint files and ``save_pretrained`` folders they hold."""
     out: list[str] = []
     for item in inputs:
         p = Path(item)
-        if p.is_dir():
-            out += sorted(str(q) for q in p.iterdir() if q.suffix in CHECKPOINT_SUFFIXES)
+        if p.is_dir() and not hf.is_folder(p):
+            out += sorted(str(q) for q in p.iterdir() if q.suffix in CHECKPOINT_SUFFIXES or hf.is_folder(q))
         elif p.exists():
             out.append(str(p))
         else:
@@ -254,7 +256,7 @@ def _adam_state(opt: Mapping[str, Any] | None, names: Sequence[str]) -> tuple[Pa
 
 
 def load_snapshots(paths: Sequence[str], *, model_spec: Any = None, state_key: str | None = None,
-                   trust_pickle: bool = False) -> list[Snapshot]:
+                   trust_pickle: bool = False, strict: bool = True) -> list[Snapshot]:
     """Every checkpoint as a :class:`Snapshot`, ordered by recorded step (file order where steps are missing);
     all must hold the same parameters as the first."""
     import warnings
@@ -266,7 +268,7 @@ def load_snapshots(paths: Sequence[str], *, model_spec: Any = None, state_key: s
     shapes = None
     for path in paths:
         ck = load_checkpoint(path, state_key=state_key, trust_pickle=trust_pickle, optimizer_state=True)
-        model, _, _ = build_model(ck, model_spec)
+        model, _, _ = build_model(ck, model_spec, strict=strict)
         params = {n: t.detach().clone() for n, t in model.named_parameters()}
         if shapes is None:
             shapes = {n: tuple(t.shape) for n, t in params.items()}
@@ -314,7 +316,7 @@ def run_trajectory(cfg: TrajectoryConfig, *, progress: Any = None) -> tuple[str,
 
     files = checkpoint_files(cfg.inputs)
     snaps = load_snapshots(files, model_spec=cfg.scan.model, state_key=cfg.scan.state_key,
-                           trust_pickle=cfg.scan.trust_pickle)
+                           trust_pickle=cfg.scan.trust_pickle, strict=cfg.scan.strict)
     base = replace(cfg.scan, checkpoint=snaps[-1].path)
     st = setup(base)
     pb0 = st.problem
