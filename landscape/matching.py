@@ -31,6 +31,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from .errors import LandscapeError
+from .outputs import tensor_outputs
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.modules.batchnorm._BatchNorm,)
@@ -171,8 +172,8 @@ def _check(model: nn.Module, spec: PermutationSpec, x: torch.Tensor) -> None:
     """Refuse ``spec`` unless a randomly permuted copy of ``model`` computes the same outputs on ``x``."""
     rng = np.random.default_rng(0)
     perms = {g.name: rng.permutation(g.size) for g in spec.groups}
-    twin = copy.deepcopy(model).eval()
-    ref = copy.deepcopy(model).eval()
+    twin = tensor_outputs(copy.deepcopy(model)).eval()
+    ref = tensor_outputs(copy.deepcopy(model)).eval()
     state = apply_permutation(spec, ref.state_dict(), perms)
     twin.load_state_dict(state)
     with torch.no_grad():
