@@ -35,7 +35,6 @@ tokens (no padding) or the evaluation set fits one ``--batch-size``.
 from __future__ import annotations
 
 import json
-import types
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -152,7 +151,7 @@ def _transformers() -> Any:
 
 def from_config(path: str) -> torch.nn.Module:
     """The model a ``save_pretrained`` folder's ``config.json`` describes, with fresh weights (the checkpoint's
-    are loaded next), in eval mode, its key/value cache off and its outputs reduced by :func:`token_forward`."""
+    are loaded next), in eval mode, its key/value cache off, taking packed token inputs (:func:`token_forward`)."""
     transformers = _transformers()
     folder = Path(path)
     cfg = _config(folder)
@@ -161,7 +160,7 @@ def from_config(path: str) -> torch.nn.Module:
     if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
         raise LandscapeError(f"{folder / CONFIG} names {arch}, which transformers {transformers.__version__} does "
                              "not have", hint="upgrade transformers, or pass --model yourself")
-    config = transformers.AutoConfig.from_pretrained(str(folder))
+    config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
     if hasattr(config, "use_cache"):
         config.use_cache = False  # no past key/values: each forward pass is the whole sequence
     model = cls(config)
@@ -169,19 +168,19 @@ def from_config(path: str) -> torch.nn.Module:
     return token_forward(model)
 
 
+def _unpack_tokens(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+                   ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """A forward pre-hook: ``(n, 2, T)`` integer inputs become ``input_ids`` and ``attention_mask``."""
+    x = args[0] if len(args) == 1 else None
+    if isinstance(x, torch.Tensor) and x.ndim == 3 and x.shape[1] == 2 and not x.is_floating_point():
+        return (x[:, 0],), {**kwargs, "attention_mask": x[:, 1]}
+    return None
+
+
 def token_forward(model: torch.nn.Module) -> torch.nn.Module:
-    """Make ``model(x)`` accept the token inputs of this module's docstring: ``(n, T)`` ids, or ``(n, 2, T)`` ids
-    and attention mask; the call returns the model's output object (reduced to logits by
-    :func:`landscape.outputs.output_tensor`). Changes ``model`` in place (one built here) and returns it."""
-    cls_forward = type(model).forward
-
-    def forward(self: torch.nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if x.ndim == 3 and x.shape[1] == 2 and not x.is_floating_point() and not args:
-            kwargs.setdefault("attention_mask", x[:, 1])
-            x = x[:, 0]
-        return cls_forward(self, x, *args, **kwargs)
-
-    model.forward = types.MethodType(forward, model)
+    """Make ``model(x)`` accept the token inputs of this module's docstring, ``(n, T)`` ids or ``(n, 2, T)`` ids
+    and attention mask, through a forward pre-hook (kept by copies of the model); returns ``model``."""
+    model.register_forward_pre_hook(_unpack_tokens, with_kwargs=True)
     return model
 
 

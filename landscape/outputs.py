@@ -19,7 +19,6 @@ torch.Size([4])
 
 from __future__ import annotations
 
-import types
 from typing import Any, Mapping
 
 import torch
@@ -46,19 +45,15 @@ def output_tensor(out: Any) -> torch.Tensor:
                          hint="return a tensor, a tuple whose first item is one, or a dict with 'logits'")
 
 
+def _reduce_hook(module: torch.nn.Module, args: Any, out: Any) -> torch.Tensor | None:
+    """A forward hook: :func:`output_tensor` of a non-tensor output (None leaves a tensor as it is)."""
+    return None if isinstance(out, torch.Tensor) else output_tensor(out)
+
+
 def tensor_outputs(model: torch.nn.Module) -> torch.nn.Module:
-    """Make ``model(x)`` return :func:`output_tensor` of what it returned, in place (call it on a private copy);
-    idempotent. A ``torch.jit.ScriptModule`` is returned as it is (its outputs are fixed by the script)."""
-    if isinstance(model, torch.jit.ScriptModule):
-        return model
-    own = model.__dict__.get("forward")
-    if getattr(own, "__func__", None) is not None and getattr(own.__func__, "_landscape_outputs", False):
-        return model
-    inner = own.__func__ if isinstance(own, types.MethodType) else type(model).forward
-
-    def forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return output_tensor(inner(self, *args, **kwargs))
-
-    forward._landscape_outputs = True  # type: ignore[attr-defined]
-    model.forward = types.MethodType(forward, model)
+    """Make ``model(x)`` return :func:`output_tensor` of what it returned, in place (call it on a private copy),
+    through a forward hook that copies of the model keep; idempotent. A ``torch.jit.ScriptModule`` is returned
+    as it is (its outputs are fixed by the script)."""
+    if not isinstance(model, torch.jit.ScriptModule) and _reduce_hook not in model._forward_hooks.values():
+        model.register_forward_hook(_reduce_hook)
     return model
