@@ -2,7 +2,8 @@
 
 A folder written by ``model.save_pretrained(DIR)`` holds ``config.json`` and the weights: ``model.safetensors``,
 a sharded ``model.safetensors.index.json`` with its shards, or ``pytorch_model.bin`` (read with
-``torch.load(weights_only=True)``, as every checkpoint is). :func:`load_folder` reads it into a
+``torch.load(weights_only=True)``, as every checkpoint is); a ``Trainer``'s ``checkpoint-N`` folder also gives its
+training step (``trainer_state.json``). :func:`load_folder` reads it into a
 :class:`landscape.checkpoint.Checkpoint` (format ``huggingface``) whose manifest names the model builder
 :func:`from_config` and the loss the architecture implies (:func:`loss_for`), so ``landscape scan DIR --data
 tokens.pt`` needs no model flags.
@@ -137,7 +138,17 @@ def load_folder(path: Path) -> Any:
     sha = hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
     manifest = {"model": {"target": "landscape.hf:from_config", "args": {"path": str(path.resolve())}},
                 "loss": loss_for(cfg), "architecture": arch}
-    return Checkpoint(path=str(path), sha256=sha, format="huggingface", state_dict=state, manifest=manifest)
+    return Checkpoint(path=str(path), sha256=sha, format="huggingface", state_dict=state, manifest=manifest,
+                      step=_trainer_step(path))
+
+
+def _trainer_step(path: Path) -> int | None:
+    """The ``global_step`` of a ``Trainer`` checkpoint folder's ``trainer_state.json`` (orders a trajectory)."""
+    try:
+        step = json.loads((path / "trainer_state.json").read_text()).get("global_step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def _transformers() -> Any:

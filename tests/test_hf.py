@@ -178,6 +178,8 @@ def test_token_files_pack_the_mask_and_ignore_padding():
 def test_every_analysis_runs_on_a_gpt2_folder(tmp_path):
     """sharpness, compare (two folders) and trajectory (a folder of folders) on HF checkpoints."""
     a, b = save(tiny_gpt2(width=32), tmp_path / "ckpts" / "a"), save(tiny_gpt2(width=32, seed=1), tmp_path / "ckpts" / "b")
+    for folder, step in ((a, 200), (b, 100)):  # Trainer checkpoint folders: their step orders the trajectory
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     common = ["--data", "tokens", "--data-arg", "n=16", "--data-arg", "context=12"]
     r = cli("sharpness", str(a), *common, "--measure", "sam", "-o", str(tmp_path / "s"), "--json")
     assert r.returncode == 0, r.stderr
@@ -188,4 +190,4 @@ def test_every_analysis_runs_on_a_gpt2_folder(tmp_path):
     r = cli("trajectory", str(tmp_path / "ckpts"), *common, "--plane-steps", "3", "--no-report",
             "-o", str(tmp_path / "traj"), "--json", timeout=600)
     assert r.returncode == 0, r.stderr
-    assert [c["checkpoint"] for c in json.loads(r.stdout)["checkpoints"]] == ["a", "b"]
+    assert [(c["checkpoint"], c["step"]) for c in json.loads(r.stdout)["checkpoints"]] == [("b", 100), ("a", 200)]
