@@ -47,10 +47,14 @@ def build(folder: Path, config: dict) -> torch.nn.Module:
     return model
 
 
-def run(cmd: list[str], threads: int) -> tuple[float, float, str]:
-    """Wall seconds, peak RSS (MiB) and stdout of one ``landscape`` command in its own process."""
-    code = (f"import sys, torch; torch.set_num_threads({threads}); from landscape_cli.main import main; "
-            "sys.argv[0] = 'landscape'; main()")
+#: a process that imports what every command below imports and does nothing: the floor of the peak RSS column
+BASELINE = "import transformers, landscape.scan, landscape_cli.main"
+
+
+def run(cmd: list[str], threads: int, code: str | None = None) -> tuple[float, float, str]:
+    """Wall seconds, peak RSS (MiB) and stdout of one ``landscape`` command (or of ``code``) in its own process."""
+    code = code or (f"import sys, torch; torch.set_num_threads({threads}); from landscape_cli.main import main; "
+                    "sys.argv[0] = 'landscape'; main()")
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-c", code, *cmd], stdout=out, stderr=err)
@@ -72,6 +76,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     root = Path(args.out or tempfile.mkdtemp(prefix="bench_hf_"))
+    _, base_rss, _ = run([], args.threads, code=BASELINE)
     rows = []
     for size in args.sizes.split(","):
         config, data, steps = SIZES[size]
@@ -99,7 +104,7 @@ def main() -> None:
         rows.append((size, n_params, data, steps, forward, gradient, scan_wall, scan_rss, dry, hess_wall, hess_rss, h))
         print(f"{size}: done", file=sys.stderr)
     print(f"torch {torch.__version__}, {args.threads} threads, float32, causal_lm loss, `--data tokens` "
-          "(no padding)\n")
+          f"(no padding); a process that only imports torch, transformers and landscape peaks at {base_rss:.0f} MiB\n")
     print("| model | parameters | sequences x tokens | forward / gradient (s) | scan (s) | scan peak RSS (MiB) "
           "| dry run: predicted total (s), memory (MiB) | hessian (s) | hessian peak RSS (MiB) | products | "
           "lambda_1 |\n|---|---|---|---|---|---|---|---|---|---|---|")

@@ -385,7 +385,8 @@ def scan(
             memory_budget=_parse_bytes(memory_budget), dims=dims,
             steps=_parse_steps(steps), range=_parse_range(range_), y_range=_parse_range(y_range) if y_range else None,
             norm=norm, ignore=ignore, orthogonalize=orthogonalize, directions=directions, interpolate=interpolate, name=name, resume=resume,
-            overwrite=overwrite, compact_every=save_every, curvature=CurvatureSettings(seed=specs.seed) if hessian else None,
+            overwrite=overwrite, compact_every=save_every,
+            curvature=CurvatureSettings(seed=specs.seed) if hessian else None,
             sharpness=_default_sharpness(specs.seed) if sharpness else (),
             coherence=CoherenceSettings(noise_samples=16, seed=specs.seed) if coherence else None)
         with err_console.status("loading checkpoint, model and data", spinner="dots"):
@@ -584,8 +585,10 @@ def coherence(
         if any(b < 1 for b in sizes):
             raise LandscapeError(f"--batch-sizes {batch_sizes!r} must be positive", hint="e.g. 1,8,32")
         settings = CoherenceSettings(sketch=sketch, noise_samples=noise_samples, batch_sizes=sizes,
-                                     batch_repeats=batch_repeats, control=control is not None, seed=specs.seed).resolved()
-        config = _base_config(checkpoint, specs, output, slices=False, resume=True, coherence=settings, memory_budget=_parse_bytes(memory_budget), stream=stream)
+                                     batch_repeats=batch_repeats, control=control is not None,
+                                     seed=specs.seed).resolved()
+        config = _base_config(checkpoint, specs, output, slices=False, resume=True, coherence=settings,
+                              memory_budget=_parse_bytes(memory_budget), stream=stream)
         with err_console.status("loading checkpoint, model and data", spinner="dots"):
             st = setup(config)
         summary = _run_and_print(config, st, json_out, report=None)
@@ -709,7 +712,8 @@ def compare(
 
     with _errors(debug):
         scan_cfg = _base_config(
-            "", specs, None, steps=_parse_steps(steps), curvature=CurvatureSettings(seed=specs.seed) if hessian else None,
+            "", specs, None, steps=_parse_steps(steps),
+            curvature=CurvatureSettings(seed=specs.seed) if hessian else None,
             sharpness=_default_sharpness(specs.seed) if sharpness else (),
             coherence=CoherenceSettings(noise_samples=16, seed=specs.seed) if coherence else None)
         cfg = CompareConfig(inputs=tuple(inputs), scan=scan_cfg, output=output, align=align, curve=curve,

@@ -5,7 +5,6 @@ import json
 import subprocess
 import sys
 import textwrap
-import time
 
 import h5py
 import numpy as np
@@ -250,7 +249,6 @@ def _vision(module):
 ])
 def test_vision_factories_where_they_import(tmp_path, spec, args, module):
     _vision(module)
-    from landscape.scan import build_model
     from landscape.specs import Spec, call_spec, parse_kv
 
     model = call_spec(Spec(spec, parse_kv(args)), what="model")
@@ -260,3 +258,20 @@ def test_vision_factories_where_they_import(tmp_path, spec, args, module):
     r = cli("hessian", str(tmp_path / "v.pt"), "--model", spec, *sum((["--model-arg", a] for a in args), []),
             "--data", str(tmp_path / "d.pt"), "--top-k", "1", "--no-trace", "-o", str(tmp_path / "r"), "--json")
     assert r.returncode == 0, r.stderr
+
+
+def test_every_loading_command_takes_the_same_model_data_loss_options():
+    import typer.main
+
+    from landscape_cli.main import app
+    from landscape_cli.options import OPTIONS
+
+    group = typer.main.get_command(app)
+    shared = None
+    for name in ("scan", "hessian", "sharpness", "coherence", "compare", "trajectory"):
+        params = {p.name: (tuple(p.opts), tuple(p.secondary_opts), p.default) for p in group.commands[name].params
+                  if p.name in OPTIONS}
+        assert set(params) == set(OPTIONS), name
+        assert shared is None or params == shared, name
+        shared = params
+    assert shared["strict"][:2] == (("--strict",), ("--no-strict",)) and shared["model_arg"][0] == ("--model-arg",)
