@@ -31,7 +31,7 @@ import torch
 SIZES = {
     # name: (GPT2Config fields, token-data arguments, slice steps)
     "tiny": (dict(vocab_size=256, n_positions=32, n_embd=64, n_layer=2, n_head=4), dict(n=64, vocab=256, context=32), 11),
-    "10m": (dict(vocab_size=8192, n_positions=64, n_embd=320, n_layer=6, n_head=5), dict(n=64, vocab=8192, context=64), 5),
+    "10m": (dict(vocab_size=8192, n_positions=64, n_embd=320, n_layer=6, n_head=5), dict(n=16, vocab=8192, context=32), 5),
 }
 
 
