@@ -93,6 +93,14 @@ def _is_file(mod_name: str) -> bool:
     return mod_name.endswith(".py") or "/" in mod_name or "\\" in mod_name
 
 
+def _import_folder(mod_name: str, from_checkpoint: bool) -> Path | None:
+    """The folder put first on ``sys.path`` for a spec: a file's own folder (it sees the modules beside it), the
+    current directory for a module name (not for a spec read from a checkpoint)."""
+    if _is_file(mod_name):
+        return Path(mod_name).resolve().parent
+    return None if from_checkpoint else Path.cwd()
+
+
 def resolve(target: str, *, what: str, from_checkpoint: bool = False) -> Callable[..., Any]:
     """Return the callable that ``target`` (``module:attr`` or ``file.py:attr``) names."""
     mod_name, sep, attr = target.rpartition(":")
@@ -109,10 +117,8 @@ def resolve(target: str, *, what: str, from_checkpoint: bool = False) -> Callabl
         )
     if is_file and not Path(mod_name).is_file():
         raise LandscapeError(f"{what} file {mod_name} does not exist", hint="check the path before ':'")
-    # a file sees the modules beside it; a module name the current directory (not for a checkpoint's spec)
-    folder = Path(mod_name).resolve().parent if is_file else None if from_checkpoint else Path.cwd()
     try:
-        with _on_path(folder):
+        with _on_path(_import_folder(mod_name, from_checkpoint)):
             module = _import_file(Path(mod_name)) if is_file else importlib.import_module(mod_name)
     except LandscapeError:
         raise
@@ -179,8 +185,7 @@ def call_spec(spec: Spec, *, what: str, from_checkpoint: bool = False) -> Any:
     fn = resolve(spec.target, what=what, from_checkpoint=from_checkpoint)
     mod_name = spec.target.rpartition(":")[0]
     try:
-        with _on_path(Path(mod_name).resolve().parent if _is_file(mod_name) else None if from_checkpoint
-                      else Path.cwd()):
+        with _on_path(_import_folder(mod_name, from_checkpoint)):
             return fn(**dict(spec.args))
     except LandscapeError:
         raise
