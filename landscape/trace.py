@@ -67,21 +67,66 @@ def hutchinson(matvec: Matvec, n: int, *, max_matvec: int = 100, stderr_target: 
                          method="hutchinson" + ("-deflated" if Q is not None else ""), samples=arr)
 
 
+#: rows of Rademacher signs drawn at a time (the draws are the same as one draw of the whole matrix)
+SIGN_ROWS = 1 << 16
+
+
+def _rademacher_signs(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
+    """``(n, k)`` signs as int8: the values of ``_rademacher(rng, n, k)`` in an eighth of its memory."""
+    out = np.empty((n, k), dtype=np.int8, order="F")
+    for s in range(0, n, SIGN_ROWS):
+        e = min(n, s + SIGN_ROWS)
+        out[s:e] = rng.integers(0, 2, size=(e - s, k)) * 2 - 1
+    return out
+
+
+def _orthonormalize(B: np.ndarray, drop: float = 1e-10) -> np.ndarray:
+    """An orthonormal basis of ``B``'s columns, computed in ``B``'s memory (a view of its first columns): classical
+    Gram-Schmidt applied twice per column ("twice is enough", Giraud et al. 2005), the orthogonality of Householder
+    QR without its copies. A column whose norm falls below ``drop`` times its original norm is dropped."""
+    kept = 0
+    for i in range(B.shape[1]):
+        v = B[:, i]
+        norm0 = np.linalg.norm(v)
+        for _ in range(2):
+            v -= B[:, :kept] @ (B[:, :kept].T @ v)
+        norm = np.linalg.norm(v)
+        if norm0 == 0 or norm <= drop * norm0:
+            continue
+        B[:, kept] = v / norm
+        kept += 1
+    return B[:, :kept]
+
+
 def hutchpp(matvec: Matvec, n: int, *, max_matvec: int = 99, seed: int = 0) -> TraceEstimate:
     """Hutch++ estimate of ``tr(A)`` with ``max_matvec`` matvecs (a third each for sketch, projection, residual).
 
     The standard error is that of the Hutchinson part on the deflated remainder (the low-rank part is exact).
+    Memory: one ``(n, m/3)`` float64 block, ``A S``, orthonormalized in place into ``Q``; the signs ``S`` and ``G``
+    are int8, and ``A Q`` and ``P G`` are formed a column at a time (before: ``S``, ``A S``, LAPACK's copies, ``Q``,
+    ``A Q`` and ``G`` in float64, about seven blocks, 13 GB at 10M parameters: benchmarks/RESULTS.md issue 18).
+    Columns of ``A S`` in the span of the others (``A`` of rank below ``m/3``) are dropped, which saves their
+    products: the low-rank part is then exact and the remainder is zero.
+
+    >>> A = np.diag(np.arange(1.0, 31.0))
+    >>> round(hutchpp(lambda v: A @ v, 30, max_matvec=90).estimate, 6)  # rank 30 <= m/3: exact
+    465.0
     """
     rng = np.random.default_rng(seed)
     k = max(1, max_matvec // 3)
-    S = _rademacher(rng, n, k)
-    AS = np.column_stack([np.asarray(matvec(S[:, i]), dtype=np.float64) for i in range(k)])
-    Q, _ = np.linalg.qr(AS)
-    AQ = np.column_stack([np.asarray(matvec(Q[:, i]), dtype=np.float64) for i in range(Q.shape[1])])
-    low_rank = float(np.trace(Q.T @ AQ))
-    G = _rademacher(rng, n, k)
-    G = G - Q @ (Q.T @ G)
-    samples = np.array([float(G[:, i] @ np.asarray(matvec(G[:, i]), dtype=np.float64)) for i in range(k)])
+    S = _rademacher_signs(rng, n, k)
+    AS = np.empty((n, k), order="F")
+    for i in range(k):
+        AS[:, i] = np.asarray(matvec(S[:, i].astype(np.float64)), dtype=np.float64)
+    del S
+    Q = _orthonormalize(AS)
+    low_rank = float(sum(Q[:, i] @ np.asarray(matvec(Q[:, i]), dtype=np.float64) for i in range(Q.shape[1])))
+    G = _rademacher_signs(rng, n, k)
+    samples = np.empty(k)
+    for i in range(k):
+        g = G[:, i].astype(np.float64)
+        g -= Q @ (Q.T @ g)  # P g, P = I - Q Q^T
+        samples[i] = float(g @ np.asarray(matvec(g), dtype=np.float64))
     stderr = float(np.std(samples, ddof=1) / np.sqrt(k)) if k > 1 else float("inf")
     return TraceEstimate(estimate=low_rank + float(samples.mean()), stderr=stderr,
                          n_matvec=k + Q.shape[1] + k, method="hutch++", samples=samples)
