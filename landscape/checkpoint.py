@@ -102,16 +102,13 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
             ) from err
         raise LandscapeError(f"{path} is not a readable PyTorch checkpoint ({err})",
                              hint="the file may be corrupt or truncated; re-save or re-download it") from err
-    except (ImportError, AttributeError) as err:
-        if not trust_pickle:
-            raise LandscapeError(f"{path} is not a readable PyTorch checkpoint ({err})",
-                                 hint="the file may be corrupt or truncated; re-save or re-download it") from err
-        # a pickled module's class lives in the user's code: importing it failed, the file is fine
-        raise LandscapeError(f"{path} holds a pickled object whose class cannot be imported "
-                             f"({type(err).__name__}: {err})",
-                             hint="run from the folder (or with the PYTHONPATH) the model was saved with, or "
-                                  "save model.state_dict() and pass --model") from err
     except Exception as err:  # the unpickler fails in many ways on damaged bytes (IndexError, KeyError, ...)
+        if trust_pickle and isinstance(err, (ImportError, AttributeError)):
+            # a pickled module's class lives in the user's code: importing it failed, the file is fine
+            raise LandscapeError(f"{path} holds a pickled object whose class cannot be imported "
+                                 f"({type(err).__name__}: {err})",
+                                 hint="run from the folder (or with the PYTHONPATH) the model was saved with, or "
+                                      "save model.state_dict() and pass --model") from err
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise LandscapeError(f"{path} is not a readable PyTorch checkpoint ({msg})",
                              hint="the file may be corrupt or truncated; re-save or re-download it") from err

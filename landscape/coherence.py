@@ -268,12 +268,12 @@ def el2n(problem: Problem, X: torch.Tensor, y: torch.Tensor) -> np.ndarray:
     sequence; for a causal LM each token against the next one, tokens labelled -100 left out), or ``||f(x) - y||``
     for regression."""
     out = []
+    shift = getattr(problem.loss_fn, "shift", 0)  # a causal LM scores logits[:, i] against labels[:, i + 1]
     with torch.no_grad():
         for s in range(0, len(X), problem.batch_size):
             # a plain forward pass: the fused attention kernels are fine here (Problem.forward avoids them)
             f = functional_call(problem._model, (problem.theta0, problem.buffers), (X[s:s + problem.batch_size],))
             t = y[s:s + problem.batch_size]
-            shift = getattr(problem.loss_fn, "shift", 0)  # a causal LM scores logits[:, i] against labels[:, i + 1]
             if shift:
                 f, t = f[:, :-shift], t[:, shift:]
             if not t.is_floating_point():  # class targets, on the last axis of the logits (a label or a token each)

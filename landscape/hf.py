@@ -35,10 +35,12 @@ tokens (no padding) or the evaluation set fits one ``--batch-size``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -128,8 +130,6 @@ def _weights(path: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
 def load_folder(path: Path) -> Any:
     """A :class:`~landscape.checkpoint.Checkpoint` of a ``save_pretrained`` folder (format ``huggingface``); its
     sha256 covers config.json and every weight file, in order."""
-    import hashlib
-
     from .checkpoint import Checkpoint, file_sha256
 
     cfg = _config(path)
@@ -235,8 +235,6 @@ def token_arrays(arrays: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def _array(v: Any) -> torch.Tensor:
-    import numpy as np
-
     return v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v))
 
 

@@ -32,9 +32,8 @@ class TraceEstimate:
     samples: np.ndarray
 
 
-def _rademacher(rng: np.random.Generator, n: int, m: int | None = None) -> np.ndarray:
-    shape = (n,) if m is None else (n, m)
-    return rng.integers(0, 2, size=shape).astype(np.float64) * 2.0 - 1.0
+def _rademacher(rng: np.random.Generator, n: int) -> np.ndarray:
+    return rng.integers(0, 2, size=n).astype(np.float64) * 2.0 - 1.0
 
 
 def hutchinson(matvec: Matvec, n: int, *, max_matvec: int = 100, stderr_target: float | None = None,
@@ -72,7 +71,8 @@ SIGN_ROWS = 1 << 16
 
 
 def _rademacher_signs(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
-    """``(n, k)`` signs as int8: the values of ``_rademacher(rng, n, k)`` in an eighth of its memory."""
+    """``(n, k)`` Rademacher signs as int8 (an eighth of float64's memory), the values of one
+    ``rng.integers(0, 2, size=(n, k)) * 2 - 1`` draw."""
     out = np.empty((n, k), dtype=np.int8, order="F")
     for s in range(0, n, SIGN_ROWS):
         e = min(n, s + SIGN_ROWS)
