@@ -63,7 +63,8 @@ class SpectralDensity:
         return grid, phi / mass if mass > 0 else phi
 
 
-def slq(matvec: Matvec, n: int, *, n_probes: int = 1, steps: int = 100, seed: int = 0) -> SpectralDensity:
+def slq(matvec: Matvec, n: int, *, n_probes: int = 1, steps: int = 100, seed: int = 0,
+        budget: float = float("inf")) -> SpectralDensity:
     """Stochastic Lanczos quadrature of the spectrum of a symmetric ``n x n`` operator.
 
     >>> d = slq(lambda v: np.arange(1.0, 11.0) * v, 10, steps=10)
@@ -77,7 +78,7 @@ def slq(matvec: Matvec, n: int, *, n_probes: int = 1, steps: int = 100, seed: in
     n_mv = 0
     for p in range(n_probes):
         v = rng.integers(0, 2, size=n).astype(np.float64) * 2.0 - 1.0
-        T, used = krylov_tridiagonal(matvec, v, steps)
+        T, used = krylov_tridiagonal(matvec, v, steps, budget=budget)
         n_mv += used
         theta, S = np.linalg.eigh(T)
         nodes[p, : len(theta)] = theta

@@ -30,6 +30,8 @@ from typing import Callable
 
 import numpy as np
 
+from .vectors import ColumnStore
+
 Matvec = Callable[[np.ndarray], np.ndarray]
 
 #: a verified residual within this many times the matvec's rounding error at the vector counts as converged (see
@@ -52,20 +54,46 @@ class Eigenpairs:
     which: str
     tol: float
     noise: np.ndarray | None = None
+    #: where the Krylov basis was kept: ``memory`` or ``disk`` (:class:`landscape.vectors.ColumnStore`)
+    storage: str = "memory"
 
 
-def _orthogonalize(V: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Project ``w`` off the columns of ``V`` twice; returns (w, projections)."""
-    h = V.T @ w
-    w = w - V @ h
-    h2 = V.T @ w
-    return w - V @ h2, h + h2
+#: the second Gram-Schmidt sweep is applied when the first leaves a component along the basis above this fraction
+#: of the vector's norm (measured at no extra pass, see :meth:`ColumnStore.subtract`)
+REORTH_TOL = 1e-12
+
+
+def _orthogonalize(V: ColumnStore, w: np.ndarray, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """Project ``w`` (modified in place) off the first ``cols`` columns of ``V``; returns (w, projections).
+
+    Classical Gram-Schmidt, twice when needed ("twice is enough", Parlett): the first sweep takes two passes
+    over the basis and measures what a second sweep would remove on its way; the third pass is made only when
+    that is above :data:`REORTH_TOL` of ``||w||`` (near convergence, where ``||w||`` is small).
+    """
+    h = V.project(w, cols)
+    h2 = V.subtract(w, h, cols, project_after=True)
+    if np.linalg.norm(h2) > REORTH_TOL * np.linalg.norm(w):
+        V.subtract(w, h2, cols)
+        h = h + h2
+    return w, h
+
+
+def _product(matvec: Matvec, v: np.ndarray) -> np.ndarray:
+    return np.array(matvec(v), dtype=np.float64)  # a fresh array: orthogonalized in place
+
+
+def basis_size(k: int, n: int, max_basis: int | None = None) -> int:
+    """Columns of the restarted basis: ``max(2k + 20, 40)`` unless given, at most ``n``."""
+    return min(n, max_basis or max(2 * k + 20, 40))
 
 
 def lanczos(matvec: Matvec, n: int, k: int = 5, *, which: str = "LA", tol: float = 1e-6,
             max_basis: int | None = None, max_matvec: int | None = None, seed: int = 0,
-            v0: np.ndarray | None = None, verify: bool = True) -> Eigenpairs:
+            v0: np.ndarray | None = None, verify: bool = True, budget: float = float("inf")) -> Eigenpairs:
     """The ``k`` largest (``which="LA"``) or smallest (``"SA"``) eigenpairs of a symmetric ``n x n`` operator.
+
+    ``budget`` (bytes) bounds the basis (``(m + 1) n`` float64 numbers) and the eigenvectors (``k n``) held in
+    memory; what does not fit is kept on disk (:class:`landscape.vectors.ColumnStore`) with the same results.
 
     >>> A = np.diag(np.arange(1.0, 101.0))
     >>> r = lanczos(lambda v: A @ v, 100, k=3)
@@ -75,16 +103,16 @@ def lanczos(matvec: Matvec, n: int, k: int = 5, *, which: str = "LA", tol: float
     if which not in ("LA", "SA"):
         raise ValueError("which must be 'LA' or 'SA'")
     k = min(k, n)
-    m = min(n, max_basis or max(2 * k + 20, 40))
-    budget = max_matvec or 50 * m
+    m = basis_size(k, n, max_basis)
+    budget_mv = max_matvec or 50 * m
     sign = 1.0 if which == "LA" else -1.0
     rng = np.random.default_rng(seed)
     v = rng.standard_normal(n) if v0 is None else np.asarray(v0, dtype=np.float64).copy()
-    # the basis lives in one preallocated Fortran-ordered array: contiguous columns, no copy per step
-    basis = np.empty((n, m + 1), order="F")
-    basis[:, 0] = v / np.linalg.norm(v)
+    basis = ColumnStore(n, m + 1, budget=budget)
+    v = v / np.linalg.norm(v)
+    basis.set_column(0, v)
     j = 1
-    w, h = _orthogonalize(basis[:, :1], np.asarray(matvec(basis[:, 0]), dtype=np.float64))
+    w, h = _orthogonalize(basis, _product(matvec, v), 1)
     T = h.reshape(1, 1)
     c = np.ones(1)
     r, n_mv = w, 1
@@ -96,17 +124,18 @@ def lanczos(matvec: Matvec, n: int, k: int = 5, *, which: str = "LA", tol: float
         want = order[:k]
         scale = np.maximum(np.abs(theta[want]), np.finfo(float).eps * max(np.abs(theta).max(), 1e-300))
         done = j >= k and bool(np.all(res[want] <= tol * scale))
-        if done or j == n or n_mv >= budget:
+        if done or j == n or n_mv >= budget_mv:
             break
         if j >= m:  # thick restart: keep the wanted Ritz vectors and a few more
             keep = order[: min(m - 1, max(k + (m - k) // 2, k + 1))]
-            basis[:, : len(keep)] = basis[:, :j] @ S[:, keep]
+            basis.transform(S[:, keep])
             T, c, j = np.diag(theta[keep]), c @ S[:, keep], len(keep)
         if rnorm <= 1e-12 * max(np.abs(theta).max(), 1.0):  # invariant subspace: continue from a fresh vector
-            r, _ = _orthogonalize(basis[:, :j], rng.standard_normal(n))
+            r, _ = _orthogonalize(basis, rng.standard_normal(n), j)
             rnorm, c = np.linalg.norm(r), np.zeros(j)
-        basis[:, j] = r / rnorm
-        w, h = _orthogonalize(basis[:, : j + 1], np.asarray(matvec(basis[:, j]), dtype=np.float64))
+        v = r / rnorm
+        basis.set_column(j, v)
+        w, h = _orthogonalize(basis, _product(matvec, v), j + 1)
         n_mv += 1
         T_new = np.zeros((j + 1, j + 1))
         T_new[:j, :j] = T
@@ -115,45 +144,54 @@ def lanczos(matvec: Matvec, n: int, k: int = 5, *, which: str = "LA", tol: float
         T, r, j = T_new, w, j + 1
         c = np.zeros(j)
         c[j - 1] = 1.0
-    V = basis[:, :j]
     want = order[:k]
-    vecs = np.asfortranarray(V @ S[:, want])
+    out = ColumnStore(n, len(want), budget=budget - (0 if basis.on_disk else basis.nbytes))
+    basis.combine_into(S[:j, want], out)
+    storage = basis.storage
+    basis.close()
+    del basis
+    vecs = out.to_array()
     vals = theta[want]
     scale = np.maximum(np.abs(vals), np.finfo(float).eps * max(np.abs(theta).max(), 1e-300))
     noise = np.full(len(want), np.nan)
     if verify:
-        products = [np.asarray(matvec(vecs[:, i]), dtype=np.float64) for i in range(len(want))]
-        res_true = np.array([np.linalg.norm(p - vals[i] * vecs[:, i]) for i, p in enumerate(products)])
-        n_mv += len(want)
-        for i in np.flatnonzero(res_true > tol * scale):  # the operator's own rounding may be what stops it
-            noise[i] = np.linalg.norm(np.asarray(matvec(3.0 * vecs[:, i]), dtype=np.float64) / 3.0
-                                      - products[i]) / np.sqrt(2.0)
+        res_true = np.empty(len(want))
+        for i in range(len(want)):
+            vi = np.asarray(vecs[:, i])
+            p = _product(matvec, vi)
+            res_true[i] = np.linalg.norm(p - vals[i] * vi)
             n_mv += 1
+            if res_true[i] > tol * scale[i]:  # the operator's own rounding may be what stops it
+                noise[i] = np.linalg.norm(_product(matvec, 3.0 * vi) / 3.0 - p) / np.sqrt(2.0)
+                n_mv += 1
     else:
         res_true = res[want]
     converged = (res_true <= tol * scale) | (res_true <= NOISE_FACTOR * noise)  # NaN compares False
     return Eigenpairs(eigenvalues=vals, eigenvectors=vecs, residuals=res_true, converged=converged,
-                      n_matvec=n_mv, which=which, tol=tol, noise=noise)
+                      n_matvec=n_mv, which=which, tol=tol, noise=noise, storage=storage)
 
 
-def krylov_tridiagonal(matvec: Matvec, v0: np.ndarray, steps: int) -> tuple[np.ndarray, int]:
-    """``T = V^T A V`` for the Krylov basis of ``v0`` after ``steps`` matvecs (full reorthogonalization, twice).
+def krylov_tridiagonal(matvec: Matvec, v0: np.ndarray, steps: int, *, budget: float = float("inf")
+                       ) -> tuple[np.ndarray, int]:
+    """``T = V^T A V`` for the Krylov basis of ``v0`` after ``steps`` matvecs (full reorthogonalization, as in
+    :func:`lanczos`; the basis within ``budget`` bytes of memory, the rest on disk).
 
     ``T`` is tridiagonal up to rounding; its eigenvalues and the squared first components of its eigenvectors
     are the Gauss quadrature nodes and weights of ``v^T f(A) v`` for the normalized ``v0`` (used by SLQ).
     Stops early at an invariant subspace. Returns ``(T, matvecs)``.
     """
     n = v0.shape[0]
-    V = (v0 / np.linalg.norm(v0))[:, None]
-    T = np.zeros((0, 0))
-    for j in range(min(steps, n)):
-        w, h = _orthogonalize(V, np.asarray(matvec(V[:, j]), dtype=np.float64))
-        T_new = np.zeros((j + 1, j + 1))
-        T_new[:j, :j] = T
-        T_new[:, j] = T_new[j, :] = h
-        T = T_new
+    steps = min(steps, n)
+    V = ColumnStore(n, steps, budget=budget)
+    v = v0 / np.linalg.norm(v0)
+    T = np.zeros((steps, steps))
+    for j in range(steps):
+        V.set_column(j, v)
+        w, h = _orthogonalize(V, _product(matvec, v), j + 1)
+        T[:j + 1, j] = T[j, :j + 1] = h
         beta = np.linalg.norm(w)
-        if j + 1 == min(steps, n) or beta <= 1e-12 * max(np.abs(np.diag(T)).max(), 1.0):
+        if j + 1 == steps or beta <= 1e-12 * max(np.abs(np.diag(T)[:j + 1]).max(), 1.0):
+            T = T[:j + 1, :j + 1]
             return (T + T.T) / 2, j + 1
-        V = np.column_stack([V, w / beta])
-    return (T + T.T) / 2, T.shape[0]
+        v = w / beta
+    return (T + T.T) / 2, steps

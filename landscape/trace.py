@@ -18,6 +18,8 @@ from typing import Callable
 
 import numpy as np
 
+from .vectors import ColumnStore, orthonormalize
+
 Matvec = Callable[[np.ndarray], np.ndarray]
 
 
@@ -80,33 +82,17 @@ def _rademacher_signs(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
     return out
 
 
-def _orthonormalize(B: np.ndarray, drop: float = 1e-10) -> np.ndarray:
-    """An orthonormal basis of ``B``'s columns, computed in ``B``'s memory (a view of its first columns): classical
-    Gram-Schmidt applied twice per column ("twice is enough", Giraud et al. 2005), the orthogonality of Householder
-    QR without its copies. A column whose norm falls below ``drop`` times its original norm is dropped."""
-    kept = 0
-    for i in range(B.shape[1]):
-        v = B[:, i]
-        norm0 = np.linalg.norm(v)
-        for _ in range(2):
-            v -= B[:, :kept] @ (B[:, :kept].T @ v)
-        norm = np.linalg.norm(v)
-        if norm0 == 0 or norm <= drop * norm0:
-            continue
-        B[:, kept] = v / norm
-        kept += 1
-    return B[:, :kept]
-
-
-def hutchpp(matvec: Matvec, n: int, *, max_matvec: int = 99, seed: int = 0) -> TraceEstimate:
+def hutchpp(matvec: Matvec, n: int, *, max_matvec: int = 99, seed: int = 0, budget: float = float("inf")
+            ) -> TraceEstimate:
     """Hutch++ estimate of ``tr(A)`` with ``max_matvec`` matvecs (a third each for sketch, projection, residual).
 
     The standard error is that of the Hutchinson part on the deflated remainder (the low-rank part is exact).
-    Memory: one ``(n, m/3)`` float64 block, ``A S``, orthonormalized in place into ``Q``; the signs ``S`` and ``G``
-    are int8, and ``A Q`` and ``P G`` are formed a column at a time (before: ``S``, ``A S``, LAPACK's copies, ``Q``,
-    ``A Q`` and ``G`` in float64, about seven blocks, 13 GB at 10M parameters: benchmarks/RESULTS.md issue 18).
-    Columns of ``A S`` in the span of the others (``A`` of rank below ``m/3``) are dropped, which saves their
-    products: the low-rank part is then exact and the remainder is zero.
+    Memory: one ``(n, m/3)`` float64 block (within ``budget`` bytes, else on disk: :class:`ColumnStore`), ``A S``,
+    orthonormalized in place into ``Q`` by SVQB (:func:`landscape.vectors.orthonormalize`), then overwritten by
+    ``P G = G - Q (Q^T G)``; the signs ``S`` and ``G`` are int8. Beside the products this costs six passes over
+    the block (Gram-Schmidt column by column cost ``O(m^2)`` column passes, which at 11M parameters took longer than
+    the products: benchmarks/RESULTS.md issue 19). Directions of ``A S`` below 1e-6 of its largest singular value
+    (``A`` of rank below ``m/3``) are dropped with their products: they are left to the Hutchinson part.
 
     >>> A = np.diag(np.arange(1.0, 31.0))
     >>> round(hutchpp(lambda v: A @ v, 30, max_matvec=90).estimate, 6)  # rank 30 <= m/3: exact
@@ -115,18 +101,24 @@ def hutchpp(matvec: Matvec, n: int, *, max_matvec: int = 99, seed: int = 0) -> T
     rng = np.random.default_rng(seed)
     k = max(1, max_matvec // 3)
     S = _rademacher_signs(rng, n, k)
-    AS = np.empty((n, k), order="F")
+    block = ColumnStore(n, k, budget=budget)
     for i in range(k):
-        AS[:, i] = np.asarray(matvec(S[:, i].astype(np.float64)), dtype=np.float64)
+        block.set_column(i, np.asarray(matvec(S[:, i].astype(np.float64)), dtype=np.float64))
     del S
-    Q = _orthonormalize(AS)
-    low_rank = float(sum(Q[:, i] @ np.asarray(matvec(Q[:, i]), dtype=np.float64) for i in range(Q.shape[1])))
+    r = orthonormalize(block, k)
+    low_rank = float(sum(q @ np.asarray(matvec(q), dtype=np.float64) for q in map(block.column, range(r))))
     G = _rademacher_signs(rng, n, k)
+    C = np.zeros((r, k))  # Q^T G
+    for a, b in block.blocks():
+        C += block.read(a, b, r).T @ G[a:b]
+    for a, b in block.blocks():  # P G, written over Q row block by row block
+        block.write(a, G[a:b] - block.read(a, b, r) @ C)
+    del G
     samples = np.empty(k)
     for i in range(k):
-        g = G[:, i].astype(np.float64)
-        g -= Q @ (Q.T @ g)  # P g, P = I - Q Q^T
+        g = block.column(i)
         samples[i] = float(g @ np.asarray(matvec(g), dtype=np.float64))
+    block.close()
     stderr = float(np.std(samples, ddof=1) / np.sqrt(k)) if k > 1 else float("inf")
     return TraceEstimate(estimate=low_rank + float(samples.mean()), stderr=stderr,
-                         n_matvec=k + Q.shape[1] + k, method="hutch++", samples=samples)
+                         n_matvec=k + r + k, method="hutch++", samples=samples)

@@ -1,0 +1,172 @@
+"""Blocks of long float64 vectors (Krylov bases, sketches, eigenvectors) kept within a memory budget.
+
+A :class:`ColumnStore` holds ``k`` columns of length ``n``: in memory when ``n k`` float64 numbers fit
+``budget`` bytes, otherwise in an unlinked scratch file that is read and written a row block at a time (one
+block is at most :data:`BLOCK_ROWS` rows, so its buffer is ``BLOCK_ROWS x k x 8`` bytes: 21 MB for 40
+columns). Every algorithm over a store (:mod:`landscape.lanczos`, :mod:`landscape.trace`) walks it by the same
+row blocks in both places, so a basis on disk gives the same bits as one in memory; only the time differs (reads
+from the page cache or the disk instead of RAM).
+
+The scratch file lives in :data:`SPILL_DIR` (``$LANDSCAPE_SPILL_DIR``, else the system's temporary folder; a scan
+points it next to its run file), is removed from the folder as soon as it is opened, and so never outlives the
+process, even when the process is killed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Iterator
+
+import numpy as np
+
+#: rows of one block: the unit of every pass over a store (a multiple of 4 KiB pages of float64)
+BLOCK_ROWS = 1 << 16
+#: where stores too big for the budget spill (None: ``$LANDSCAPE_SPILL_DIR`` or the temporary folder)
+SPILL_DIR: str | None = None
+
+
+def spill_dir() -> str:
+    return SPILL_DIR or os.environ.get("LANDSCAPE_SPILL_DIR") or tempfile.gettempdir()
+
+
+class ColumnStore:
+    """``k`` float64 columns of length ``n``, in memory or (``on_disk``) in a scratch file.
+
+    >>> s = ColumnStore(5, 2, budget=0)  # nothing fits: on disk
+    >>> s.on_disk, s.set_column(1, np.arange(5.0)), s.column(1).tolist()
+    (True, None, [0.0, 1.0, 2.0, 3.0, 4.0])
+    """
+
+    def __init__(self, n: int, k: int, *, budget: float = float("inf")) -> None:
+        self.n, self.k = int(n), int(k)
+        self.nbytes = self.n * self.k * 8
+        self.on_disk = self.nbytes > budget
+        self._fd: int | None = None
+        if self.on_disk:
+            fd, path = tempfile.mkstemp(prefix="landscape-", suffix=".f64", dir=spill_dir())
+            os.unlink(path)
+            os.ftruncate(fd, self.nbytes)
+            self._fd = fd
+            self._array = None
+        else:
+            self._array = np.empty((self.n, self.k), order="F")
+
+    @property
+    def storage(self) -> str:
+        """``memory`` or ``disk``: recorded with the results."""
+        return "disk" if self.on_disk else "memory"
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        self.close()
+
+    def blocks(self) -> Iterator[tuple[int, int]]:
+        for a in range(0, self.n, BLOCK_ROWS):
+            yield a, min(self.n, a + BLOCK_ROWS)
+
+    def read(self, a: int, b: int, cols: int) -> np.ndarray:
+        """Rows ``a:b`` of the first ``cols`` columns (a view in memory, a fresh array from disk)."""
+        if self._array is not None:
+            return self._array[a:b, :cols]
+        out = np.empty((b - a, cols), order="F")
+        for c in range(cols):
+            os.preadv(self._fd, [memoryview(out[:, c])], (c * self.n + a) * 8)
+        return out
+
+    def write(self, a: int, block: np.ndarray, col0: int = 0) -> None:
+        """Rows ``a:a+len(block)`` of columns ``col0:col0+block.shape[1]``."""
+        if self._array is not None:
+            self._array[a:a + len(block), col0:col0 + block.shape[1]] = block
+            return
+        for c in range(block.shape[1]):
+            os.pwrite(self._fd, np.ascontiguousarray(block[:, c]).data, ((col0 + c) * self.n + a) * 8)
+
+    def column(self, i: int) -> np.ndarray:
+        """Column ``i`` as a contiguous array (a view in memory)."""
+        if self._array is not None:
+            return self._array[:, i]
+        out = np.empty(self.n)
+        os.preadv(self._fd, [memoryview(out)], i * self.n * 8)
+        return out
+
+    def set_column(self, i: int, v: np.ndarray) -> None:
+        if self._array is not None:
+            self._array[:, i] = v
+        else:
+            os.pwrite(self._fd, np.ascontiguousarray(v, dtype=np.float64).data, i * self.n * 8)
+
+    # ------------------------------------------------------------------ passes over the first ``cols`` columns
+    def project(self, w: np.ndarray, cols: int) -> np.ndarray:
+        """``V^T w`` (one pass)."""
+        h = np.zeros(cols)
+        for a, b in self.blocks():
+            h += self.read(a, b, cols).T @ w[a:b]
+        return h
+
+    def subtract(self, w: np.ndarray, h: np.ndarray, cols: int, *, project_after: bool = False
+                 ) -> np.ndarray | None:
+        """``w -= V h`` in place (one pass); with ``project_after`` also ``V^T w`` of the result, from the same
+        blocks (the second sweep of classical Gram-Schmidt at no extra pass)."""
+        h2 = np.zeros(cols) if project_after else None
+        for a, b in self.blocks():
+            Vb = self.read(a, b, cols)
+            w[a:b] -= Vb @ h
+            if h2 is not None:
+                h2 += Vb.T @ w[a:b]
+        return h2
+
+    def gram(self, cols: int) -> np.ndarray:
+        """``V^T V`` (one pass)."""
+        G = np.zeros((cols, cols))
+        for a, b in self.blocks():
+            Vb = self.read(a, b, cols)
+            G += Vb.T @ Vb
+        return G
+
+    def transform(self, M: np.ndarray) -> None:
+        """``V[:, :M.shape[1]] = V[:, :M.shape[0]] M`` in place (one pass)."""
+        for a, b in self.blocks():
+            self.write(a, self.read(a, b, M.shape[0]) @ M)
+
+    def combine_into(self, M: np.ndarray, out: "ColumnStore") -> None:
+        """``out[:, :M.shape[1]] = V[:, :M.shape[0]] M`` (one pass)."""
+        for a, b in self.blocks():
+            out.write(a, self.read(a, b, M.shape[0]) @ M)
+
+    def to_array(self, cols: int | None = None) -> np.ndarray:
+        """The first ``cols`` columns as an ``(n, cols)`` array: the store's own memory, or a read-only mapping of
+        its file (pages are read when touched and stay reclaimable)."""
+        cols = self.k if cols is None else cols
+        if self._array is not None:
+            return self._array[:, :cols]
+        return np.memmap(os.fdopen(os.dup(self._fd), "rb"), dtype=np.float64, mode="r", shape=(self.n, cols),
+                         order="F")
+
+
+def orthonormalize(store: ColumnStore, cols: int, drop: float = 1e-12) -> int:
+    """Orthonormalize the first ``cols`` columns in place by SVQB twice (Stathopoulos & Wu 2002): with the Gram
+    matrix of the columns scaled to unit norm ``D^-1 V^T V D^-1 = U diag(s) U^T``, ``V <- V D^-1 U diag(s)^-1/2``,
+    keeping only directions with ``s > drop max(s)`` (singular values below 1e-6 of the largest: what the squared
+    Gram matrix can still resolve; columns in the span of the others are dropped). Four passes over the block instead of the ``O(cols)``
+    passes of column-by-column Gram-Schmidt; the second round restores orthogonality to rounding. Returns the
+    number of columns kept, which are the first ones.
+
+    >>> s = ColumnStore(4, 3)
+    >>> s.write(0, np.array([[1.0, 2, 0], [0, 0, 1], [1, 2, 0], [0, 0, 1]]))
+    >>> k = orthonormalize(s, 3); k, np.allclose(s.gram(k), np.eye(k))
+    (2, True)
+    """
+    for _ in range(2):
+        G = store.gram(cols)
+        d = np.sqrt(np.maximum(np.diag(G), 1e-300))
+        s, U = np.linalg.eigh(G / np.outer(d, d))  # scaled: columns of very different norms lose nothing
+        keep = s > drop * max(s.max(), 1e-300)
+        M = (U[:, keep] / np.sqrt(s[keep])) / d[:, None]
+        store.transform(M[:, ::-1])  # largest directions first
+        cols = int(keep.sum())
+    return cols

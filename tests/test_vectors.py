@@ -1,0 +1,70 @@
+"""Vector stores within a memory budget (landscape/vectors.py): a basis on disk gives the bits of one in memory."""
+
+import numpy as np
+import pytest
+
+import landscape.vectors as vectors
+from landscape.density import slq
+from landscape.lanczos import lanczos
+from landscape.trace import hutchpp
+from landscape.vectors import ColumnStore, orthonormalize
+
+
+@pytest.fixture()
+def small_blocks(monkeypatch, tmp_path):
+    """Blocks of 64 rows, so that a few-hundred-dimensional operator spans several blocks; scratch files in
+    tmp_path."""
+    monkeypatch.setattr(vectors, "BLOCK_ROWS", 64)
+    monkeypatch.setattr(vectors, "SPILL_DIR", str(tmp_path))
+    return tmp_path
+
+
+def _operator(n=300, seed=0):
+    rng = np.random.default_rng(seed)
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    lam = np.concatenate([[50.0, 20.0, 19.9, 10.0, -8.0], rng.standard_normal(n - 5)])
+    return (Q * lam) @ Q.T, np.sort(lam)
+
+
+def test_store_round_trips_and_leaves_no_file(small_blocks):
+    s = ColumnStore(200, 3, budget=100)
+    assert s.on_disk and s.storage == "disk"
+    x = np.random.default_rng(0).standard_normal((200, 3))
+    s.write(0, x)
+    assert np.array_equal(s.read(10, 150, 3), x[10:150]) and np.array_equal(s.column(2), x[:, 2])
+    assert np.array_equal(np.asarray(s.to_array()), x)
+    assert list(small_blocks.iterdir()) == []  # unlinked at once: nothing to clean up after a kill
+
+
+def test_lanczos_on_disk_equals_in_memory_and_the_dense_answer(small_blocks):
+    A, lam = _operator()
+    mem = lanczos(lambda v: A @ v, 300, k=4, tol=1e-10, max_basis=12)  # restarts, several blocks
+    disk = lanczos(lambda v: A @ v, 300, k=4, tol=1e-10, max_basis=12, budget=0)
+    assert mem.storage == "memory" and disk.storage == "disk"
+    assert np.array_equal(mem.eigenvalues, disk.eigenvalues) and mem.n_matvec == disk.n_matvec
+    assert np.array_equal(np.asarray(mem.eigenvectors), np.asarray(disk.eigenvectors))
+    np.testing.assert_allclose(mem.eigenvalues, lam[::-1][:4], rtol=1e-10)
+    bottom = lanczos(lambda v: A @ v, 300, k=2, which="SA", tol=1e-10, budget=0)
+    np.testing.assert_allclose(bottom.eigenvalues, lam[:2], rtol=1e-10)
+
+
+def test_hutchpp_and_slq_on_disk_equal_in_memory(small_blocks):
+    A, lam = _operator(seed=1)
+    mem, disk = (hutchpp(lambda v: A @ v, 300, max_matvec=60, seed=3, budget=b) for b in (float("inf"), 0))
+    assert mem.estimate == disk.estimate and mem.n_matvec == disk.n_matvec == 60
+    assert abs(mem.estimate - lam.sum()) < 4 * mem.stderr + 1e-9
+    d_mem, d_disk = (slq(lambda v: A @ v, 300, steps=30, seed=2, budget=b) for b in (float("inf"), 0))
+    assert np.array_equal(d_mem.nodes, d_disk.nodes) and np.array_equal(d_mem.weights, d_disk.weights)
+
+
+def test_orthonormalize_keeps_the_span_and_drops_dependent_columns(small_blocks):
+    rng = np.random.default_rng(0)
+    B = rng.standard_normal((200, 4)) * [1e-3, 1.0, 1e3, 1.0]
+    X = np.column_stack([B, B[:, 0] + B[:, 2]])  # rank 4, columns of very different norms
+    s = ColumnStore(200, 5, budget=0)
+    s.write(0, X)
+    r = orthonormalize(s, 5)
+    Q = np.asarray(s.to_array(r))
+    assert r == 4
+    np.testing.assert_allclose(Q.T @ Q, np.eye(4), atol=1e-13)
+    np.testing.assert_allclose(Q @ (Q.T @ X), X, atol=1e-10 * np.abs(X).max())
