@@ -173,13 +173,16 @@ CheckpointArg = Annotated[str, typer.Argument(help="Checkpoint file (.pt, .pth, 
                                                    "save_pretrained folder (config.json + weights).")]
 MetricOpt = Annotated[Optional[list[str]], typer.Option("--metric", help="Extra metric name=module:callable, called "
                                                                          "as f(output, target) -> batch mean; repeatable.")]
-MemoryOpt = Annotated[Optional[str], typer.Option(help="Memory for blocks of slice points and chunks of per-sample "
-                                                       "gradients, e.g. 512MiB, 4GB (default 256MiB).")]
 StreamOpt = Annotated[str, typer.Option(help="Inputs read from disk a chunk at a time, for data larger than memory: "
                                              "on, off, or auto (when they would fill a quarter of memory). .h5 and "
                                              ".pt data files, map-style datasets.")]
 OutputOpt = Annotated[Optional[str], typer.Option("-o", "--output", help="Run file or directory (default: "
                                                                           "reports/<checkpoint stem>/run.h5).")]
+SaveVectorsOpt = Annotated[Optional[bool], typer.Option(
+    "--save-vectors/--no-save-vectors", help="Store long vectors in the run file: random and interpolation "
+                                             "directions, Hessian eigenvectors, per-parameter GSNR (default: only "
+                                             "for models of at most 1M parameters; Hessian slices' directions are "
+                                             "always stored).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 
@@ -205,7 +208,8 @@ def _base_config(checkpoint: str, specs: SpecOptions, output: Optional[str], met
         data=Spec(specs.data, parse_kv(specs.data_arg, "--data-arg")) if specs.data else None,
         loss=specs.loss, metrics=tuple(_parse_metric(m) for m in metric or ()), state_key=specs.state_key,
         trust_pickle=specs.trust_pickle, strict=specs.strict, max_samples=specs.max_samples, seed=specs.seed,
-        batch_size=specs.batch_size, device=specs.device, dtype=specs.dtype, bn=specs.bn, output=output, **rest)
+        batch_size=specs.batch_size, device=specs.device, dtype=specs.dtype, bn=specs.bn, output=output,
+        memory_budget=_parse_bytes(specs.memory_budget), **rest)
 
 
 def _join_job(device: str) -> None:
@@ -354,13 +358,13 @@ def scan(
                                              "on all threads)."),
     precision: str = typer.Option("full", help="Forward passes of slice points: full, bf16 (autocast) or tf32 (CUDA); "
                                                "the error is measured on 64 grid points and stored with the slice."),
-    memory_budget: MemoryOpt = None,
     output: OutputOpt = None,
     resume: bool = typer.Option(False, "--resume", help="Continue an existing run file, computing only missing points."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run file."),
     save_every: float = typer.Option(30.0, "--save-every", help="Merge finished points into the run file at least "
                                                                 "this often (seconds); they are journaled at once."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print forward passes, time and memory estimates; compute nothing."),
+    save_vectors: SaveVectorsOpt = None,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -382,10 +386,10 @@ def scan(
             checkpoint, specs, output, metric, stream=stream, bn_batches=bn_batches, strategy=strategy,
             workers=_parse_workers(workers),
             precision=precision,
-            memory_budget=_parse_bytes(memory_budget), dims=dims,
+            dims=dims,
             steps=_parse_steps(steps), range=_parse_range(range_), y_range=_parse_range(y_range) if y_range else None,
             norm=norm, ignore=ignore, orthogonalize=orthogonalize, directions=directions, interpolate=interpolate, name=name, resume=resume,
-            overwrite=overwrite, compact_every=save_every,
+            overwrite=overwrite, compact_every=save_every, save_vectors=save_vectors,
             curvature=CurvatureSettings(seed=specs.seed) if hessian else None,
             sharpness=_default_sharpness(specs.seed) if sharpness else (),
             coherence=CoherenceSettings(noise_samples=16, seed=specs.seed) if coherence else None)
@@ -445,6 +449,7 @@ def hessian(
     specs: SpecOptions = SpecOptions(),
     stream: StreamOpt = "auto",
     output: OutputOpt = None,
+    save_vectors: SaveVectorsOpt = None,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -472,7 +477,8 @@ def hessian(
             trace_method=trace_method, trace_matvecs=trace_matvecs, trace_stderr=trace_stderr, density=density,
             density_probes=density_probes, density_steps=density_steps, per_layer=per_layer,
             parameters=tuple(parameters or ()), seed=specs.seed, engine=engine)
-        config = _base_config(checkpoint, specs, output, slices=False, resume=True, curvature=settings, stream=stream)
+        config = _base_config(checkpoint, specs, output, slices=False, resume=True, curvature=settings, stream=stream,
+                              save_vectors=save_vectors)
         with err_console.status("loading checkpoint, model and data", spinner="dots"):
             st = setup(config)
         _run_and_print(config, st, json_out, report=None)
@@ -560,8 +566,8 @@ def coherence(
     batch_repeats: int = typer.Option(16, help="Random disjoint batches per batch size."),
     specs: SpecOptions = SpecOptions(),
     stream: StreamOpt = "auto",
-    memory_budget: MemoryOpt = None,
     output: OutputOpt = None,
+    save_vectors: SaveVectorsOpt = None,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -588,7 +594,7 @@ def coherence(
                                      batch_repeats=batch_repeats, control=control is not None,
                                      seed=specs.seed).resolved()
         config = _base_config(checkpoint, specs, output, slices=False, resume=True, coherence=settings,
-                              memory_budget=_parse_bytes(memory_budget), stream=stream)
+                              stream=stream, save_vectors=save_vectors)
         with err_console.status("loading checkpoint, model and data", spinner="dots"):
             st = setup(config)
         summary = _run_and_print(config, st, json_out, report=None)

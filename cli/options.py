@@ -35,6 +35,7 @@ class SpecOptions:
     batch_size: int = 2048
     device: str = "auto"
     dtype: Optional[str] = None
+    memory_budget: Optional[str] = None
 
 
 OPTIONS: dict[str, Any] = {
@@ -66,6 +67,10 @@ OPTIONS: dict[str, Any] = {
     "batch_size": Annotated[int, typer.Option(help="Samples per forward pass.")],
     "device": Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")],
     "dtype": Annotated[Optional[str], typer.Option(help="float32 or float64 (default: the checkpoint's).")],
+    "memory_budget": Annotated[Optional[str], typer.Option(
+        help="Memory an analysis may hold beyond the model, a gradient and a batch's activations (slice blocks, "
+             "per-sample gradient chunks, Krylov bases; long vectors that do not fit go to a scratch file), e.g. "
+             "512MiB, 4GB (default: a quarter of the available memory).")],
 }
 assert set(OPTIONS) == {f.name for f in fields(SpecOptions)}
 

@@ -38,7 +38,7 @@ from .curvature import CurvatureOperator
 from .distributed import Comm
 from .errors import LandscapeError
 from .hf import IGNORE_INDEX
-from .persample import iter_gradients, sketched_gradients
+from .persample import iter_gradients, per_sample_gradients, sketched_gradients
 from .stream import rows
 from .problem import Problem
 from .runfile import encode_attr, read_attrs
@@ -74,11 +74,11 @@ class GradientStats:
     """Streaming statistics of rows ``g_i`` (dimension ``dim``) arriving in chunks, in sample order.
 
     ``labels[i]`` is the class of sample ``i`` (all 0 for regression); ``batch_ids[B][i]`` the random batch of
-    size ``B`` that sample ``i`` belongs to (-1: none); rows of the samples in ``keep`` are kept whole.
+    size ``B`` that sample ``i`` belongs to (-1: none).
     """
 
     def __init__(self, dim: int, labels: np.ndarray, *, batch_ids: Mapping[int, np.ndarray] | None = None,
-                 keep: np.ndarray | None = None, per_coordinate: bool = True) -> None:
+                 per_coordinate: bool = True) -> None:
         self.n = len(labels)
         self.labels = np.asarray(labels)
         self.n_classes = int(self.labels.max()) + 1 if self.n else 0
@@ -91,8 +91,6 @@ class GradientStats:
         self.norms = np.zeros(self.n)
         self.batch_ids = {b: np.asarray(ids) for b, ids in (batch_ids or {}).items()}
         self.batch_sum = {b: torch.zeros(int(ids.max()) + 1, dim, dtype=f64) for b, ids in self.batch_ids.items()}
-        self.keep = np.asarray(keep if keep is not None else [], dtype=np.int64)
-        self.kept: dict[int, torch.Tensor] = {}
 
     def add(self, start: int, rows: torch.Tensor) -> None:
         g = rows.detach().to("cpu", torch.float64)
@@ -112,23 +110,16 @@ class GradientStats:
             ok = sel >= 0
             if ok.any():
                 self.batch_sum[b].index_add_(0, torch.as_tensor(sel[ok]), g[torch.as_tensor(ok)])
-        for i in np.intersect1d(self.keep, idx):
-            self.kept[int(i)] = g[i - start].clone()
 
     def all_reduce(self, comm: Comm) -> None:
         """Add up the statistics of the ranks' shards of the samples (every statistic here is a sum over samples;
         per-sample rows are zero outside a rank's shard)."""
         if not comm.active:
             return
-        kept = torch.zeros(len(self.keep), self.sum.shape[0], dtype=torch.float64)
-        for j, i in enumerate(self.keep):
-            if int(i) in self.kept:
-                kept[j] = self.kept[int(i)]
         # views of the numpy arrays: reduced in place
         norms, class_sqnorm = torch.from_numpy(self.norms), torch.from_numpy(self.class_sqnorm)
-        comm.all_reduce_([self.sum, self.class_sum, self.class_unit, norms, class_sqnorm, kept,
+        comm.all_reduce_([self.sum, self.class_sum, self.class_unit, norms, class_sqnorm,
                           *self.batch_sum.values(), *([self.sumsq] if self.sumsq is not None else [])])
-        self.kept = {int(i): kept[j] for j, i in enumerate(self.keep)}
 
     @property
     def mean(self) -> torch.Tensor:
@@ -308,6 +299,12 @@ def analyze_coherence(problem: Problem, settings: CoherenceSettings = CoherenceS
     return replace(result, arrays=arrays, control=control)
 
 
+def _one_gradient(problem: Problem, y: torch.Tensor, i: int, method: str) -> np.ndarray:
+    """Sample ``i``'s gradient as a float64 vector (on every rank: the probes' products are data-parallel)."""
+    g = per_sample_gradients(problem, rows(problem.X, i, i + 1), y[i:i + 1], method=method)
+    return g[0].detach().to("cpu", torch.float64).numpy()
+
+
 def _analyze(problem: Problem, s: CoherenceSettings, y: torch.Tensor,
              progress: Callable[[str, int, int], None] | None, label: str) -> CoherenceResult:
     t0 = time.perf_counter()
@@ -318,7 +315,7 @@ def _analyze(problem: Problem, s: CoherenceSettings, y: torch.Tensor,
         else np.array([], dtype=np.int64)
     ids = _batch_ids(n, s.batch_sizes, s.batch_repeats, s.seed)
     dim = s.sketch or problem.num_parameters
-    stats = GradientStats(dim, labels, batch_ids=ids, keep=keep, per_coordinate=not s.sketch)
+    stats = GradientStats(dim, labels, batch_ids=ids, per_coordinate=not s.sketch)
     comm = problem.comm
     lo, hi = comm.shard(n)  # under torchrun each rank takes its shard of the samples; the sums are all-reduced
     if s.sketch:
@@ -354,7 +351,9 @@ def _analyze(problem: Problem, s: CoherenceSettings, y: torch.Tensor,
         op = CurvatureOperator(problem)
         G = stats.mean.numpy()
         gHg = float(G @ op.matvec(G))
-        terms = np.array([(d := (stats.kept[i].numpy() - G)) @ op.matvec(d) for i in keep]) * n / (n - 1)
+        # the probes' gradients are computed again, one at a time, rather than kept from the pass (16 x P numbers)
+        terms = np.array([(d := (_one_gradient(problem, y, int(i), method) - G)) @ op.matvec(d)
+                          for i in keep]) * n / (n - 1)
         tr = float(terms.mean())
         se = float(terms.std(ddof=1) / np.sqrt(len(terms))) if len(terms) > 1 else float("nan")
         metrics = {**metrics, "b_noise": tr / gHg, "b_noise_stderr": se / abs(gHg), "trace_h_sigma": tr,

@@ -64,6 +64,11 @@ class CurvatureResult:
     hvp_mode: str
     dtype: str
     per_layer: Mapping[str, "CurvatureResult"] = field(default_factory=dict)
+    @property
+    def vector_storage(self) -> str:
+        """Where the long vectors were kept: ``memory``, or ``disk`` if any did not fit the memory budget."""
+        parts = [p.storage for p in (self.top, self.bottom, self.trace) if p is not None and hasattr(p, "storage")]
+        return "disk" if "disk" in parts else "memory"
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.settings.kind, "engine": self.settings.engine,
@@ -95,7 +100,7 @@ class CurvatureResult:
                      "max_hvp": s.max_hvp,
                      "trace_method": self.trace.method if self.trace is not None else s.trace_method,
                      "seed": s.seed, "parameters": list(s.parameters), "hvp_mode": self.hvp_mode, "engine": s.engine,
-                     "dtype": self.dtype}.items():
+                     "dtype": self.dtype, "vector_storage": self.vector_storage}.items():
             g.attrs[k] = encode_attr(v)
         if self.top is not None:
             g.create_dataset("eigenvalues", data=self.top.eigenvalues)
@@ -183,17 +188,19 @@ def _analyze(problem: Problem, s: CurvatureSettings, params: list[str] | None,
         return CurvatureResult(settings=s, n_parameters=op.n, top=top, bottom=None, trace=trace, density=None,
                                n_matvec=n_hvp, hvp_mode="pyhessian", dtype=str(problem.dtype).replace("torch.", ""))
     top = bottom = None
+    budget = problem.memory_budget
     if s.top_k:
         note(f"top-{s.top_k} eigenvalues")
-        top = lanczos(op, op.n, k=s.top_k, which="LA", tol=s.tol, seed=s.seed, max_matvec=s.max_hvp)
+        top = lanczos(op, op.n, k=s.top_k, which="LA", tol=s.tol, seed=s.seed, max_matvec=s.max_hvp, budget=budget)
     if s.bottom_k:
         note(f"bottom-{s.bottom_k} eigenvalues")
-        bottom = lanczos(op, op.n, k=s.bottom_k, which="SA", tol=s.tol, seed=s.seed + 1, max_matvec=s.max_hvp)
+        bottom = lanczos(op, op.n, k=s.bottom_k, which="SA", tol=s.tol, seed=s.seed + 1, max_matvec=s.max_hvp,
+                         budget=budget)
     trace = None
     if s.trace:
         note("trace")
         if s.trace_method == "hutch++":
-            trace = hutchpp(op, op.n, max_matvec=s.trace_matvecs, seed=s.seed)
+            trace = hutchpp(op, op.n, max_matvec=s.trace_matvecs, seed=s.seed, budget=budget)
         else:
             deflate = (top.eigenvalues, top.eigenvectors) if (s.trace_method == "hutchinson-deflated" and top) else None
             trace = hutchinson(op, op.n, max_matvec=s.trace_matvecs, stderr_target=s.trace_stderr, seed=s.seed,
@@ -201,7 +208,7 @@ def _analyze(problem: Problem, s: CurvatureSettings, params: list[str] | None,
     density = None
     if s.density:
         note("spectral density")
-        density = slq(op, op.n, n_probes=s.density_probes, steps=s.density_steps, seed=s.seed)
+        density = slq(op, op.n, n_probes=s.density_probes, steps=s.density_steps, seed=s.seed, budget=budget)
     return CurvatureResult(settings=s, n_parameters=op.n, top=top, bottom=bottom, trace=trace, density=density,
                            n_matvec=op.n_matvec, hvp_mode=problem.hvp_engine,
                            dtype=str(problem.dtype).replace("torch.", ""))

@@ -9,7 +9,9 @@ the work and writes the run file, calling ``progress`` as points finish;
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import math
+import os
 import platform
 import sys
 import time
@@ -23,7 +25,7 @@ import h5py
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, vectors
 from .checkpoint import Checkpoint, apply_state_dict, check_finite, load_checkpoint
 from .coherence import CoherenceSettings, analyze_coherence
 from .coherence import forward_equivalents as coherence_cost
@@ -33,6 +35,7 @@ from .curvature import CurvatureOperator
 from .data import EvalData, load_data
 from .distributed import Comm, cuda_for_job, current
 from .directions import difference_direction, random_directions
+from .budget import resolve_budget
 from .errors import LandscapeError
 from .hessian import CurvatureSettings, analyze_curvature
 from .hessian import forward_equivalents as curvature_cost
@@ -109,6 +112,9 @@ class ScanConfig:
     resume: bool = False
     overwrite: bool = False
     compact_every: float = 30.0
+    #: store long vectors (random and interpolation directions, eigenvectors, per-parameter GSNR): True, False,
+    #: or None for "when the model has at most SMALL_MODEL parameters" (see :func:`keeps_vectors`)
+    save_vectors: bool | None = None
     slices: bool = True
     curvature: CurvatureSettings | None = None
     sharpness: tuple[SharpnessSettings, ...] = ()
@@ -230,8 +236,7 @@ def setup(config: ScanConfig, comm: Comm | None = None) -> Setup:
     problem = Problem(model, data.X, data.y, loss_fn, metrics=metrics, device=resolve_device(config.device), dtype=dtype,
                       batch_size=config.batch_size, bn=config.bn, bn_batches=config.bn_batches,
                       strategy=config.strategy, workers=config.workers, seed=config.seed, comm=comm or current(),
-                      precision=config.precision,
-                      **({"memory_budget": config.memory_budget} if config.memory_budget else {}))
+                      precision=config.precision, memory_budget=resolve_budget(config.memory_budget))
     try:
         problem.evaluate()
     except LandscapeError:
@@ -259,6 +264,29 @@ def bn_far_apart(frozen: float, batch: float) -> bool:
         return True
     lo, hi = sorted((abs(frozen), abs(batch)))
     return hi - lo > 0.1 and hi > 2 * lo
+
+
+#: models up to this many parameters keep every vector in the run file unless told otherwise (4 MB per float32
+#: vector); bigger ones only on ``--save-vectors``
+SMALL_MODEL = 1_000_000
+
+
+def keeps_vectors(config: ScanConfig, n_parameters: int) -> bool:
+    """Whether the run file stores long vectors: ``--save-vectors``/``--no-save-vectors``, else only for models
+    of at most :data:`SMALL_MODEL` parameters. Directions of Hessian slices are stored in any case (recomputing
+    them costs a Lanczos run); random and interpolation directions are recomputed from their recipe and checked
+    against the ``directions_sha256`` stored with the slice."""
+    return config.save_vectors if config.save_vectors is not None else n_parameters <= SMALL_MODEL
+
+
+def directions_sha256(dirs: Sequence[Mapping[str, torch.Tensor]]) -> str:
+    """Hash of the directions' values (in parameter order as given), to check recomputed ones on resume."""
+    h = hashlib.sha256()
+    for d in dirs:
+        for name, t in d.items():
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def plan_slices(config: ScanConfig) -> list[SliceSettings]:
@@ -310,10 +338,10 @@ def hessian_directions(pb: Problem, dims: int, *, bottom: bool, seed: int = 0) -
     Random slices show the mean curvature tr(H)/N and make saddles look convex; these show the extremes.
     """
     op = CurvatureOperator(pb)
-    top = lanczos(op, op.n, k=1 if bottom else dims, which="LA", seed=seed)
+    top = lanczos(op, op.n, k=1 if bottom else dims, which="LA", seed=seed, budget=pb.memory_budget)
     vecs = [top.eigenvectors[:, i] for i in range(top.eigenvectors.shape[1])]
     if bottom and dims == 2:
-        vecs.append(lanczos(op, op.n, k=1, which="SA", seed=seed + 1).eigenvectors[:, 0])
+        vecs.append(lanczos(op, op.n, k=1, which="SA", seed=seed + 1, budget=pb.memory_budget).eigenvectors[:, 0])
     return [{n: t.detach().cpu().double() for n, t in op.to_params(v).items()} for v in vecs]
 
 
@@ -342,7 +370,8 @@ def provenance(config: ScanConfig, st: Setup) -> dict[str, Any]:
         "n_parameters": st.problem.num_parameters, "device": str(st.problem.device),
         "dtype": str(st.problem.dtype).replace("torch.", ""), "bn": config.bn, "bn_batches": config.bn_batches,
         "batch_size": st.problem.batch_size, "classification": st.problem.classification,
-        "metrics": dict(config.metrics),
+        "metrics": dict(config.metrics), "memory_budget": config.memory_budget or "auto",
+        "vectors_stored": keeps_vectors(config, st.problem.num_parameters),
         "bn_check_eval_loss": st.bn_check[0] if st.bn_check else float("nan"),
         "bn_check_train_loss": st.bn_check[1] if st.bn_check else float("nan"),
     }
@@ -390,7 +419,10 @@ def precision_error(pb: Problem, dirs: Sequence[Mapping[str, torch.Tensor]], axe
 
 
 def _create_slice(f: h5py.File, s: SliceSettings, dirs: Sequence[Mapping[str, torch.Tensor]],
-                  keys: Sequence[str], attrs: Mapping[str, Any]) -> None:
+                  keys: Sequence[str], attrs: Mapping[str, Any], *, store: bool = True,
+                  dtype: torch.dtype = torch.float64) -> None:
+    """The slice's group: grid, NaN-filled values, ``done`` mask; its directions (in ``dtype``) when ``store``,
+    and their hash in any case."""
     g = f.require_group("slices").create_group(s.name)
     shape = tuple(len(a) for a in s.axes)
     for label, a in zip(("x", "y"), s.axes):
@@ -398,15 +430,20 @@ def _create_slice(f: h5py.File, s: SliceSettings, dirs: Sequence[Mapping[str, to
     for k in keys:
         g.create_dataset(k, data=np.full(shape, np.nan))
     g.create_dataset("done", data=np.zeros(shape, dtype=bool))
-    for k, d in enumerate(dirs):
+    g.attrs["directions_sha256"] = directions_sha256(dirs)
+    g.attrs["directions_stored"] = store
+    for k, d in enumerate(dirs if store else ()):
         dg = g.create_group(f"directions/{k}")
         for name, t in d.items():
-            dg.create_dataset(name, data=t.detach().cpu().numpy())
+            dg.create_dataset(name, data=t.detach().cpu().to(dtype).numpy())
     for k, v in attrs.items():
         g.attrs[k] = encode_attr(v)
 
 
-def _load_directions(g: h5py.Group) -> list[dict[str, torch.Tensor]]:
+def _load_directions(g: h5py.Group) -> list[dict[str, torch.Tensor]] | None:
+    """The slice's stored directions, or None when only their recipe and hash were stored."""
+    if "directions" not in g:
+        return None
     dg = g["directions"]
     return [{n: torch.from_numpy(dg[str(k)][n][()]) for n in dg[str(k)]} for k in range(len(dg))]
 
@@ -452,6 +489,9 @@ def run_scan(config: ScanConfig, *, progress: ProgressFn | None = None,
     mode = "overwrite" if config.overwrite else ("resume" if config.resume else "create")
     prov = provenance(config, st)
     results: list[SliceResult] = []
+    if "LANDSCAPE_SPILL_DIR" not in os.environ:  # vectors beyond the budget spill beside the run file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        vectors.SPILL_DIR = str(path.parent)
     with ExitStack() as stack:
         def open_run() -> RunFile:
             return stack.enter_context(RunFile(path, mode=mode, compact_every=config.compact_every))
@@ -469,6 +509,12 @@ def run_scan(config: ScanConfig, *, progress: ProgressFn | None = None,
                     raise LandscapeError(f"cannot resume slice {s.name!r} of {path}: its settings differ "
                                          f"({', '.join(diff) or 'grid'})",
                                          hint="use --overwrite, another -o, or --name for a new slice")
+                if dirs is None:  # recomputed from the recipe, and checked
+                    dirs = comm.broadcast(make_directions(s, st, config) if comm.is_writer else None)
+                    if directions_sha256(dirs) != attrs.get("directions_sha256"):
+                        raise LandscapeError(f"cannot resume slice {s.name!r} of {path}: its directions, recomputed "
+                                             "from their seed, differ from the stored hash (another torch version?)",
+                                             hint="use --overwrite, or --name for a new slice")
                 pb.strategy, pb.block, pb.workers = attrs["strategy"], int(attrs["block"]), int(attrs.get("workers", 1))
                 # as it was computed (older files: without these shortcuts), so the same bits
                 pb.linear_inputs, pb.direct_output = "input_layers" in attrs, "output_layer" in attrs
@@ -483,7 +529,8 @@ def run_scan(config: ScanConfig, *, progress: ProgressFn | None = None,
                 strategy, block = pb.strategy, pb.block
                 attrs = {**_slice_attrs(s, strategy, block, config), "input_layers": ",".join(pb.linear_input_layers),
                          "output_layer": pb.direct_output_layer if strategy == "inplace" else "", "workers": pb.workers}
-                comm.from_writer(lambda: _new_slice(rf, s, dirs, keys, attrs, pb), share=False)
+                store = s.kind.startswith("hessian") or keeps_vectors(config, pb.num_parameters)
+                comm.from_writer(lambda: _new_slice(rf, s, dirs, keys, attrs, pb, store), share=False)
             total = done.size
             n_done = int(done.sum())
             todo = sum(len(b) for b in missing_blocks(done, block))
@@ -503,7 +550,8 @@ def run_scan(config: ScanConfig, *, progress: ProgressFn | None = None,
         if config.curvature is not None:
             curvature = analyze_curvature(pb, config.curvature,
                                           progress=(lambda msg: progress(msg, 0, 0)) if progress else None)
-        comm.from_writer(lambda: _finish(rf, results, curvature, pb), share=False)
+        vectors_kept = keeps_vectors(config, pb.num_parameters)
+        comm.from_writer(lambda: _finish(rf, results, curvature, pb, vectors_kept), share=False)
         sharp = _run_sharpness(rf, config, st, progress)
         coherence = _run_coherence(rf, config, st, progress) if config.coherence is not None else None
     return ScanSummary(str(path), config.checkpoint, pb.num_parameters, pb.n, pb.strategy, tuple(results),
@@ -511,23 +559,24 @@ def run_scan(config: ScanConfig, *, progress: ProgressFn | None = None,
 
 
 def _new_slice(rf: RunFile, s: SliceSettings, dirs: Sequence[Mapping[str, torch.Tensor]], keys: Sequence[str],
-               attrs: dict[str, Any], pb: Problem) -> None:
+               attrs: dict[str, Any], pb: Problem, store: bool) -> None:
     """Create the slice's group; a lowered precision gets its error measured first (by the writer alone)."""
     if pb.precision != "full":
         attrs.update(precision_error(pb, dirs, s.axes))
     with rf.transaction() as f:
-        _create_slice(f, s, dirs, keys, attrs)
+        _create_slice(f, s, dirs, keys, attrs, store=store, dtype=pb.dtype)
 
 
-def _finish(rf: RunFile, results: Sequence[SliceResult], curvature: Any, pb: Problem) -> None:
-    """Stamp completion, the curvature result and each slice's summary attributes."""
+def _finish(rf: RunFile, results: Sequence[SliceResult], curvature: Any, pb: Problem, vectors_kept: bool) -> None:
+    """Stamp completion, the curvature result (its eigenvectors, in the run's dtype, when ``vectors_kept``) and
+    each slice's summary attributes."""
     with rf.transaction() as f:
         f.attrs["completed"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         if curvature is not None:
             op = CurvatureOperator(pb, kind=curvature.settings.kind,
                                    parameters=curvature.settings.parameters or None)
-            curvature.write(f, eigenvector_params=lambda vec: {
-                n: t.detach().cpu().double().numpy() for n, t in op.to_params(vec).items()})
+            curvature.write(f, eigenvector_params=(lambda vec: {
+                n: t.detach().cpu().numpy() for n, t in op.to_params(vec).items()}) if vectors_kept else None)
         for r in results:
             g = f["slices"][r.name]
             g.attrs["loss_at_origin"] = np.nan if r.loss_at_origin is None else r.loss_at_origin
@@ -551,9 +600,10 @@ def _run_coherence(rf: RunFile | None, config: ScanConfig, st: Setup, progress: 
     kept = comm.from_writer(stored)
     if kept is not None:
         return kept
-    if config.memory_budget:
-        settings = replace(settings, memory_budget=config.memory_budget)
+    settings = replace(settings, memory_budget=st.problem.memory_budget)
     res = analyze_coherence(st.problem, settings, sample_index=st.data.indices, progress=progress)
+    if not keeps_vectors(config, st.problem.num_parameters):
+        res = replace(res, gsnr={})
     comm.from_writer(lambda: _write(rf, res), share=False)
     return res.summary()
 

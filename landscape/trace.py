@@ -32,6 +32,8 @@ class TraceEstimate:
     n_matvec: int
     method: str
     samples: np.ndarray
+    #: where Hutch++ kept its block: ``memory`` or ``disk`` (:class:`landscape.vectors.ColumnStore`)
+    storage: str = "memory"
 
 
 def _rademacher(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -121,4 +123,4 @@ def hutchpp(matvec: Matvec, n: int, *, max_matvec: int = 99, seed: int = 0, budg
     block.close()
     stderr = float(np.std(samples, ddof=1) / np.sqrt(k)) if k > 1 else float("inf")
     return TraceEstimate(estimate=low_rank + float(samples.mean()), stderr=stderr,
-                         n_matvec=k + r + k, method="hutch++", samples=samples)
+                         n_matvec=k + r + k, method="hutch++", samples=samples, storage=block.storage)

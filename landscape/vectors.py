@@ -7,8 +7,9 @@ columns). Every algorithm over a store (:mod:`landscape.lanczos`, :mod:`landscap
 row blocks in both places, so a basis on disk gives the same bits as one in memory; only the time differs (reads
 from the page cache or the disk instead of RAM).
 
-The scratch file lives in :data:`SPILL_DIR` (``$LANDSCAPE_SPILL_DIR``, else the system's temporary folder; a scan
-points it next to its run file), is removed from the folder as soon as it is opened, and so never outlives the
+The scratch file lives in :data:`SPILL_DIR` (a scan points it at its run file's folder), else
+``$LANDSCAPE_SPILL_DIR``, else the system's temporary folder; a run is refused with the number it needs when that
+disk lacks the space. The file is removed from the folder as soon as it is opened, and so never outlives the
 process, even when the process is killed.
 """
 
@@ -19,6 +20,8 @@ import tempfile
 from typing import Iterator
 
 import numpy as np
+
+from .budget import check_disk
 
 #: rows of one block: the unit of every pass over a store (a multiple of 4 KiB pages of float64)
 BLOCK_ROWS = 1 << 16
@@ -44,6 +47,7 @@ class ColumnStore:
         self.on_disk = self.nbytes > budget
         self._fd: int | None = None
         if self.on_disk:
+            check_disk(spill_dir(), self.nbytes, f"a block of {self.k} vectors of {self.n:,} numbers")
             fd, path = tempfile.mkstemp(prefix="landscape-", suffix=".f64", dir=spill_dir())
             os.unlink(path)
             os.ftruncate(fd, self.nbytes)

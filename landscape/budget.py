@@ -1,0 +1,69 @@
+"""The memory budget: how many bytes an analysis may hold beyond the model, one gradient and one batch's
+activations (``--memory-budget``; ``auto`` by default).
+
+``auto`` is a quarter of the memory the machine has available when the run starts (``MemAvailable`` of
+``/proc/meminfo``; 256 MiB where that cannot be read), at least 256 MiB. Whatever it is, every phase keeps within it:
+slice blocks and input-layer caches (:mod:`landscape.problem`), chunks of per-sample gradients
+(:mod:`landscape.persample`), and long vectors (Krylov bases, Hutch++ blocks, eigenvectors), which go to a scratch
+file when they do not fit (:mod:`landscape.vectors`).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+from .errors import LandscapeError
+
+#: the floor of ``auto`` and the budget where available memory cannot be read
+MIN_BUDGET = 256 * 2**20
+
+
+def available_memory() -> int | None:
+    """``MemAvailable`` in bytes (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def auto_budget() -> float:
+    """A quarter of the available memory, at least :data:`MIN_BUDGET`."""
+    avail = available_memory()
+    return float(max(MIN_BUDGET, (avail or 0) // 4))
+
+
+def resolve_budget(budget: float | None) -> float:
+    """``budget`` bytes (None: :func:`auto_budget`), refused when the machine does not have it available."""
+    if budget is None:
+        return auto_budget()
+    avail = available_memory()
+    if avail is not None and budget > avail:
+        raise LandscapeError(f"--memory-budget {fmt_bytes(budget)} is more than the {fmt_bytes(avail)} this machine "
+                             "has available", hint="give a smaller --memory-budget, or leave it out (auto: a quarter "
+                                                   "of the available memory)")
+    return float(budget)
+
+
+def check_disk(folder: str, need: float, what: str) -> None:
+    """Refuse before starting when ``folder`` lacks ``need`` free bytes for ``what``."""
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise LandscapeError(f"{what} needs {fmt_bytes(need)} of scratch space beyond --memory-budget, and {folder} "
+                             f"has {fmt_bytes(free)} free",
+                             hint="raise --memory-budget, free disk space, or set LANDSCAPE_SPILL_DIR to a larger disk")
+
+
+def fmt_bytes(n: float) -> str:
+    """``1536 -> '1.5 KiB'``.
+
+    >>> fmt_bytes(3 * 2**30), fmt_bytes(512)
+    ('3.0 GiB', '512 B')
+    """
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
