@@ -1,0 +1,76 @@
+"""Memory budget and compact run files (issue 19): vectors kept only when asked, resume without them, refusals
+with the number needed."""
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import EXAMPLES, cli
+from landscape.budget import check_disk, resolve_budget
+from landscape.errors import LandscapeError
+
+MLP = str(EXAMPLES / "mlp_sgd_s2000.pt")
+FAST = ["--steps", "7", "--no-sharpness", "--no-report", "--strategy", "inplace", "--workers", "1"]
+
+
+def _datasets(path):
+    names = []
+    with h5py.File(path) as f:
+        f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+    return names
+
+
+def test_no_save_vectors_then_resume_equals_save_vectors(tmp_path):
+    lean, full = tmp_path / "lean.h5", tmp_path / "full.h5"
+    r = cli("scan", MLP, *FAST, "--no-save-vectors", "-o", str(lean))
+    assert r.returncode == 0, r.stderr
+    r = cli("scan", MLP, *FAST, "--save-vectors", "-o", str(full))
+    assert r.returncode == 0, r.stderr
+    lean_names, full_names = _datasets(lean), _datasets(full)
+    assert not any("directions" in n or "eigenvectors" in n or "gsnr" in n for n in lean_names)
+    assert any("slices/random_2d/directions/1/" in n for n in full_names)
+    assert any("hessian/eigenvectors/0/" in n for n in full_names) and any("coherence/gsnr/" in n for n in full_names)
+    with h5py.File(full) as f:  # stored in the run's dtype (the checkpoint's float32)
+        d = f["slices/random_2d/directions/0"]
+        assert {d[k].dtype for k in d} == {np.dtype("float32")}
+        assert f["slices/random_2d"].attrs["directions_sha256"] == h5py.File(lean)["slices/random_2d"].attrs[
+            "directions_sha256"]
+    # forget half of the lean file's points: --resume recomputes the directions from their seed, checks their
+    # hash, and fills in the same values
+    with h5py.File(lean, "r+") as f:
+        g = f["slices/random_2d"]
+        done, loss = g["done"][()], g["loss"][()]
+        done[3:] = False
+        loss[3:] = np.nan
+        g["done"][...], g["loss"][...] = done, loss
+    r = cli("scan", MLP, *FAST, "--no-save-vectors", "-o", str(lean), "--resume")
+    assert r.returncode == 0, r.stderr
+    with h5py.File(lean) as a, h5py.File(full) as b:
+        assert np.array_equal(a["slices/random_2d/loss"][()], b["slices/random_2d/loss"][()])
+        # a hash that does not match is refused
+        sha = a["slices/random_2d"].attrs["directions_sha256"]
+    with h5py.File(lean, "r+") as f:
+        f["slices/random_2d"].attrs["directions_sha256"] = "0" * len(sha)
+        f["slices/random_2d/done"][0, 0] = False
+    r = cli("scan", MLP, *FAST, "--no-save-vectors", "-o", str(lean), "--resume")
+    assert r.returncode == 2 and "differ from the stored hash" in r.stderr
+
+
+def test_budget_beyond_the_machine_and_disk_are_refused_with_the_number(tmp_path):
+    with pytest.raises(LandscapeError, match="more than the .* this machine has available"):
+        resolve_budget(2.0 ** 60)
+    with pytest.raises(LandscapeError, match=r"needs 1024\.0 TiB of scratch space"):
+        check_disk(str(tmp_path), 2.0 ** 50, "a block")
+    r = cli("hessian", MLP, "--memory-budget", "1000TB", "-o", str(tmp_path / "r.h5"))
+    assert r.returncode == 2 and "this machine has available" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_hessian_with_a_budget_too_small_for_its_basis_spills_and_agrees(tmp_path):
+    args = ["hessian", MLP, "--dtype", "float64", "--json", "--top-k", "3"]
+    mem = cli(*args, "-o", str(tmp_path / "m.h5"))
+    disk = cli(*args, "--memory-budget", "1MiB", "-o", str(tmp_path / "d.h5"))
+    assert mem.returncode == 0 and disk.returncode == 0, disk.stderr
+    with h5py.File(tmp_path / "m.h5") as a, h5py.File(tmp_path / "d.h5") as b:
+        assert a["hessian"].attrs["vector_storage"] == "memory" and b["hessian"].attrs["vector_storage"] == "disk"
+        np.testing.assert_allclose(a["hessian/eigenvalues"][()], b["hessian/eigenvalues"][()], rtol=1e-10)
+        assert a["hessian/trace"].attrs["estimate"] == pytest.approx(b["hessian/trace"].attrs["estimate"], rel=1e-10)
