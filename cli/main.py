@@ -408,12 +408,12 @@ def scan(
             t.add_row("strategy", est.strategy + (f", {est.workers} blocks at once" if est.workers > 1 else ""))
             t.add_row("time per point", f"{est.seconds_per_point * 1e3:.2f} ms")
             ranks = f" ({est.ranks} ranks)" if est.ranks > 1 else ""
-            t.add_row("estimated time, slices", f"{est.seconds:.1f} s{ranks}")
-            t.add_row("estimated time, Hessian", f"{est.curvature_seconds:.1f} s (rough)")
-            t.add_row("estimated time, sharpness", f"{est.sharpness_seconds:.1f} s (rough)")
-            t.add_row("estimated time, coherence", f"{est.coherence_seconds:.1f} s (rough)")
+            for phase, p in est.phases.items():
+                t.add_row(f"{phase}", f"{p['seconds']:.1f} s{ranks if phase == 'slices' else ''}, peak "
+                                      f"{p['peak_bytes'] / 2**20:,.0f} MiB")
             t.add_row("estimated time, total", f"{est.total_seconds:.1f} s")
-            t.add_row("memory", f"{est.memory_bytes / 2**20:.1f} MiB ({est.memory_note})")
+            t.add_row("peak memory", f"{est.memory_bytes / 2**20:,.0f} MiB ({est.memory_note}; memory budget "
+                                     f"{est.memory_budget / 2**20:,.0f} MiB)")
             out_console.print(t)
             return
         _run_and_print(config, st, json_out, report=report)

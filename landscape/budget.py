@@ -10,7 +10,9 @@ file when they do not fit (:mod:`landscape.vectors`).
 
 from __future__ import annotations
 
+import os
 import shutil
+import threading
 
 from .errors import LandscapeError
 
@@ -67,3 +69,44 @@ def fmt_bytes(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:.1f} {unit}"
     return f"{int(n)} B"
+
+
+def rss() -> int:
+    """This process's resident memory in bytes now (Linux ``/proc/self/statm``; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+class PeakRSS:
+    """Peak resident memory while the ``with`` block runs, sampled every ``interval`` seconds by a thread
+    (``peak - start`` is what the block added).
+
+    >>> with PeakRSS() as p:
+    ...     _ = bytearray(64 * 2**20)
+    >>> p.peak - p.start > 32 * 2**20 or p.start == 0
+    True
+    """
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval = interval
+        self.start = self.peak = 0
+
+    def __enter__(self) -> "PeakRSS":
+        self.start = self.peak = rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss())
+            self._stop.wait(self.interval)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss())

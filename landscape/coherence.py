@@ -63,13 +63,6 @@ class CoherenceSettings:
         return replace(self, noise_samples=0) if self.sketch else self
 
 
-def forward_equivalents(settings: CoherenceSettings) -> float:
-    """Rough cost in full-data forward passes for ``--dry-run``: per-sample gradients about three, a sketch about
-    three per projection, four per ``B_noise`` product; twice that with the control."""
-    s = settings.resolved()
-    return (1 + s.control) * (3 + 4 * s.noise_samples + 3 * s.sketch)
-
-
 class GradientStats:
     """Streaming statistics of rows ``g_i`` (dimension ``dim``) arriving in chunks, in sample order.
 

@@ -145,19 +145,6 @@ class CurvatureResult:
         return g
 
 
-def forward_equivalents(settings: CurvatureSettings, n_tensors: int) -> float:
-    """Rough cost in full-data forward passes for ``--dry-run``: Lanczos about ``4k + 10`` products per end of the
-    spectrum, the trace and density budgets, one more top pair and trace per tensor with ``per_layer``; a product
-    counted as four forward passes."""
-    s = settings
-    hvps = (4 * s.top_k + 10 if s.top_k else 0) + (4 * s.bottom_k + 10 if s.bottom_k else 0)
-    hvps += s.trace_matvecs if s.trace else 0
-    hvps += s.density_probes * s.density_steps if s.density else 0
-    if s.per_layer:
-        hvps += n_tensors * (14 + (s.trace_matvecs if s.trace else 0))
-    return 4.0 * hvps
-
-
 def analyze_curvature(problem: Problem, settings: CurvatureSettings = CurvatureSettings(),
                       progress: Callable[[str], None] | None = None) -> CurvatureResult:
     """Top/bottom eigenpairs, trace and density of the Hessian (or GGN) over the selected parameters."""

@@ -26,22 +26,23 @@ import numpy as np
 import torch
 
 from . import __version__, vectors
+from .vectors import BLOCK_ROWS
 from .checkpoint import Checkpoint, apply_state_dict, check_finite, load_checkpoint
 from .coherence import CoherenceSettings, analyze_coherence
-from .coherence import forward_equivalents as coherence_cost
 from .coherence import same_settings as coherence_same_settings
 from .coherence import summary_from_group as coherence_summary
 from .curvature import CurvatureOperator
 from .data import EvalData, load_data
 from .distributed import Comm, cuda_for_job, current
 from .directions import difference_direction, random_directions
-from .budget import resolve_budget
+from .budget import PeakRSS, resolve_budget, rss
 from .errors import LandscapeError
 from .hessian import CurvatureSettings, analyze_curvature
-from .hessian import forward_equivalents as curvature_cost
-from .lanczos import lanczos
+from .lanczos import basis_size, lanczos
 from .losses import default_loss_name, resolve_loss
+from .persample import chunk_size, iter_gradients
 from .problem import Problem
+from .stream import rows
 from .runfile import RESERVED, RunFile, encode_attr, read_attrs
 from .sharpness import SharpnessSettings, same_settings, sharpness, summary_from_group
 from .sharpness import forward_equivalents as sharpness_cost
@@ -664,7 +665,12 @@ def _summarize(rf: RunFile, s: SliceSettings, computed: int, seconds: float) -> 
 
 @dataclass(frozen=True)
 class Estimate:
-    """What ``--dry-run`` prints: the cost of a scan before it runs."""
+    """What ``--dry-run`` prints: the cost of a scan before it runs, phase by phase.
+
+    ``phases`` maps each phase (``slices``, ``hessian``, ``sharpness``, ``coherence``) to its predicted
+    ``seconds`` and ``peak_bytes``: the process's resident memory at its peak (on CUDA: the device's allocated
+    memory), built from products measured on the real model and batch (see :func:`estimate`).
+    """
 
     points: int
     forward_passes: int
@@ -680,19 +686,87 @@ class Estimate:
     curvature_seconds: float = 0.0
     sharpness_seconds: float = 0.0
     coherence_seconds: float = 0.0
+    memory_budget: float = 0.0
+    phases: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
     @property
     def total_seconds(self) -> float:
         return self.seconds + self.curvature_seconds + self.sharpness_seconds + self.coherence_seconds
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.__dict__, "total_seconds": self.total_seconds}
+        return {**self.__dict__, "phases": {k: dict(v) for k, v in self.phases.items()},
+                "total_seconds": self.total_seconds}
+
+
+def _measured(pb: Problem, fn: Callable[[], Any]) -> tuple[float, int]:
+    """Seconds of a second call of ``fn`` (the first warms up, and picks the HVP engine as a run would) and the
+    memory both calls added at their peak."""
+    cuda = pb.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(pb.device)
+        base = torch.cuda.memory_allocated(pb.device)
+        torch.cuda.reset_peak_memory_stats(pb.device)
+    with PeakRSS() as peak:
+        fn()
+        t = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize(pb.device)
+        seconds = time.perf_counter() - t
+    extra = (torch.cuda.max_memory_allocated(pb.device) - base) if cuda else peak.peak - peak.start
+    return seconds, max(0, int(extra))
+
+
+def _bandwidth(n: int) -> float:
+    """Bytes per second of a pass over a block of vectors (``V^T w``), measured on a 64 MiB block."""
+    V = np.ones((min(n, BLOCK_ROWS), max(1, (64 << 20) // (8 * min(n, BLOCK_ROWS)))), order="F")
+    w = np.ones(V.shape[0])
+    V.T @ w
+    t = time.perf_counter()
+    for _ in range(3):
+        V.T @ w
+    return 3 * V.nbytes / max(time.perf_counter() - t, 1e-9)
+
+
+def _curvature_plan(curv: CurvatureSettings, n: int, budget: float) -> tuple[float, float, float]:
+    """(products, bytes passed over stored vectors, bytes of vectors held in memory) of a curvature analysis.
+
+    Lanczos is counted at ``m + 5 k`` products per end of the spectrum (``m`` the basis size: 65 for the top 5;
+    measured: 25 on the shipped CNN, 86 on the ResNet-18 of the scale ladder), each step
+    passing twice over a basis about ``(m + k) / 2`` columns deep; Hutch++ passes six times over its block."""
+    hvps = passes = held = 0.0
+    for k in (curv.top_k, curv.bottom_k):
+        if k:
+            m = basis_size(k, n)
+            steps = min(curv.max_hvp, m + 5 * k)
+            hvps += steps + k
+            passes += steps * 2 * (m + k) / 2 * n * 8
+            basis = (m + 1) * n * 8
+            held = max(held, (basis if basis <= budget else BLOCK_ROWS * (m + 1) * 8)
+                       + (k * n * 8 if k * n * 8 <= budget - (basis if basis <= budget else 0) else 0))
+    if curv.trace:
+        hvps += curv.trace_matvecs
+        k = max(1, curv.trace_matvecs // 3)
+        if curv.trace_method == "hutch++":
+            passes += 6 * k * n * 8
+            held = max(held, k * n * 8 if k * n * 8 <= budget else BLOCK_ROWS * k * 8)
+    if curv.density:
+        hvps += curv.density_probes * curv.density_steps
+        passes += curv.density_probes * curv.density_steps ** 2 * n * 8
+    if curv.per_layer:
+        hvps += 14 + (curv.trace_matvecs if curv.trace else 0)  # per tensor, on blocks that add up to n
+    return hvps, passes, held + 4 * n * 8  # + the vectors in flight (v, A v, conversions)
 
 
 def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
-    """Time a few points on the real model and data and extrapolate to the planned slices."""
+    """Predict each phase's time and peak memory from products measured on the real model, data and batch size:
+    a block of slice points, one gradient, one Hessian-vector product (the engine picked as the run will) and one
+    chunk of per-sample gradients, each timed on a second call with the memory it added at its peak; the vector
+    work of Lanczos and Hutch++ from a measured memory bandwidth (:func:`_curvature_plan`)."""
     st = prepared or setup(config)
     pb = st.problem
+    cuda = pb.device.type == "cuda"
+    base = torch.cuda.memory_allocated(pb.device) if cuda else rss()
     plan = plan_slices(config)
     points = sum(math.prod(len(a) for a in s.axes) for s in plan)
     dirs = random_directions(pb.theta0, 2, seed=config.seed, norm=config.norm, ignore=config.ignore)
@@ -700,35 +774,56 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
     strategy = pb.choose_strategy(lists)
     n = pb.block * pb.workers  # a round of blocks, as the slice evaluates them
     coeffs = np.linspace(-0.5, 0.5, 2 * n).reshape(n, 2)
-    if pb.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(pb.device)
-    pb.evaluate_points(coeffs, lists)
-    t = time.perf_counter()
-    pb.evaluate_points(coeffs, lists)
-    per_point = (time.perf_counter() - t) / n
+    seconds, slice_extra = _measured(pb, lambda: pb.evaluate_points(coeffs, lists))
+    per_point = seconds / n
     # gradients and HVPs run one at a time on all threads: a forward pass there costs what one in-place point does
     per_pass = pb.strategy_timings["inplace"] if pb.workers > 1 else per_point
     chunks = math.ceil(pb.n / pb.batch_size)
-    # streamed inputs are held one chunk at a time
-    x_rows = min(pb.batch_size, pb.n) if st.data.streamed else pb.n
-    data_bytes = pb.X.numel() // pb.n * x_rows * pb.X.element_size() + pb.y.numel() * pb.y.element_size()
-    if pb.device.type == "cuda":
-        mem, note = torch.cuda.max_memory_allocated(pb.device), "peak CUDA memory measured on a few points"
-    else:
-        mem = pb.parameter_bytes * (4 + (pb.block if strategy == "vmap" else pb.workers - 1)) + data_bytes
-        note = "model copies, directions and data" + (" (one chunk of streamed inputs)" if st.data.streamed else "") \
-            + "; activations of one chunk come on top"
+    phases: dict[str, dict[str, float]] = {}
+    if plan:
+        phases["slices"] = {"seconds": per_point * points / pb.comm.world,
+                            "peak_bytes": base + slice_extra + 2 * pb.parameter_bytes}
+    grad_s, grad_extra = _measured(pb, pb.gradient)
     curv = config.curvature
-    curvature_passes = curvature_cost(curv, len(pb.names)) if curv is not None else 0.0
-    sharpness_passes = sum(sharpness_cost(s, pb.n) for s in config.sharpness)
-    coherence_passes = coherence_cost(config.coherence) if config.coherence is not None else 0.0
-    # under torchrun the points are shared out; the data-parallel analyses are counted as one process's work
+    hvp_s = hvp_extra = 0.0
+    if curv is not None or config.sharpness or config.coherence is not None:
+        op = CurvatureOperator(pb)
+        v = np.random.default_rng(0).standard_normal(op.n)
+        hvp_s, hvp_extra = _measured(pb, lambda: op.matvec(v))
+    nparam = pb.num_parameters
+    budget = pb.memory_budget
+    if curv is not None:
+        hvps, passes, held = _curvature_plan(curv, nparam, budget)
+        phases["hessian"] = {"seconds": hvps * hvp_s + passes / _bandwidth(nparam),
+                             "peak_bytes": base + hvp_extra + held}
+    if config.sharpness:
+        sharp_s = per_pass * sum(sharpness_cost(s, pb.n) for s in config.sharpness)
+        phases["sharpness"] = {"seconds": sharp_s,
+                               "peak_bytes": base + max(grad_extra, hvp_extra) + 6 * nparam * 8}
+    if config.coherence is not None:
+        co = config.coherence.resolved()
+        c = min(chunk_size(pb, budget), pb.n)
+        sample = rows(pb.X, 0, c)
+        chunk_s, chunk_extra = _measured(pb, lambda: next(iter_gradients(pb, sample, pb.y[:c], memory_budget=budget)))
+        dim = co.sketch or nparam
+        n_classes = int(pb.y.max()) + 1 if pb.classification else 1
+        batches = sum(min(co.batch_repeats, pb.n // b) for b in co.batch_sizes if 1 <= b <= pb.n)
+        accum = (2 + 2 * n_classes + batches) * dim * 8
+        phases["coherence"] = {
+            "seconds": (1 + co.control) * (chunk_s * math.ceil(pb.n / c) + (co.noise_samples + 1) * hvp_s
+                                           + co.noise_samples * chunk_s / c),
+            "peak_bytes": base + accum + max(chunk_extra, hvp_extra) + 4 * nparam * 8}
+    peak = max((p["peak_bytes"] for p in phases.values()), default=base)
     return Estimate(points=points, forward_passes=points * chunks, seconds_per_point=per_point,
-                    seconds=per_point * points / pb.comm.world, strategy=strategy, workers=pb.workers,
-                    memory_bytes=int(mem),
-                    memory_note=note, n_parameters=pb.num_parameters, n_samples=pb.n, ranks=pb.comm.world,
-                    curvature_seconds=per_pass * curvature_passes,
-                    sharpness_seconds=per_pass * sharpness_passes, coherence_seconds=per_pass * coherence_passes)
+                    seconds=phases.get("slices", {}).get("seconds", 0.0), strategy=strategy, workers=pb.workers,
+                    memory_bytes=int(peak),
+                    memory_note=("peak CUDA memory" if cuda else "peak resident memory") + " of the costliest phase, "
+                                "from products measured on the real batch",
+                    n_parameters=nparam, n_samples=pb.n, ranks=pb.comm.world,
+                    curvature_seconds=phases.get("hessian", {}).get("seconds", 0.0),
+                    sharpness_seconds=phases.get("sharpness", {}).get("seconds", 0.0),
+                    coherence_seconds=phases.get("coherence", {}).get("seconds", 0.0),
+                    memory_budget=budget, phases=phases)
 
 
 __all__ = ["ScanConfig", "ScanSummary", "SliceResult", "Setup", "Estimate", "setup", "run_scan", "estimate",
