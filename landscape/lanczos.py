@@ -145,12 +145,10 @@ def lanczos(matvec: Matvec, n: int, k: int = 5, *, which: str = "LA", tol: float
         c = np.zeros(j)
         c[j - 1] = 1.0
     want = order[:k]
-    out = ColumnStore(n, len(want), budget=budget - (0 if basis.on_disk else basis.nbytes))
-    basis.combine_into(S[:j, want], out)
+    vecs = basis.combine(S[:j, want], budget - (0 if basis.on_disk else basis.nbytes))
     storage = basis.storage
     basis.close()
     del basis
-    vecs = out.to_array()
     vals = theta[want]
     scale = np.maximum(np.abs(vals), np.finfo(float).eps * max(np.abs(theta).max(), 1e-300))
     noise = np.full(len(want), np.nan)

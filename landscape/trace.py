@@ -112,9 +112,9 @@ def hutchpp(matvec: Matvec, n: int, *, max_matvec: int = 99, seed: int = 0, budg
     G = _rademacher_signs(rng, n, k)
     C = np.zeros((r, k))  # Q^T G
     for a, b in block.blocks():
-        C += block.read(a, b, r).T @ G[a:b]
+        C += block.read(a, b, r) @ G[a:b]
     for a, b in block.blocks():  # P G, written over Q row block by row block
-        block.write(a, G[a:b] - block.read(a, b, r) @ C)
+        block.write(a, G[a:b].T - C.T @ block.read(a, b, r))
     del G
     samples = np.empty(k)
     for i in range(k):

@@ -2,8 +2,8 @@
 
 A :class:`ColumnStore` holds ``k`` columns of length ``n``: in memory when ``n k`` float64 numbers fit
 ``budget`` bytes, otherwise in an unlinked scratch file that is read and written a row block at a time (one
-block is at most :data:`BLOCK_ROWS` rows, so its buffer is ``BLOCK_ROWS x k x 8`` bytes: 21 MB for 40
-columns). Every algorithm over a store (:mod:`landscape.lanczos`, :mod:`landscape.trace`) walks it by the same
+block is at most :data:`BLOCK_ROWS` rows of every column, contiguous, so its buffer is ``BLOCK_ROWS x k x 8``
+bytes: 21 MB for 40 columns). Every algorithm over a store (:mod:`landscape.lanczos`, :mod:`landscape.trace`) walks it by the same
 row blocks in both places, so a basis on disk gives the same bits as one in memory; only the time differs (reads
 from the page cache or the disk instead of RAM).
 
@@ -36,6 +36,10 @@ def spill_dir() -> str:
 class ColumnStore:
     """``k`` float64 columns of length ``n``, in memory or (``on_disk``) in a scratch file.
 
+    Laid out by row blocks: block ``b`` holds rows ``b B : (b + 1) B`` of every column as one contiguous
+    ``(k, B)`` array (``B`` = :data:`BLOCK_ROWS`), so that a pass reads each block once, contiguously, and a
+    fused update-and-project (:meth:`subtract`) finds it still in cache.
+
     >>> s = ColumnStore(5, 2, budget=0)  # nothing fits: on disk
     >>> s.on_disk, s.set_column(1, np.arange(5.0)), s.column(1).tolist()
     (True, None, [0.0, 1.0, 2.0, 3.0, 4.0])
@@ -43,18 +47,20 @@ class ColumnStore:
 
     def __init__(self, n: int, k: int, *, budget: float = float("inf")) -> None:
         self.n, self.k = int(n), int(k)
-        self.nbytes = self.n * self.k * 8
+        self.rows = min(BLOCK_ROWS, max(self.n, 1))
+        self.n_blocks = -(-self.n // self.rows)
+        self.nbytes = self.n_blocks * self.k * self.rows * 8
         self.on_disk = self.nbytes > budget
         self._fd: int | None = None
+        self._array: np.ndarray | None = None
         if self.on_disk:
             check_disk(spill_dir(), self.nbytes, f"a block of {self.k} vectors of {self.n:,} numbers")
             fd, path = tempfile.mkstemp(prefix="landscape-", suffix=".f64", dir=spill_dir())
             os.unlink(path)
             os.ftruncate(fd, self.nbytes)
             self._fd = fd
-            self._array = None
         else:
-            self._array = np.empty((self.n, self.k), order="F")
+            self._array = np.zeros((self.n_blocks, self.k, self.rows))
 
     @property
     def storage(self) -> str:
@@ -70,58 +76,70 @@ class ColumnStore:
         self.close()
 
     def blocks(self) -> Iterator[tuple[int, int]]:
-        for a in range(0, self.n, BLOCK_ROWS):
-            yield a, min(self.n, a + BLOCK_ROWS)
+        for a in range(0, self.n, self.rows):
+            yield a, min(self.n, a + self.rows)
+
+    def _offset(self, block: int, col: int) -> int:
+        return ((block * self.k + col) * self.rows) * 8
 
     def read(self, a: int, b: int, cols: int) -> np.ndarray:
-        """Rows ``a:b`` of the first ``cols`` columns (a view in memory, a fresh array from disk)."""
+        """The ``(cols, b - a)`` block of rows ``a:b`` (``a`` a block start) of the first ``cols`` columns, rows of
+        the result being columns of the store (a view in memory, a fresh array from disk)."""
+        blk = a // self.rows
         if self._array is not None:
-            return self._array[a:b, :cols]
-        out = np.empty((b - a, cols), order="F")
-        for c in range(cols):
-            os.preadv(self._fd, [memoryview(out[:, c])], (c * self.n + a) * 8)
-        return out
+            return self._array[blk, :cols, :b - a]
+        out = np.empty((cols, self.rows))
+        os.preadv(self._fd, [memoryview(out)], self._offset(blk, 0))
+        return out[:, :b - a]
 
     def write(self, a: int, block: np.ndarray, col0: int = 0) -> None:
-        """Rows ``a:a+len(block)`` of columns ``col0:col0+block.shape[1]``."""
+        """Columns ``col0:col0 + len(block)`` of rows ``a:a + block.shape[1]`` (``a`` a block start)."""
+        blk = a // self.rows
         if self._array is not None:
-            self._array[a:a + len(block), col0:col0 + block.shape[1]] = block
+            self._array[blk, col0:col0 + len(block), :block.shape[1]] = block
             return
-        for c in range(block.shape[1]):
-            os.pwrite(self._fd, np.ascontiguousarray(block[:, c]).data, ((col0 + c) * self.n + a) * 8)
+        if block.shape[1] < self.rows:
+            full = np.zeros((len(block), self.rows))
+            full[:, :block.shape[1]] = block
+            block = full
+        os.pwrite(self._fd, np.ascontiguousarray(block).data, self._offset(blk, col0))
 
     def column(self, i: int) -> np.ndarray:
-        """Column ``i`` as a contiguous array (a view in memory)."""
-        if self._array is not None:
-            return self._array[:, i]
+        """Column ``i`` as a new contiguous array."""
         out = np.empty(self.n)
-        os.preadv(self._fd, [memoryview(out)], i * self.n * 8)
+        for a, b in self.blocks():
+            if self._array is not None:
+                out[a:b] = self._array[a // self.rows, i, :b - a]
+            else:
+                os.preadv(self._fd, [memoryview(out[a:b])], self._offset(a // self.rows, i))
         return out
 
     def set_column(self, i: int, v: np.ndarray) -> None:
-        if self._array is not None:
-            self._array[:, i] = v
-        else:
-            os.pwrite(self._fd, np.ascontiguousarray(v, dtype=np.float64).data, i * self.n * 8)
+        v = np.ascontiguousarray(v, dtype=np.float64)
+        for a, b in self.blocks():
+            if self._array is not None:
+                self._array[a // self.rows, i, :b - a] = v[a:b]
+            else:
+                os.pwrite(self._fd, v[a:b].data, self._offset(a // self.rows, i))
 
     # ------------------------------------------------------------------ passes over the first ``cols`` columns
     def project(self, w: np.ndarray, cols: int) -> np.ndarray:
         """``V^T w`` (one pass)."""
         h = np.zeros(cols)
         for a, b in self.blocks():
-            h += self.read(a, b, cols).T @ w[a:b]
+            h += self.read(a, b, cols) @ w[a:b]
         return h
 
     def subtract(self, w: np.ndarray, h: np.ndarray, cols: int, *, project_after: bool = False
                  ) -> np.ndarray | None:
         """``w -= V h`` in place (one pass); with ``project_after`` also ``V^T w`` of the result, from the same
-        blocks (the second sweep of classical Gram-Schmidt at no extra pass)."""
+        blocks while they are in cache (the second sweep of classical Gram-Schmidt at no extra pass)."""
         h2 = np.zeros(cols) if project_after else None
         for a, b in self.blocks():
             Vb = self.read(a, b, cols)
-            w[a:b] -= Vb @ h
+            w[a:b] -= h @ Vb
             if h2 is not None:
-                h2 += Vb.T @ w[a:b]
+                h2 += Vb @ w[a:b]
         return h2
 
     def gram(self, cols: int) -> np.ndarray:
@@ -129,27 +147,27 @@ class ColumnStore:
         G = np.zeros((cols, cols))
         for a, b in self.blocks():
             Vb = self.read(a, b, cols)
-            G += Vb.T @ Vb
+            G += Vb @ Vb.T
         return G
 
     def transform(self, M: np.ndarray) -> None:
         """``V[:, :M.shape[1]] = V[:, :M.shape[0]] M`` in place (one pass)."""
         for a, b in self.blocks():
-            self.write(a, self.read(a, b, M.shape[0]) @ M)
+            self.write(a, M.T @ self.read(a, b, M.shape[0]))
 
-    def combine_into(self, M: np.ndarray, out: "ColumnStore") -> None:
-        """``out[:, :M.shape[1]] = V[:, :M.shape[0]] M`` (one pass)."""
+    def combine(self, M: np.ndarray, budget: float = float("inf")) -> np.ndarray:
+        """``V[:, :M.shape[0]] M`` as an ``(n, M.shape[1])`` Fortran-ordered array (one pass): in memory when it
+        fits ``budget`` bytes, else a mapping of an unlinked scratch file (pages read when touched, reclaimable)."""
+        shape = (self.n, M.shape[1])
+        if self.n * M.shape[1] * 8 <= budget:
+            out = np.empty(shape, order="F")
+        else:
+            check_disk(spill_dir(), self.n * M.shape[1] * 8, f"{M.shape[1]} vectors of {self.n:,} numbers")
+            with tempfile.NamedTemporaryFile(prefix="landscape-", suffix=".f64", dir=spill_dir()) as f:
+                out = np.memmap(f, dtype=np.float64, mode="w+", shape=shape, order="F")
         for a, b in self.blocks():
-            out.write(a, self.read(a, b, M.shape[0]) @ M)
-
-    def to_array(self, cols: int | None = None) -> np.ndarray:
-        """The first ``cols`` columns as an ``(n, cols)`` array: the store's own memory, or a read-only mapping of
-        its file (pages are read when touched and stay reclaimable)."""
-        cols = self.k if cols is None else cols
-        if self._array is not None:
-            return self._array[:, :cols]
-        return np.memmap(os.fdopen(os.dup(self._fd), "rb"), dtype=np.float64, mode="r", shape=(self.n, cols),
-                         order="F")
+            out[a:b] = (M.T @ self.read(a, b, M.shape[0])).T
+        return out
 
 
 def orthonormalize(store: ColumnStore, cols: int, drop: float = 1e-12) -> int:
@@ -161,7 +179,7 @@ def orthonormalize(store: ColumnStore, cols: int, drop: float = 1e-12) -> int:
     number of columns kept, which are the first ones.
 
     >>> s = ColumnStore(4, 3)
-    >>> s.write(0, np.array([[1.0, 2, 0], [0, 0, 1], [1, 2, 0], [0, 0, 1]]))
+    >>> s.write(0, np.array([[1.0, 0, 1, 0], [2, 0, 2, 0], [0, 1, 0, 1]]))  # columns (1,0,1,0), 2x it, (0,1,0,1)
     >>> k = orthonormalize(s, 3); k, np.allclose(s.gram(k), np.eye(k))
     (2, True)
     """
