@@ -64,40 +64,46 @@ class CoherenceSettings:
 
 
 class GradientStats:
-    """Streaming statistics of rows ``g_i`` (dimension ``dim``) arriving in chunks, in sample order.
+    """Streaming statistics of rows ``g_i`` (dimension ``dim``) arriving in chunks, in sample order, accumulated over
+    the coordinates ``coords = (lo, hi)`` (all by default).
 
     ``labels[i]`` is the class of sample ``i`` (all 0 for regression); ``batch_ids[B][i]`` the random batch of
-    size ``B`` that sample ``i`` belongs to (-1: none).
+    size ``B`` that sample ``i`` belongs to (-1: none). Every statistic is a sum over coordinates of products of
+    the accumulators (:meth:`reduced`), so a model too big for ``(2 + 2C + B)`` accumulators of its size is done
+    in passes over coordinate ranges whose :class:`Reduced` parts are merged (:func:`coordinate_ranges`).
     """
 
     def __init__(self, dim: int, labels: np.ndarray, *, batch_ids: Mapping[int, np.ndarray] | None = None,
-                 per_coordinate: bool = True) -> None:
+                 per_coordinate: bool = True, coords: tuple[int, int] | None = None) -> None:
         self.n = len(labels)
         self.labels = np.asarray(labels)
         self.n_classes = int(self.labels.max()) + 1 if self.n else 0
+        self.lo, self.hi = coords or (0, dim)
+        width = self.hi - self.lo
         f64 = torch.float64
-        self.sum = torch.zeros(dim, dtype=f64)
-        self.sumsq = torch.zeros(dim, dtype=f64) if per_coordinate else None
-        self.class_sum = torch.zeros(self.n_classes, dim, dtype=f64)
-        self.class_unit = torch.zeros(self.n_classes, dim, dtype=f64)
+        self.sum = torch.zeros(width, dtype=f64)
+        self.sumsq = torch.zeros(width, dtype=f64) if per_coordinate else None
+        self.class_sum = torch.zeros(self.n_classes, width, dtype=f64)
+        self.class_unit = torch.zeros(self.n_classes, width, dtype=f64)
         self.class_sqnorm = np.zeros(self.n_classes)
         self.norms = np.zeros(self.n)
         self.batch_ids = {b: np.asarray(ids) for b, ids in (batch_ids or {}).items()}
-        self.batch_sum = {b: torch.zeros(int(ids.max()) + 1, dim, dtype=f64) for b, ids in self.batch_ids.items()}
+        self.batch_sum = {b: torch.zeros(int(ids.max()) + 1, width, dtype=f64) for b, ids in self.batch_ids.items()}
 
     def add(self, start: int, rows: torch.Tensor) -> None:
+        """Rows ``start, start + 1, ...`` (whole gradients: their norms are over every coordinate)."""
         g = rows.detach().to("cpu", torch.float64)
         idx = np.arange(start, start + len(g))
         norms = torch.linalg.vector_norm(g, dim=1)
         self.norms[idx] = norms.numpy()
+        np.add.at(self.class_sqnorm, self.labels[idx], (norms ** 2).numpy())
+        g = g[:, self.lo:self.hi]
         self.sum += g.sum(0)
         if self.sumsq is not None:
             self.sumsq += (g * g).sum(0)
         lab = torch.as_tensor(self.labels[idx], dtype=torch.long)
-        unit = g / norms.clamp_min(1e-300).unsqueeze(1)
         self.class_sum.index_add_(0, lab, g)
-        self.class_unit.index_add_(0, lab, unit)
-        np.add.at(self.class_sqnorm, self.labels[idx], (norms ** 2).numpy())
+        self.class_unit.index_add_(0, lab, g / norms.clamp_min(1e-300).unsqueeze(1))
         for b, ids in self.batch_ids.items():
             sel = ids[idx]
             ok = sel >= 0
@@ -114,54 +120,119 @@ class GradientStats:
         comm.all_reduce_([self.sum, self.class_sum, self.class_unit, norms, class_sqnorm,
                           *self.batch_sum.values(), *([self.sumsq] if self.sumsq is not None else [])])
 
+    def reduced(self) -> "Reduced":
+        """This coordinate range's share of every statistic."""
+        gsnr = None
+        if self.sumsq is not None:
+            mean = self.sum / self.n
+            var = (self.sumsq / self.n - mean * mean).clamp_min(0)
+            scale = torch.maximum(self.sumsq / self.n, torch.tensor(1e-300, dtype=torch.float64))
+            gsnr = (mean * mean / var).numpy()
+            gsnr[(var <= 1e-12 * scale).numpy()] = np.nan
+        return Reduced(
+            n=self.n, labels=self.labels, norms=self.norms, class_sqnorm=self.class_sqnorm,
+            sum=self.sum.numpy(), gsnr=gsnr, total=float(self.sum @ self.sum),
+            class_total=(self.class_sum * self.class_sum).sum(1).numpy(),
+            class_dots=(self.class_unit @ self.class_unit.T).numpy(),
+            batch_sq={b: (s * s).sum(1).numpy() for b, s in self.batch_sum.items()},
+            batch_dot={b: (s @ self.sum).numpy() for b, s in self.batch_sum.items()})
+
+    # the statistics of a single pass over all coordinates
+    def metrics(self) -> dict[str, float]:
+        return self.reduced().metrics()
+
+    def gsnr(self) -> np.ndarray:
+        return self.reduced().gsnr
+
+    def class_metrics(self) -> dict[str, np.ndarray]:
+        return self.reduced().class_metrics()
+
+    def batch_metrics(self) -> dict[str, np.ndarray]:
+        return self.reduced().batch_metrics()
+
     @property
     def mean(self) -> torch.Tensor:
         return self.sum / self.n
 
+
+@dataclass(frozen=True)
+class Reduced:
+    """Sums over coordinates of the products the statistics need (``total = ||sum g_i||^2``, per-class
+    ``||sum_{i in a} g_i||^2``, the Gram matrix of per-class sums of unit gradients, per random batch its squared
+    norm and its dot with ``sum g_i``), the ``sum`` and per-coordinate GSNR of the coordinates covered, and the
+    per-sample norms. Parts over disjoint coordinate ranges :meth:`merge` into the whole."""
+
+    n: int
+    labels: np.ndarray
+    norms: np.ndarray
+    class_sqnorm: np.ndarray
+    sum: np.ndarray
+    gsnr: np.ndarray | None
+    total: float
+    class_total: np.ndarray
+    class_dots: np.ndarray
+    batch_sq: Mapping[int, np.ndarray]
+    batch_dot: Mapping[int, np.ndarray]
+
+    def merge(self, o: "Reduced") -> "Reduced":
+        """This part followed by ``o``, the next coordinate range."""
+        return replace(self, sum=np.concatenate([self.sum, o.sum]),
+                       gsnr=None if self.gsnr is None else np.concatenate([self.gsnr, o.gsnr]),
+                       total=self.total + o.total, class_total=self.class_total + o.class_total,
+                       class_dots=self.class_dots + o.class_dots,
+                       batch_sq={b: v + o.batch_sq[b] for b, v in self.batch_sq.items()},
+                       batch_dot={b: v + o.batch_dot[b] for b, v in self.batch_dot.items()})
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.sum / self.n
+
     def metrics(self) -> dict[str, float]:
         sq = float(self.norms @ self.norms)
-        total = float(self.sum @ self.sum)
-        m_coh = total / sq if sq > 0 else float("nan")
-        gnorm2 = total / self.n ** 2
+        m_coh = self.total / sq if sq > 0 else float("nan")
+        gnorm2 = self.total / self.n ** 2
         trace_sigma = (sq - self.n * gnorm2) / (self.n - 1) if self.n > 1 else float("nan")
-        out = {"m": self.n, "m_coherence": m_coh, "alpha": m_coh / self.n, "gradient_diversity": 1.0 / m_coh,
-               "gradient_norm": math.sqrt(gnorm2), "trace_sigma": trace_sigma,
-               "b_simple": trace_sigma / gnorm2 if gnorm2 > 0 else float("inf")}
-        return out
-
-    def gsnr(self) -> np.ndarray:
-        """Per coordinate ``mean^2 / var`` (population variance); NaN where the variance is 0."""
-        mean = self.mean
-        var = (self.sumsq / self.n - mean * mean).clamp_min(0)
-        scale = torch.maximum(self.sumsq / self.n, torch.tensor(1e-300, dtype=torch.float64))
-        out = (mean * mean / var).numpy()
-        out[(var <= 1e-12 * scale).numpy()] = np.nan
-        return out
+        return {"m": self.n, "m_coherence": m_coh, "alpha": m_coh / self.n, "gradient_diversity": 1.0 / m_coh,
+                "gradient_norm": math.sqrt(gnorm2), "trace_sigma": trace_sigma,
+                "b_simple": trace_sigma / gnorm2 if gnorm2 > 0 else float("inf")}
 
     def class_metrics(self) -> dict[str, np.ndarray]:
-        counts = np.bincount(self.labels, minlength=self.n_classes).astype(np.float64)
-        tot = (self.class_sum * self.class_sum).sum(1).numpy()
+        counts = np.bincount(self.labels, minlength=len(self.class_sqnorm)).astype(np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
-            class_m = tot / self.class_sqnorm
-            dots = (self.class_unit @ self.class_unit.T).numpy()
-            cos = dots / np.outer(counts, counts)
-            diag = (np.diag(dots) - counts) / (counts * (counts - 1))
+            class_m = self.class_total / self.class_sqnorm
+            cos = self.class_dots / np.outer(counts, counts)
+            diag = (np.diag(self.class_dots) - counts) / (counts * (counts - 1))
         np.fill_diagonal(cos, diag)
         return {"class_count": counts.astype(np.int64), "class_m_coherence": class_m, "class_cosine": cos}
 
     def batch_metrics(self) -> dict[str, np.ndarray]:
-        sizes = sorted(self.batch_sum)
-        mean = self.mean
-        mean_norm = float(torch.linalg.vector_norm(mean))
+        """Cosine of each random batch's gradient with the mean gradient: ``s_B . S / (||s_B|| ||S||)``."""
+        sizes = sorted(self.batch_sq)
+        total_norm = math.sqrt(self.total)
         cos_mean, cos_std, reps = [], [], []
         for b in sizes:
-            s = self.batch_sum[b]
-            c = (s @ mean) / (torch.linalg.vector_norm(s, dim=1) * mean_norm).clamp_min(1e-300)
+            c = self.batch_dot[b] / np.maximum(np.sqrt(self.batch_sq[b]) * total_norm, 1e-300)
             cos_mean.append(float(c.mean()))
-            cos_std.append(float(c.std()) if len(c) > 1 else float("nan"))
+            cos_std.append(float(c.std(ddof=1)) if len(c) > 1 else float("nan"))
             reps.append(len(c))
         return {"batch_sizes": np.asarray(sizes, dtype=np.int64), "batch_cosine": np.asarray(cos_mean),
                 "batch_cosine_std": np.asarray(cos_std), "batch_count": np.asarray(reps, dtype=np.int64)}
+
+
+def accumulator_vectors(n_classes: int, batch_ids: Mapping[int, np.ndarray], per_coordinate: bool) -> int:
+    """Accumulators of :class:`GradientStats`, in vectors of the gradient's size: sum, sum of squares, two per
+    class, one per random batch."""
+    return 1 + per_coordinate + 2 * n_classes + sum(int(ids.max()) + 1 for ids in batch_ids.values())
+
+
+def coordinate_ranges(dim: int, vectors: int, budget: float) -> list[tuple[int, int]]:
+    """Consecutive coordinate ranges whose ``vectors`` float64 accumulators fit ``budget`` bytes each.
+
+    >>> coordinate_ranges(10, 4, 4 * 8 * 4)
+    [(0, 4), (4, 8), (8, 10)]
+    """
+    width = max(1, min(dim, int(budget // (vectors * 8))))
+    return [(lo, min(dim, lo + width)) for lo in range(0, dim, width)]
 
 
 @dataclass(frozen=True)
@@ -233,7 +304,7 @@ def _labels(problem: Problem, y: torch.Tensor) -> np.ndarray:
     return np.zeros(len(y), dtype=np.int64)
 
 
-def _batch_ids(n: int, sizes: tuple[int, ...], repeats: int, seed: int) -> dict[int, np.ndarray]:
+def random_batches(n: int, sizes: tuple[int, ...], repeats: int, seed: int) -> dict[int, np.ndarray]:
     """For each size ``B <= n``: ``min(repeats, n // B)`` disjoint random batches (sample -> batch, -1: none)."""
     out = {}
     for b in sorted(set(sizes)):
@@ -306,30 +377,41 @@ def _analyze(problem: Problem, s: CoherenceSettings, y: torch.Tensor,
     rng = np.random.default_rng(s.seed)
     keep = np.sort(rng.choice(n, size=min(s.noise_samples, n), replace=False)) if s.noise_samples \
         else np.array([], dtype=np.int64)
-    ids = _batch_ids(n, s.batch_sizes, s.batch_repeats, s.seed)
+    ids = random_batches(n, s.batch_sizes, s.batch_repeats, s.seed)
     dim = s.sketch or problem.num_parameters
-    stats = GradientStats(dim, labels, batch_ids=ids, per_coordinate=not s.sketch)
     comm = problem.comm
     lo, hi = comm.shard(n)  # under torchrun each rank takes its shard of the samples; the sums are all-reduced
     if s.sketch:
         if progress:
             progress(f"{label}: sketch of {s.sketch} projections", 0, 0)
+        stats = GradientStats(dim, labels, batch_ids=ids, per_coordinate=False)
         stats.add(lo, sketched_gradients(problem, rows(problem.X, lo, hi), y[lo:hi], s.sketch, seed=s.seed))
-        method = "sketch"
+        stats.all_reduce(comm)
+        red, method, passes = stats.reduced(), "sketch", 1
     else:
-        method = "vmap"
-        for start, g, method in iter_gradients(problem, rows(problem.X, lo, hi), y[lo:hi],
-                                               memory_budget=s.memory_budget):
-            stats.add(lo + start, g)
-            if progress:
-                progress(label, min((start + len(g)) * comm.world, n), n)
-    stats.all_reduce(comm)
-    metrics = stats.metrics()
-    arrays = {**stats.class_metrics(), **stats.batch_metrics(), "grand": stats.norms,
+        # half the budget for the accumulators, half for the chunks of per-sample gradients; a model whose
+        # accumulators do not fit takes several passes, each over a range of coordinates
+        n_classes = int(labels.max()) + 1
+        ranges = coordinate_ranges(dim, accumulator_vectors(n_classes, ids, True), s.memory_budget / 2)
+        passes, method, red = len(ranges), "vmap", None
+        for p, coords in enumerate(ranges):
+            stats = GradientStats(dim, labels, batch_ids=ids, coords=coords)
+            what = label if passes == 1 else f"{label} (pass {p + 1} of {passes})"
+            for start, g, method in iter_gradients(problem, rows(problem.X, lo, hi), y[lo:hi],
+                                                   memory_budget=s.memory_budget / 2):
+                stats.add(lo + start, g)
+                if progress:
+                    progress(what, min((start + len(g)) * comm.world, n), n)
+            stats.all_reduce(comm)
+            red = stats.reduced() if red is None else red.merge(stats.reduced())
+            del stats
+    assert red is not None
+    metrics = {**red.metrics(), "coordinate_passes": passes}
+    arrays = {**red.class_metrics(), **red.batch_metrics(), "grand": red.norms,
               "el2n": el2n(problem, problem.X, y)}
     gsnr: dict[str, np.ndarray] = {}
     if not s.sketch:
-        flat = stats.gsnr()
+        flat = red.gsnr
         ok = np.isfinite(flat)
         metrics["gsnr_mean"] = float(flat[ok].mean()) if ok.any() else float("nan")
         metrics["gsnr_median"] = float(np.median(flat[ok])) if ok.any() else float("nan")
@@ -342,7 +424,7 @@ def _analyze(problem: Problem, s: CoherenceSettings, y: torch.Tensor,
         if progress:
             progress(f"{label}: B_noise ({len(keep)} Hessian-vector products)", 0, 0)
         op = CurvatureOperator(problem)
-        G = stats.mean.numpy()
+        G = red.mean
         gHg = float(G @ op.matvec(G))
         # the probes' gradients are computed again, one at a time, rather than kept from the pass (16 x P numbers)
         terms = np.array([(d := (_one_gradient(problem, y, int(i), method) - G)) @ op.matvec(d)

@@ -28,7 +28,7 @@ import torch
 from . import __version__, vectors
 from .vectors import BLOCK_ROWS
 from .checkpoint import Checkpoint, apply_state_dict, check_finite, load_checkpoint
-from .coherence import CoherenceSettings, analyze_coherence
+from .coherence import CoherenceSettings, accumulator_vectors, analyze_coherence, coordinate_ranges, random_batches
 from .coherence import same_settings as coherence_same_settings
 from .coherence import summary_from_group as coherence_summary
 from .curvature import CurvatureOperator
@@ -802,17 +802,19 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
                                "peak_bytes": base + max(grad_extra, hvp_extra) + 6 * nparam * 8}
     if config.coherence is not None:
         co = config.coherence.resolved()
-        c = min(chunk_size(pb, budget), pb.n)
+        c = min(chunk_size(pb, budget / 2), pb.n)
         sample = rows(pb.X, 0, c)
-        chunk_s, chunk_extra = _measured(pb, lambda: next(iter_gradients(pb, sample, pb.y[:c], memory_budget=budget)))
-        dim = co.sketch or nparam
+        chunk_s, chunk_extra = _measured(
+            pb, lambda: next(iter_gradients(pb, sample, pb.y[:c], memory_budget=budget / 2)))
         n_classes = int(pb.y.max()) + 1 if pb.classification else 1
-        batches = sum(min(co.batch_repeats, pb.n // b) for b in co.batch_sizes if 1 <= b <= pb.n)
-        accum = (2 + 2 * n_classes + batches) * dim * 8
+        ids = random_batches(pb.n, co.batch_sizes, co.batch_repeats, co.seed)
+        vecs = accumulator_vectors(n_classes, ids, not co.sketch)
+        ranges = coordinate_ranges(co.sketch or nparam, vecs, budget / 2) if not co.sketch else [(0, co.sketch)]
+        width = max(hi - lo for lo, hi in ranges)
         phases["coherence"] = {
-            "seconds": (1 + co.control) * (chunk_s * math.ceil(pb.n / c) + (co.noise_samples + 1) * hvp_s
-                                           + co.noise_samples * chunk_s / c),
-            "peak_bytes": base + accum + max(chunk_extra, hvp_extra) + 4 * nparam * 8}
+            "seconds": (1 + co.control) * (len(ranges) * chunk_s * math.ceil(pb.n / c)
+                                           + (co.noise_samples + 1) * hvp_s + co.noise_samples * chunk_s / c),
+            "peak_bytes": base + vecs * width * 8 + max(chunk_extra, hvp_extra) + 4 * nparam * 8}
     peak = max((p["peak_bytes"] for p in phases.values()), default=base)
     return Estimate(points=points, forward_passes=points * chunks, seconds_per_point=per_point,
                     seconds=phases.get("slices", {}).get("seconds", 0.0), strategy=strategy, workers=pb.workers,

@@ -148,3 +148,20 @@ def test_gradient_matrix_writes_chunks_in_place():
     M = gradient_matrix(pb, X, y, memory_budget=budget)
     assert M.shape == (30, pb.num_parameters) and M.dtype == torch.float64
     torch.testing.assert_close(M, per_sample_gradients(pb, X, y, method="loop"), rtol=0, atol=1e-12)
+
+
+def test_accumulators_beyond_the_budget_take_passes_over_coordinate_ranges_with_the_same_results():
+    X, y = blobs(60, 4, 3, seed=5)
+    pb = Problem(relu_mlp((4, 10, 3), seed=4), X.double(), y, F.cross_entropy, dtype=torch.float64)
+    one = analyze_coherence(pb, CoherenceSettings(**FAST))
+    # 83 parameters; 2 + 2 * 3 classes + the random batches' accumulators, 8 bytes each: a 1.6 KB budget
+    # leaves room for a few coordinates at a time
+    many = analyze_coherence(pb, CoherenceSettings(**FAST, memory_budget=1600))
+    assert one.metrics["coordinate_passes"] == 1 and many.metrics["coordinate_passes"] > 5
+    for k, v in one.metrics.items():
+        if k != "coordinate_passes":
+            np.testing.assert_allclose(many.metrics[k], v, rtol=1e-10, err_msg=k)
+    for k, v in one.arrays.items():
+        np.testing.assert_allclose(many.arrays[k], v, rtol=1e-10, atol=1e-12, err_msg=k)
+    for k, v in one.gsnr.items():
+        np.testing.assert_allclose(many.gsnr[k], v, rtol=1e-10, err_msg=k)
