@@ -91,24 +91,30 @@ class GradientStats:
         self.batch_sum = {b: torch.zeros(int(ids.max()) + 1, width, dtype=f64) for b, ids in self.batch_ids.items()}
 
     def add(self, start: int, rows: torch.Tensor) -> None:
-        """Rows ``start, start + 1, ...`` (whole gradients: their norms are over every coordinate)."""
-        g = rows.detach().to("cpu", torch.float64)
-        idx = np.arange(start, start + len(g))
-        norms = torch.linalg.vector_norm(g, dim=1)
+        """Rows ``start, start + 1, ...`` (whole gradients: their norms are over every coordinate). Holds one
+        float64 copy of the rows' coordinate range beside them (:meth:`bytes_per_row`)."""
+        rows = rows.detach().to("cpu")
+        idx = np.arange(start, start + len(rows))
+        norms = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64)
         self.norms[idx] = norms.numpy()
         np.add.at(self.class_sqnorm, self.labels[idx], (norms ** 2).numpy())
-        g = g[:, self.lo:self.hi]
+        g = rows[:, self.lo:self.hi].to(torch.float64, copy=True)  # divided in place below
         self.sum += g.sum(0)
-        if self.sumsq is not None:
-            self.sumsq += (g * g).sum(0)
+        for r in g:
+            if self.sumsq is not None:
+                self.sumsq.addcmul_(r, r)
         lab = torch.as_tensor(self.labels[idx], dtype=torch.long)
         self.class_sum.index_add_(0, lab, g)
-        self.class_unit.index_add_(0, lab, g / norms.clamp_min(1e-300).unsqueeze(1))
         for b, ids in self.batch_ids.items():
-            sel = ids[idx]
-            ok = sel >= 0
-            if ok.any():
-                self.batch_sum[b].index_add_(0, torch.as_tensor(sel[ok]), g[torch.as_tensor(ok)])
+            for i, k in enumerate(ids[idx]):
+                if k >= 0:
+                    self.batch_sum[b][k] += g[i]
+        g /= norms.clamp_min(1e-300).unsqueeze(1)
+        self.class_unit.index_add_(0, lab, g)
+
+    def bytes_per_row(self) -> int:
+        """Memory :meth:`add` takes per row beyond the row itself."""
+        return 8 * (self.hi - self.lo)
 
     def all_reduce(self, comm: Comm) -> None:
         """Add up the statistics of the ranks' shards of the samples (every statistic here is a sum over samples;
@@ -398,7 +404,8 @@ def _analyze(problem: Problem, s: CoherenceSettings, y: torch.Tensor,
             stats = GradientStats(dim, labels, batch_ids=ids, coords=coords)
             what = label if passes == 1 else f"{label} (pass {p + 1} of {passes})"
             for start, g, method in iter_gradients(problem, rows(problem.X, lo, hi), y[lo:hi],
-                                                   memory_budget=s.memory_budget / 2):
+                                                   memory_budget=s.memory_budget / 2,
+                                                   extra_bytes_per_sample=stats.bytes_per_row()):
                 stats.add(lo + start, g)
                 if progress:
                     progress(what, min((start + len(g)) * comm.world, n), n)
