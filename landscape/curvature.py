@@ -49,17 +49,22 @@ class CurvatureOperator:
         self.n_matvec = 0
 
     def to_params(self, vec: np.ndarray) -> dict[str, torch.Tensor]:
-        """A full parameter dict from a flat vector over the selected parameters (zeros elsewhere)."""
+        """A full parameter dict from a flat vector over the selected parameters (zeros elsewhere): one cast of
+        the whole vector, viewed tensor by tensor."""
         pb = self.problem
-        out = {n: torch.zeros_like(t) for n, t in pb.theta0.items()}
-        i = 0
-        for n, shape, size in zip(self.names, self.shapes, self.sizes):
-            out[n] = torch.as_tensor(vec[i:i + size], dtype=pb.dtype, device=pb.device).reshape(shape)
-            i += size
-        return out
+        flat = torch.from_numpy(np.ascontiguousarray(vec, dtype=np.float64)).to(pb.device, pb.dtype)
+        out = dict(zip(self.names, (t.view(shape) for t, shape in zip(flat.split(self.sizes), self.shapes))))
+        return {n: out[n] if n in out else torch.zeros_like(t) for n, t in pb.theta0.items()}
 
     def to_vector(self, params: Mapping[str, torch.Tensor]) -> np.ndarray:
-        return np.concatenate([params[n].detach().double().reshape(-1).cpu().numpy() for n in self.names])
+        """The selected parameters as one float64 vector, each tensor cast straight into its place (one pass; a
+        ``double()`` copy per tensor and a concatenation cost as much as a product at 11M parameters)."""
+        out = np.empty(self.n)
+        i = 0
+        for n, size in zip(self.names, self.sizes):
+            out[i:i + size] = params[n].detach().reshape(-1).cpu().numpy()
+            i += size
+        return out
 
     def matvec(self, vec: np.ndarray) -> np.ndarray:
         v = self.to_params(np.ascontiguousarray(vec, dtype=np.float64))
