@@ -99,6 +99,7 @@ class CurvatureResult:
         for k, v in {"kind": s.kind, "n_parameters": self.n_parameters, "n_hvp": self.n_matvec, "tol": s.tol,
                      "max_hvp": s.max_hvp,
                      "trace_method": self.trace.method if self.trace is not None else s.trace_method,
+                     "trace_stderr_target": s.trace_stderr if s.trace_stderr is not None else float("nan"),
                      "seed": s.seed, "parameters": list(s.parameters), "hvp_mode": self.hvp_mode, "engine": s.engine,
                      "dtype": self.dtype, "vector_storage": self.vector_storage}.items():
             g.attrs[k] = encode_attr(v)
@@ -187,7 +188,8 @@ def _analyze(problem: Problem, s: CurvatureSettings, params: list[str] | None,
     if s.trace:
         note("trace")
         if s.trace_method == "hutch++":
-            trace = hutchpp(op, op.n, max_matvec=s.trace_matvecs, seed=s.seed, budget=budget)
+            trace = hutchpp(op, op.n, max_matvec=s.trace_matvecs, seed=s.seed, budget=budget,
+                            stderr_target=s.trace_stderr)
         else:
             deflate = (top.eigenvalues, top.eigenvectors) if (s.trace_method == "hutchinson-deflated" and top) else None
             trace = hutchinson(op, op.n, max_matvec=s.trace_matvecs, stderr_target=s.trace_stderr, seed=s.seed,

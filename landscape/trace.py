@@ -84,9 +84,11 @@ def _rademacher_signs(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
     return out
 
 
-def hutchpp(matvec: Matvec, n: int, *, max_matvec: int = 99, seed: int = 0, budget: float = float("inf")
-            ) -> TraceEstimate:
+def hutchpp(matvec: Matvec, n: int, *, max_matvec: int = 99, seed: int = 0, budget: float = float("inf"),
+            stderr_target: float | None = None, min_probes: int = 10) -> TraceEstimate:
     """Hutch++ estimate of ``tr(A)`` with ``max_matvec`` matvecs (a third each for sketch, projection, residual).
+
+    With ``stderr_target`` the residual probes stop once their standard error is below it (after ``min_probes``).
 
     The standard error is that of the Hutchinson part on the deflated remainder (the low-rank part is exact).
     Memory: one ``(n, m/3)`` float64 block (within ``budget`` bytes, else on disk: :class:`ColumnStore`), ``A S``,
@@ -117,10 +119,16 @@ def hutchpp(matvec: Matvec, n: int, *, max_matvec: int = 99, seed: int = 0, budg
         block.write(a, G[a:b].T - C.T @ block.read(a, b, r))
     del G
     samples = np.empty(k)
+    used = k
     for i in range(k):
         g = block.column(i)
         samples[i] = float(g @ np.asarray(matvec(g), dtype=np.float64))
+        if stderr_target is not None and i + 1 >= min_probes \
+                and np.std(samples[:i + 1], ddof=1) / np.sqrt(i + 1) <= stderr_target:
+            used = i + 1
+            break
+    samples = samples[:used]
     block.close()
-    stderr = float(np.std(samples, ddof=1) / np.sqrt(k)) if k > 1 else float("inf")
-    return TraceEstimate(estimate=low_rank + float(samples.mean()), stderr=stderr,
-                         n_matvec=k + r + k, method="hutch++", samples=samples, storage=block.storage)
+    stderr = float(np.std(samples, ddof=1) / np.sqrt(used)) if used > 1 else float("inf")
+    return TraceEstimate(estimate=low_rank + float(samples.mean()), stderr=stderr, n_matvec=k + r + used,
+                         method="hutch++", samples=samples, storage=block.storage)

@@ -119,3 +119,14 @@ def test_slq_moments_exact_and_density_matches_histogram():
     exact_cdf = np.searchsorted(np.sort(ev), grid) / len(ev)
     assert np.max(np.abs(cdf - exact_cdf)) < 0.08
     assert d.negative_mass == pytest.approx((ev < 0).mean(), abs=0.08)
+
+
+def test_hutchpp_stops_its_residual_probes_at_the_stderr_target():
+    rng = np.random.default_rng(7)
+    Q, _ = np.linalg.qr(rng.standard_normal((200, 200)))
+    A = (Q * np.concatenate([[100.0, 50.0], rng.uniform(0.5, 1.5, 198)])) @ Q.T
+    full = hutchpp(lambda v: A @ v, 200, max_matvec=90, seed=1)
+    early = hutchpp(lambda v: A @ v, 200, max_matvec=90, seed=1, stderr_target=10.0)
+    assert full.n_matvec == 90 and len(full.samples) == 30
+    assert 30 + 10 <= early.n_matvec < 90 and len(early.samples) >= 10 and early.stderr <= 10.0
+    assert abs(early.estimate - np.trace(A)) < 4 * early.stderr
