@@ -32,17 +32,40 @@ sys.path.insert(0, str(HERE))
 import scale_models  # noqa: E402
 
 PYHESSIAN = """
-import sys, time, json, torch, resource
+import sys, time, json, torch, numpy as np
 sys.path.insert(0, {here!r}); torch.set_num_threads({threads})
 import scale_models
 from pyhessian import hessian
+from landscape import Problem
+from landscape.budget import auto_budget
+from landscape.curvature import CurvatureOperator
+from landscape.lanczos import lanczos
+from landscape.trace import hutchpp
 model = getattr(scale_models, {name!r})(); model.load_state_dict(torch.load({ck!r}, weights_only=True)); model.eval()
 d = torch.load({data!r}, weights_only=True)
+out = {{}}
 H = hessian(model, torch.nn.functional.cross_entropy, data=(d["X"], d["y"]), cuda=False)
-t = time.perf_counter(); vals, _ = H.eigenvalues(top_n=5); t_eig = time.perf_counter() - t
-t = time.perf_counter(); tr = H.trace(); t_tr = time.perf_counter() - t
-print(json.dumps({{"eigenvalues": vals, "eig_seconds": t_eig, "trace": float(sum(tr) / len(tr)),
-                  "trace_seconds": t_tr}}))
+t = time.perf_counter(); vals, _ = H.eigenvalues(top_n=5); out["pyhessian_eig_s"] = time.perf_counter() - t
+out["pyhessian_eigenvalues"] = vals
+t = time.perf_counter(); tr = H.trace(); out["pyhessian_trace_s"] = time.perf_counter() - t
+out["pyhessian_trace"], out["pyhessian_trace_probes"] = float(np.mean(tr)), len(tr)
+del H
+pb = Problem(model, d["X"], d["y"], torch.nn.functional.cross_entropy, memory_budget=auto_budget())
+op = CurvatureOperator(pb)
+v = {{n: torch.randn_like(p) for n, p in pb.theta0.items()}}
+pb.hvp(v); pb.hvp(v)
+t = time.perf_counter()
+for _ in range(5):
+    pb.hvp(v)
+out["hvp_s"] = (time.perf_counter() - t) / 5
+for tol in (1e-3, 1e-6):
+    t = time.perf_counter(); r = lanczos(op, op.n, k=5, tol=tol, budget=pb.memory_budget)
+    out[f"ours_eig_s_tol{{tol:g}}"], out[f"ours_eig_hvp_tol{{tol:g}}"] = time.perf_counter() - t, r.n_matvec
+    out[f"ours_eigenvalues_tol{{tol:g}}"] = r.eigenvalues.tolist()
+t = time.perf_counter(); tr = hutchpp(op, op.n, max_matvec=99, budget=pb.memory_budget)
+out["ours_trace_s"], out["ours_trace"], out["ours_trace_stderr"] = time.perf_counter() - t, tr.estimate, tr.stderr
+out["ours_trace_hvp"] = tr.n_matvec
+print(json.dumps(out))
 """
 
 
@@ -122,24 +145,33 @@ def main() -> None:
             code = PYHESSIAN.format(here=str(HERE), threads=a.threads, name=name, ck=str(ck), data=str(data))
             wall, rss, out, err = run([], a.threads, code=code)
             if out.strip():
-                ph = json.loads(out.strip().splitlines()[-1])
-                row.update(pyhessian_eig_s=ph["eig_seconds"], pyhessian_trace_s=ph["trace_seconds"],
-                           pyhessian_rss_mib=rss, pyhessian_eigenvalues=ph["eigenvalues"], pyhessian_trace=ph["trace"])
+                row.update(json.loads(out.strip().splitlines()[-1]), side_by_side_rss_mib=rss)
             else:
                 print(err[-2000:], file=sys.stderr)
         rows.append(row)
         phase_rows.append((name, dry.get("phases", {})))
         print(json.dumps(row), flush=True)
     print("\n| model | parameters | samples | scan s | scan peak RSS MiB | run file MiB (ckpt) | hessian s | hessian peak "
-          "MiB | HVPs | dry run: total s / peak MiB | dry run: hessian s / MiB | PyHessian top-5 s + trace s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "MiB | HVPs | dry run: total s / peak MiB | dry run: hessian s / MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     f = lambda v, p=1: "-" if v is None else f"{v:,.{p}f}"  # noqa: E731
     for r in rows:
         print(f"| {r['model']} | {r['parameters']:,} | {r['samples']} | {f(r.get('scan_s'))} | "
               f"{f(r.get('scan_rss_mib'), 0)} | {f(r.get('run_file_mib'))} ({f(r['checkpoint_mib'])}) | "
               f"{f(r['hessian_s'])} | {f(r['hessian_rss_mib'], 0)} | {r['n_hvp']} | {f(r['predicted_total_s'])} / "
-              f"{f(r['predicted_peak_mib'], 0)} | {f(r['predicted_hessian_s'])} / {f(r['predicted_hessian_mib'], 0)} | "
-              f"{f(r.get('pyhessian_eig_s'))} + {f(r.get('pyhessian_trace_s'))} |")
+              f"{f(r['predicted_peak_mib'], 0)} | {f(r['predicted_hessian_s'])} / {f(r['predicted_hessian_mib'], 0)} |")
+    print("\nSide by side in one process (same model and batch): seconds (HVPs)")
+    print("\n| model | one HVP s | PyHessian top-5 | ours top-5, tol 1e-3 | ours top-5, tol 1e-6 | PyHessian trace | "
+          "ours Hutch++ (99) | Hutch++ / its HVPs |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "hvp_s" not in r:
+            continue
+        plain = r["hvp_s"] * r["ours_trace_hvp"]
+        print(f"| {r['model']} | {r['hvp_s']:.3f} | {r['pyhessian_eig_s']:.1f} | {r['ours_eig_s_tol0.001']:.1f} "
+              f"({r['ours_eig_hvp_tol0.001']}) | {r['ours_eig_s_tol1e-06']:.1f} ({r['ours_eig_hvp_tol1e-06']}) | "
+              f"{r['pyhessian_trace_s']:.1f} ({r['pyhessian_trace_probes']}) | {r['ours_trace_s']:.1f} | "
+              f"{r['ours_trace_s'] / plain:.2f} |")
     print("\nDry-run phases (seconds / peak MiB):")
     for name, phases in phase_rows:
         print(f"- {name}: " + ", ".join(f"{k} {v['seconds']:.1f} s / {v['peak_bytes'] / 2**20:,.0f} MiB"

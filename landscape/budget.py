@@ -71,6 +71,18 @@ def fmt_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
+def process_seconds() -> float:
+    """Seconds since this process started (Linux; 0 elsewhere): what imports and loading cost before the work."""
+    try:
+        with open("/proc/self/stat") as f:
+            start = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def rss() -> int:
     """This process's resident memory in bytes now (Linux ``/proc/self/statm``; 0 elsewhere)."""
     try:

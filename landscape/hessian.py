@@ -110,6 +110,7 @@ class CurvatureResult:
             if self.top.noise is not None:
                 g.create_dataset("residual_noise", data=self.top.noise)
             g.attrs["n_hvp_top"] = self.top.n_matvec
+            g.attrs["lanczos_basis"] = self.top.basis
             if eigenvector_params is not None:
                 for i in range(self.top.eigenvectors.shape[1]):
                     vg = g.create_group(f"eigenvectors/{i}")

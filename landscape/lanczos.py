@@ -2,9 +2,11 @@
 
 A pure function over a matvec ``A(v)`` (a float64 vector in, a vector out), testable on explicit matrices.
 
-The Krylov basis ``V`` is kept in float64 and every new vector is orthogonalized against all of ``V``
-twice ("twice is enough", Parlett), so the projected matrix ``T = V^T A V`` stays exact and no "ghost" copies
-of converged eigenvalues appear; ``T`` is built from those projections (tridiagonal up to rounding). The
+The Krylov basis ``V`` is kept in float64 (in memory within ``budget`` bytes, else on disk:
+:class:`landscape.vectors.ColumnStore`, same bits) and every new vector is orthogonalized against all of ``V`` by
+classical Gram-Schmidt, a second time when the first leaves more than :data:`REORTH_TOL` of it ("twice is enough",
+Parlett; the second sweep's size is measured during the first, so a step passes over the basis twice, rarely three
+times), so the projected matrix ``T = V^T A V`` stays exact and no "ghost" copies of converged eigenvalues appear; ``T`` is built from those projections (tridiagonal up to rounding). The
 factorization ``A V = V T + r c^T`` is maintained; the residual of a Ritz pair ``(theta, V s)`` is
 ``||r|| |c^T s|``, so convergence is checked without extra matvecs. When the basis reaches ``max_basis``
 vectors it is thick-restarted (Wu & Simon 2000): ``V <- V S_keep`` keeps the wanted Ritz vectors, ``T`` becomes
@@ -54,8 +56,9 @@ class Eigenpairs:
     which: str
     tol: float
     noise: np.ndarray | None = None
-    #: where the Krylov basis was kept: ``memory`` or ``disk`` (:class:`landscape.vectors.ColumnStore`)
+    #: where the Krylov basis was kept: ``memory`` or ``disk`` (:class:`landscape.vectors.ColumnStore`), and its size
     storage: str = "memory"
+    basis: int = 0
 
 
 #: the second Gram-Schmidt sweep is applied when the first leaves a component along the basis above this fraction
@@ -82,9 +85,14 @@ def _product(matvec: Matvec, v: np.ndarray) -> np.ndarray:
     return np.array(matvec(v), dtype=np.float64)  # a fresh array: orthogonalized in place
 
 
-def basis_size(k: int, n: int, max_basis: int | None = None) -> int:
-    """Columns of the restarted basis: ``max(2k + 20, 40)`` unless given, at most ``n``."""
-    return min(n, max_basis or max(2 * k + 20, 40))
+def basis_size(k: int, n: int, max_basis: int | None = None, budget: float = float("inf")) -> int:
+    """Columns of the restarted basis unless given: ``max(2k + 20, 40)`` when they fit ``budget`` bytes, else
+    (the basis goes to disk, where every step reads it) ``2k + 5``: restarts come sooner, so convergence takes more
+    products, for passes over a third of the data. At most ``n``."""
+    if max_basis:
+        return min(n, max_basis)
+    m = max(2 * k + 20, 40)
+    return min(n, m if (m + 1) * n * 8 <= budget else 2 * k + 5)
 
 
 def lanczos(matvec: Matvec, n: int, k: int = 5, *, which: str = "LA", tol: float = 1e-6,
@@ -103,7 +111,7 @@ def lanczos(matvec: Matvec, n: int, k: int = 5, *, which: str = "LA", tol: float
     if which not in ("LA", "SA"):
         raise ValueError("which must be 'LA' or 'SA'")
     k = min(k, n)
-    m = basis_size(k, n, max_basis)
+    m = basis_size(k, n, max_basis, budget)
     budget_mv = max_matvec or 50 * m
     sign = 1.0 if which == "LA" else -1.0
     rng = np.random.default_rng(seed)
@@ -166,7 +174,7 @@ def lanczos(matvec: Matvec, n: int, k: int = 5, *, which: str = "LA", tol: float
         res_true = res[want]
     converged = (res_true <= tol * scale) | (res_true <= NOISE_FACTOR * noise)  # NaN compares False
     return Eigenpairs(eigenvalues=vals, eigenvectors=vecs, residuals=res_true, converged=converged,
-                      n_matvec=n_mv, which=which, tol=tol, noise=noise, storage=storage)
+                      n_matvec=n_mv, which=which, tol=tol, noise=noise, storage=storage, basis=m)
 
 
 def krylov_tridiagonal(matvec: Matvec, v0: np.ndarray, steps: int, *, budget: float = float("inf")

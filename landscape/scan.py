@@ -35,7 +35,7 @@ from .curvature import CurvatureOperator
 from .data import EvalData, load_data
 from .distributed import Comm, cuda_for_job, current
 from .directions import difference_direction, random_directions
-from .budget import PeakRSS, resolve_budget, rss
+from .budget import PeakRSS, process_seconds, resolve_budget, rss
 from .errors import LandscapeError
 from .hessian import CurvatureSettings, analyze_curvature
 from .lanczos import basis_size, lanczos
@@ -667,7 +667,8 @@ def _summarize(rf: RunFile, s: SliceSettings, computed: int, seconds: float) -> 
 class Estimate:
     """What ``--dry-run`` prints: the cost of a scan before it runs, phase by phase.
 
-    ``phases`` maps each phase (``slices``, ``hessian``, ``sharpness``, ``coherence``) to its predicted
+    ``phases`` maps each phase (``startup``, ``slices``, ``hessian``, ``sharpness``, ``coherence``; the report
+    is not counted) to its predicted
     ``seconds`` and ``peak_bytes``: the process's resident memory at its peak (on CUDA: the device's allocated
     memory), built from products measured on the real model and batch (see :func:`estimate`).
     """
@@ -691,7 +692,7 @@ class Estimate:
 
     @property
     def total_seconds(self) -> float:
-        return self.seconds + self.curvature_seconds + self.sharpness_seconds + self.coherence_seconds
+        return sum(p["seconds"] for p in self.phases.values())
 
     def to_json(self) -> dict[str, Any]:
         return {**self.__dict__, "phases": {k: dict(v) for k, v in self.phases.items()},
@@ -737,7 +738,7 @@ def _curvature_plan(curv: CurvatureSettings, n: int, budget: float) -> tuple[flo
     hvps = passes = held = 0.0
     for k in (curv.top_k, curv.bottom_k):
         if k:
-            m = basis_size(k, n)
+            m = basis_size(k, n, budget=budget)
             steps = min(curv.max_hvp, m + 5 * k)
             hvps += steps + k
             passes += steps * 2 * (m + k) / 2 * n * 8
@@ -767,6 +768,8 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
     pb = st.problem
     cuda = pb.device.type == "cuda"
     base = torch.cuda.memory_allocated(pb.device) if cuda else rss()
+    # the run pays the same start-up: interpreter, imports, checkpoint, model, data, the check at theta0
+    phases: dict[str, dict[str, float]] = {"startup": {"seconds": process_seconds(), "peak_bytes": base}}
     plan = plan_slices(config)
     points = sum(math.prod(len(a) for a in s.axes) for s in plan)
     dirs = random_directions(pb.theta0, 2, seed=config.seed, norm=config.norm, ignore=config.ignore)
@@ -779,7 +782,6 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
     # gradients and HVPs run one at a time on all threads: a forward pass there costs what one in-place point does
     per_pass = pb.strategy_timings["inplace"] if pb.workers > 1 else per_point
     chunks = math.ceil(pb.n / pb.batch_size)
-    phases: dict[str, dict[str, float]] = {}
     if plan:
         phases["slices"] = {"seconds": per_point * points / pb.comm.world,
                             "peak_bytes": base + slice_extra + 2 * pb.parameter_bytes}

@@ -74,3 +74,43 @@ def test_hessian_with_a_budget_too_small_for_its_basis_spills_and_agrees(tmp_pat
         assert a["hessian"].attrs["vector_storage"] == "memory" and b["hessian"].attrs["vector_storage"] == "disk"
         np.testing.assert_allclose(a["hessian/eigenvalues"][()], b["hessian/eigenvalues"][()], rtol=1e-10)
         assert a["hessian/trace"].attrs["estimate"] == pytest.approx(b["hessian/trace"].attrs["estimate"], rel=1e-10)
+
+
+MID_MODEL = """
+import torch
+def net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3072, 768), torch.nn.ReLU(),
+                               torch.nn.Linear(768, 768), torch.nn.ReLU(), torch.nn.Linear(768, 10))
+"""
+
+
+@pytest.mark.slow
+def test_dry_run_predicts_the_measured_peak_memory_within_1_5x(tmp_path):
+    """A 3M-parameter MLP, the default analyses on a 5x5 slice: the dry run's peak against the process's ru_maxrss."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    (tmp_path / "mid.py").write_text(MID_MODEL)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import mid
+        torch.save(mid.net().state_dict(), tmp_path / "ck.pt")
+    finally:
+        sys.path.remove(str(tmp_path))
+    torch.manual_seed(0)
+    torch.save({"X": torch.randn(128, 3, 32, 32), "y": torch.randint(0, 10, (128,))}, tmp_path / "d.pt")
+    args = ["scan", str(tmp_path / "ck.pt"), "--model", f"{tmp_path / 'mid.py'}:net", "--data", str(tmp_path / "d.pt"),
+            "--steps", "5", "--no-report", "--json", "-o", str(tmp_path / "run.h5")]
+    dry = cli(*args, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    predicted = json.loads(dry.stdout)["memory_bytes"]
+    proc = subprocess.Popen([sys.executable, "-m", "landscape", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    assert status == 0, proc.stderr.read().decode()[-2000:]
+    measured = usage.ru_maxrss * 1024
+    assert measured / 1.5 <= predicted <= 1.5 * measured, (predicted / 2**20, measured / 2**20)
