@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping
 import h5py
 import numpy as np
 
+from .blas import single_blas_thread
 from .curvature import CurvatureOperator, select_parameters
 from .density import SpectralDensity, slq
 from .lanczos import Eigenpairs, lanczos
@@ -149,7 +150,14 @@ class CurvatureResult:
 
 def analyze_curvature(problem: Problem, settings: CurvatureSettings = CurvatureSettings(),
                       progress: Callable[[str], None] | None = None) -> CurvatureResult:
-    """Top/bottom eigenpairs, trace and density of the Hessian (or GGN) over the selected parameters."""
+    """Top/bottom eigenpairs, trace and density of the Hessian (or GGN) over the selected parameters (numpy's
+    BLAS on one thread meanwhile: :mod:`landscape.blas`)."""
+    with single_blas_thread():
+        return _analyze_all(problem, settings, progress)
+
+
+def _analyze_all(problem: Problem, settings: CurvatureSettings, progress: Callable[[str], None] | None
+                 ) -> CurvatureResult:
     result = _analyze(problem, settings, list(settings.parameters) or None, progress)
     if not settings.per_layer:
         return result

@@ -35,6 +35,7 @@ from .curvature import CurvatureOperator
 from .data import EvalData, load_data
 from .distributed import Comm, cuda_for_job, current
 from .directions import difference_direction, random_directions
+from .blas import single_blas_thread
 from .budget import PeakRSS, process_seconds, resolve_budget, rss
 from .errors import LandscapeError
 from .hessian import CurvatureSettings, analyze_curvature
@@ -339,10 +340,12 @@ def hessian_directions(pb: Problem, dims: int, *, bottom: bool, seed: int = 0) -
     Random slices show the mean curvature tr(H)/N and make saddles look convex; these show the extremes.
     """
     op = CurvatureOperator(pb)
-    top = lanczos(op, op.n, k=1 if bottom else dims, which="LA", seed=seed, budget=pb.memory_budget)
-    vecs = [top.eigenvectors[:, i] for i in range(top.eigenvectors.shape[1])]
-    if bottom and dims == 2:
-        vecs.append(lanczos(op, op.n, k=1, which="SA", seed=seed + 1, budget=pb.memory_budget).eigenvectors[:, 0])
+    with single_blas_thread():
+        top = lanczos(op, op.n, k=1 if bottom else dims, which="LA", seed=seed, budget=pb.memory_budget)
+        vecs = [top.eigenvectors[:, i] for i in range(top.eigenvectors.shape[1])]
+        if bottom and dims == 2:
+            vecs.append(lanczos(op, op.n, k=1, which="SA", seed=seed + 1,
+                                budget=pb.memory_budget).eigenvectors[:, 0])
     return [{n: t.detach().cpu().double() for n, t in op.to_params(v).items()} for v in vecs]
 
 
