@@ -26,9 +26,10 @@ import numpy as np
 import torch
 
 from . import __version__, vectors
-from .vectors import BLOCK_ROWS
+from .vectors import BLOCK_ROWS, ColumnStore
 from .checkpoint import Checkpoint, apply_state_dict, check_finite, load_checkpoint
-from .coherence import CoherenceSettings, accumulator_vectors, analyze_coherence, coordinate_ranges, random_batches
+from .coherence import (CoherenceSettings, GradientStats, accumulator_vectors, analyze_coherence, coordinate_ranges,
+                        random_batches)
 from .coherence import same_settings as coherence_same_settings
 from .coherence import summary_from_group as coherence_summary
 from .curvature import CurvatureOperator
@@ -721,45 +722,63 @@ def _measured(pb: Problem, fn: Callable[[], Any]) -> tuple[float, int]:
     return seconds, max(0, int(extra))
 
 
-def _bandwidth(n: int) -> float:
-    """Bytes per second of a pass over a block of vectors (``V^T w``), measured on a 64 MiB block."""
-    V = np.ones((min(n, BLOCK_ROWS), max(1, (64 << 20) // (8 * min(n, BLOCK_ROWS)))), order="F")
-    w = np.ones(V.shape[0])
-    V.T @ w
-    t = time.perf_counter()
-    for _ in range(3):
-        V.T @ w
-    return 3 * V.nbytes / max(time.perf_counter() - t, 1e-9)
+@dataclass(frozen=True)
+class VectorCosts:
+    """Seconds of the vector work around each product, measured on a real :class:`ColumnStore` of the operator's
+    length: ``column`` for storing (or reading) one vector, ``pass_column`` for one column of a Gram-Schmidt sweep
+    (a projection and an update: :meth:`ColumnStore.project` plus :meth:`ColumnStore.subtract`)."""
+
+    column: float
+    pass_column: float
+
+    @staticmethod
+    def measure(n: int, budget: float) -> "VectorCosts":
+        cols = int(max(1, min(8, budget // (8 * n) - 1)))
+        store = ColumnStore(n, cols + 1, budget=budget)
+        w = np.ones(n)
+        with single_blas_thread():
+            for i in range(cols + 1):
+                store.set_column(i, w)  # first touch, as a run's first pass over a fresh basis
+            t = time.perf_counter()
+            store.set_column(cols, w)
+            column = time.perf_counter() - t
+            t = time.perf_counter()
+            store.subtract(w, store.project(w, cols), cols, project_after=True)
+            sweep = time.perf_counter() - t
+        store.close()
+        return VectorCosts(column=column, pass_column=sweep / cols)
 
 
-def _curvature_plan(curv: CurvatureSettings, n: int, budget: float) -> tuple[float, float, float]:
-    """(products, bytes passed over stored vectors, bytes of vectors held in memory) of a curvature analysis.
+def _curvature_seconds(curv: CurvatureSettings, n: int, budget: float, product: float, vec: VectorCosts
+                       ) -> tuple[float, float]:
+    """(seconds, bytes of vectors held in memory) of a curvature analysis, from the time of one product (with its
+    conversions) and the measured vector costs.
 
     Lanczos is counted at ``m + 5 k`` products per end of the spectrum (``m`` the basis size: 65 for the top 5;
-    measured: 25 on the shipped CNN, 86 on the ResNet-18 of the scale ladder), each step
-    passing twice over a basis about ``(m + k) / 2`` columns deep; Hutch++ passes six times over its block."""
-    hvps = passes = held = 0.0
+    measured: 25 on the shipped CNN, 81 on the ResNet-18 of the scale ladder), each storing a vector and sweeping
+    a basis about ``(m + k) / 2`` columns deep; Hutch++ at its product budget, each storing or reading a vector,
+    plus six passes over its block; SLQ at ``probes x steps`` products sweeping half its basis on average."""
+    seconds = held = 0.0
     for k in (curv.top_k, curv.bottom_k):
         if k:
             m = basis_size(k, n, budget=budget)
             steps = min(curv.max_hvp, m + 5 * k)
-            hvps += steps + k
-            passes += steps * 2 * (m + k) / 2 * n * 8
+            seconds += (steps + k) * (product + vec.column) + steps * (m + k) / 2 * vec.pass_column
             basis = (m + 1) * n * 8
             held = max(held, (basis if basis <= budget else BLOCK_ROWS * (m + 1) * 8)
                        + (k * n * 8 if k * n * 8 <= budget - (basis if basis <= budget else 0) else 0))
     if curv.trace:
-        hvps += curv.trace_matvecs
         k = max(1, curv.trace_matvecs // 3)
+        seconds += curv.trace_matvecs * (product + 2 * vec.column)
         if curv.trace_method == "hutch++":
-            passes += 6 * k * n * 8
+            seconds += 6 * k * vec.pass_column / 2
             held = max(held, k * n * 8 if k * n * 8 <= budget else BLOCK_ROWS * k * 8)
     if curv.density:
-        hvps += curv.density_probes * curv.density_steps
-        passes += curv.density_probes * curv.density_steps ** 2 * n * 8
+        steps = curv.density_probes * curv.density_steps
+        seconds += steps * (product + vec.column) + steps * curv.density_steps / 2 * vec.pass_column
     if curv.per_layer:
-        hvps += 14 + (curv.trace_matvecs if curv.trace else 0)  # per tensor, on blocks that add up to n
-    return hvps, passes, held + 4 * n * 8  # + the vectors in flight (v, A v, conversions)
+        seconds += (14 + (curv.trace_matvecs if curv.trace else 0)) * product  # per tensor, on slices of n
+    return seconds, held + 4 * n * 8  # + the vectors in flight (v, A v, conversions)
 
 
 def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
@@ -798,11 +817,11 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
     nparam = pb.num_parameters
     budget = pb.memory_budget
     if curv is not None:
-        hvps, passes, held = _curvature_plan(curv, nparam, budget)
-        phases["hessian"] = {"seconds": hvps * hvp_s + passes / _bandwidth(nparam),
-                             "peak_bytes": base + hvp_extra + held}
+        seconds, held = _curvature_seconds(curv, nparam, budget, hvp_s, VectorCosts.measure(nparam, budget))
+        phases["hessian"] = {"seconds": seconds, "peak_bytes": base + hvp_extra + held}
     if config.sharpness:
-        sharp_s = per_pass * sum(sharpness_cost(s, pb.n) for s in config.sharpness)
+        # the measures' costs in forward passes (a gradient counted as three), at the measured cost of a gradient
+        sharp_s = grad_s / 3 * sum(sharpness_cost(s, pb.n) for s in config.sharpness)
         phases["sharpness"] = {"seconds": sharp_s,
                                "peak_bytes": base + max(grad_extra, hvp_extra) + 6 * nparam * 8}
     if config.coherence is not None:
@@ -816,9 +835,19 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
         vecs = accumulator_vectors(n_classes, ids, not co.sketch)
         ranges = coordinate_ranges(co.sketch or nparam, vecs, budget / 2) if not co.sketch else [(0, co.sketch)]
         width = max(hi - lo for lo, hi in ranges)
+        # adding a chunk's rows to the accumulators, timed on up to 1M coordinates and scaled to the range
+        probe = min(width, 1 << 20)
+        stats = GradientStats(probe, np.zeros(c, dtype=np.int64) if not pb.classification
+                              else pb.y[:c].cpu().numpy(), batch_ids={b: a[:c] for b, a in ids.items()})
+        rows_c = torch.ones(c, probe, dtype=torch.float64)
+        t = time.perf_counter()
+        stats.add(0, rows_c)
+        add_s = (time.perf_counter() - t) * width / probe
+        del stats, rows_c
+        chunks = math.ceil(pb.n / c)
         phases["coherence"] = {
-            "seconds": (1 + co.control) * (len(ranges) * chunk_s * math.ceil(pb.n / c)
-                                           + (co.noise_samples + 1) * hvp_s + co.noise_samples * chunk_s / c),
+            "seconds": (1 + co.control) * (len(ranges) * chunks * (chunk_s + add_s) + (co.noise_samples + 1) * hvp_s
+                                           + co.noise_samples * chunk_s / c) + 3 * per_pass,
             "peak_bytes": base + vecs * width * 8 + max(chunk_extra, hvp_extra) + 4 * nparam * 8}
     peak = max((p["peak_bytes"] for p in phases.values()), default=base)
     return Estimate(points=points, forward_passes=points * chunks, seconds_per_point=per_point,
