@@ -703,9 +703,9 @@ class Estimate:
                 "total_seconds": self.total_seconds}
 
 
-def _measured(pb: Problem, fn: Callable[[], Any]) -> tuple[float, int]:
-    """Seconds of a second call of ``fn`` (the first warms up, and picks the HVP engine as a run would) and the
-    memory both calls added at their peak."""
+def _measured(pb: Problem, fn: Callable[[], Any], repeats: int = 1) -> tuple[float, int]:
+    """Mean seconds of ``repeats`` calls of ``fn`` after a first one (which warms up, and picks the HVP engine as a
+    run would) and the memory they added at their peak."""
     cuda = pb.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(pb.device)
@@ -714,10 +714,11 @@ def _measured(pb: Problem, fn: Callable[[], Any]) -> tuple[float, int]:
     with PeakRSS() as peak:
         fn()
         t = time.perf_counter()
-        fn()
+        for _ in range(repeats):
+            fn()
         if cuda:
             torch.cuda.synchronize(pb.device)
-        seconds = time.perf_counter() - t
+        seconds = (time.perf_counter() - t) / repeats
     extra = (torch.cuda.max_memory_allocated(pb.device) - base) if cuda else peak.peak - peak.start
     return seconds, max(0, int(extra))
 
@@ -726,10 +727,12 @@ def _measured(pb: Problem, fn: Callable[[], Any]) -> tuple[float, int]:
 class VectorCosts:
     """Seconds of the vector work around each product, measured on a real :class:`ColumnStore` of the operator's
     length: ``column`` for storing (or reading) one vector, ``pass_column`` for one column of a Gram-Schmidt sweep
-    (a projection and an update: :meth:`ColumnStore.project` plus :meth:`ColumnStore.subtract`)."""
+    (a projection and an update: :meth:`ColumnStore.project` plus :meth:`ColumnStore.subtract`), and
+    ``first_column`` for storing one into fresh memory (page faults: each new basis pays it per column)."""
 
     column: float
     pass_column: float
+    first_column: float
 
     @staticmethod
     def measure(n: int, budget: float) -> "VectorCosts":
@@ -737,8 +740,10 @@ class VectorCosts:
         store = ColumnStore(n, cols + 1, budget=budget)
         w = np.ones(n)
         with single_blas_thread():
+            t = time.perf_counter()
             for i in range(cols + 1):
-                store.set_column(i, w)  # first touch, as a run's first pass over a fresh basis
+                store.set_column(i, w)  # first touch of fresh memory, as a run's first pass over a new basis
+            first = (time.perf_counter() - t) / (cols + 1)
             t = time.perf_counter()
             store.set_column(cols, w)
             column = time.perf_counter() - t
@@ -746,7 +751,7 @@ class VectorCosts:
             store.subtract(w, store.project(w, cols), cols, project_after=True)
             sweep = time.perf_counter() - t
         store.close()
-        return VectorCosts(column=column, pass_column=sweep / cols)
+        return VectorCosts(column=column, pass_column=sweep / cols, first_column=first)
 
 
 def _curvature_seconds(curv: CurvatureSettings, n: int, budget: float, product: float, vec: VectorCosts
@@ -763,13 +768,14 @@ def _curvature_seconds(curv: CurvatureSettings, n: int, budget: float, product: 
         if k:
             m = basis_size(k, n, budget=budget)
             steps = min(curv.max_hvp, m + 5 * k)
-            seconds += (steps + k) * (product + vec.column) + steps * (m + k) / 2 * vec.pass_column
+            seconds += ((steps + k) * (product + vec.column) + steps * (m + k) / 2 * vec.pass_column
+                        + (m + 1) * vec.first_column)
             basis = (m + 1) * n * 8
             held = max(held, (basis if basis <= budget else BLOCK_ROWS * (m + 1) * 8)
                        + (k * n * 8 if k * n * 8 <= budget - (basis if basis <= budget else 0) else 0))
     if curv.trace:
         k = max(1, curv.trace_matvecs // 3)
-        seconds += curv.trace_matvecs * (product + 2 * vec.column)
+        seconds += curv.trace_matvecs * (product + 2 * vec.column) + k * vec.first_column
         if curv.trace_method == "hutch++":
             seconds += 6 * k * vec.pass_column / 2
             held = max(held, k * n * 8 if k * n * 8 <= budget else BLOCK_ROWS * k * 8)
@@ -813,7 +819,7 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
     if curv is not None or config.sharpness or config.coherence is not None:
         op = CurvatureOperator(pb)
         v = np.random.default_rng(0).standard_normal(op.n)
-        hvp_s, hvp_extra = _measured(pb, lambda: op.matvec(v))
+        hvp_s, hvp_extra = _measured(pb, lambda: op.matvec(v), repeats=3)
     nparam = pb.num_parameters
     budget = pb.memory_budget
     if curv is not None:
