@@ -59,11 +59,15 @@ def test_dry_run_and_interpolation(tmp_path, cnn_ckpt):
     assert res.returncode == 0, res.stderr
     est = json.loads(res.stdout)
     assert est["points"] == 51 * 51 and est["forward_passes"] == 51 * 51 and est["seconds"] > 0
-    parts = ("seconds", "curvature_seconds", "sharpness_seconds", "coherence_seconds")
-    assert all(est[k] > 0 for k in parts)  # the default scan computes all of them
-    assert est["total_seconds"] == pytest.approx(sum(est[k] for k in parts), rel=1e-12)
+    phases = est["phases"]  # the default scan computes all of them; each predicted from measured products
+    assert set(phases) == {"startup", "slices", "hessian", "sharpness", "coherence"}
+    assert all(p["seconds"] > 0 and p["peak_bytes"] > 0 for p in phases.values())
+    assert est["total_seconds"] == pytest.approx(sum(p["seconds"] for p in phases.values()), rel=1e-12)
+    assert est["memory_bytes"] == int(max(p["peak_bytes"] for p in phases.values()))
+    assert est["seconds"] == phases["slices"]["seconds"] and est["curvature_seconds"] == phases["hessian"]["seconds"]
     bare = json.loads(cli("scan", str(cnn_ckpt), "--dry-run", "--json", "--max-samples", "200", "--no-hessian",
                           "--no-sharpness", "--no-coherence", cwd=tmp_path).stdout)
+    assert set(bare["phases"]) == {"startup", "slices"}
     assert bare["curvature_seconds"] == bare["sharpness_seconds"] == bare["coherence_seconds"] == 0
     assert not (tmp_path / "reports").exists()
     other = EXAMPLES / "cnn_sgd_s2000.pt"
