@@ -371,7 +371,7 @@ def analyze_coherence(problem: Problem, settings: CoherenceSettings = CoherenceS
 
 def _one_gradient(problem: Problem, y: torch.Tensor, i: int, method: str) -> np.ndarray:
     """Sample ``i``'s gradient as a float64 vector (on every rank: the probes' products are data-parallel)."""
-    g = per_sample_gradients(problem, rows(problem.X, i, i + 1), y[i:i + 1], method=method)
+    g = per_sample_gradients(problem, problem.X[i:i + 1], y[i:i + 1], method=method)  # streamed: read now
     return g[0].detach().to("cpu", torch.float64).numpy()
 
 
