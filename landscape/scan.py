@@ -789,9 +789,10 @@ def _curvature_seconds(curv: CurvatureSettings, n: int, budget: float, product: 
 
 def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
     """Predict each phase's time and peak memory from products measured on the real model, data and batch size:
-    a block of slice points, one gradient, one Hessian-vector product (the engine picked as the run will) and one
-    chunk of per-sample gradients, each timed on a second call with the memory it added at its peak; the vector
-    work of Lanczos and Hutch++ from a measured memory bandwidth (:func:`_curvature_plan`)."""
+    a block of slice points, a gradient, Hessian-vector products (the engine picked as the run will) and a chunk of
+    per-sample gradients with its accumulation, each timed after a warm-up call, with the memory it added at its
+    peak (:func:`_measured`); the vector work of Lanczos and Hutch++ from :class:`VectorCosts`
+    (:func:`_curvature_seconds`)."""
     st = prepared or setup(config)
     pb = st.problem
     cuda = pb.device.type == "cuda"
@@ -832,15 +833,16 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
                                "peak_bytes": base + max(grad_extra, hvp_extra) + 6 * nparam * 8}
     if config.coherence is not None:
         co = config.coherence.resolved()
-        c = min(chunk_size(pb, budget / 2), pb.n)
-        sample = rows(pb.X, 0, c)
-        chunk_s, chunk_extra = _measured(
-            pb, lambda: next(iter_gradients(pb, sample, pb.y[:c], memory_budget=budget / 2)))
         n_classes = int(pb.y.max()) + 1 if pb.classification else 1
         ids = random_batches(pb.n, co.batch_sizes, co.batch_repeats, co.seed)
         vecs = accumulator_vectors(n_classes, ids, not co.sketch)
         ranges = coordinate_ranges(co.sketch or nparam, vecs, budget / 2) if not co.sketch else [(0, co.sketch)]
         width = max(hi - lo for lo, hi in ranges)
+        c = min(chunk_size(pb, budget / 2, 8 * width), pb.n)  # as the run sizes its chunks
+        sample = rows(pb.X, 0, c)
+        chunk_s, chunk_extra = _measured(
+            pb, lambda: next(iter_gradients(pb, sample, pb.y[:c], memory_budget=budget / 2,
+                                            extra_bytes_per_sample=8 * width)))
         # adding a chunk's rows to the accumulators, timed on up to 1M coordinates and scaled to the range
         probe = min(width, 1 << 20)
         stats = GradientStats(probe, np.zeros(c, dtype=np.int64) if not pb.classification
@@ -850,9 +852,8 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
         stats.add(0, rows_c)
         add_s = (time.perf_counter() - t) * width / probe
         del stats, rows_c
-        chunks = math.ceil(pb.n / c)
         phases["coherence"] = {
-            "seconds": (1 + co.control) * (len(ranges) * chunks * (chunk_s + add_s) + (co.noise_samples + 1) * hvp_s
+            "seconds": (1 + co.control) * (len(ranges) * math.ceil(pb.n / c) * (chunk_s + add_s) + (co.noise_samples + 1) * hvp_s
                                            + co.noise_samples * chunk_s / c) + 3 * per_pass,
             "peak_bytes": base + vecs * width * 8 + max(chunk_extra, hvp_extra) + 4 * nparam * 8}
     peak = max((p["peak_bytes"] for p in phases.values()), default=base)
