@@ -432,8 +432,9 @@ def hessian(
     trace: bool = typer.Option(True, help="Estimate the trace."),
     trace_method: str = typer.Option("hutch++", help="hutch++, hutchinson or hutchinson-deflated (by the top-k)."),
     trace_matvecs: int = typer.Option(99, help="Matvec budget of the trace estimate."),
-    trace_stderr: Optional[float] = typer.Option(None, help="Stop the trace's random probes (Hutchinson's, or Hutch++'s "
-                                                                       "residual ones) once the standard error is below this."),
+    trace_stderr: Optional[float] = typer.Option(None, help="Stop the trace's random probes (Hutchinson's, or "
+                                                            "Hutch++'s residual ones) once the standard error is below "
+                                                            "this."),
     density: bool = typer.Option(False, help="Spectral density by stochastic Lanczos quadrature."),
     density_probes: int = typer.Option(1, help="SLQ probe vectors."),
     density_steps: int = typer.Option(100, help="Lanczos steps per SLQ probe."),

@@ -100,8 +100,8 @@ class GradientStats:
         np.add.at(self.class_sqnorm, self.labels[idx], (norms ** 2).numpy())
         g = rows[:, self.lo:self.hi].to(torch.float64, copy=True)  # divided in place below
         self.sum += g.sum(0)
-        for r in g:
-            if self.sumsq is not None:
+        if self.sumsq is not None:
+            for r in g:
                 self.sumsq.addcmul_(r, r)
         lab = torch.as_tensor(self.labels[idx], dtype=torch.long)
         self.class_sum.index_add_(0, lab, g)
@@ -142,23 +142,6 @@ class GradientStats:
             class_dots=(self.class_unit @ self.class_unit.T).numpy(),
             batch_sq={b: (s * s).sum(1).numpy() for b, s in self.batch_sum.items()},
             batch_dot={b: (s @ self.sum).numpy() for b, s in self.batch_sum.items()})
-
-    # the statistics of a single pass over all coordinates
-    def metrics(self) -> dict[str, float]:
-        return self.reduced().metrics()
-
-    def gsnr(self) -> np.ndarray:
-        return self.reduced().gsnr
-
-    def class_metrics(self) -> dict[str, np.ndarray]:
-        return self.reduced().class_metrics()
-
-    def batch_metrics(self) -> dict[str, np.ndarray]:
-        return self.reduced().batch_metrics()
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.sum / self.n
 
 
 @dataclass(frozen=True)

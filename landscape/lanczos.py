@@ -6,7 +6,8 @@ The Krylov basis ``V`` is kept in float64 (in memory within ``budget`` bytes, el
 :class:`landscape.vectors.ColumnStore`, same bits) and every new vector is orthogonalized against all of ``V`` by
 classical Gram-Schmidt, a second time when the first leaves more than :data:`REORTH_TOL` of it ("twice is enough",
 Parlett; the second sweep's size is measured during the first, so a step passes over the basis twice, rarely three
-times), so the projected matrix ``T = V^T A V`` stays exact and no "ghost" copies of converged eigenvalues appear; ``T`` is built from those projections (tridiagonal up to rounding). The
+times), so the projected matrix ``T = V^T A V`` stays exact and no "ghost" copies of converged eigenvalues
+appear; ``T`` is built from those projections (tridiagonal up to rounding). The
 factorization ``A V = V T + r c^T`` is maintained; the residual of a Ritz pair ``(theta, V s)`` is
 ``||r|| |c^T s|``, so convergence is checked without extra matvecs. When the basis reaches ``max_basis``
 vectors it is thick-restarted (Wu & Simon 2000): ``V <- V S_keep`` keeps the wanted Ritz vectors, ``T`` becomes
@@ -158,7 +159,7 @@ def lanczos(matvec: Matvec, n: int, k: int = 5, *, which: str = "LA", tol: float
         c = np.zeros(j)
         c[j - 1] = 1.0
     want = order[:k]
-    vecs = basis.combine(S[:j, want], budget - (0 if basis.on_disk else basis.nbytes))
+    vecs = basis.combine(S[:, want], budget - (0 if basis.on_disk else basis.nbytes))
     storage = basis.storage
     basis.close()
     del basis

@@ -853,8 +853,9 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
         add_s = (time.perf_counter() - t) * width / probe
         del stats, rows_c
         phases["coherence"] = {
-            "seconds": (1 + co.control) * (len(ranges) * math.ceil(pb.n / c) * (chunk_s + add_s) + (co.noise_samples + 1) * hvp_s
-                                           + co.noise_samples * chunk_s / c) + 3 * per_pass,
+            "seconds": (1 + co.control) * (len(ranges) * math.ceil(pb.n / c) * (chunk_s + add_s)
+                                           + (co.noise_samples + 1) * hvp_s + co.noise_samples * chunk_s / c)
+            + 3 * per_pass,
             "peak_bytes": base + vecs * width * 8 + max(chunk_extra, hvp_extra) + 4 * nparam * 8}
     peak = max((p["peak_bytes"] for p in phases.values()), default=base)
     return Estimate(points=points, forward_passes=points * chunks, seconds_per_point=per_point,

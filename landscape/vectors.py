@@ -3,9 +3,9 @@
 A :class:`ColumnStore` holds ``k`` columns of length ``n``: in memory when ``n k`` float64 numbers fit
 ``budget`` bytes, otherwise in an unlinked scratch file that is read and written a row block at a time (one
 block is at most :data:`BLOCK_ROWS` rows of every column, contiguous, so its buffer is ``BLOCK_ROWS x k x 8``
-bytes: 21 MB for 40 columns). Every algorithm over a store (:mod:`landscape.lanczos`, :mod:`landscape.trace`) walks it by the same
-row blocks in both places, so a basis on disk gives the same bits as one in memory; only the time differs (reads
-from the page cache or the disk instead of RAM).
+bytes: 21 MB for 40 columns). Every algorithm over a store (:mod:`landscape.lanczos`, :mod:`landscape.trace`)
+walks it by the same row blocks in both places, so a basis on disk gives the same bits as one in memory; only the
+time differs (reads from the page cache or the disk instead of RAM).
 
 The scratch file lives in :data:`SPILL_DIR` (a scan points it at its run file's folder), else
 ``$LANDSCAPE_SPILL_DIR``, else the system's temporary folder; a run is refused with the number it needs when that
@@ -174,8 +174,9 @@ def orthonormalize(store: ColumnStore, cols: int, drop: float = 1e-12) -> int:
     """Orthonormalize the first ``cols`` columns in place by SVQB twice (Stathopoulos & Wu 2002): with the Gram
     matrix of the columns scaled to unit norm ``D^-1 V^T V D^-1 = U diag(s) U^T``, ``V <- V D^-1 U diag(s)^-1/2``,
     keeping only directions with ``s > drop max(s)`` (singular values below 1e-6 of the largest: what the squared
-    Gram matrix can still resolve; columns in the span of the others are dropped). Four passes over the block instead of the ``O(cols)``
-    passes of column-by-column Gram-Schmidt; the second round restores orthogonality to rounding. Returns the
+    Gram matrix can still resolve; columns in the span of the others are dropped). Four passes over the block
+    instead of the ``O(cols)`` passes of column-by-column Gram-Schmidt; the second round restores orthogonality to
+    rounding. Returns the
     number of columns kept, which are the first ones.
 
     >>> s = ColumnStore(4, 3)
