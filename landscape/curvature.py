@@ -1,7 +1,7 @@
 """Curvature operators: the Hessian or the generalized Gauss-Newton matrix of a Problem as a symmetric matvec.
 
 :class:`CurvatureOperator` turns :meth:`Problem.hvp` / :meth:`Problem.ggn_vp` into ``matvec(v)`` on flat float64
-vectors, the interface of :mod:`landscape.lanczos`, :mod:`landscape.trace` and :mod:`landscape.density`. It can be
+vectors (numpy arrays, or torch tensors, which stay on their device: a result is of its argument's kind), the interface of :mod:`landscape.lanczos`, :mod:`landscape.trace` and :mod:`landscape.density`. It can be
 restricted to a subset of parameters (names or shell-style globs such as ``"net.0.*"``): the operator is then
 the principal block ``H_SS`` (the curvature of the loss in those parameters, the others fixed), which is how
 per-layer results are computed.
@@ -48,28 +48,37 @@ class CurvatureOperator:
         self.point = point
         self.n_matvec = 0
 
-    def to_params(self, vec: np.ndarray) -> dict[str, torch.Tensor]:
+    def to_params(self, vec: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
         """A full parameter dict from a flat vector over the selected parameters (zeros elsewhere): one cast of
         the whole vector, viewed tensor by tensor."""
         pb = self.problem
-        flat = torch.from_numpy(np.ascontiguousarray(vec, dtype=np.float64)).to(pb.device, pb.dtype)
+        if not isinstance(vec, torch.Tensor):
+            vec = torch.from_numpy(np.ascontiguousarray(vec, dtype=np.float64))
+        flat = vec.to(pb.device, pb.dtype)
         out = dict(zip(self.names, (t.view(shape) for t, shape in zip(flat.split(self.sizes), self.shapes))))
         return {n: out[n] if n in out else torch.zeros_like(t) for n, t in pb.theta0.items()}
 
-    def to_vector(self, params: Mapping[str, torch.Tensor]) -> np.ndarray:
+    def to_vector(self, params: Mapping[str, torch.Tensor], device: torch.device | None = None
+                  ) -> np.ndarray | torch.Tensor:
         """The selected parameters as one float64 vector, each tensor cast straight into its place (one pass; a
-        ``double()`` copy per tensor and a concatenation cost as much as a product at 11M parameters)."""
-        out = np.empty(self.n)
+        ``double()`` copy per tensor and a concatenation cost as much as a product at 11M parameters): a numpy
+        array, or a tensor on ``device``."""
+        out = np.empty(self.n) if device is None else torch.empty(self.n, dtype=torch.float64, device=device)
         i = 0
         for n, size in zip(self.names, self.sizes):
-            out[i:i + size] = params[n].detach().reshape(-1).cpu().numpy()
+            t = params[n].detach().reshape(-1)
+            if device is None:
+                out[i:i + size] = t.cpu().numpy()
+            else:
+                out[i:i + size] = t
             i += size
         return out
 
-    def matvec(self, vec: np.ndarray) -> np.ndarray:
-        v = self.to_params(np.ascontiguousarray(vec, dtype=np.float64))
+    def matvec(self, vec: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        device = vec.device if isinstance(vec, torch.Tensor) else None
+        v = self.to_params(vec)
         fn = self.problem.hvp if self.kind == "hessian" else self.problem.ggn_vp
         self.n_matvec += 1
-        return self.to_vector(fn(v, self.point))
+        return self.to_vector(fn(v, self.point), device)
 
     __call__ = matvec

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import torch
 
 from .lanczos import krylov_tridiagonal
 
@@ -64,8 +65,9 @@ class SpectralDensity:
 
 
 def slq(matvec: Matvec, n: int, *, n_probes: int = 1, steps: int = 100, seed: int = 0,
-        budget: float = float("inf")) -> SpectralDensity:
-    """Stochastic Lanczos quadrature of the spectrum of a symmetric ``n x n`` operator.
+        budget: float = float("inf"), device: torch.device | str | None = None) -> SpectralDensity:
+    """Stochastic Lanczos quadrature of the spectrum of a symmetric ``n x n`` operator (the basis on ``device``
+    if given: :func:`landscape.lanczos.krylov_tridiagonal`).
 
     >>> d = slq(lambda v: np.arange(1.0, 11.0) * v, 10, steps=10)
     >>> np.round(np.sort(d.nodes[0]), 6).tolist() == list(np.arange(1.0, 11.0))
@@ -78,7 +80,7 @@ def slq(matvec: Matvec, n: int, *, n_probes: int = 1, steps: int = 100, seed: in
     n_mv = 0
     for p in range(n_probes):
         v = rng.integers(0, 2, size=n).astype(np.float64) * 2.0 - 1.0
-        T, used = krylov_tridiagonal(matvec, v, steps, budget=budget)
+        T, used = krylov_tridiagonal(matvec, v, steps, budget=budget, device=device)
         n_mv += used
         theta, S = np.linalg.eigh(T)
         nodes[p, : len(theta)] = theta

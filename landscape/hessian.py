@@ -17,11 +17,12 @@ import numpy as np
 from .blas import single_blas_thread
 from .curvature import CurvatureOperator, select_parameters
 from .density import SpectralDensity, slq
-from .lanczos import Eigenpairs, lanczos
+from .lanczos import Eigenpairs, basis_size, lanczos
 from .problem import Problem
 from .reference import PYHESSIAN_TRACE_TOL, pyhessian_spectrum
 from .runfile import encode_attr
 from .trace import TraceEstimate, hutchinson, hutchpp
+from .vectors import vector_device
 
 
 @dataclass(frozen=True)
@@ -67,9 +68,10 @@ class CurvatureResult:
     per_layer: Mapping[str, "CurvatureResult"] = field(default_factory=dict)
     @property
     def vector_storage(self) -> str:
-        """Where the long vectors were kept: ``memory``, or ``disk`` if any did not fit the memory budget."""
+        """Where the long vectors were kept: ``memory``, ``disk`` if any did not fit the memory budget, else
+        ``cuda`` if any were on the GPU."""
         parts = [p.storage for p in (self.top, self.bottom, self.trace) if p is not None and hasattr(p, "storage")]
-        return "disk" if "disk" in parts else "memory"
+        return next((p for p in ("disk", "cuda") if p in parts), "memory")
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.settings.kind, "engine": self.settings.engine,
@@ -186,19 +188,24 @@ def _analyze(problem: Problem, s: CurvatureSettings, params: list[str] | None,
                                n_matvec=n_hvp, hvp_mode="pyhessian", dtype=str(problem.dtype).replace("torch.", ""))
     top = bottom = None
     budget = problem.memory_budget
+
+    def where(columns: int) -> Any:  # on the GPU that runs the products when the vectors fit there
+        return vector_device(problem.device, op.n, columns)
+
     if s.top_k:
         note(f"top-{s.top_k} eigenvalues")
-        top = lanczos(op, op.n, k=s.top_k, which="LA", tol=s.tol, seed=s.seed, max_matvec=s.max_hvp, budget=budget)
+        top = lanczos(op, op.n, k=s.top_k, which="LA", tol=s.tol, seed=s.seed, max_matvec=s.max_hvp, budget=budget,
+                      device=where(basis_size(s.top_k, op.n) + 1))
     if s.bottom_k:
         note(f"bottom-{s.bottom_k} eigenvalues")
         bottom = lanczos(op, op.n, k=s.bottom_k, which="SA", tol=s.tol, seed=s.seed + 1, max_matvec=s.max_hvp,
-                         budget=budget)
+                         budget=budget, device=where(basis_size(s.bottom_k, op.n) + 1))
     trace = None
     if s.trace:
         note("trace")
         if s.trace_method == "hutch++":
             trace = hutchpp(op, op.n, max_matvec=s.trace_matvecs, seed=s.seed, budget=budget,
-                            stderr_target=s.trace_stderr)
+                            stderr_target=s.trace_stderr, device=where(max(1, s.trace_matvecs // 3)))
         else:
             deflate = (top.eigenvalues, top.eigenvectors) if (s.trace_method == "hutchinson-deflated" and top) else None
             trace = hutchinson(op, op.n, max_matvec=s.trace_matvecs, stderr_target=s.trace_stderr, seed=s.seed,
@@ -206,7 +213,8 @@ def _analyze(problem: Problem, s: CurvatureSettings, params: list[str] | None,
     density = None
     if s.density:
         note("spectral density")
-        density = slq(op, op.n, n_probes=s.density_probes, steps=s.density_steps, seed=s.seed, budget=budget)
+        density = slq(op, op.n, n_probes=s.density_probes, steps=s.density_steps, seed=s.seed, budget=budget,
+                      device=where(s.density_steps))
     return CurvatureResult(settings=s, n_parameters=op.n, top=top, bottom=bottom, trace=trace, density=density,
                            n_matvec=op.n_matvec, hvp_mode=problem.hvp_engine,
                            dtype=str(problem.dtype).replace("torch.", ""))

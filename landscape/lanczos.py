@@ -2,8 +2,9 @@
 
 A pure function over a matvec ``A(v)`` (a float64 vector in, a vector out), testable on explicit matrices.
 
-The Krylov basis ``V`` is kept in float64 (in memory within ``budget`` bytes, else on disk:
-:class:`landscape.vectors.ColumnStore`, same bits) and every new vector is orthogonalized against all of ``V`` by
+The Krylov basis ``V`` is kept in float64 (in memory within ``budget`` bytes, else on disk, or on a torch
+``device`` such as the GPU that runs the products, where the vectors handed to the matvec are tensors too:
+:class:`landscape.vectors.ColumnStore`, same numbers up to the order of summation) and every new vector is orthogonalized against all of ``V`` by
 classical Gram-Schmidt, a second time when the first leaves more than :data:`REORTH_TOL` of it ("twice is enough",
 Parlett; the second sweep's size is measured during the first, so a step passes over the basis twice, rarely three
 times), so the projected matrix ``T = V^T A V`` stays exact and no "ghost" copies of converged eigenvalues
@@ -32,8 +33,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import torch
 
-from .vectors import ColumnStore
+from .vectors import ColumnStore, Vector, native, norm, product
 
 Matvec = Callable[[np.ndarray], np.ndarray]
 
@@ -67,7 +69,7 @@ class Eigenpairs:
 REORTH_TOL = 1e-12
 
 
-def _orthogonalize(V: ColumnStore, w: np.ndarray, cols: int) -> tuple[np.ndarray, np.ndarray]:
+def _orthogonalize(V: ColumnStore, w: Vector, cols: int) -> tuple[Vector, np.ndarray]:
     """Project ``w`` (modified in place) off the first ``cols`` columns of ``V``; returns (w, projections).
 
     Classical Gram-Schmidt, twice when needed ("twice is enough", Parlett): the first sweep takes two passes
@@ -76,19 +78,10 @@ def _orthogonalize(V: ColumnStore, w: np.ndarray, cols: int) -> tuple[np.ndarray
     """
     h = V.project(w, cols)
     h2 = V.subtract(w, h, cols, project_after=True)
-    if np.linalg.norm(h2) > REORTH_TOL * np.linalg.norm(w):
+    if np.linalg.norm(h2) > REORTH_TOL * norm(w):
         V.subtract(w, h2, cols)
         h = h + h2
     return w, h
-
-
-def _product(matvec: Matvec, v: np.ndarray) -> np.ndarray:
-    """``A v`` as a float64 array of its own (orthogonalized in place): copied only when the matvec's result is not
-    (an 89 MB copy cost a quarter of a Lanczos step at 11M parameters)."""
-    w = np.asarray(matvec(v), dtype=np.float64)
-    if not (w.flags.writeable and w.flags.owndata) or np.may_share_memory(w, v):
-        w = w.copy()
-    return w
 
 
 def basis_size(k: int, n: int, max_basis: int | None = None, budget: float = float("inf")) -> int:
@@ -103,11 +96,15 @@ def basis_size(k: int, n: int, max_basis: int | None = None, budget: float = flo
 
 def lanczos(matvec: Matvec, n: int, k: int = 5, *, which: str = "LA", tol: float = 1e-6,
             max_basis: int | None = None, max_matvec: int | None = None, seed: int = 0,
-            v0: np.ndarray | None = None, verify: bool = True, budget: float = float("inf")) -> Eigenpairs:
+            v0: np.ndarray | None = None, verify: bool = True, budget: float = float("inf"),
+            device: torch.device | str | None = None) -> Eigenpairs:
     """The ``k`` largest (``which="LA"``) or smallest (``"SA"``) eigenpairs of a symmetric ``n x n`` operator.
 
     ``budget`` (bytes) bounds the basis (``(m + 1) n`` float64 numbers) and the eigenvectors (``k n``) held in
     memory; what does not fit is kept on disk (:class:`landscape.vectors.ColumnStore`) with the same results.
+    With ``device``, the basis lives in that device's memory (the caller has checked that ``max(2k + 20, 40) + 1``
+    vectors fit there), ``matvec`` gets and returns float64 tensors on it, and ``budget`` bounds only the
+    eigenvectors, which are returned on the host.
 
     >>> A = np.diag(np.arange(1.0, 101.0))
     >>> r = lanczos(lambda v: A @ v, 100, k=3)
@@ -117,23 +114,23 @@ def lanczos(matvec: Matvec, n: int, k: int = 5, *, which: str = "LA", tol: float
     if which not in ("LA", "SA"):
         raise ValueError("which must be 'LA' or 'SA'")
     k = min(k, n)
-    m = basis_size(k, n, max_basis, budget)
+    m = basis_size(k, n, max_basis, float("inf") if device is not None else budget)
     budget_mv = max_matvec or 50 * m
     sign = 1.0 if which == "LA" else -1.0
     rng = np.random.default_rng(seed)
-    v = rng.standard_normal(n) if v0 is None else np.asarray(v0, dtype=np.float64).copy()
-    basis = ColumnStore(n, m + 1, budget=budget)
-    v = v / np.linalg.norm(v)
+    basis = ColumnStore(n, m + 1, budget=budget, device=device)
+    v = basis.native(rng.standard_normal(n) if v0 is None else v0)
+    v = v / norm(v)
     basis.set_column(0, v)
     j = 1
-    w, h = _orthogonalize(basis, _product(matvec, v), 1)
+    w, h = _orthogonalize(basis, product(matvec, v), 1)
     T = h.reshape(1, 1)
     c = np.ones(1)
     r, n_mv = w, 1
     while True:
         theta, S = np.linalg.eigh((T + T.T) / 2)
         order = np.argsort(-sign * theta)
-        rnorm = np.linalg.norm(r)
+        rnorm = norm(r)
         res = rnorm * np.abs(c @ S)
         want = order[:k]
         scale = np.maximum(np.abs(theta[want]), np.finfo(float).eps * max(np.abs(theta).max(), 1e-300))
@@ -145,11 +142,11 @@ def lanczos(matvec: Matvec, n: int, k: int = 5, *, which: str = "LA", tol: float
             basis.transform(S[:, keep])
             T, c, j = np.diag(theta[keep]), c @ S[:, keep], len(keep)
         if rnorm <= 1e-12 * max(np.abs(theta).max(), 1.0):  # invariant subspace: continue from a fresh vector
-            r, _ = _orthogonalize(basis, rng.standard_normal(n), j)
-            rnorm, c = np.linalg.norm(r), np.zeros(j)
+            r, _ = _orthogonalize(basis, basis.native(rng.standard_normal(n)), j)
+            rnorm, c = norm(r), np.zeros(j)
         v = r / rnorm
         basis.set_column(j, v)
-        w, h = _orthogonalize(basis, _product(matvec, v), j + 1)
+        w, h = _orthogonalize(basis, product(matvec, v), j + 1)
         n_mv += 1
         T_new = np.zeros((j + 1, j + 1))
         T_new[:j, :j] = T
@@ -159,8 +156,8 @@ def lanczos(matvec: Matvec, n: int, k: int = 5, *, which: str = "LA", tol: float
         c = np.zeros(j)
         c[j - 1] = 1.0
     want = order[:k]
-    vecs = basis.combine(S[:, want], budget - (0 if basis.on_disk else basis.nbytes))
-    storage = basis.storage
+    vecs = basis.combine(S[:, want], budget - (basis.nbytes if basis.device is None and not basis.on_disk else 0))
+    storage, device = basis.storage, basis.device
     basis.close()
     del basis
     vals = theta[want]
@@ -169,12 +166,12 @@ def lanczos(matvec: Matvec, n: int, k: int = 5, *, which: str = "LA", tol: float
     if verify:
         res_true = np.empty(len(want))
         for i in range(len(want)):
-            vi = np.asarray(vecs[:, i])
-            p = _product(matvec, vi)
-            res_true[i] = np.linalg.norm(p - vals[i] * vi)
+            vi = native(vecs[:, i], device)
+            p = product(matvec, vi)
+            res_true[i] = norm(p - vals[i] * vi)
             n_mv += 1
             if res_true[i] > tol * scale[i]:  # the operator's own rounding may be what stops it
-                noise[i] = np.linalg.norm(_product(matvec, 3.0 * vi) / 3.0 - p) / np.sqrt(2.0)
+                noise[i] = norm(product(matvec, 3.0 * vi) / 3.0 - p) / np.sqrt(2.0)
                 n_mv += 1
     else:
         res_true = res[want]
@@ -183,10 +180,10 @@ def lanczos(matvec: Matvec, n: int, k: int = 5, *, which: str = "LA", tol: float
                       n_matvec=n_mv, which=which, tol=tol, noise=noise, storage=storage, basis=m)
 
 
-def krylov_tridiagonal(matvec: Matvec, v0: np.ndarray, steps: int, *, budget: float = float("inf")
-                       ) -> tuple[np.ndarray, int]:
+def krylov_tridiagonal(matvec: Matvec, v0: np.ndarray, steps: int, *, budget: float = float("inf"),
+                       device: torch.device | str | None = None) -> tuple[np.ndarray, int]:
     """``T = V^T A V`` for the Krylov basis of ``v0`` after ``steps`` matvecs (full reorthogonalization, as in
-    :func:`lanczos`; the basis within ``budget`` bytes of memory, the rest on disk).
+    :func:`lanczos`; the basis within ``budget`` bytes of memory, the rest on disk, or on ``device``).
 
     ``T`` is tridiagonal up to rounding; its eigenvalues and the squared first components of its eigenvectors
     are the Gauss quadrature nodes and weights of ``v^T f(A) v`` for the normalized ``v0`` (used by SLQ).
@@ -194,14 +191,15 @@ def krylov_tridiagonal(matvec: Matvec, v0: np.ndarray, steps: int, *, budget: fl
     """
     n = v0.shape[0]
     steps = min(steps, n)
-    V = ColumnStore(n, steps, budget=budget)
-    v = v0 / np.linalg.norm(v0)
+    V = ColumnStore(n, steps, budget=budget, device=device)
+    v = V.native(v0)
+    v = v / norm(v)
     T = np.zeros((steps, steps))
     for j in range(steps):
         V.set_column(j, v)
-        w, h = _orthogonalize(V, _product(matvec, v), j + 1)
+        w, h = _orthogonalize(V, product(matvec, v), j + 1)
         T[:j + 1, j] = T[j, :j + 1] = h
-        beta = np.linalg.norm(w)
+        beta = norm(w)
         if j + 1 == steps or beta <= 1e-12 * max(np.abs(np.diag(T)[:j + 1]).max(), 1.0):
             T = T[:j + 1, :j + 1]
             return (T + T.T) / 2, j + 1

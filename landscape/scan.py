@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from . import __version__, vectors
-from .vectors import BLOCK_ROWS, ColumnStore
+from .vectors import BLOCK_ROWS, ColumnStore, native, vector_device
 from .checkpoint import Checkpoint, apply_state_dict, check_finite, load_checkpoint
 from .coherence import (CoherenceSettings, GradientStats, accumulator_vectors, analyze_coherence, coordinate_ranges,
                         random_batches)
@@ -341,12 +341,14 @@ def hessian_directions(pb: Problem, dims: int, *, bottom: bool, seed: int = 0) -
     Random slices show the mean curvature tr(H)/N and make saddles look convex; these show the extremes.
     """
     op = CurvatureOperator(pb)
+    k = 1 if bottom else dims
+    device = vector_device(pb.device, op.n, basis_size(k, op.n) + 1)
     with single_blas_thread():
-        top = lanczos(op, op.n, k=1 if bottom else dims, which="LA", seed=seed, budget=pb.memory_budget)
+        top = lanczos(op, op.n, k=k, which="LA", seed=seed, budget=pb.memory_budget, device=device)
         vecs = [top.eigenvectors[:, i] for i in range(top.eigenvectors.shape[1])]
         if bottom and dims == 2:
-            vecs.append(lanczos(op, op.n, k=1, which="SA", seed=seed + 1,
-                                budget=pb.memory_budget).eigenvectors[:, 0])
+            vecs.append(lanczos(op, op.n, k=1, which="SA", seed=seed + 1, budget=pb.memory_budget,
+                                device=device).eigenvectors[:, 0])
     return [{n: t.detach().cpu().double() for n, t in op.to_params(v).items()} for v in vecs]
 
 
@@ -735,21 +737,24 @@ class VectorCosts:
     first_column: float
 
     @staticmethod
-    def measure(n: int, budget: float) -> "VectorCosts":
-        cols = int(max(1, min(8, budget // (8 * n) - 1)))
-        store = ColumnStore(n, cols + 1, budget=budget)
-        w = np.ones(n)
+    def measure(n: int, budget: float, device: torch.device | None = None) -> "VectorCosts":
+        """On a store like the run's: on the host within ``budget`` (or on disk), or on ``device``."""
+        cols = 8 if device is not None else int(max(1, min(8, budget // (8 * n) - 1)))
+        store = ColumnStore(n, cols + 1, budget=budget, device=device)
+        w = store.native(np.ones(n))
+
+        def timed(fn: Callable[[], object]) -> float:
+            t = time.perf_counter()
+            fn()
+            if device is not None and device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return time.perf_counter() - t
+
         with single_blas_thread():
-            t = time.perf_counter()
-            for i in range(cols + 1):
-                store.set_column(i, w)  # first touch of fresh memory, as a run's first pass over a new basis
-            first = (time.perf_counter() - t) / (cols + 1)
-            t = time.perf_counter()
-            store.set_column(cols, w)
-            column = time.perf_counter() - t
-            t = time.perf_counter()
-            store.subtract(w, store.project(w, cols), cols, project_after=True)
-            sweep = time.perf_counter() - t
+            # first touch of fresh memory, as a run's first pass over a new basis
+            first = timed(lambda: [store.set_column(i, w) for i in range(cols + 1)]) / (cols + 1)
+            column = timed(lambda: store.set_column(cols, w))
+            sweep = timed(lambda: store.subtract(w, store.project(w, cols), cols, project_after=True))
         store.close()
         return VectorCosts(column=column, pass_column=sweep / cols, first_column=first)
 
@@ -817,14 +822,18 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
     grad_s, grad_extra = _measured(pb, pb.gradient)
     curv = config.curvature
     hvp_s = hvp_extra = 0.0
-    if curv is not None or config.sharpness or config.coherence is not None:
-        op = CurvatureOperator(pb)
-        v = np.random.default_rng(0).standard_normal(op.n)
-        hvp_s, hvp_extra = _measured(pb, lambda: op.matvec(v), repeats=3)
     nparam = pb.num_parameters
     budget = pb.memory_budget
+    # the curvature's long vectors: on the GPU that runs the products when they fit there, as the run places them
+    vec_device = vector_device(pb.device, nparam, basis_size(max(curv.top_k, curv.bottom_k, 1), nparam) + 1
+                               ) if curv is not None else None
+    if curv is not None or config.sharpness or config.coherence is not None:
+        op = CurvatureOperator(pb)
+        v = native(np.random.default_rng(0).standard_normal(op.n), vec_device)
+        hvp_s, hvp_extra = _measured(pb, lambda: op.matvec(v), repeats=3)
     if curv is not None:
-        seconds, held = _curvature_seconds(curv, nparam, budget, hvp_s, VectorCosts.measure(nparam, budget))
+        seconds, held = _curvature_seconds(curv, nparam, budget if vec_device is None else float("inf"), hvp_s,
+                                           VectorCosts.measure(nparam, budget, vec_device))
         phases["hessian"] = {"seconds": seconds, "peak_bytes": base + hvp_extra + held}
     if config.sharpness:
         # the measures' costs in forward passes (a gradient counted as three), at the measured cost of a gradient

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import torch
 
-from .vectors import ColumnStore, orthonormalize
+from .vectors import ColumnStore, host, orthonormalize, product
 
 Matvec = Callable[[np.ndarray], np.ndarray]
 
@@ -85,7 +86,8 @@ def _rademacher_signs(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
 
 
 def hutchpp(matvec: Matvec, n: int, *, max_matvec: int = 99, seed: int = 0, budget: float = float("inf"),
-            stderr_target: float | None = None, min_probes: int = 10) -> TraceEstimate:
+            stderr_target: float | None = None, min_probes: int = 10,
+            device: torch.device | str | None = None) -> TraceEstimate:
     """Hutch++ estimate of ``tr(A)`` with ``max_matvec`` matvecs (a third each for sketch, projection, residual).
 
     With ``stderr_target`` the residual probes stop once their standard error is below it (after ``min_probes``).
@@ -96,7 +98,9 @@ def hutchpp(matvec: Matvec, n: int, *, max_matvec: int = 99, seed: int = 0, budg
     ``P G = G - Q (Q^T G)``; the signs ``S`` and ``G`` are int8. Beside the products this costs six passes over
     the block (Gram-Schmidt column by column cost ``O(m^2)`` column passes, which at 11M parameters took longer than
     the products: benchmarks/RESULTS.md issue 19). Directions of ``A S`` below 1e-6 of its largest singular value
-    (``A`` of rank below ``m/3``) are dropped with their products: they are left to the Hutchinson part.
+    (``A`` of rank below ``m/3``) are dropped with their products: they are left to the Hutchinson part. With
+    ``device`` the block lives on that torch device and ``matvec`` gets and returns tensors there (as in
+    :func:`landscape.lanczos.lanczos`); the signs are drawn on the host, the same as without.
 
     >>> A = np.diag(np.arange(1.0, 31.0))
     >>> round(hutchpp(lambda v: A @ v, 30, max_matvec=90).estimate, 6)  # rank 30 <= m/3: exact
@@ -105,24 +109,25 @@ def hutchpp(matvec: Matvec, n: int, *, max_matvec: int = 99, seed: int = 0, budg
     rng = np.random.default_rng(seed)
     k = max(1, max_matvec // 3)
     S = _rademacher_signs(rng, n, k)
-    block = ColumnStore(n, k, budget=budget)
+    block = ColumnStore(n, k, budget=budget, device=device)
     for i in range(k):
-        block.set_column(i, np.asarray(matvec(S[:, i].astype(np.float64)), dtype=np.float64))
+        block.set_column(i, product(matvec, block.native(S[:, i])))
     del S
     r = orthonormalize(block, k)
-    low_rank = float(sum(q @ np.asarray(matvec(q), dtype=np.float64) for q in map(block.column, range(r))))
+    low_rank = float(sum(float(q @ product(matvec, q)) for q in map(block.column, range(r))))
     G = _rademacher_signs(rng, n, k)
     C = np.zeros((r, k))  # Q^T G
     for a, b in block.blocks():
-        C += block.read(a, b, r) @ G[a:b]
+        C += host(block.read(a, b, r) @ block.native(G[a:b]))
+    Ct = block.native(C.T)
     for a, b in block.blocks():  # P G, written over Q row block by row block
-        block.write(a, G[a:b].T - C.T @ block.read(a, b, r))
+        block.write(a, block.native(G[a:b].T) - Ct @ block.read(a, b, r))
     del G
     samples = np.empty(k)
     used = k
     for i in range(k):
         g = block.column(i)
-        samples[i] = float(g @ np.asarray(matvec(g), dtype=np.float64))
+        samples[i] = float(g @ product(matvec, g))
         if stderr_target is not None and i + 1 >= min_probes \
                 and np.std(samples[:i + 1], ddof=1) / np.sqrt(i + 1) <= stderr_target:
             used = i + 1

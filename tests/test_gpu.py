@@ -65,3 +65,17 @@ def test_cuda_dry_run_measures_peak_memory(mlp_ckpt):
     assert res.returncode == 0, res.stderr
     est = json.loads(res.stdout)
     assert est["memory_bytes"] > 0 and "peak CUDA memory" in est["memory_note"]
+
+
+def test_cuda_curvature_keeps_its_vectors_on_the_gpu():
+    """On CUDA the Lanczos basis and the Hutch++ block live on the GPU (recorded ``cuda``), with the CPU's
+    eigenvalues and trace in float64."""
+    from landscape.hessian import CurvatureSettings, analyze_curvature
+
+    net, (X, y) = relu_mlp((4, 16, 3)), blobs(200)
+    settings = CurvatureSettings(top_k=3, tol=1e-9, trace_matvecs=30)
+    cpu = analyze_curvature(Problem(net, X, y, F.cross_entropy), settings)
+    gpu = analyze_curvature(Problem(net, X, y, F.cross_entropy, device="cuda"), settings)
+    assert cpu.vector_storage == "memory" and gpu.vector_storage == "cuda"
+    np.testing.assert_allclose(gpu.top.eigenvalues, cpu.top.eigenvalues, rtol=1e-9)
+    assert abs(gpu.trace.estimate - cpu.trace.estimate) <= 1e-8 * abs(cpu.trace.estimate)

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 import landscape.vectors as vectors
 from landscape.density import slq
@@ -70,3 +71,49 @@ def test_orthonormalize_keeps_the_span_and_drops_dependent_columns(small_blocks)
     assert r == 4
     np.testing.assert_allclose(Q.T @ Q, np.eye(4), atol=1e-13)
     np.testing.assert_allclose(Q @ (Q.T @ X), X, atol=1e-10 * np.abs(X).max())
+
+
+def test_torch_store_gives_the_numpy_answers(small_blocks, monkeypatch):
+    """A store on a torch device (here the CPU, in several blocks) keeps tensors and hands tensors to the matvec;
+    eigenpairs, trace and quadrature equal the numpy store's up to the order of summation."""
+    monkeypatch.setattr(vectors, "DEVICE_BLOCK_ROWS", 128)
+    A, lam = _operator(seed=2)
+    At = torch.from_numpy(A)
+    seen = []
+
+    def tmatvec(v):
+        seen.append(type(v))
+        return At @ v
+
+    ref = lanczos(lambda v: A @ v, 300, k=4, tol=1e-10, max_basis=12)
+    got = lanczos(tmatvec, 300, k=4, tol=1e-10, max_basis=12, device="cpu")
+    assert set(seen) == {torch.Tensor} and isinstance(got.eigenvectors, np.ndarray)
+    np.testing.assert_allclose(got.eigenvalues, ref.eigenvalues, rtol=1e-12)
+    np.testing.assert_allclose(np.abs(got.eigenvectors.T @ ref.eigenvectors), np.eye(4), atol=1e-8)
+    assert got.converged.all() and abs(got.n_matvec - ref.n_matvec) <= 2
+    t_ref = hutchpp(lambda v: A @ v, 300, max_matvec=60, seed=3)
+    t_got = hutchpp(tmatvec, 300, max_matvec=60, seed=3, device="cpu")
+    assert t_got.n_matvec == t_ref.n_matvec and abs(t_got.estimate - t_ref.estimate) < 1e-9 * abs(lam).sum()
+    d_ref = slq(lambda v: A @ v, 300, steps=20, seed=2)
+    d_got = slq(tmatvec, 300, steps=20, seed=2, device="cpu")
+    np.testing.assert_allclose(d_got.nodes, d_ref.nodes, rtol=1e-9, atol=1e-9)
+    s = ColumnStore(300, 3, device="cpu")
+    s.set_column(1, np.arange(300.0))
+    assert isinstance(s.column(1), torch.Tensor) and s.column(1).tolist() == list(np.arange(300.0))
+    np.testing.assert_array_equal(s.combine(np.eye(3)[:, 1:2])[:, 0], np.arange(300.0))
+
+
+def test_curvature_operator_keeps_tensors_on_their_device():
+    """The Hessian operator of a model takes a tensor and returns one, equal to its numpy product."""
+    import torch.nn.functional as F
+
+    from conftest import blobs, relu_mlp
+    from landscape import Problem
+    from landscape.curvature import CurvatureOperator
+
+    net, (X, y) = relu_mlp((4, 8, 3)), blobs(64)
+    op = CurvatureOperator(Problem(net, X, y, F.cross_entropy))
+    v = np.random.default_rng(0).standard_normal(op.n)
+    out = op(torch.from_numpy(v))
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float64
+    np.testing.assert_allclose(out.numpy(), op(v), rtol=1e-12, atol=1e-14)
