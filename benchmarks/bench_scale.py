@@ -2,6 +2,7 @@
 
     python benchmarks/bench_scale.py [--threads 2] [--models mlp,resnet18,gpt2_25m,wide_mlp] [--samples 32]
                                      [--steps 11] [--memory-budget auto] [--no-pyhessian] [--out /tmp/bench_scale]
+                                     [--device cuda] [--precisions full,bf16] [--context 64] [--deadline SECONDS]
 
 Models from ``benchmarks/scale_models.py`` (built in code, no downloads): an MLP (~1e5 parameters), ResNet-18 (11.2M,
 10 classes), a GPT-2-style transformer (27M, from a ``transformers`` config) and a wide MLP (90M). Inputs are
@@ -9,8 +10,14 @@ CIFAR-shaped Gaussian images with random labels, or generated tokens for GPT-2; 
 
 For each model, in separate processes: ``landscape scan`` (defaults, ``--steps`` x ``--steps``, no report),
 ``landscape scan --dry-run`` (its per-phase predictions), ``landscape hessian --top-k 5`` (with the trace), and
-PyHessian's ``eigenvalues(top_n=5)`` and ``trace()`` on the same model and batch. Reported: wall time, peak RSS
-(``wait4``'s ``ru_maxrss``), run-file size beside the checkpoint's, Hessian-vector products and time per product.
+PyHessian's ``eigenvalues(top_n=5)`` and ``trace()`` on the same model and batch (GPT-2 through a wrapper that
+returns its logits, with the next-token loss). Reported: wall time, peak RSS (``wait4``'s ``ru_maxrss``), peak CUDA
+memory on a GPU, run-file size beside the checkpoint's, Hessian-vector products and time per product.
+
+On a GPU (``--device cuda``): one scan and its dry run per entry of ``--precisions`` (``bf16`` lowers the slice's
+forward passes, products stay float32: after the first, only the slice is scanned), and the side-by-side process also times a short Lanczos run with its basis
+on the host against one on the GPU, and a Hessian-vector product under bf16 autocast against float32 with its
+error. ``--deadline`` skips what would start after that many seconds (each result is printed as it comes).
 Output: markdown tables for RESULTS.md.
 """
 
@@ -22,6 +29,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -41,50 +49,98 @@ from landscape.budget import auto_budget
 from landscape.curvature import CurvatureOperator
 from landscape.lanczos import lanczos
 from landscape.trace import hutchpp
-model = getattr(scale_models, {name!r})(); model.load_state_dict(torch.load({ck!r}, weights_only=True)); model.eval()
-d = torch.load({data!r}, weights_only=True)
+from landscape.vectors import native, vector_device
+dev = torch.device({device!r})
+sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+model, X, y, loss = scale_models.side_by_side({name!r}, {ck!r}, {data!r}, {samples}, {context})
+model = model.to(dev).eval()
 out = {{}}
-H = hessian(model, torch.nn.functional.cross_entropy, data=(d["X"], d["y"]), cuda=False)
-t = time.perf_counter(); vals, _ = H.eigenvalues(top_n=5); out["pyhessian_eig_s"] = time.perf_counter() - t
+def clock():
+    sync(); return time.perf_counter()
+H = hessian(model, loss, data=(X.to(dev), y.to(dev)), cuda=dev.type == "cuda")
+t = clock(); vals, _ = H.eigenvalues(top_n=5); out["pyhessian_eig_s"] = clock() - t
 out["pyhessian_eigenvalues"] = vals
-t = time.perf_counter(); tr = H.trace(); out["pyhessian_trace_s"] = time.perf_counter() - t
+print(json.dumps(out), flush=True)
+t = clock(); tr = H.trace(); out["pyhessian_trace_s"] = clock() - t
 out["pyhessian_trace"], out["pyhessian_trace_probes"] = float(np.mean(tr)), len(tr)
 del H
-pb = Problem(model, d["X"], d["y"], torch.nn.functional.cross_entropy, memory_budget=auto_budget())
+print(json.dumps(out), flush=True)
+pb = Problem(model, X, y, loss, memory_budget=auto_budget(), device=dev)
 op = CurvatureOperator(pb)
-v = {{n: torch.randn_like(p) for n, p in pb.theta0.items()}}
-pb.hvp(v); pb.hvp(v)
-t = time.perf_counter()
+vdev = vector_device(dev, op.n, 41)
+v = native(np.random.default_rng(0).standard_normal(op.n), vdev)
+op(v); op(v)
+t = clock()
 for _ in range(5):
-    pb.hvp(v)
-out["hvp_s"] = (time.perf_counter() - t) / 5
+    op(v)
+out["hvp_s"] = (clock() - t) / 5
 for tol in (1e-3, 1e-6):
-    t = time.perf_counter(); r = lanczos(op, op.n, k=5, tol=tol, budget=pb.memory_budget)
-    out[f"ours_eig_s_tol{{tol:g}}"], out[f"ours_eig_hvp_tol{{tol:g}}"] = time.perf_counter() - t, r.n_matvec
+    t = clock(); r = lanczos(op, op.n, k=5, tol=tol, budget=pb.memory_budget, device=vdev)
+    out[f"ours_eig_s_tol{{tol:g}}"], out[f"ours_eig_hvp_tol{{tol:g}}"] = clock() - t, r.n_matvec
     out[f"ours_eigenvalues_tol{{tol:g}}"] = r.eigenvalues.tolist()
-t = time.perf_counter(); tr = hutchpp(op, op.n, max_matvec=99, budget=pb.memory_budget)
-out["ours_trace_s"], out["ours_trace"], out["ours_trace_stderr"] = time.perf_counter() - t, tr.estimate, tr.stderr
+    print(json.dumps(out), flush=True)
+t = clock(); tr = hutchpp(op, op.n, max_matvec=99, budget=pb.memory_budget, device=vdev)
+out["ours_trace_s"], out["ours_trace"], out["ours_trace_stderr"] = clock() - t, tr.estimate, tr.stderr
 out["ours_trace_hvp"] = tr.n_matvec
-print(json.dumps(out))
+print(json.dumps(out), flush=True)
+if vdev is not None:  # the same 15 products with the basis on the host, then on the GPU
+    for where, d in (("host", None), ("gpu", vdev)):
+        t = clock(); r = lanczos(op, op.n, k=5, tol=1e-12, max_matvec=15, verify=False, budget=pb.memory_budget,
+                                 device=d)
+        out[f"lanczos15_{{where}}_s"] = clock() - t
+    params = dict(pb.theta0)
+    vp = op.to_params(v)
+    from torch.func import functional_call, grad, jvp
+    def hvp():
+        g = lambda p: grad(lambda q: pb.loss_fn(functional_call(model, q, (X.to(dev),)), y.to(dev)))(p)
+        return jvp(g, (params,), (vp,))[1]
+    try:
+        ref = hvp()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            low = hvp(); low = hvp()
+            t = clock(); [hvp() for _ in range(3)]; out["hvp_bf16_autocast_s"] = (clock() - t) / 3
+        t = clock(); [hvp() for _ in range(3)]; out["hvp_func_fp32_s"] = (clock() - t) / 3
+        num = sum(float(((low[k].float() - ref[k]) ** 2).sum()) for k in ref)
+        out["hvp_bf16_rel_error"] = (num / sum(float((ref[k] ** 2).sum()) for k in ref)) ** 0.5
+    except Exception as err:
+        out["hvp_bf16_error"] = repr(err)[:300]
+    out["cuda_peak_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
+print(json.dumps(out), flush=True)
 """
 
+#: appended to the command of a landscape process on a GPU: its peak CUDA memory, as the last line of stderr
+CUDA_PEAK = ("import atexit; atexit.register(lambda: torch.cuda.is_available() and print('CUDA_PEAK', "
+             "torch.cuda.max_memory_allocated(), file=sys.stderr)); ")
 
-def run(args: list[str], threads: int, code: str | None = None) -> tuple[float, float, str, str]:
-    """Wall seconds, peak RSS (MiB), stdout and stderr of ``landscape ARGS`` (or of ``code``) in a new process."""
-    code = code or (f"import sys, torch; torch.set_num_threads({threads}); from landscape_cli.main import main; "
-                    "sys.argv[0] = 'landscape'; main()")
+
+def run(args: list[str], threads: int, code: str | None = None, timeout: float | None = None
+        ) -> tuple[float, float, str, str]:
+    """Wall seconds, peak RSS (MiB), stdout and stderr of ``landscape ARGS`` (or of ``code``) in a new process,
+    killed after ``timeout`` seconds."""
+    code = code or (f"import sys, torch; torch.set_num_threads({threads}); {CUDA_PEAK}"
+                    "from landscape_cli.main import main; sys.argv[0] = 'landscape'; main()")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "COLUMNS": "200"}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=out, stderr=err, env=env)
+        timer = threading.Timer(timeout, proc.kill) if timeout else None
+        if timer:
+            timer.start()
         _, status, usage = os.wait4(proc.pid, 0)
+        if timer:
+            timer.cancel()
         wall = time.perf_counter() - t
         out.seek(0)
         err.seek(0)
         return wall, usage.ru_maxrss / 1024, out.read(), err.read()
 
 
-def prepare(name: str, n: int, folder: Path) -> tuple[list[str], Path, Path | None]:
+def cuda_peak_mib(err: str) -> float | None:
+    lines = [ln for ln in err.splitlines() if ln.startswith("CUDA_PEAK ")]
+    return int(lines[-1].split()[1]) / 2**20 if lines else None
+
+
+def prepare(name: str, n: int, folder: Path, context: int) -> tuple[list[str], Path, Path | None]:
     """Checkpoint and data for one model: the common command-line arguments, the checkpoint, the data file."""
     torch.manual_seed(0)
     folder.mkdir(parents=True, exist_ok=True)
@@ -93,8 +149,8 @@ def prepare(name: str, n: int, folder: Path) -> tuple[list[str], Path, Path | No
         model.save_pretrained(folder / "ckpt")
         cfg = scale_models.gpt2_config(name.split("_")[1])
         args = [str(folder / "ckpt"), "--data", "tokens", "--data-arg", f"n={n}", "--data-arg",
-                f"vocab={cfg['vocab_size']}", "--data-arg", "context=64"]
-        return args, folder / "ckpt" / "model.safetensors", None
+                f"vocab={cfg['vocab_size']}", "--data-arg", f"context={context}"]
+        return args, folder / "ckpt", None
     model = getattr(scale_models, name)()
     torch.save(model.state_dict(), folder / "ckpt.pt")
     torch.save({"X": torch.randn(n, 3, 32, 32), "y": torch.randint(0, 10, (n,))}, folder / "data.pt")
@@ -108,49 +164,86 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--models", default="mlp,resnet18,gpt2_25m,wide_mlp")
     ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--context", type=int, default=64, help="tokens per GPT-2 sample")
     ap.add_argument("--steps", type=int, default=11)
     ap.add_argument("--memory-budget", default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precisions", default="full", help="slice precisions to scan at, e.g. full,bf16")
+    ap.add_argument("--deadline", type=float, default=None, help="start nothing after this many seconds")
     ap.add_argument("--no-pyhessian", action="store_true")
     ap.add_argument("--skip-scan", action="store_true", help="only the dry run and the hessian command")
     ap.add_argument("--out", default=tempfile.mkdtemp(prefix="bench_scale_"))
     a = ap.parse_args()
+    t0 = time.perf_counter()
+
+    def left() -> float | None:
+        return None if a.deadline is None else a.deadline - (time.perf_counter() - t0)
+
+    def go() -> bool:
+        return a.deadline is None or left() > 10
+
     budget = ["--memory-budget", a.memory_budget] if a.memory_budget else []
+    device = ["--device", a.device]
     rows, phase_rows = [], []
     for name in a.models.split(","):
         folder = Path(a.out) / name
-        common, ck, data = prepare(name, a.samples, folder)
+        common, ck, data = prepare(name, a.samples, folder, a.context)
         nparam = sum(p.numel() for p in (scale_models.gpt2(name.split("_")[1]) if name.startswith("gpt2")
                                          else getattr(scale_models, name)()).parameters())
-        scan = [*common, "--steps", str(a.steps), "--no-report", *budget]
-        _, _, dry_out, dry_err = run(["scan", *scan, "--dry-run", "--json", "-o", str(folder / "dry.h5")], a.threads)
-        dry = json.loads(dry_out) if dry_out.strip() else {"phases": {}, "error": dry_err[-300:]}
-        row = {"model": name, "parameters": nparam, "samples": a.samples, "checkpoint_mib": ck.stat().st_size / 2**20}
-        if not a.skip_scan:
-            wall, rss, out, err = run(["scan", *scan, "--json", "-o", str(folder / "scan.h5"), "--overwrite"], a.threads)
-            row.update(scan_s=wall, scan_rss_mib=rss, scan_ok=bool(out.strip()),
-                       run_file_mib=(folder / "scan.h5").stat().st_size / 2**20 if (folder / "scan.h5").exists() else None)
+        ck_file = ck / "model.safetensors" if ck.is_dir() else ck
+        row = {"model": name, "parameters": nparam, "samples": a.samples, "device": a.device,
+               "checkpoint_mib": ck_file.stat().st_size / 2**20}
+        if go():
+            wall, rss, out, err = run(["hessian", *common, *budget, *device, "--top-k", "5", "--json", "-o",
+                                       str(folder / "hessian.h5")], a.threads, timeout=left())
+            h = json.loads(out)["curvature"] if out.strip() else {}
             if not out.strip():
                 print(err[-2000:], file=sys.stderr)
-        wall, rss, out, err = run(["hessian", *common, *budget, "--top-k", "5", "--json", "-o",
-                                   str(folder / "hessian.h5")], a.threads)
-        h = json.loads(out)["curvature"] if out.strip() else {}
-        if not out.strip():
-            print(err[-2000:], file=sys.stderr)
-        row.update(hessian_s=wall, hessian_rss_mib=rss, n_hvp=h.get("n_matvec"), eigenvalues=h.get("eigenvalues"),
-                   trace=(h.get("trace") or {}).get("estimate"),
-                   predicted_total_s=dry.get("total_seconds"), predicted_peak_mib=(dry.get("memory_bytes") or 0) / 2**20,
-                   predicted_hessian_s=dry.get("phases", {}).get("hessian", {}).get("seconds"),
-                   predicted_hessian_mib=dry.get("phases", {}).get("hessian", {}).get("peak_bytes", 0) / 2**20)
-        if not a.no_pyhessian and data is not None:
-            code = PYHESSIAN.format(here=str(HERE), threads=a.threads, name=name, ck=str(ck), data=str(data))
-            wall, rss, out, err = run([], a.threads, code=code)
+            row.update(hessian_s=wall, hessian_rss_mib=rss, hessian_cuda_mib=cuda_peak_mib(err),
+                       n_hvp=h.get("n_matvec"), eigenvalues=h.get("eigenvalues"),
+                       trace=(h.get("trace") or {}).get("estimate"))
+            print(json.dumps(row), flush=True)
+        if not a.no_pyhessian and go():
+            code = PYHESSIAN.format(here=str(HERE), threads=a.threads, name=name, ck=str(ck),
+                                    data=str(data) if data else None, samples=a.samples, context=a.context,
+                                    device=a.device)
+            wall, rss, out, err = run([], a.threads, code=code, timeout=left())
             if out.strip():
                 row.update(json.loads(out.strip().splitlines()[-1]), side_by_side_rss_mib=rss)
+            if "ours_trace_s" not in row:
+                print(err[-2000:], file=sys.stderr)
+            print(json.dumps(row), flush=True)
+        for i, precision in enumerate(a.precisions.split(",")):
+            # a second precision changes only the slice's forward passes: only the slice is scanned again
+            only_slice = ["--no-hessian", "--no-sharpness", "--no-coherence"] if i else []
+            scan = [*common, *device, "--steps", str(a.steps), "--no-report", "--precision", precision, *budget,
+                    *only_slice]
+            tag = "" if precision == "full" else f"_{precision}"
+            if not go():
+                break
+            _, _, dry_out, dry_err = run(["scan", *scan, "--dry-run", "--json", "-o", str(folder / "dry.h5")],
+                                         a.threads, timeout=left())
+            dry = json.loads(dry_out) if dry_out.strip() else {"phases": {}, "error": dry_err[-300:]}
+            row.update({f"predicted_total_s{tag}": dry.get("total_seconds"),
+                        f"predicted_peak_mib{tag}": (dry.get("memory_bytes") or 0) / 2**20,
+                        f"predicted_hessian_s{tag}": dry.get("phases", {}).get("hessian", {}).get("seconds"),
+                        f"predicted_hessian_mib{tag}":
+                            dry.get("phases", {}).get("hessian", {}).get("peak_bytes", 0) / 2**20})
+            phase_rows.append((name + tag, dry.get("phases", {})))
+            if a.skip_scan or not go():
+                continue
+            wall, rss, out, err = run(["scan", *scan, "--json", "-o", str(folder / "scan.h5"), "--overwrite"],
+                                      a.threads, timeout=left())
+            row.update({f"scan_s{tag}": wall, f"scan_rss_mib{tag}": rss, f"scan_cuda_mib{tag}": cuda_peak_mib(err),
+                        f"scan_ok{tag}": bool(out.strip()),
+                        f"run_file_mib{tag}": (folder / "scan.h5").stat().st_size / 2**20
+                        if (folder / "scan.h5").exists() else None})
+            if out.strip():
+                row[f"scan_seconds{tag}"] = {k: v for k, v in json.loads(out).items() if "seconds" in k}
             else:
                 print(err[-2000:], file=sys.stderr)
+            print(json.dumps(row), flush=True)
         rows.append(row)
-        phase_rows.append((name, dry.get("phases", {})))
-        print(json.dumps(row), flush=True)
     print("\n| model | parameters | samples | scan s | scan peak RSS MiB | run file MiB (ckpt) | hessian s | hessian peak "
           "MiB | HVPs | dry run: total s / peak MiB | dry run: hessian s / MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -158,14 +251,15 @@ def main() -> None:
     for r in rows:
         print(f"| {r['model']} | {r['parameters']:,} | {r['samples']} | {f(r.get('scan_s'))} | "
               f"{f(r.get('scan_rss_mib'), 0)} | {f(r.get('run_file_mib'))} ({f(r['checkpoint_mib'])}) | "
-              f"{f(r['hessian_s'])} | {f(r['hessian_rss_mib'], 0)} | {r['n_hvp']} | {f(r['predicted_total_s'])} / "
-              f"{f(r['predicted_peak_mib'], 0)} | {f(r['predicted_hessian_s'])} / {f(r['predicted_hessian_mib'], 0)} |")
+              f"{f(r.get('hessian_s'))} | {f(r.get('hessian_rss_mib'), 0)} | {r.get('n_hvp')} | "
+              f"{f(r.get('predicted_total_s'))} / {f(r.get('predicted_peak_mib'), 0)} | "
+              f"{f(r.get('predicted_hessian_s'))} / {f(r.get('predicted_hessian_mib'), 0)} |")
     print("\nSide by side in one process (same model and batch): seconds (HVPs)")
     print("\n| model | one HVP s | PyHessian top-5 | ours top-5, tol 1e-3 | ours top-5, tol 1e-6 | PyHessian trace | "
           "ours Hutch++ (99) | Hutch++ / its HVPs |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        if "hvp_s" not in r:
+        if "ours_trace_s" not in r or "pyhessian_trace_s" not in r:
             continue
         plain = r["hvp_s"] * r["ours_trace_hvp"]
         print(f"| {r['model']} | {r['hvp_s']:.3f} | {r['pyhessian_eig_s']:.1f} | {r['ours_eig_s_tol0.001']:.1f} "

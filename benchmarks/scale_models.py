@@ -4,10 +4,15 @@
 * ``resnet18``: the ResNet-18 of He et al. (2016) as torchvision lays it out (7x7 stride-2 stem, max-pool, four
   stages of two basic blocks, BatchNorm), with a 10-class head: 11,181,642 parameters, torchvision's
   ``resnet18(num_classes=10)``;
-* ``gpt2_25m``: a ``transformers`` GPT-2 built from a config (8 layers, width 512, vocabulary 16,384).
+* ``gpt2_25m``: a ``transformers`` GPT-2 built from a config (6 layers, width 512, vocabulary 16,384: 27.4M);
+  ``gpt2_124m`` GPT-2 small's shape (12 layers, width 768, vocabulary 50,257: 124.4M).
+
+:func:`side_by_side` gives a saved entry as a model, inputs, targets and loss for tools run in-process (PyHessian).
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import nn
@@ -79,3 +84,36 @@ def gpt2(size: str = "25m") -> nn.Module:
 
     transformers.logging.set_verbosity_error()
     return transformers.GPT2LMHeadModel(transformers.GPT2Config(bos_token_id=0, eos_token_id=0, **gpt2_config(size)))
+
+
+class NextToken(nn.Module):
+    """A causal LM as a classifier of the next token: ``ids (n, T) -> logits (n, T - 1, vocab)``; with
+    :func:`next_token_loss` the loss ``landscape`` computes for the model's folder (PyHessian needs such a pair)."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(ids).logits[:, :-1]
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def side_by_side(name: str, checkpoint: str, data: str | None, samples: int, context: int
+                 ) -> tuple[nn.Module, torch.Tensor, torch.Tensor, Callable]:
+    """Model, inputs, targets and loss of a ladder entry as the benchmark saved it, for tools run in-process."""
+    if name.startswith("gpt2"):
+        import transformers
+
+        from landscape.hf import tokens
+
+        lm = transformers.GPT2LMHeadModel.from_pretrained(checkpoint, attn_implementation="eager")
+        ids, _ = tokens(n=samples, vocab=gpt2_config(name.split("_")[1])["vocab_size"], context=context)
+        return NextToken(lm), ids, ids[:, 1:], next_token_loss
+    model = globals()[name]()
+    model.load_state_dict(torch.load(checkpoint, weights_only=True))
+    d = torch.load(data, weights_only=True)
+    return model, d["X"], d["y"], nn.functional.cross_entropy
