@@ -71,18 +71,31 @@ def hutchinson(matvec: Matvec, n: int, *, max_matvec: int = 100, stderr_target: 
                          method="hutchinson" + ("-deflated" if Q is not None else ""), samples=arr)
 
 
-#: rows of Rademacher signs drawn at a time (the draws are the same as one draw of the whole matrix)
+#: rows of a chunk of Rademacher signs drawn from one stream (see :func:`_sign_rows`)
 SIGN_ROWS = 1 << 16
 
 
-def _rademacher_signs(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
-    """``(n, k)`` Rademacher signs as int8 (an eighth of float64's memory), the values of one
-    ``rng.integers(0, 2, size=(n, k)) * 2 - 1`` draw."""
-    out = np.empty((n, k), dtype=np.int8, order="F")
-    for s in range(0, n, SIGN_ROWS):
-        e = min(n, s + SIGN_ROWS)
-        out[s:e] = rng.integers(0, 2, size=(e - s, k)) * 2 - 1
-    return out
+def _signs(rng: np.random.Generator, count: int) -> np.ndarray:
+    """``count`` Rademacher signs as int8, one random bit each (eight per random byte)."""
+    bits = np.unpackbits(np.frombuffer(rng.bytes(-(-count // 8)), dtype=np.uint8), count=count)
+    return bits.view(np.int8) * np.int8(2) - np.int8(1)
+
+
+def _sign_column(seed: int, i: int, n: int) -> np.ndarray:
+    """Column ``i`` of the sketch signs ``S`` (its own stream)."""
+    return _signs(np.random.default_rng([seed, 0, i]), n)
+
+
+def _sign_rows(seed: int, n: int, k: int, a: int, b: int) -> np.ndarray:
+    """Rows ``a:b`` of the ``(n, k)`` probe signs ``G``, drawn chunk by chunk of :data:`SIGN_ROWS` rows, each
+    chunk from its own stream: the same numbers whatever rows are asked for, so ``G`` is drawn again instead of
+    kept."""
+    parts = []
+    for c in range(a // SIGN_ROWS, -(-b // SIGN_ROWS)):
+        lo, hi = c * SIGN_ROWS, min(n, (c + 1) * SIGN_ROWS)
+        chunk = _signs(np.random.default_rng([seed, 1, c]), (hi - lo) * k).reshape(hi - lo, k)
+        parts.append(chunk[max(a, lo) - lo:min(b, hi) - lo])
+    return np.concatenate(parts)
 
 
 def hutchpp(matvec: Matvec, n: int, *, max_matvec: int = 99, seed: int = 0, budget: float = float("inf"),
@@ -95,7 +108,9 @@ def hutchpp(matvec: Matvec, n: int, *, max_matvec: int = 99, seed: int = 0, budg
     The standard error is that of the Hutchinson part on the deflated remainder (the low-rank part is exact).
     Memory: one ``(n, m/3)`` float64 block (within ``budget`` bytes, else on disk: :class:`ColumnStore`), ``A S``,
     orthonormalized in place into ``Q`` by SVQB (:func:`landscape.vectors.orthonormalize`), then overwritten by
-    ``P G = G - Q (Q^T G)``; the signs ``S`` and ``G`` are int8. Beside the products this costs six passes over
+    ``P G = G - Q (Q^T G)``; the signs ``S`` and ``G`` are never held whole: a column of ``S`` and a row block of
+    ``G`` are drawn (one random bit per sign) when needed, from streams seeded by ``seed`` and their index (at
+    124M parameters drawing and holding both as int8 took 8 GB and longer than the products on a GPU). Beside the products this costs six passes over
     the block (Gram-Schmidt column by column cost ``O(m^2)`` column passes, which at 11M parameters took longer than
     the products: benchmarks/RESULTS.md issue 19). Directions of ``A S`` below 1e-6 of its largest singular value
     (``A`` of rank below ``m/3``) are dropped with their products: they are left to the Hutchinson part. With
@@ -106,23 +121,18 @@ def hutchpp(matvec: Matvec, n: int, *, max_matvec: int = 99, seed: int = 0, budg
     >>> round(hutchpp(lambda v: A @ v, 30, max_matvec=90).estimate, 6)  # rank 30 <= m/3: exact
     465.0
     """
-    rng = np.random.default_rng(seed)
     k = max(1, max_matvec // 3)
-    S = _rademacher_signs(rng, n, k)
     block = ColumnStore(n, k, budget=budget, device=device)
     for i in range(k):
-        block.set_column(i, product(matvec, block.native(S[:, i])))
-    del S
+        block.set_column(i, product(matvec, block.native(_sign_column(seed, i, n))))
     r = orthonormalize(block, k)
     low_rank = float(sum(float(q @ product(matvec, q)) for q in map(block.column, range(r))))
-    G = _rademacher_signs(rng, n, k)
     C = np.zeros((r, k))  # Q^T G
     for a, b in block.blocks():
-        C += host(block.read(a, b, r) @ block.native(G[a:b]))
+        C += host(block.read(a, b, r) @ block.native(_sign_rows(seed, n, k, a, b)))
     Ct = block.native(C.T)
     for a, b in block.blocks():  # P G, written over Q row block by row block
-        block.write(a, block.native(G[a:b].T) - Ct @ block.read(a, b, r))
-    del G
+        block.write(a, block.native(_sign_rows(seed, n, k, a, b).T) - Ct @ block.read(a, b, r))
     samples = np.empty(k)
     used = k
     for i in range(k):
