@@ -18,6 +18,9 @@ On a GPU (``--device cuda``): one scan and its dry run per entry of ``--precisio
 forward passes, products stay float32: after the first, only the slice is scanned), and the side-by-side process also times a short Lanczos run with its basis
 on the host against one on the GPU, and a Hessian-vector product under bf16 autocast against float32 with its
 error. ``--deadline`` skips what would start after that many seconds (each result is printed as it comes).
+``--growth``: only the time per product over an MLP family (1e5 to 9e7 parameters, 8 to 64 samples) and its fit to
+a line in parameters x samples.
+
 Output: markdown tables for RESULTS.md.
 """
 
@@ -159,6 +162,48 @@ def prepare(name: str, n: int, folder: Path, context: int) -> tuple[list[str], P
     return args, folder / "ckpt.pt", folder / "data.pt"
 
 
+def growth(threads: int, repeats: int = 2) -> list[dict]:
+    """Seconds per Hessian-vector product of the curvature operator (conversions included) over MLPs of the ladder's
+    family (3x32x32 inputs, four hidden layers) from 1e5 to 9e7 parameters and 8 to 64 samples, with the least-squares
+    line ``t = a + b P N`` and each point's relative deviation from it."""
+    import numpy as np
+
+    from landscape import Problem
+    from landscape.curvature import CurvatureOperator
+
+    torch.set_num_threads(threads)
+    out = []
+    for width, n in ((48, 32), (512, 32), (1600, 32), (3000, 32), (5000, 8), (5000, 16), (5000, 32), (1600, 64),
+                     (512, 64)):
+        torch.manual_seed(0)
+        model = scale_models.mlp(width=width, depth=4)
+        pb = Problem(model, torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,)), torch.nn.functional.cross_entropy)
+        op = CurvatureOperator(pb)
+        v = np.random.default_rng(0).standard_normal(op.n)
+        op(v)
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            op(v)
+            best = min(best, time.perf_counter() - t)
+        out.append({"width": width, "samples": n, "parameters": op.n, "hvp_s": best})
+        print(json.dumps(out[-1]), flush=True)
+        del pb, op, model
+    x = np.array([r["parameters"] * r["samples"] for r in out], dtype=float)
+    t = np.array([r["hvp_s"] for r in out])
+    A = np.column_stack([np.ones_like(x), x])
+    (a, b), *_ = np.linalg.lstsq(A, t, rcond=None)
+    for r, xi, ti in zip(out, x, t):
+        r["fit_s"] = a + b * xi
+        r["deviation"] = ti / r["fit_s"] - 1
+    print(f"\nt = {a:.4g} s + {b:.4g} s x P x N; largest deviation {max(abs(r['deviation']) for r in out):.1%}")
+    print("\n| width | parameters | samples | HVP s | line s | deviation |\n|---|---|---|---|---|---|")
+    for r in out:
+        print(f"| {r['width']} | {r['parameters']:,} | {r['samples']} | {r['hvp_s']:.4f} | {r['fit_s']:.4f} | "
+              f"{r['deviation']:+.1%} |")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -172,8 +217,12 @@ def main() -> None:
     ap.add_argument("--deadline", type=float, default=None, help="start nothing after this many seconds")
     ap.add_argument("--no-pyhessian", action="store_true")
     ap.add_argument("--skip-scan", action="store_true", help="only the dry run and the hessian command")
+    ap.add_argument("--growth", action="store_true", help="only the per-product growth over an MLP family")
     ap.add_argument("--out", default=tempfile.mkdtemp(prefix="bench_scale_"))
     a = ap.parse_args()
+    if a.growth:
+        growth(a.threads)
+        return
     t0 = time.perf_counter()
 
     def left() -> float | None:
