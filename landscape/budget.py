@@ -50,6 +50,38 @@ def resolve_budget(budget: float | None) -> float:
     return float(budget)
 
 
+def analysis_floor(n_parameters: int, parameter_bytes: int, host_vectors: bool) -> int:
+    """Bytes every analysis adds beyond the loaded model and data and beside the budget: three copies of the
+    parameters (a gradient, a tangent and its product, or a slice's two directions and its point) and, when the
+    curvature's long vectors live on the host, four float64 vectors in flight (a product's argument and result and
+    their conversions)."""
+    return 3 * parameter_bytes + (4 * 8 * n_parameters if host_vectors else 0)
+
+
+def check_fits(floor: int, budget: float, device: str = "cpu") -> None:
+    """Refuse before starting when ``floor`` (:func:`analysis_floor`) plus the budget is more than the machine has
+    available (on ``cuda``, the floor against the GPU's free memory and the budget against the host's): the number
+    needed, instead of a kill by the OS. One product's activations come on top; the dry run measures them."""
+    avail = available_memory()
+    host_need = budget + (0 if device == "cuda" else floor)
+    if avail is not None and host_need > avail:
+        raise LandscapeError(
+            f"the analyses need at least {fmt_bytes(host_need)} of memory beyond the loaded model and data "
+            f"({fmt_bytes(budget)} of --memory-budget"
+            + ("" if device == "cuda" else f", {fmt_bytes(floor)} for gradients, products and vectors in flight")
+            + f"), and this machine has {fmt_bytes(avail)} available",
+            hint="lower --memory-budget, use --dtype float32, or run on a machine with more memory "
+                 "(--dry-run measures the whole need)")
+    if device == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        if floor > free:
+            raise LandscapeError(f"the analyses need at least {fmt_bytes(floor)} of GPU memory beyond the loaded "
+                                 f"model and data, and the GPU has {fmt_bytes(free)} free",
+                                 hint="use --dtype float32, free the GPU, or run on the CPU (--device cpu)")
+
+
 def check_disk(folder: str, need: float, what: str) -> None:
     """Refuse before starting when ``folder`` lacks ``need`` free bytes for ``what``."""
     free = shutil.disk_usage(folder).free

@@ -37,7 +37,7 @@ from .data import EvalData, load_data
 from .distributed import Comm, cuda_for_job, current
 from .directions import difference_direction, random_directions
 from .blas import single_blas_thread
-from .budget import PeakRSS, process_seconds, resolve_budget, rss
+from .budget import PeakRSS, analysis_floor, check_fits, process_seconds, resolve_budget, rss
 from .errors import LandscapeError
 from .hessian import CurvatureSettings, analyze_curvature
 from .lanczos import basis_size, lanczos
@@ -240,6 +240,9 @@ def setup(config: ScanConfig, comm: Comm | None = None) -> Setup:
                       batch_size=config.batch_size, bn=config.bn, bn_batches=config.bn_batches,
                       strategy=config.strategy, workers=config.workers, seed=config.seed, comm=comm or current(),
                       precision=config.precision, memory_budget=resolve_budget(config.memory_budget))
+    check_fits(analysis_floor(problem.num_parameters, problem.parameter_bytes,
+                              host_vectors=config.curvature is not None and problem.device.type != "cuda"),
+               problem.memory_budget, problem.device.type)
     try:
         problem.evaluate()
     except LandscapeError:

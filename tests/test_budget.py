@@ -114,3 +114,23 @@ def test_dry_run_predicts_the_measured_peak_memory_within_1_5x(tmp_path):
     assert status == 0, proc.stderr.read().decode()[-2000:]
     measured = usage.ru_maxrss * 1024
     assert measured / 1.5 <= predicted <= 1.5 * measured, (predicted / 2**20, measured / 2**20)
+
+
+def test_a_run_that_cannot_fit_is_refused_before_it_starts(monkeypatch):
+    """Gradients, products and float64 vectors in flight plus the budget, against what the machine has: refused
+    with the number before any product runs."""
+    import landscape.budget as budget
+    from landscape.hessian import CurvatureSettings
+    from landscape.scan import ScanConfig, setup
+
+    calls = []
+    monkeypatch.setattr("landscape.problem.Problem.evaluate", lambda self, *a, **k: calls.append(1))
+    floor = budget.analysis_floor(8970, 8970 * 4, host_vectors=True)
+    assert floor == 3 * 8970 * 4 + 4 * 8 * 8970
+    monkeypatch.setattr(budget, "available_memory", lambda: 2**20 + floor // 2)
+    with pytest.raises(LandscapeError, match=r"need at least 1\.\d+ MiB .* this machine has 1\.\d+ MiB available"):
+        setup(ScanConfig(MLP, memory_budget=2**20, device="cpu", curvature=CurvatureSettings()))
+    assert calls == []  # refused before the model ran
+    monkeypatch.setattr(budget, "available_memory", lambda: 2**20 + 2 * floor)
+    setup(ScanConfig(MLP, memory_budget=2**20, device="cpu", curvature=CurvatureSettings()))
+    assert calls == [1]
