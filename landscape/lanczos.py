@@ -35,6 +35,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from . import vectors
 from .vectors import ColumnStore, Vector, native, norm, product
 
 Matvec = Callable[[np.ndarray], np.ndarray]
@@ -85,13 +86,16 @@ def _orthogonalize(V: ColumnStore, w: Vector, cols: int) -> tuple[Vector, np.nda
 
 
 def basis_size(k: int, n: int, max_basis: int | None = None, budget: float = float("inf")) -> int:
-    """Columns of the restarted basis unless given: ``max(2k + 20, 40)`` when they fit ``budget`` bytes, else
-    (the basis goes to disk, where every step reads it) ``2k + 5``: restarts come sooner, so convergence takes more
-    products, for passes over a third of the data. At most ``n``."""
+    """Columns of the restarted basis unless given: ``max(2k + 20, 40)`` when they (and the residual) fit ``budget``
+    bytes; else as many as fit, if that is at least ``2k + 5`` (in memory: restarts come sooner, so convergence
+    takes more products); else ``2k + 5`` on disk, where every step reads it. At most ``n``."""
     if max_basis:
         return min(n, max_basis)
-    m = max(2 * k + 20, 40)
-    return min(n, m if (m + 1) * n * 8 <= budget else 2 * k + 5)
+    m, least = max(2 * k + 20, 40), 2 * k + 5
+    rows = vectors.BLOCK_ROWS
+    padded = -(-n // rows) * rows if n > rows else max(n, 1)  # as a ColumnStore lays it out
+    fit = int(budget // (8 * padded)) - 1 if budget != float("inf") else m
+    return min(n, m if fit >= m else max(fit, least))
 
 
 def lanczos(matvec: Matvec, n: int, k: int = 5, *, which: str = "LA", tol: float = 1e-6,
