@@ -619,6 +619,19 @@ def _print_classes(run_file: str) -> None:
     out_console.print(t)
 
 
+def _percent(fraction: float) -> str:
+    """A share as a percentage with as few decimals as keep a share below 1 from reading 100%.
+
+    >>> _percent(0.4213), _percent(0.9986), _percent(0.99996), _percent(1.0)
+    ('42%', '99.9%', '99.996%', '100%')
+    """
+    for digits in range(5):
+        text = f"{100 * fraction:.{digits}f}"
+        if fraction >= 1 or float(text) < 100:
+            return text + "%"
+    return f"{100 * fraction:.5f}%"
+
+
 def _fmt(v: Optional[float]) -> str:
     return "-" if v is None else f"{v:.6g}"
 
@@ -715,7 +728,7 @@ def compare(
     barriers along the straight line between each pair (optionally after weight matching), Bezier curves.
     """
     from landscape.coherence import CoherenceSettings
-    from landscape.compare import CompareConfig, prepare_compare, run_compare
+    from landscape.compare import ORDER_NOTE, CompareConfig, prepare_compare, run_compare
     from landscape.hessian import CurvatureSettings
 
     with _errors(debug):
@@ -736,12 +749,12 @@ def compare(
             out["report"] = str(drawn.html) if drawn else None
             print(json.dumps(_nan_to_none(out), indent=2))
             return
-        t = Table(title=f"comparison: {summary.path} (rank 1: lowest, or highest accuracy)")
+        t = Table(title=f"comparison: {summary.path} ({ORDER_NOTE})")
         t.add_column("metric")
         for m in summary.models:
             t.add_column(Text(m))
         for k, d in summary.metrics.items():
-            t.add_row(k, *(_fmt(v) + (f" ± {e:.2g}" if e is not None and math.isfinite(e) else "") + f" ({r})"
+            t.add_row(f"{k} ({d['order']})", *(_fmt(v) + (f" ± {e:.2g}" if e is not None and math.isfinite(e) else "") + f" ({r})"
                            for v, e, r in zip(d["value"], d["stderr"], d["rank"])))
         out_console.print(t)
         t = Table(title="linear interpolation barriers" + (" (after weight matching; before in brackets)"
@@ -799,7 +812,7 @@ def trajectory(
                                            "report": str(drawn.html) if drawn else None}), indent=2, default=float))
             return
         t = Table(title=f"trajectory: {path} (PCA plane explains "
-                        f"{100 * float(res.pca.explained_variance[:2].sum()):.0f}% of the path's variance)")
+                        f"{_percent(float(res.pca.explained_variance[:2].sum()))} of the path's variance)")
         for c_ in ("checkpoint", "step", "lr", "sharpness", "threshold", "ratio", "EoS", "distance"):
             t.add_column(c_)
         for r in rows:

@@ -9,7 +9,8 @@ the report and for scripts:
 
 - ``/compare/models``: names, checkpoints and their sha256;
 - ``/compare/metrics/<metric>``: ``value``, ``stderr`` and ``rank`` per model (loss and accuracy at the
-  checkpoint, λmax, the trace, each sharpness measure at its first ρ, m-coherence);
+  checkpoint, λmax, the trace, each sharpness measure at its first ρ, m-coherence), and the attribute ``order``
+  (``lower first``, or ``higher first`` for accuracy, basin width and m-coherence: :data:`HIGHER_FIRST`);
 - ``/compare/slices/<i>``: each model's 2D slice (``x``, ``y``, ``loss``), drawn on one colour scale;
 - ``/compare/interpolation/<i>_<j>``: the linear path from model i to model j with its loss and error
   barriers (:mod:`.connectivity`), after weight matching when ``align`` (:mod:`.matching`), with the
@@ -179,8 +180,21 @@ def _metric_values(run: Path) -> dict[str, tuple[float, float]]:
     return out
 
 
+#: metrics where more is better or flatter (accuracy, a wider basin, more coherent per-sample gradients); every
+#: other metric (loss, curvature, sharpness, where PAC-Bayes is ``1 / sigma'^2``) ranks lowest first
+HIGHER_FIRST = ("accuracy", "basin-width", "m_coherence")
+#: how the ranks read, for tables and the report
+ORDER_NOTE = ("rank 1: flattest or best, i.e. the lowest loss, curvature and sharpness, the highest accuracy, "
+              "basin width and m-coherence")
+
+
+def higher_first(metric: str) -> bool:
+    """Whether a larger value of ``metric`` ranks first (:data:`HIGHER_FIRST`)."""
+    return any(h in metric for h in HIGHER_FIRST)
+
+
 def _rank(values: np.ndarray, higher_is_better: bool) -> np.ndarray:
-    """1 for the best (lowest value, or highest accuracy); ties share a rank; NaN ranks last."""
+    """1 for the best (lowest value, or highest where ``higher_is_better``); ties share a rank; NaN ranks last."""
     key = np.where(np.isfinite(values), -values if higher_is_better else values, np.inf)
     return np.array([1 + int(np.sum(key < k)) for k in key], dtype=np.int64)
 
@@ -238,7 +252,8 @@ def run_compare(cfg: CompareConfig, *, progress: ProgressFn | None = None,
     for k in names:
         v = np.array([vals.get(k, (np.nan, np.nan))[0] for vals in values])
         e = np.array([vals.get(k, (np.nan, np.nan))[1] for vals in values])
-        metrics[k] = {"value": v.tolist(), "stderr": e.tolist(), "rank": _rank(v, k == "accuracy").tolist()}
+        metrics[k] = {"value": v.tolist(), "stderr": e.tolist(), "rank": _rank(v, higher_first(k)).tolist(),
+                      "order": "higher first" if higher_first(k) else "lower first"}
     path = Path(cfg.output) / "compare.h5"
     pairs: dict[str, dict[str, Any]] = {}
     with contextlib.ExitStack() as stack:
@@ -274,8 +289,9 @@ def _write_models(rf: RunFile, cfg: CompareConfig, models: Sequence[Model], setu
         mg.create_dataset("run_file", data=np.array([str(m.run_file) for m in models], dtype=h5py.string_dtype()))
         for k, d in metrics.items():
             g = c.create_group(f"metrics/{k}")
-            for field_, arr in d.items():
-                g.create_dataset(field_, data=np.asarray(arr))
+            g.attrs["order"] = d["order"]
+            for field_ in ("value", "stderr", "rank"):
+                g.create_dataset(field_, data=np.asarray(d[field_]))
         for i, m in enumerate(models):
             with h5py.File(m.run_file, "r") as src:
                 sl = _main_slice(src)

@@ -26,6 +26,10 @@ def test_compare_three_optimizers(tmp_path):
             assert c[f"metrics/{k}/value"].shape == c[f"metrics/{k}/stderr"].shape == c[f"metrics/{k}/rank"].shape == (3,)
         v, rank = c["metrics/trace/value"][()], c["metrics/trace/rank"][()]
         assert rank[np.argmin(v)] == 1 and rank[np.argmax(v)] == 3
+        assert c["metrics/trace"].attrs["order"] == "lower first" and c["metrics/accuracy"].attrs["order"] == \
+            "higher first"
+        a, ra = c["metrics/accuracy/value"][()], c["metrics/accuracy/rank"][()]
+        assert ra[np.argmax(a)] == 1 and ra[np.argmin(a)] == max(ra)
         g = c["interpolation/0_1"]
         alpha, loss = g["alpha"][()], g["loss"][()]
         assert alpha[0] == -0.5 and alpha[-1] == 1.5 and 0.0 in alpha and 1.0 in alpha
@@ -62,3 +66,14 @@ def test_compare_cnn_with_batchnorm_and_bad_input(tmp_path):
     mixed = cli("compare", cks[0], str(EXAMPLES / "mlp_sgd_s2000.pt"), *COMMON, "--no-hessian", "--align",
                 "-o", str(tmp_path / "y"))
     assert mixed.returncode == 2 and mixed.stderr.startswith("error: ")
+
+
+def test_each_metric_knows_which_way_is_flatter():
+    """A wider basin and more coherent gradients rank first when larger; PAC-Bayes (1 / sigma'^2), sharpness and
+    curvature when smaller; ties share a rank and NaN ranks last."""
+    from landscape.compare import _rank, higher_first
+
+    assert [higher_first(k) for k in ("sharpness_basin-width", "m_coherence", "accuracy")] == [True] * 3
+    assert not any(higher_first(k) for k in ("sharpness_pacbayes", "sharpness_worst-case", "lambda_max", "loss"))
+    assert _rank(np.array([2.0, 5.0, np.nan, 5.0]), True).tolist() == [3, 1, 4, 1]
+    assert _rank(np.array([2.0, 5.0, np.nan, 5.0]), False).tolist() == [1, 2, 4, 2]

@@ -115,6 +115,8 @@ class CompareData:
     slices: tuple[SliceData, ...]
     interpolation: tuple[PathData, ...]
     bezier: tuple[PathData, ...]
+    #: per metric, how it ranks: ``lower first`` or ``higher first`` (files before this attribute: lower first)
+    orders: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -216,8 +218,10 @@ def _read_compare(g: h5py.Group) -> CompareData:
                    for k, sg in (sorted(g["slices"].items(), key=lambda kv: int(kv[0])) if "slices" in g else []))
     paths = {kind: tuple(_read_path(k, pg, models) for k, pg in g[kind].items()) if kind in g else ()
              for kind in ("interpolation", "bezier")}
+    orders = {k: str(decode_attr(m.attrs.get("order", "lower first"))) for k, m in g["metrics"].items()
+              } if "metrics" in g else {}
     return CompareData(models=models, metrics=metrics, slices=slices, interpolation=paths["interpolation"],
-                       bezier=paths["bezier"])
+                       bezier=paths["bezier"], orders=orders)
 
 
 def _read_trajectory(g: h5py.Group) -> TrajectoryData:

@@ -20,6 +20,7 @@ import numpy as np
 
 from .contents import (CoherenceData, CompareData, CurvatureData, RunContents, SharpnessData, SliceData,
                        TrajectoryData, provenance, settings, summary_rows, trace_items)
+from ..compare import ORDER_NOTE
 from .figures import SHARPNESS_UNITS, axis_labels, coherence_parts, finite_scores, log_spread, use_log
 
 _CONFIG = {"displaylogo": False, "responsive": True, "toImageButtonOptions": {"format": "png", "scale": 2}}
@@ -269,9 +270,9 @@ def _coherence_panels(page: _Page, c: CoherenceData) -> str:
 def _compare_panels(page: _Page, c: CompareData) -> str:
     rows = []
     for k, m in c.metrics.items():
-        rows.append((k, *(f"{_fmt(float(v))}" + (f" ± {float(e):.2g}" if math.isfinite(float(e)) else "") +
+        rows.append((f"{k} ({c.orders.get(k, 'lower first')})", *(f"{_fmt(float(v))}" + (f" ± {float(e):.2g}" if math.isfinite(float(e)) else "") +
                           f" (rank {int(r)})" for v, e, r in zip(m["value"], m["stderr"], m["rank"]))))
-    out = "<p>Rank 1: the lowest value (the highest accuracy).</p>" + _table(rows, ("metric", *c.models), "summary")
+    out = f"<p>{ORDER_NOTE[0].upper() + ORDER_NOTE[1:]}.</p>" + _table(rows, ("metric", *c.models), "summary")
     grids = [s for s in c.slices if s.dims == 2]
     if grids:
         every = np.concatenate([s.masked("loss").ravel() for s in grids])
