@@ -25,7 +25,7 @@ LEVELS = ("auto", "log", "linear")
 #: What the value of each sharpness measure is, for its axis label.
 SHARPNESS_UNITS = {"worst-case": "loss increase", "average-case": "loss increase", "sam": "loss increase",
                    "asam": "loss increase", "first-order": "loss increase (first order)",
-                   "keskar": "100 (max L - L) / (1 + L)", "pacbayes": "1 / sigma'^2", "basin-width": "distance"}
+                   "keskar": "100 (max L - L) / (1 + L)", "pacbayes": "1 / σ′²", "basin-width": "distance"}
 N_LEVELS = 30
 
 
@@ -241,8 +241,14 @@ def trace_figure(run: RunContents, curvature: Sequence[CurvatureData]) -> Figure
     return fig
 
 
+def rho_label(rho: float) -> str:
+    """The category name of a measure computed at a single ρ (a bar, not a curve through one point)."""
+    return f"ρ = {rho:g}"
+
+
 def sharpness_figure(run: RunContents, groups: Sequence[SharpnessData]) -> Figure:
-    """Each sharpness measure against its ρ, with standard-error bars and the quadratic prediction."""
+    """Each sharpness measure against its ρ, with standard-error bars and the quadratic prediction; a measure at a
+    single ρ is one bar."""
     n = len(groups)
     cols = min(3, n)
     rows = math.ceil(n / cols)
@@ -250,12 +256,20 @@ def sharpness_figure(run: RunContents, groups: Sequence[SharpnessData]) -> Figur
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, g in zip(axes, groups):
         err = np.where(np.isfinite(g.stderr), g.stderr, 0.0)
-        ax.errorbar(g.rho, g.value, yerr=err, fmt="o-", capsize=4, color="C0", label="measured")
+        if len(g.rho) == 1:
+            x = [rho_label(float(g.rho[0]))]
+            ax.bar(x, g.value, yerr=err, width=0.4, capsize=6, color="C0", label="measured")
+            if g.quadratic is not None:
+                ax.plot(x, g.quadratic, ls="", marker="_", ms=40, mew=2, color="k", label="quadratic prediction")
+            ax.set_xlim(-1, 1)
+        else:
+            ax.errorbar(g.rho, g.value, yerr=err, fmt="o-", capsize=4, color="C0", label="measured")
+            if g.quadratic is not None:
+                ax.plot(g.rho, g.quadratic, "k--", lw=1, label="quadratic prediction")
+            if np.all(g.rho > 0):
+                ax.set_xscale("log")
         if g.quadratic is not None:
-            ax.plot(g.rho, g.quadratic, "k--", lw=1, label="quadratic prediction")
             ax.legend(fontsize="x-small")
-        if len(g.rho) > 1 and np.all(g.rho > 0):
-            ax.set_xscale("log")
         ax.set_xlabel(text(f"rho ({g.attrs.get('rho_meaning', '')})"), fontsize="small")
         ax.set_ylabel(SHARPNESS_UNITS.get(str(g.attrs.get("measure")), "value"), fontsize="small")
         ax.set_title(text(f"{g.name} (m = {g.attrs.get('m')})"), fontsize="small")

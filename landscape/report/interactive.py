@@ -21,7 +21,7 @@ import numpy as np
 from .contents import (CoherenceData, CompareData, CurvatureData, RunContents, SharpnessData, SliceData,
                        TrajectoryData, provenance, settings, summary_rows, trace_items)
 from ..compare import ORDER_NOTE
-from .figures import SHARPNESS_UNITS, axis_labels, coherence_parts, finite_scores, log_spread, use_log
+from .figures import SHARPNESS_UNITS, axis_labels, rho_label, coherence_parts, finite_scores, log_spread, use_log
 
 _CONFIG = {"displaylogo": False, "responsive": True, "toImageButtonOptions": {"format": "png", "scale": 2}}
 
@@ -221,16 +221,21 @@ def _trace_panel(page: _Page, curvature: tuple[CurvatureData, ...]) -> str:
 def _sharpness_panels(page: _Page, groups: tuple[SharpnessData, ...]) -> str:
     out = '<div class="grid">'
     for g in groups:
-        data = [{"type": "scatter", "x": g.rho, "y": g.value, "mode": "lines+markers", "name": "measured",
-                 "error_y": {"type": "data", "array": np.where(np.isfinite(g.stderr), g.stderr, 0.0)}}]
+        err = {"type": "data", "array": np.where(np.isfinite(g.stderr), g.stderr, 0.0)}
+        single = len(g.rho) == 1  # one bar on a category axis, not a curve through one point
+        x = [rho_label(float(g.rho[0]))] if single else g.rho
+        data = [{"type": "bar", "x": x, "y": g.value, "name": "measured", "error_y": err, "width": 0.4} if single
+                else {"type": "scatter", "x": x, "y": g.value, "mode": "lines+markers", "name": "measured",
+                      "error_y": err}]
         if g.quadratic is not None:
-            data.append({"type": "scatter", "x": g.rho, "y": g.quadratic, "mode": "lines", "name": "quadratic",
-                         "line": {"dash": "dash", "color": "black"}})
-        log = len(g.rho) > 1 and bool(np.all(g.rho > 0))
+            data.append({"type": "scatter", "x": x, "y": g.quadratic, "name": "quadratic",
+                         **({"mode": "markers", "marker": {"symbol": "line-ew-open", "size": 40, "color": "black"}}
+                            if single else {"mode": "lines", "line": {"dash": "dash", "color": "black"}})})
+        log = not single and bool(np.all(g.rho > 0))
         out += '<div class="cell">' + page.figure(
             data, {"title": _title(f"{g.name} (m = {g.attrs.get('m')})"), "showlegend": g.quadratic is not None,
                    "xaxis": {"title": {"text": esc(f"rho ({g.attrs.get('rho_meaning', '')})")},
-                             "type": "log" if log else "linear"},
+                             "type": "category" if single else "log" if log else "linear"},
                    "yaxis": {"title": {"text": esc(SHARPNESS_UNITS.get(str(g.attrs.get("measure")), "value"))}}},
             height=320) + _settings(g.attrs) + "</div>"
     return out + "</div>"
