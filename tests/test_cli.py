@@ -89,6 +89,17 @@ def test_help_has_examples():
         assert res.returncode == 0 and "Examples" in res.stdout and "landscape " in res.stdout
 
 
+def test_help_reads_like_a_man_page():
+    """Flags show no value type, and a command's summary is one paragraph the terminal wraps, not the docstring's
+    own line breaks."""
+    res = cli("--help")
+    assert res.returncode == 0 and "<bool>" not in res.stdout and "--version" in res.stdout
+    line = next(ln for ln in res.stdout.splitlines() if " sharpness " in ln)
+    assert "SAM/ASAM, Keskar, PAC-Bayes flatness" in line  # 200 columns: one line
+    res = cli("scan", "--help")
+    assert "<bool>" not in res.stdout and "--dry-run" in res.stdout
+
+
 def test_bad_inputs_exit_2_with_one_line(tmp_path, mlp_ckpt):
     trunc = tmp_path / "trunc.pt"
     trunc.write_bytes(mlp_ckpt.read_bytes()[:5000])
