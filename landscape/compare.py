@@ -182,15 +182,16 @@ def _metric_values(run: Path) -> dict[str, tuple[float, float]]:
 
 #: metrics where more is better or flatter (accuracy, a wider basin, more coherent per-sample gradients); every
 #: other metric (loss, curvature, sharpness, where PAC-Bayes is ``1 / sigma'^2``) ranks lowest first
-HIGHER_FIRST = ("accuracy", "basin-width", "m_coherence")
+HIGHER_FIRST = ("accuracy", "basin_width", "m_coherence")
 #: how the ranks read, for tables and the report
 ORDER_NOTE = ("rank 1: flattest or best, i.e. the lowest loss, curvature and sharpness, the highest accuracy, "
               "basin width and m-coherence")
 
 
 def higher_first(metric: str) -> bool:
-    """Whether a larger value of ``metric`` ranks first (:data:`HIGHER_FIRST`)."""
-    return any(h in metric for h in HIGHER_FIRST)
+    """Whether a larger value of ``metric`` ranks first (:data:`HIGHER_FIRST`; sharpness groups are named
+    ``basin_width_l2`` and the like)."""
+    return any(h in metric.replace("-", "_") for h in HIGHER_FIRST)
 
 
 def _rank(values: np.ndarray, higher_is_better: bool) -> np.ndarray:

@@ -73,7 +73,8 @@ def test_each_metric_knows_which_way_is_flatter():
     curvature when smaller; ties share a rank and NaN ranks last."""
     from landscape.compare import _rank, higher_first
 
-    assert [higher_first(k) for k in ("sharpness_basin-width", "m_coherence", "accuracy")] == [True] * 3
-    assert not any(higher_first(k) for k in ("sharpness_pacbayes", "sharpness_worst-case", "lambda_max", "loss"))
+    assert [higher_first(k) for k in ("sharpness_basin_width_l2", "m_coherence", "accuracy")] == [True] * 3
+    assert not any(higher_first(k) for k in ("sharpness_pacbayes_adaptive_l2", "sharpness_worst_case_adaptive_l2", "lambda_max",
+                                                "loss"))
     assert _rank(np.array([2.0, 5.0, np.nan, 5.0]), True).tolist() == [3, 1, 4, 1]
     assert _rank(np.array([2.0, 5.0, np.nan, 5.0]), False).tolist() == [1, 2, 4, 2]

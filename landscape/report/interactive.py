@@ -23,7 +23,11 @@ from .contents import (CoherenceData, CompareData, CurvatureData, RunContents, S
 from ..compare import ORDER_NOTE
 from .figures import SHARPNESS_UNITS, axis_labels, rho_label, coherence_parts, finite_scores, log_spread, use_log
 
-_CONFIG = {"displaylogo": False, "responsive": True, "toImageButtonOptions": {"format": "png", "scale": 2}}
+#: plotly's toolbar: shown while the pointer is over a plot, without the selection tools a report has no use for
+_CONFIG = {"displaylogo": False, "responsive": True, "toImageButtonOptions": {"format": "png", "scale": 2},
+           "displayModeBar": "hover", "modeBarButtonsToRemove": ["select2d", "lasso2d", "autoScale2d"]}
+#: top margin of a plot: the toolbar's row (about 28 px), then the title below it, so that neither hides the other
+_TOP = 72
 
 
 def esc(s: object) -> str:
@@ -76,13 +80,14 @@ class _Page:
     def figure(self, data: list[dict[str, Any]], layout: dict[str, Any], *, height: int = 420,
                width: str = "100%") -> str:
         fid = f"fig{len(self.figures)}"
-        layout = {"height": height, "margin": {"l": 60, "r": 20, "t": 50, "b": 50}, **layout}
+        layout = {"height": height, "margin": {"l": 60, "r": 20, "t": _TOP, "b": 50}, **layout}
         self.figures.append({"id": fid, "data": data, "layout": layout})
         return f'<div class="plot" id="{fid}" style="width:{width};height:{height}px"></div>'
 
 
 def _title(text: str) -> dict[str, Any]:
-    return {"text": esc(text), "font": {"size": 14}}
+    """A plot title placed under the toolbar's row (:data:`_TOP`)."""
+    return {"text": esc(text), "font": {"size": 14}, "yref": "container", "y": 1, "yanchor": "top", "pad": {"t": 32}}
 
 
 def _table(rows: list[tuple[str, ...]], header: tuple[str, ...], cls: str = "") -> str:
@@ -152,7 +157,7 @@ def _slice_panels(page: _Page, run: RunContents, s: SliceData) -> str:
     layout3 = {"title": _title(f"{s.name}: {zlabel} surface"),
                "scene": {"xaxis": {"title": {"text": "direction 1"}}, "yaxis": {"title": {"text": "direction 2"}},
                          "zaxis": {"title": {"text": zlabel}}, "camera": {"eye": {"x": 1.7, "y": -1.7, "z": 1.1}},
-                         "aspectmode": "cube"}, "margin": {"l": 0, "r": 0, "t": 50, "b": 0}}
+                         "aspectmode": "cube"}, "margin": {"l": 0, "r": 0, "t": _TOP, "b": 0}}
     cont = [{"type": "contour", "x": s.x, "y": s.y, "z": z.T, "customdata": custom, "hovertemplate": hover,
              "colorscale": "Viridis", "ncontours": 30, "colorbar": {"title": {"text": zlabel}},
              "contours": {"coloring": "heatmap"}, "connectgaps": False, "name": "loss"},
