@@ -13,8 +13,12 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+from typing import TYPE_CHECKING
 
 from .errors import LandscapeError
+
+if TYPE_CHECKING:
+    import torch
 
 #: the floor of ``auto`` and the budget where available memory cannot be read
 MIN_BUDGET = 256 * 2**20
@@ -58,24 +62,25 @@ def analysis_floor(n_parameters: int, parameter_bytes: int, host_vectors: bool) 
     return 3 * parameter_bytes + (4 * 8 * n_parameters if host_vectors else 0)
 
 
-def check_fits(floor: int, budget: float, device: str = "cpu") -> None:
+def check_fits(floor: int, budget: float, device: "torch.device | None" = None) -> None:
     """Refuse before starting when ``floor`` (:func:`analysis_floor`) plus the budget is more than the machine has
     available (on ``cuda``, the floor against the GPU's free memory and the budget against the host's): the number
     needed, instead of a kill by the OS. One product's activations come on top; the dry run measures them."""
+    cuda = device is not None and device.type == "cuda"
     avail = available_memory()
-    host_need = budget + (0 if device == "cuda" else floor)
+    host_need = budget + (0 if cuda else floor)
     if avail is not None and host_need > avail:
         raise LandscapeError(
             f"the analyses need at least {fmt_bytes(host_need)} of memory beyond the loaded model and data "
             f"({fmt_bytes(budget)} of --memory-budget"
-            + ("" if device == "cuda" else f", {fmt_bytes(floor)} for gradients, products and vectors in flight")
+            + ("" if cuda else f", {fmt_bytes(floor)} for gradients, products and vectors in flight")
             + f"), and this machine has {fmt_bytes(avail)} available",
             hint="lower --memory-budget, use --dtype float32, or run on a machine with more memory "
                  "(--dry-run measures the whole need)")
-    if device == "cuda":
+    if cuda:
         import torch
 
-        free, _ = torch.cuda.mem_get_info()
+        free, _ = torch.cuda.mem_get_info(device)
         if floor > free:
             raise LandscapeError(f"the analyses need at least {fmt_bytes(floor)} of GPU memory beyond the loaded "
                                  f"model and data, and the GPU has {fmt_bytes(free)} free",

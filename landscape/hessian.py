@@ -17,7 +17,7 @@ import numpy as np
 from .blas import single_blas_thread
 from .curvature import CurvatureOperator, select_parameters
 from .density import SpectralDensity, slq
-from .lanczos import Eigenpairs, basis_size, lanczos
+from .lanczos import Eigenpairs, basis_device, lanczos
 from .problem import Problem
 from .reference import PYHESSIAN_TRACE_TOL, pyhessian_spectrum
 from .runfile import encode_attr
@@ -189,23 +189,21 @@ def _analyze(problem: Problem, s: CurvatureSettings, params: list[str] | None,
     top = bottom = None
     budget = problem.memory_budget
 
-    def where(columns: int) -> Any:  # on the GPU that runs the products when the vectors fit there
-        return vector_device(problem.device, op.n, columns)
-
     if s.top_k:
         note(f"top-{s.top_k} eigenvalues")
         top = lanczos(op, op.n, k=s.top_k, which="LA", tol=s.tol, seed=s.seed, max_matvec=s.max_hvp, budget=budget,
-                      device=where(basis_size(s.top_k, op.n) + 1))
+                      device=basis_device(problem.device, s.top_k, op.n))
     if s.bottom_k:
         note(f"bottom-{s.bottom_k} eigenvalues")
         bottom = lanczos(op, op.n, k=s.bottom_k, which="SA", tol=s.tol, seed=s.seed + 1, max_matvec=s.max_hvp,
-                         budget=budget, device=where(basis_size(s.bottom_k, op.n) + 1))
+                         budget=budget, device=basis_device(problem.device, s.bottom_k, op.n))
     trace = None
     if s.trace:
         note("trace")
         if s.trace_method == "hutch++":
             trace = hutchpp(op, op.n, max_matvec=s.trace_matvecs, seed=s.seed, budget=budget,
-                            stderr_target=s.trace_stderr, device=where(max(1, s.trace_matvecs // 3)))
+                            stderr_target=s.trace_stderr,
+                            device=vector_device(problem.device, op.n, max(1, s.trace_matvecs // 3)))
         else:
             deflate = (top.eigenvalues, top.eigenvectors) if (s.trace_method == "hutchinson-deflated" and top) else None
             trace = hutchinson(op, op.n, max_matvec=s.trace_matvecs, stderr_target=s.trace_stderr, seed=s.seed,
@@ -214,7 +212,7 @@ def _analyze(problem: Problem, s: CurvatureSettings, params: list[str] | None,
     if s.density:
         note("spectral density")
         density = slq(op, op.n, n_probes=s.density_probes, steps=s.density_steps, seed=s.seed, budget=budget,
-                      device=where(s.density_steps))
+                      device=vector_device(problem.device, op.n, s.density_steps))
     return CurvatureResult(settings=s, n_parameters=op.n, top=top, bottom=bottom, trace=trace, density=density,
                            n_matvec=op.n_matvec, hvp_mode=problem.hvp_engine,
                            dtype=str(problem.dtype).replace("torch.", ""))

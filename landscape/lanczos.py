@@ -35,8 +35,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import vectors
-from .vectors import ColumnStore, Vector, native, norm, product
+from .vectors import ColumnStore, Vector, native, norm, product, vector_device
 
 Matvec = Callable[[np.ndarray], np.ndarray]
 
@@ -92,10 +91,15 @@ def basis_size(k: int, n: int, max_basis: int | None = None, budget: float = flo
     if max_basis:
         return min(n, max_basis)
     m, least = max(2 * k + 20, 40), 2 * k + 5
-    rows = vectors.BLOCK_ROWS
-    padded = -(-n // rows) * rows if n > rows else max(n, 1)  # as a ColumnStore lays it out
-    fit = int(budget // (8 * padded)) - 1 if budget != float("inf") else m
+    rows, blocks = ColumnStore.layout(n)
+    fit = int(budget // (8 * rows * blocks)) - 1 if budget != float("inf") else m
     return min(n, m if fit >= m else max(fit, least))
+
+
+def basis_device(device: torch.device, k: int, n: int) -> torch.device | None:
+    """Where :func:`lanczos` for ``k`` pairs keeps its basis when the products run on ``device``: there, if it is a
+    GPU with room for the default basis (:func:`landscape.vectors.vector_device`), else on the host (None)."""
+    return vector_device(device, n, basis_size(k, n) + 1)
 
 
 def lanczos(matvec: Matvec, n: int, k: int = 5, *, which: str = "LA", tol: float = 1e-6,

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from . import __version__, vectors
-from .vectors import BLOCK_ROWS, ColumnStore, native, vector_device
+from .vectors import BLOCK_ROWS, ColumnStore, native
 from .checkpoint import Checkpoint, apply_state_dict, check_finite, load_checkpoint
 from .coherence import (CoherenceSettings, GradientStats, accumulator_vectors, analyze_coherence, coordinate_ranges,
                         random_batches)
@@ -40,7 +40,7 @@ from .blas import single_blas_thread
 from .budget import PeakRSS, analysis_floor, check_fits, process_seconds, resolve_budget, rss
 from .errors import LandscapeError
 from .hessian import CurvatureSettings, analyze_curvature
-from .lanczos import basis_size, lanczos
+from .lanczos import basis_device, basis_size, lanczos
 from .losses import default_loss_name, resolve_loss
 from .persample import chunk_size, iter_gradients
 from .problem import Problem
@@ -242,7 +242,7 @@ def setup(config: ScanConfig, comm: Comm | None = None) -> Setup:
                       precision=config.precision, memory_budget=resolve_budget(config.memory_budget))
     check_fits(analysis_floor(problem.num_parameters, problem.parameter_bytes,
                               host_vectors=config.curvature is not None and problem.device.type != "cuda"),
-               problem.memory_budget, problem.device.type)
+               problem.memory_budget, problem.device)
     try:
         problem.evaluate()
     except LandscapeError:
@@ -345,7 +345,7 @@ def hessian_directions(pb: Problem, dims: int, *, bottom: bool, seed: int = 0) -
     """
     op = CurvatureOperator(pb)
     k = 1 if bottom else dims
-    device = vector_device(pb.device, op.n, basis_size(k, op.n) + 1)
+    device = basis_device(pb.device, k, op.n)
     with single_blas_thread():
         top = lanczos(op, op.n, k=k, which="LA", seed=seed, budget=pb.memory_budget, device=device)
         vecs = [top.eigenvectors[:, i] for i in range(top.eigenvectors.shape[1])]
@@ -828,8 +828,7 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
     nparam = pb.num_parameters
     budget = pb.memory_budget
     # the curvature's long vectors: on the GPU that runs the products when they fit there, as the run places them
-    vec_device = vector_device(pb.device, nparam, basis_size(max(curv.top_k, curv.bottom_k, 1), nparam) + 1
-                               ) if curv is not None else None
+    vec_device = basis_device(pb.device, max(curv.top_k, curv.bottom_k, 1), nparam) if curv is not None else None
     if curv is not None or config.sharpness or config.coherence is not None:
         op = CurvatureOperator(pb)
         v = native(np.random.default_rng(0).standard_normal(op.n), vec_device)

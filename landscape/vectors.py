@@ -105,8 +105,7 @@ class ColumnStore:
                  device: torch.device | str | None = None) -> None:
         self.n, self.k = int(n), int(k)
         self.device = None if device is None else torch.device(device)
-        self.rows = min(BLOCK_ROWS if self.device is None else DEVICE_BLOCK_ROWS, max(self.n, 1))
-        self.n_blocks = -(-self.n // self.rows)
+        self.rows, self.n_blocks = self.layout(self.n, self.device)
         self.nbytes = self.n_blocks * self.k * self.rows * 8
         self.on_disk = self.device is None and self.nbytes > budget
         self._fd: int | None = None
@@ -121,6 +120,12 @@ class ColumnStore:
             self._fd = fd
         else:
             self._array = np.zeros((self.n_blocks, self.k, self.rows))
+
+    @staticmethod
+    def layout(n: int, device: torch.device | None = None) -> tuple[int, int]:
+        """(rows per block, blocks) of a store of length ``n``: ``k`` columns take ``8 k rows blocks`` bytes."""
+        rows = min(BLOCK_ROWS if device is None else DEVICE_BLOCK_ROWS, max(int(n), 1))
+        return rows, -(-int(n) // rows)
 
     @property
     def storage(self) -> str:
