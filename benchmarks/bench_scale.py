@@ -1,7 +1,7 @@
 """Benchmark: the scale ladder of issue 19, each command in its own process as a user runs it.
 
     python benchmarks/bench_scale.py [--threads 2] [--models mlp,resnet18,gpt2_25m,wide_mlp] [--samples 32]
-                                     [--steps 11] [--memory-budget auto] [--no-pyhessian] [--out /tmp/bench_scale]
+                                     [--steps 11] [--memory-budget auto] [--no-pyhessian] [--no-side-by-side] [--out /tmp/bench_scale]
                                      [--device cuda] [--precisions full,bf16] [--context 64] [--deadline SECONDS]
 
 Models from ``benchmarks/scale_models.py`` (built in code, no downloads): an MLP (~1e5 parameters), ResNet-18 (11.2M,
@@ -46,7 +46,6 @@ PYHESSIAN = """
 import sys, time, json, torch, numpy as np
 sys.path.insert(0, {here!r}); torch.set_num_threads({threads})
 import scale_models
-from pyhessian import hessian
 from landscape import Problem
 from landscape.budget import auto_budget
 from landscape.curvature import CurvatureOperator
@@ -60,14 +59,16 @@ model = model.to(dev).eval()
 out = {{}}
 def clock():
     sync(); return time.perf_counter()
-H = hessian(model, loss, data=(X.to(dev), y.to(dev)), cuda=dev.type == "cuda")
-t = clock(); vals, _ = H.eigenvalues(top_n=5); out["pyhessian_eig_s"] = clock() - t
-out["pyhessian_eigenvalues"] = vals
-print(json.dumps(out), flush=True)
-t = clock(); tr = H.trace(); out["pyhessian_trace_s"] = clock() - t
-out["pyhessian_trace"], out["pyhessian_trace_probes"] = float(np.mean(tr)), len(tr)
-del H
-print(json.dumps(out), flush=True)
+if {pyhessian}:
+    from pyhessian import hessian
+    H = hessian(model, loss, data=(X.to(dev), y.to(dev)), cuda=dev.type == "cuda")
+    t = clock(); vals, _ = H.eigenvalues(top_n=5); out["pyhessian_eig_s"] = clock() - t
+    out["pyhessian_eigenvalues"] = vals
+    print(json.dumps(out), flush=True)
+    t = clock(); tr = H.trace(); out["pyhessian_trace_s"] = clock() - t
+    out["pyhessian_trace"], out["pyhessian_trace_probes"] = float(np.mean(tr)), len(tr)
+    del H
+    print(json.dumps(out), flush=True)
 pb = Problem(model, X, y, loss, memory_budget=auto_budget(), device=dev)
 op = CurvatureOperator(pb)
 vdev = vector_device(dev, op.n, 41)
@@ -224,7 +225,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precisions", default="full", help="slice precisions to scan at, e.g. full,bf16")
     ap.add_argument("--deadline", type=float, default=None, help="start nothing after this many seconds")
-    ap.add_argument("--no-pyhessian", action="store_true")
+    ap.add_argument("--no-pyhessian", action="store_true", help="the side-by-side process without PyHessian")
+    ap.add_argument("--no-side-by-side", action="store_true", help="no side-by-side process at all")
     ap.add_argument("--skip-scan", action="store_true", help="only the dry run and the hessian command")
     ap.add_argument("--growth", action="store_true", help="only the per-product growth over an MLP family")
     ap.add_argument("--out", default=tempfile.mkdtemp(prefix="bench_scale_"))
@@ -261,16 +263,6 @@ def main() -> None:
                        n_hvp=h.get("n_matvec"), eigenvalues=h.get("eigenvalues"),
                        trace=(h.get("trace") or {}).get("estimate"))
             print(json.dumps(row), flush=True)
-        if not a.no_pyhessian and go():
-            code = PYHESSIAN.format(here=str(HERE), threads=a.threads, name=name, ck=str(ck),
-                                    data=str(data) if data else None, samples=a.samples, context=a.context,
-                                    device=a.device)
-            wall, rss, out, err = run([], a.threads, code=code, timeout=left())
-            if out.strip():
-                row.update(json.loads(out.strip().splitlines()[-1]), side_by_side_rss_mib=rss)
-            if "ours_trace_s" not in row:
-                print(err[-2000:], file=sys.stderr)
-            print(json.dumps(row), flush=True)
         for i, precision in enumerate(a.precisions.split(",")):
             # a second precision changes only the slice's forward passes: only the slice is scanned again
             only_slice = ["--no-hessian", "--no-sharpness", "--no-coherence"] if i else []
@@ -301,6 +293,16 @@ def main() -> None:
             else:
                 print(err[-2000:], file=sys.stderr)
             print(json.dumps(row), flush=True)
+        if not a.no_side_by_side and go():
+            code = PYHESSIAN.format(here=str(HERE), threads=a.threads, name=name, ck=str(ck),
+                                    data=str(data) if data else None, samples=a.samples, context=a.context,
+                                    device=a.device, pyhessian=not a.no_pyhessian)
+            wall, rss, out, err = run([], a.threads, code=code, timeout=left())
+            if out.strip():
+                row.update(json.loads(out.strip().splitlines()[-1]), side_by_side_rss_mib=rss)
+            if "ours_trace_s" not in row:
+                print(err[-2000:], file=sys.stderr)
+            print(json.dumps(row), flush=True)
         rows.append(row)
     print("\n| model | parameters | samples | scan s | scan peak RSS MiB | run file MiB (ckpt) | hessian s | hessian peak "
           "MiB | HVPs | dry run: total s / peak MiB | dry run: hessian s / MiB |")
@@ -317,12 +319,12 @@ def main() -> None:
           "ours Hutch++ (99) | Hutch++ / its HVPs |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        if "ours_trace_s" not in r or "pyhessian_trace_s" not in r:
+        if "ours_trace_s" not in r:
             continue
         plain = r["hvp_s"] * r["ours_trace_hvp"]
-        print(f"| {r['model']} | {r['hvp_s']:.3f} | {r['pyhessian_eig_s']:.1f} | {r['ours_eig_s_tol0.001']:.1f} "
+        print(f"| {r['model']} | {r['hvp_s']:.3f} | {f(r.get('pyhessian_eig_s'))} | {r['ours_eig_s_tol0.001']:.1f} "
               f"({r['ours_eig_hvp_tol0.001']}) | {r['ours_eig_s_tol1e-06']:.1f} ({r['ours_eig_hvp_tol1e-06']}) | "
-              f"{r['pyhessian_trace_s']:.1f} ({r['pyhessian_trace_probes']}) | {r['ours_trace_s']:.1f} | "
+              f"{f(r.get('pyhessian_trace_s'))} ({r.get('pyhessian_trace_probes', '-')}) | {r['ours_trace_s']:.1f} | "
               f"{r['ours_trace_s'] / plain:.2f} |")
     print("\nDry-run phases (seconds / peak MiB):")
     for name, phases in phase_rows:
