@@ -423,6 +423,7 @@ def scan(
 @app.command(epilog="Examples:\n\n"
                     "  landscape hessian data/examples/mlp_sgd_s2000.pt --top-k 10 --bottom-k 3 --density\n\n"
                     "  landscape hessian ckpt.pt --ggn --per-layer --dtype float64\n\n"
+                    "  landscape hessian ckpt.pt --validity   # how far the quadratic model holds\n\n"
                     "  landscape hessian ckpt.pt --parameters 'layer4.*' --trace-method hutchinson --trace-matvecs 300\n\n"
                     "  landscape hessian ckpt.pt --engine pyhessian --dtype float64   # PyHessian's numbers beside ours")
 @spec_options
@@ -449,6 +450,10 @@ def hessian(
                                           "eigenvalue's power iteration)."),
     engine: str = typer.Option("landscape", help="landscape, or pyhessian: PyHessian's power iteration and trace as "
                                                  "a reference (top-k and trace only; written to /hessian_pyhessian)."),
+    validity: bool = typer.Option(False, "--validity", help="The radius up to which the quadratic model predicts "
+                                  "the loss within 10% (and 50%), along each top eigenvector, the bottom one and "
+                                  "random filter-normalized directions (computes the bottom eigenvalue too)."),
+    validity_random: int = typer.Option(2, help="Random directions for --validity."),
     specs: SpecOptions = SpecOptions(),
     stream: StreamOpt = "auto",
     output: OutputOpt = None,
@@ -472,14 +477,17 @@ def hessian(
             raise LandscapeError("hutchinson-deflated needs --top-k > 0")
         if engine not in ("landscape", "pyhessian"):
             raise LandscapeError(f"--engine {engine!r} is unknown", hint="use landscape or pyhessian")
-        if engine == "pyhessian" and (bottom_k or density or ggn):
+        if engine == "pyhessian" and (bottom_k or density or ggn or validity):
             raise LandscapeError("--engine pyhessian computes the Hessian's top-k eigenvalues and trace only",
-                                 hint="drop --bottom-k/--density/--ggn, or run them with --engine landscape")
+                                 hint="drop --bottom-k/--density/--ggn/--validity, or run them with --engine landscape")
+        if validity_random < 0:
+            raise LandscapeError(f"--validity-random must be at least 0, not {validity_random}")
         settings = CurvatureSettings(
             kind="ggn" if ggn else "hessian", top_k=top_k, bottom_k=bottom_k, tol=tol, max_hvp=max_hvp, trace=trace,
             trace_method=trace_method, trace_matvecs=trace_matvecs, trace_stderr=trace_stderr, density=density,
             density_probes=density_probes, density_steps=density_steps, per_layer=per_layer,
-            parameters=tuple(parameters or ()), seed=specs.seed, engine=engine)
+            parameters=tuple(parameters or ()), seed=specs.seed, engine=engine, validity=validity,
+            validity_random=validity_random)
         config = _base_config(checkpoint, specs, output, slices=False, resume=True, curvature=settings, stream=stream,
                               save_vectors=save_vectors)
         with err_console.status("loading checkpoint, model and data", spinner="dots"):

@@ -29,6 +29,8 @@ from typing import Callable
 
 import torch
 
+from .draws import normal, uniform
+
 ValueAndGrad = Callable[[torch.Tensor], tuple[float, torch.Tensor]]
 NORMS = ("l2", "linf")
 
@@ -59,19 +61,20 @@ def project(u: torch.Tensor, rho: float, norm: str) -> torch.Tensor:
     return u * (rho / n) if n > rho else u
 
 
-def random_start(c: torch.Tensor, rho: float, norm: str, generator: torch.Generator) -> torch.Tensor:
-    """A uniform random point of the ball or box in ``u`` (zero where ``c = 0``); drawn on the CPU in float64."""
-    mask = (c != 0).cpu()
+def random_start(c: torch.Tensor, rho: float, norm: str, seed: int) -> torch.Tensor:
+    """A uniform random point of the ball or box in ``u`` (zero where ``c = 0``), drawn on ``c``'s device by
+    :mod:`landscape.draws` (stream 0: the coordinates, stream 1: the radius)."""
+    mask = c != 0
     m = int(mask.sum())
-    u = torch.zeros(c.numel(), dtype=torch.float64)
+    u = torch.zeros(c.numel(), dtype=torch.float64, device=c.device)
     if m:
         if norm == "linf":
-            u[mask] = (torch.rand(m, generator=generator, dtype=torch.float64) * 2 - 1) * rho
+            u[mask] = (uniform(m, seed=seed, device=c.device) * 2 - 1) * rho
         else:
-            z = torch.randn(m, generator=generator, dtype=torch.float64)
-            r = float(torch.rand((), generator=generator, dtype=torch.float64)) ** (1.0 / m)
+            z = normal(m, seed=seed, device=c.device)
+            r = float(uniform(1, seed=seed, stream=1)) ** (1.0 / m)
             u[mask] = z / torch.linalg.vector_norm(z) * rho * r
-    return u.to(c.device, c.dtype)
+    return u.to(c.dtype)
 
 
 def apgd(f: ValueAndGrad, c: torch.Tensor, rho: float, *, norm: str = "l2", steps: int = 20, momentum: float = 0.75,
@@ -89,8 +92,7 @@ def apgd(f: ValueAndGrad, c: torch.Tensor, rho: float, *, norm: str = "l2", step
     """
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, not {norm!r}")
-    gen = torch.Generator().manual_seed(seed)
-    u = random_start(c, rho, norm, gen) if random_init else torch.zeros_like(c)
+    u = random_start(c, rho, norm, seed) if random_init else torch.zeros_like(c)
 
     def evaluate(u: torch.Tensor) -> tuple[float, torch.Tensor]:
         val, g = f(c * u)

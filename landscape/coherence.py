@@ -42,6 +42,7 @@ from .persample import iter_gradients, per_sample_gradients, sketched_gradients
 from .stream import rows
 from .problem import Problem
 from .runfile import encode_attr, read_attrs
+from .vectors import vector_device
 
 
 @dataclass(frozen=True)
@@ -74,36 +75,40 @@ class GradientStats:
     """
 
     def __init__(self, dim: int, labels: np.ndarray, *, batch_ids: Mapping[int, np.ndarray] | None = None,
-                 per_coordinate: bool = True, coords: tuple[int, int] | None = None) -> None:
+                 per_coordinate: bool = True, coords: tuple[int, int] | None = None,
+                 device: torch.device | None = None) -> None:
         self.n = len(labels)
         self.labels = np.asarray(labels)
         self.n_classes = int(self.labels.max()) + 1 if self.n else 0
         self.lo, self.hi = coords or (0, dim)
         width = self.hi - self.lo
-        f64 = torch.float64
-        self.sum = torch.zeros(width, dtype=f64)
-        self.sumsq = torch.zeros(width, dtype=f64) if per_coordinate else None
-        self.class_sum = torch.zeros(self.n_classes, width, dtype=f64)
-        self.class_unit = torch.zeros(self.n_classes, width, dtype=f64)
+        self.device = device or torch.device("cpu")
+        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=self.device)  # noqa: E731
+        self.sum = zeros(width)
+        self.sumsq = zeros(width) if per_coordinate else None
+        self.class_sum = zeros(self.n_classes, width)
+        self.class_unit = zeros(self.n_classes, width)
         self.class_sqnorm = np.zeros(self.n_classes)
         self.norms = np.zeros(self.n)
         self.batch_ids = {b: np.asarray(ids) for b, ids in (batch_ids or {}).items()}
-        self.batch_sum = {b: torch.zeros(int(ids.max()) + 1, width, dtype=f64) for b, ids in self.batch_ids.items()}
+        self.batch_sum = {b: zeros(int(ids.max()) + 1, width) for b, ids in self.batch_ids.items()}
 
     def add(self, start: int, rows: torch.Tensor) -> None:
         """Rows ``start, start + 1, ...`` (whole gradients: their norms are over every coordinate). Holds one
-        float64 copy of the rows' coordinate range beside them (:meth:`bytes_per_row`)."""
-        rows = rows.detach().to("cpu")
+        float64 copy of the rows' coordinate range beside them (:meth:`bytes_per_row`), where the accumulators
+        are (on the GPU the rows are never copied to the host)."""
+        rows = rows.detach().to(self.device)
         idx = np.arange(start, start + len(rows))
         norms = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64)
-        self.norms[idx] = norms.numpy()
-        np.add.at(self.class_sqnorm, self.labels[idx], (norms ** 2).numpy())
+        host_norms = norms.cpu().numpy()
+        self.norms[idx] = host_norms
+        np.add.at(self.class_sqnorm, self.labels[idx], host_norms ** 2)
         g = rows[:, self.lo:self.hi].to(torch.float64, copy=True)  # divided in place below
         self.sum += g.sum(0)
         if self.sumsq is not None:
             for r in g:
                 self.sumsq.addcmul_(r, r)
-        lab = torch.as_tensor(self.labels[idx], dtype=torch.long)
+        lab = torch.as_tensor(self.labels[idx], dtype=torch.long, device=self.device)
         self.class_sum.index_add_(0, lab, g)
         for b, ids in self.batch_ids.items():
             for i, k in enumerate(ids[idx]):
@@ -132,16 +137,15 @@ class GradientStats:
         if self.sumsq is not None:
             mean = self.sum / self.n
             var = (self.sumsq / self.n - mean * mean).clamp_min(0)
-            scale = torch.maximum(self.sumsq / self.n, torch.tensor(1e-300, dtype=torch.float64))
-            gsnr = (mean * mean / var).numpy()
-            gsnr[(var <= 1e-12 * scale).numpy()] = np.nan
+            scale = (self.sumsq / self.n).clamp_min(1e-300)
+            gsnr = (mean * mean / var).masked_fill_(var <= 1e-12 * scale, float("nan")).cpu().numpy()
         return Reduced(
             n=self.n, labels=self.labels, norms=self.norms, class_sqnorm=self.class_sqnorm,
-            sum=self.sum.numpy(), gsnr=gsnr, total=float(self.sum @ self.sum),
-            class_total=(self.class_sum * self.class_sum).sum(1).numpy(),
-            class_dots=(self.class_unit @ self.class_unit.T).numpy(),
-            batch_sq={b: (s * s).sum(1).numpy() for b, s in self.batch_sum.items()},
-            batch_dot={b: (s @ self.sum).numpy() for b, s in self.batch_sum.items()})
+            sum=self.sum.cpu().numpy(), gsnr=gsnr, total=float(self.sum @ self.sum),
+            class_total=(self.class_sum * self.class_sum).sum(1).cpu().numpy(),
+            class_dots=(self.class_unit @ self.class_unit.T).cpu().numpy(),
+            batch_sq={b: (s * s).sum(1).cpu().numpy() for b, s in self.batch_sum.items()},
+            batch_dot={b: (s @ self.sum).cpu().numpy() for b, s in self.batch_sum.items()})
 
 
 @dataclass(frozen=True)
@@ -383,8 +387,10 @@ def _analyze(problem: Problem, s: CoherenceSettings, y: torch.Tensor,
         n_classes = int(labels.max()) + 1
         ranges = coordinate_ranges(dim, accumulator_vectors(n_classes, ids, True), s.memory_budget / 2)
         passes, method, red = len(ranges), "vmap", None
+        # on a GPU the accumulators stay there when they fit (the rows then never cross to the host)
+        where = vector_device(problem.device, ranges[0][1] - ranges[0][0], accumulator_vectors(n_classes, ids, True))
         for p, coords in enumerate(ranges):
-            stats = GradientStats(dim, labels, batch_ids=ids, coords=coords)
+            stats = GradientStats(dim, labels, batch_ids=ids, coords=coords, device=where)
             what = label if passes == 1 else f"{label} (pass {p + 1} of {passes})"
             for start, g, method in iter_gradients(problem, rows(problem.X, lo, hi), y[lo:hi],
                                                    memory_budget=s.memory_budget / 2,

@@ -14,9 +14,10 @@ BatchNorm weights and biases) a zero direction; ``none`` keeps them, normalized 
 (under ``filter`` each entry of a 1-D tensor is its own filter). BatchNorm running statistics
 are buffers, never parameters, and are never perturbed.
 
-Random numbers are drawn on the CPU in float64 from one ``torch.Generator`` seeded with
-``seed``, one tensor per parameter in the model's parameter order, ignored tensors included,
-so a direction does not depend on the device, the dtype or the ignore policy.
+Random numbers come from the counter-based generator of :mod:`landscape.draws`: direction ``j`` is
+stream ``j`` of ``seed``, one float64 vector over all parameters in the model's parameter order,
+ignored tensors included, drawn and normalized on the weights' device. A direction does not depend on
+the device, the dtype or the ignore policy.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Mapping
 
 import torch
 
+from .draws import normal
 from .errors import LandscapeError
 
 Direction = dict[str, torch.Tensor]
@@ -70,11 +72,19 @@ def random_directions(theta: Mapping[str, torch.Tensor], count: int, *, seed: in
     against the earlier ones (as flat vectors over all parameters); its filter norms then no
     longer match the weights exactly, which is why it is off by default.
     """
-    g = torch.Generator().manual_seed(int(seed))
+    total = sum(t.numel() for t in theta.values())
+    device = next(iter(theta.values())).device if theta else torch.device("cpu")
+    weights = {n: t.detach().double() for n, t in theta.items()}
     dirs: list[Direction] = []
-    for _ in range(count):
-        raw = {n: torch.randn(tuple(t.shape), generator=g, dtype=torch.float64) for n, t in theta.items()}
-        d = normalize_direction(raw, {n: t.detach().cpu().double() for n, t in theta.items()}, norm=norm, ignore=ignore)
+    for j in range(count):
+        flat = normal(total, seed=int(seed), stream=j, device=device)
+        raw, i = {}, 0
+        for n, t in theta.items():
+            raw[n] = flat[i:i + t.numel()].view(tuple(t.shape))
+            i += t.numel()
+        d = normalize_direction(raw, weights, norm=norm, ignore=ignore)
+        del flat, raw
+        d = {n: v.cpu() for n, v in d.items()}
         if orthogonalize:
             for prev in dirs:
                 coef = dot(d, prev) / max(dot(prev, prev), EPS)

@@ -8,20 +8,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
 
 import h5py
 import numpy as np
+import torch
 
 from .blas import single_blas_thread
 from .curvature import CurvatureOperator, select_parameters
 from .density import SpectralDensity, slq
+from .directions import random_directions
 from .lanczos import Eigenpairs, basis_device, lanczos
 from .problem import Problem
 from .reference import PYHESSIAN_TRACE_TOL, pyhessian_spectrum
 from .runfile import encode_attr
 from .trace import TraceEstimate, hutchinson, hutchpp
+from .validity import ValidityResult, analyze_validity
 from .vectors import vector_device
 
 
@@ -45,6 +48,8 @@ class CurvatureSettings:
     parameters: tuple[str, ...] = ()
     seed: int = 0
     engine: str = "landscape"
+    validity: bool = False
+    validity_random: int = 2
 
     @property
     def group(self) -> str:
@@ -66,6 +71,8 @@ class CurvatureResult:
     hvp_mode: str
     dtype: str
     per_layer: Mapping[str, "CurvatureResult"] = field(default_factory=dict)
+    validity: ValidityResult | None = None
+
     @property
     def vector_storage(self) -> str:
         """Where the long vectors were kept: ``memory``, ``disk`` if any did not fit the memory budget, else
@@ -89,6 +96,8 @@ class CurvatureResult:
             out["negative_mass"] = self.density.negative_mass
         if self.per_layer:
             out["per_layer"] = {k: v.summary() for k, v in self.per_layer.items()}
+        if self.validity is not None:
+            out["validity"] = self.validity.summary()
         return out
 
     def write(self, parent: h5py.Group, name: str | None = None,
@@ -147,6 +156,8 @@ class CurvatureResult:
             d.attrs["n_matvec"] = self.density.n_matvec
         for layer, res in self.per_layer.items():
             res.write(g.require_group("per_layer"), layer)
+        if self.validity is not None:
+            self.validity.write(g)
         return g
 
 
@@ -160,13 +171,15 @@ def analyze_curvature(problem: Problem, settings: CurvatureSettings = CurvatureS
 
 def _analyze_all(problem: Problem, settings: CurvatureSettings, progress: Callable[[str], None] | None
                  ) -> CurvatureResult:
+    if settings.validity and settings.engine == "landscape" and not settings.bottom_k:
+        settings = replace(settings, bottom_k=1)  # the validity radius is also measured along the bottom eigenvector
     result = _analyze(problem, settings, list(settings.parameters) or None, progress)
     if not settings.per_layer:
         return result
     layers = {}
     for pname in select_parameters(problem.names, settings.parameters or None):
         sub = CurvatureSettings(**{**settings.__dict__, "parameters": (pname,), "per_layer": False,
-                                   "bottom_k": 0, "density": False, "top_k": 1})
+                                   "bottom_k": 0, "density": False, "top_k": 1, "validity": False})
         layers[pname] = _analyze(problem, sub, [pname], progress)
     return CurvatureResult(**{**result.__dict__, "per_layer": layers})
 
@@ -213,6 +226,22 @@ def _analyze(problem: Problem, s: CurvatureSettings, params: list[str] | None,
         note("spectral density")
         density = slq(op, op.n, n_probes=s.density_probes, steps=s.density_steps, seed=s.seed, budget=budget,
                       device=vector_device(problem.device, op.n, s.density_steps))
+    validity = None
+    if s.validity:
+        note("validity radius of the quadratic model")
+        dirs = [(f"top-{i + 1}", op.to_params(top.eigenvectors[:, i])) for i in range(top.eigenvectors.shape[1])] \
+            if top is not None else []
+        if bottom is not None:
+            dirs.append(("bottom-1", op.to_params(bottom.eigenvectors[:, 0])))
+        rand = random_directions({n: problem.theta0[n] for n in select_parameters(problem.names, params)},
+                                 s.validity_random, seed=s.seed) if s.validity_random else []
+        dirs += [(f"random-{j + 1}", d) for j, d in enumerate(rand)]
+        validity = analyze_validity(problem, [(lab, _full(problem, d)) for lab, d in dirs])
     return CurvatureResult(settings=s, n_parameters=op.n, top=top, bottom=bottom, trace=trace, density=density,
                            n_matvec=op.n_matvec, hvp_mode=problem.hvp_engine,
-                           dtype=str(problem.dtype).replace("torch.", ""))
+                           dtype=str(problem.dtype).replace("torch.", ""), validity=validity)
+
+
+def _full(problem: Problem, d: Mapping[str, Any]) -> dict[str, Any]:
+    """A direction over every parameter: zeros where ``d`` has none."""
+    return {n: d[n] if n in d else torch.zeros_like(t) for n, t in problem.theta0.items()}

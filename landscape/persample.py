@@ -19,6 +19,7 @@ from typing import Iterator
 import torch
 from torch.func import grad, jvp, vmap
 
+from .draws import normal
 from .problem import Problem
 
 
@@ -101,13 +102,10 @@ def gradient_matrix(problem: Problem, X: torch.Tensor, y: torch.Tensor, *, memor
 
 
 def sketch_matrix_rows(problem: Problem, k: int, seed: int, start: int, stop: int) -> torch.Tensor:
-    """Rows ``start:stop`` of the seeded ``k x P`` sketch ``R`` (entries N(0, 1/k)), each row drawn from its own
-    generator so any block of rows can be regenerated alone."""
-    rows = []
-    for j in range(start, stop):
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + j)
-        rows.append(torch.randn(problem.num_parameters, generator=gen, dtype=torch.float64) / k ** 0.5)
-    return torch.stack(rows).to(problem.device, problem.dtype)
+    """Rows ``start:stop`` of the seeded ``k x P`` sketch ``R`` (entries N(0, 1/k)): row ``j`` is stream ``j`` of
+    ``seed`` (:mod:`landscape.draws`), drawn on the problem's device, so any block of rows is regenerated alone."""
+    return torch.stack([(normal(problem.num_parameters, seed=seed, stream=j, device=problem.device) / k ** 0.5)
+                        .to(problem.dtype) for j in range(start, stop)])
 
 
 def sketched_gradients(problem: Problem, X: torch.Tensor, y: torch.Tensor, k: int, *, seed: int = 0,

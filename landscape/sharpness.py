@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -39,6 +39,7 @@ import torch
 
 from .ascent import apgd
 from .curvature import select_parameters
+from .draws import normal, uniform
 from .errors import LandscapeError
 from .problem import Problem
 from .runfile import encode_attr, read_attrs
@@ -272,7 +273,7 @@ def sharpness(problem: Problem, settings: SharpnessSettings, *,
     zero = torch.zeros_like(flat.w)
     base = [loss(b, zero) for b in batch_list]
     full_loss = float(np.mean(base))
-    gen = torch.Generator().manual_seed(s.seed)
+    drawn = [0]  # average-case draws so far: draw k is stream k of the seed
     extra: dict[str, list] = {}
     rows: list[np.ndarray] = []
     units = len(s.rho) * (len(batch_list) if s.measure in ("worst-case", "average-case", "sam", "asam") else 1)
@@ -284,13 +285,14 @@ def sharpness(problem: Problem, settings: SharpnessSettings, *,
         if progress:
             progress(done, units)
 
-    def noise(shape_draws: int) -> torch.Tensor:
-        """``draws`` standard draws (Gaussian for l2, uniform on [-1, 1] for linf) on the CPU in float64."""
-        if s.norm == "linf":
-            z = torch.rand(shape_draws, flat.w.numel(), generator=gen, dtype=torch.float64) * 2 - 1
-        else:
-            z = torch.randn(shape_draws, flat.w.numel(), generator=gen, dtype=torch.float64)
-        return z.to(flat.w.device, flat.w.dtype)
+    def noise(draws: int) -> Iterator[torch.Tensor]:
+        """``draws`` standard draws (Gaussian for l2, uniform on [-1, 1] for linf), one at a time on the weights'
+        device (:mod:`landscape.draws`, never ``draws x P`` at once)."""
+        for _ in range(draws):
+            k, drawn[0] = drawn[0], drawn[0] + 1
+            z = (uniform(flat.w.numel(), seed=s.seed, stream=k, device=flat.w.device) * 2 - 1
+                 if s.norm == "linf" else normal(flat.w.numel(), seed=s.seed, stream=k, device=flat.w.device))
+            yield z.to(flat.w.dtype)
 
     for rho in s.rho:
         if s.measure == "worst-case":
@@ -370,14 +372,21 @@ def _pacbayes_sigma(problem: Problem, flat: _Flat, s: SharpnessSettings, target:
     ``u_k(sigma) = sigma z_k`` (plain) or ``sqrt(sigma^2 w^2 + eps^2) z_k`` (magnitude-aware), the same standard
     normal ``z_k`` for every sigma. Returns ``(sigma', deviation at sigma')``.
     """
-    gen = torch.Generator().manual_seed(s.seed)
-    z = torch.randn(s.draws, flat.w.numel(), generator=gen, dtype=torch.float64).to(flat.w.device, flat.w.dtype)
-    z = z * flat.mask
     err0 = _error(problem, flat.params(flat.w))
+
+    def draw(k: int) -> torch.Tensor:
+        return normal(flat.w.numel(), seed=s.seed, stream=k, device=flat.w.device).to(flat.w.dtype) * flat.mask
+
+    # the draws x P numbers are kept when they fit half the memory budget, else drawn again at every sigma
+    kept = ([draw(k) for k in range(s.draws)]
+            if s.draws * flat.w.numel() * flat.w.element_size() <= problem.memory_budget / 2 else None)
+
+    def z(k: int) -> torch.Tensor:
+        return kept[k] if kept is not None else draw(k)
 
     def deviation(sigma: float) -> float:
         scale = torch.sqrt(sigma ** 2 * flat.w ** 2 + s.eps ** 2) if s.adaptive else torch.full_like(flat.w, sigma)
-        errs = [_error(problem, flat.params(flat.w + scale * zk)) for zk in z]
+        errs = [_error(problem, flat.params(flat.w + scale * z(k))) for k in range(s.draws)]
         evals[0] += len(errs)
         return abs(float(np.mean(errs)) - err0)
 

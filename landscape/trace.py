@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .draws import signs
 from .vectors import ColumnStore, host, orthonormalize, product
 
 Matvec = Callable[[np.ndarray], np.ndarray]
@@ -71,31 +72,15 @@ def hutchinson(matvec: Matvec, n: int, *, max_matvec: int = 100, stderr_target: 
                          method="hutchinson" + ("-deflated" if Q is not None else ""), samples=arr)
 
 
-#: rows of a chunk of Rademacher signs drawn from one stream (see :func:`_sign_rows`)
-SIGN_ROWS = 1 << 16
+def _sign_column(seed: int, i: int, n: int, device: torch.device | None) -> torch.Tensor:
+    """Column ``i`` of the sketch signs ``S``: stream ``2 i`` of ``seed`` (:func:`landscape.draws.signs`)."""
+    return signs(n, seed=seed, stream=2 * i, device=device)
 
 
-def _signs(rng: np.random.Generator, count: int) -> np.ndarray:
-    """``count`` Rademacher signs as int8, one random bit each (eight per random byte)."""
-    bits = np.unpackbits(np.frombuffer(rng.bytes(-(-count // 8)), dtype=np.uint8), count=count)
-    return bits.view(np.int8) * np.int8(2) - np.int8(1)
-
-
-def _sign_column(seed: int, i: int, n: int) -> np.ndarray:
-    """Column ``i`` of the sketch signs ``S`` (its own stream)."""
-    return _signs(np.random.default_rng([seed, 0, i]), n)
-
-
-def _sign_rows(seed: int, n: int, k: int, a: int, b: int) -> np.ndarray:
-    """Rows ``a:b`` of the ``(n, k)`` probe signs ``G``, drawn chunk by chunk of :data:`SIGN_ROWS` rows, each
-    chunk from its own stream: the same numbers whatever rows are asked for, so ``G`` is drawn again instead of
-    kept."""
-    parts = []
-    for c in range(a // SIGN_ROWS, -(-b // SIGN_ROWS)):
-        lo, hi = c * SIGN_ROWS, min(n, (c + 1) * SIGN_ROWS)
-        chunk = _signs(np.random.default_rng([seed, 1, c]), (hi - lo) * k).reshape(hi - lo, k)
-        parts.append(chunk[max(a, lo) - lo:min(b, hi) - lo])
-    return np.concatenate(parts)
+def _sign_rows(seed: int, k: int, a: int, b: int, device: torch.device | None) -> torch.Tensor:
+    """Rows ``a:b`` of the ``(n, k)`` probe signs ``G`` (column ``j`` is stream ``2 j + 1``): the same numbers
+    whatever rows are asked for, so ``G`` is drawn again instead of kept."""
+    return torch.stack([signs(b - a, seed=seed, stream=2 * j + 1, start=a, device=device) for j in range(k)], dim=1)
 
 
 def hutchpp(matvec: Matvec, n: int, *, max_matvec: int = 99, seed: int = 0, budget: float = float("inf"),
@@ -109,13 +94,14 @@ def hutchpp(matvec: Matvec, n: int, *, max_matvec: int = 99, seed: int = 0, budg
     Memory: one ``(n, m/3)`` float64 block (within ``budget`` bytes, else on disk: :class:`ColumnStore`), ``A S``,
     orthonormalized in place into ``Q`` by SVQB (:func:`landscape.vectors.orthonormalize`), then overwritten by
     ``P G = G - Q (Q^T G)``; the signs ``S`` and ``G`` are never held whole: a column of ``S`` and a row block of
-    ``G`` are drawn (one random bit per sign) when needed, from streams seeded by ``seed`` and their index (at
-    124M parameters drawing and holding both as int8 took 8 GB and longer than the products on a GPU). Beside the products this costs six passes over
+    ``G`` are drawn when needed by the counter-based :func:`landscape.draws.signs` (one bit of a hash per sign, on
+    the block's device; at 124M parameters drawing and holding both as int8 took 8 GB and longer than the products
+    on a GPU, and drawing them on the host and copying them over still cost ~0.5 s a column). Beside the products this costs six passes over
     the block (Gram-Schmidt column by column cost ``O(m^2)`` column passes, which at 11M parameters took longer than
     the products: benchmarks/RESULTS.md issue 19). Directions of ``A S`` below 1e-6 of its largest singular value
     (``A`` of rank below ``m/3``) are dropped with their products: they are left to the Hutchinson part. With
     ``device`` the block lives on that torch device and ``matvec`` gets and returns tensors there (as in
-    :func:`landscape.lanczos.lanczos`); the signs are drawn on the host, the same as without.
+    :func:`landscape.lanczos.lanczos`); the signs are drawn there too, the same numbers as on the host.
 
     >>> A = np.diag(np.arange(1.0, 31.0))
     >>> round(hutchpp(lambda v: A @ v, 30, max_matvec=90).estimate, 6)  # rank 30 <= m/3: exact
@@ -124,15 +110,15 @@ def hutchpp(matvec: Matvec, n: int, *, max_matvec: int = 99, seed: int = 0, budg
     k = max(1, max_matvec // 3)
     block = ColumnStore(n, k, budget=budget, device=device)
     for i in range(k):
-        block.set_column(i, product(matvec, block.native(_sign_column(seed, i, n))))
+        block.set_column(i, product(matvec, block.native(_sign_column(seed, i, n, block.device))))
     r = orthonormalize(block, k)
     low_rank = float(sum(float(q @ product(matvec, q)) for q in map(block.column, range(r))))
     C = np.zeros((r, k))  # Q^T G
     for a, b in block.blocks():
-        C += host(block.read(a, b, r) @ block.native(_sign_rows(seed, n, k, a, b)))
+        C += host(block.read(a, b, r) @ block.native(_sign_rows(seed, k, a, b, block.device)))
     Ct = block.native(C.T)
     for a, b in block.blocks():  # P G, written over Q row block by row block
-        block.write(a, block.native(_sign_rows(seed, n, k, a, b).T) - Ct @ block.read(a, b, r))
+        block.write(a, block.native(_sign_rows(seed, k, a, b, block.device).T) - Ct @ block.read(a, b, r))
     samples = np.empty(k)
     used = k
     for i in range(k):

@@ -79,3 +79,19 @@ def test_cuda_curvature_keeps_its_vectors_on_the_gpu():
     assert cpu.vector_storage == "memory" and gpu.vector_storage == "cuda"
     np.testing.assert_allclose(gpu.top.eigenvalues, cpu.top.eigenvalues, rtol=1e-9)
     assert abs(gpu.trace.estimate - cpu.trace.estimate) <= 1e-8 * abs(cpu.trace.estimate)
+
+
+def test_cuda_sharpness_and_coherence_match_the_cpu():
+    """Random numbers come from the counter-based generator (the same on both devices), so average-case and
+    PAC-Bayes sharpness agree with the CPU's in float64; coherence keeps its accumulators on the GPU and agrees."""
+    from landscape.coherence import CoherenceSettings, analyze_coherence
+    from landscape.sharpness import SharpnessSettings, sharpness
+
+    net, (X, y) = relu_mlp((4, 16, 3)), blobs(200)
+    pbs = [Problem(net, X, y, F.cross_entropy, device=d) for d in ("cpu", "cuda")]
+    for measure in ("average-case", "pacbayes"):
+        a, b = (sharpness(pb, SharpnessSettings(measure=measure, rho=(0.1,))) for pb in pbs)
+        np.testing.assert_allclose(b.value, a.value, rtol=1e-9)
+    a, b = (analyze_coherence(pb, CoherenceSettings(noise_samples=0)) for pb in pbs)
+    for k in ("m_coherence", "gradient_norm", "trace_sigma"):
+        assert b.metrics[k] == pytest.approx(a.metrics[k], rel=1e-9)

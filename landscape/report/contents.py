@@ -66,6 +66,7 @@ class CurvatureData:
     trace: Mapping[str, Any] | None
     density: Mapping[str, Any] | None
     per_layer: Mapping[str, "CurvatureData"] = field(default_factory=dict)
+    validity: Mapping[str, Any] | None = None
 
     @property
     def title(self) -> str:
@@ -184,8 +185,9 @@ def _read_curvature(name: str, g: h5py.Group) -> CurvatureData:
     if "density" in g:
         density = {**read_attrs(g["density"]), **_arrays(g["density"])}
     layers = {k: _read_curvature(k, v) for k, v in g["per_layer"].items()} if "per_layer" in g else {}
+    validity = {**read_attrs(g["validity"]), **_arrays(g["validity"])} if "validity" in g else None
     return CurvatureData(name=name, attrs=read_attrs(g), arrays=_arrays(g), trace=trace, density=density,
-                         per_layer=layers)
+                         per_layer=layers, validity=validity)
 
 
 def _read_sharpness(name: str, g: h5py.Group) -> SharpnessData:
@@ -332,6 +334,16 @@ def _curvature_rows(c: CurvatureData, sec: str) -> list[Row]:
                         note=f"{c.trace['method']}, {c.trace['n_matvec']} products"))
     if c.density is not None:
         rows.append(Row(sec, "negative spectral mass", float(c.density["negative_mass"])))
+    if c.validity is not None:
+        v = c.validity
+        scale = float(v["theta_norm"]) or 1.0
+        unit = "‖θ‖" if float(v["theta_norm"]) else "1"
+        levels = [f"{x:.0%}" for x in v["levels"]]
+        for label, radius in zip(v["labels"], v["radius"]):
+            label = label.decode() if isinstance(label, bytes) else str(label)
+            rows.append(Row(sec, f"quadratic model within {levels[0]} up to (along {label})", float(radius[0]) / scale,
+                            note=f"distance / {unit}; within {levels[-1]} up to {float(radius[-1]) / scale:.3g}"
+                                 + ("; inf: beyond the largest distance tried" if not np.isfinite(radius).all() else "")))
     return rows
 
 
