@@ -424,6 +424,7 @@ def scan(
                     "  landscape hessian data/examples/mlp_sgd_s2000.pt --top-k 10 --bottom-k 3 --density\n\n"
                     "  landscape hessian ckpt.pt --ggn --per-layer --dtype float64\n\n"
                     "  landscape hessian ckpt.pt --validity   # how far the quadratic model holds\n\n"
+                    "  landscape hessian ckpt.pt --per-class --top-k 3   # each class's spectrum and density\n\n"
                     "  landscape hessian ckpt.pt --parameters 'layer4.*' --trace-method hutchinson --trace-matvecs 300\n\n"
                     "  landscape hessian ckpt.pt --engine pyhessian --dtype float64   # PyHessian's numbers beside ours")
 @spec_options
@@ -454,6 +455,9 @@ def hessian(
                                   "the loss within 10% (and 50%), along each top eigenvector, the bottom one and "
                                   "random filter-normalized directions (computes the bottom eigenvalue too)."),
     validity_random: int = typer.Option(2, help="Random directions for --validity."),
+    per_class: bool = typer.Option(False, "--per-class", help="For each class, the top-k and bottom-k eigenvalues "
+                                   "(--bottom-k, else --top-k of them) and the spectral density of the loss on "
+                                   "that class's samples alone, with its negative mass (at least 3 SLQ probes)."),
     specs: SpecOptions = SpecOptions(),
     stream: StreamOpt = "auto",
     output: OutputOpt = None,
@@ -477,9 +481,10 @@ def hessian(
             raise LandscapeError("hutchinson-deflated needs --top-k > 0")
         if engine not in ("landscape", "pyhessian"):
             raise LandscapeError(f"--engine {engine!r} is unknown", hint="use landscape or pyhessian")
-        if engine == "pyhessian" and (bottom_k or density or ggn or validity):
+        if engine == "pyhessian" and (bottom_k or density or ggn or validity or per_class):
             raise LandscapeError("--engine pyhessian computes the Hessian's top-k eigenvalues and trace only",
-                                 hint="drop --bottom-k/--density/--ggn/--validity, or run them with --engine landscape")
+                                 hint="drop --bottom-k/--density/--ggn/--validity/--per-class, or run them with "
+                                      "--engine landscape")
         if validity_random < 0:
             raise LandscapeError(f"--validity-random must be at least 0, not {validity_random}")
         settings = CurvatureSettings(
@@ -487,7 +492,7 @@ def hessian(
             trace_method=trace_method, trace_matvecs=trace_matvecs, trace_stderr=trace_stderr, density=density,
             density_probes=density_probes, density_steps=density_steps, per_layer=per_layer,
             parameters=tuple(parameters or ()), seed=specs.seed, engine=engine, validity=validity,
-            validity_random=validity_random)
+            validity_random=validity_random, per_class=per_class)
         config = _base_config(checkpoint, specs, output, slices=False, resume=True, curvature=settings, stream=stream,
                               save_vectors=save_vectors)
         with err_console.status("loading checkpoint, model and data", spinner="dots"):

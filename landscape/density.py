@@ -22,6 +22,10 @@ from .lanczos import krylov_tridiagonal
 Matvec = Callable[[np.ndarray], np.ndarray]
 
 
+#: relative size below which a quadrature node counts as a zero eigenvalue (:attr:`SpectralDensity.zero_tol`)
+ZERO_TOL = 1e-4
+
+
 @dataclass(frozen=True)
 class SpectralDensity:
     """Quadrature ``nodes`` and ``weights`` (one row per probe; rows shorter than ``steps`` are NaN-padded)."""
@@ -39,10 +43,25 @@ class SpectralDensity:
         return np.nansum(self.weights * self.nodes ** j, axis=1)
 
     @property
+    def zero_tol(self) -> float:
+        """Nodes within ``ZERO_TOL`` of the largest ``|node|`` count as zero: a network's Hessian has a large null
+        space, and the Ritz value that carries its mass lands at +-1e-8 or so by rounding, which would otherwise put
+        nearly all of the mass on one side or the other from one probe to the next."""
+        t, _ = self._flat()
+        return ZERO_TOL * float(np.abs(t).max()) if t.size else 0.0
+
+    @property
     def negative_mass(self) -> float:
-        """Share of the spectral mass on negative eigenvalues."""
+        """Share of the spectral mass on eigenvalues below ``-zero_tol``."""
         t, w = self._flat()
-        return float(w[t < 0].sum())
+        return float(w[t < -self.zero_tol].sum())
+
+    @property
+    def negative_mass_stderr(self) -> float:
+        """Standard error of :attr:`negative_mass` over the probes (NaN with one probe)."""
+        per_probe = np.nansum(np.where(self.nodes < -self.zero_tol, self.weights, 0.0), axis=1)
+        p = len(per_probe)
+        return float(per_probe.std(ddof=1) / np.sqrt(p)) if p > 1 else float("nan")
 
     def default_sigma2(self) -> float:
         t, _ = self._flat()

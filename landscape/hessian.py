@@ -19,6 +19,7 @@ from .blas import single_blas_thread
 from .curvature import CurvatureOperator, select_parameters
 from .density import SpectralDensity, slq
 from .directions import random_directions
+from .errors import LandscapeError
 from .lanczos import Eigenpairs, basis_device, lanczos
 from .problem import Problem
 from .reference import PYHESSIAN_TRACE_TOL, pyhessian_spectrum
@@ -50,6 +51,7 @@ class CurvatureSettings:
     engine: str = "landscape"
     validity: bool = False
     validity_random: int = 2
+    per_class: bool = False
 
     @property
     def group(self) -> str:
@@ -72,6 +74,8 @@ class CurvatureResult:
     dtype: str
     per_layer: Mapping[str, "CurvatureResult"] = field(default_factory=dict)
     validity: ValidityResult | None = None
+    per_class: Mapping[str, "CurvatureResult"] = field(default_factory=dict)
+    n_samples: int | None = None
 
     @property
     def vector_storage(self) -> str:
@@ -98,6 +102,12 @@ class CurvatureResult:
             out["per_layer"] = {k: v.summary() for k, v in self.per_layer.items()}
         if self.validity is not None:
             out["validity"] = self.validity.summary()
+        if self.n_samples is not None:
+            out["n_samples"] = self.n_samples
+        if self.density is not None and self.density.nodes.shape[0] > 1:
+            out["negative_mass_stderr"] = self.density.negative_mass_stderr
+        if self.per_class:
+            out["per_class"] = {k: v.summary() for k, v in self.per_class.items()}
         return out
 
     def write(self, parent: h5py.Group, name: str | None = None,
@@ -153,11 +163,16 @@ class CurvatureResult:
             d.create_dataset("values", data=values)
             d.attrs["sigma2"] = self.density.default_sigma2()
             d.attrs["negative_mass"] = self.density.negative_mass
+            d.attrs["negative_mass_stderr"] = self.density.negative_mass_stderr
             d.attrs["n_matvec"] = self.density.n_matvec
         for layer, res in self.per_layer.items():
             res.write(g.require_group("per_layer"), layer)
         if self.validity is not None:
             self.validity.write(g)
+        if self.n_samples is not None:
+            g.attrs["n_samples"] = self.n_samples
+        for cls, res in self.per_class.items():
+            res.write(g.require_group("per_class"), cls)
         return g
 
 
@@ -174,6 +189,8 @@ def _analyze_all(problem: Problem, settings: CurvatureSettings, progress: Callab
     if settings.validity and settings.engine == "landscape" and not settings.bottom_k:
         settings = replace(settings, bottom_k=1)  # the validity radius is also measured along the bottom eigenvector
     result = _analyze(problem, settings, list(settings.parameters) or None, progress)
+    if settings.per_class:
+        result = replace(result, per_class=_per_class(problem, settings, progress))
     if not settings.per_layer:
         return result
     layers = {}
@@ -182,6 +199,31 @@ def _analyze_all(problem: Problem, settings: CurvatureSettings, progress: Callab
                                    "bottom_k": 0, "density": False, "top_k": 1, "validity": False})
         layers[pname] = _analyze(problem, sub, [pname], progress)
     return CurvatureResult(**{**result.__dict__, "per_layer": layers})
+
+
+def class_members(problem: Problem) -> list[tuple[int, np.ndarray]]:
+    """``(class, sample indices)`` for every class present, the most frequent first (ties: lower class first)."""
+    if not problem.classification or problem.y.ndim != 1 or problem.y.is_floating_point():
+        raise LandscapeError("--per-class needs one integer class label per sample",
+                             hint="per-class curvature is for classifiers; drop --per-class")
+    y = problem.y.cpu().numpy()
+    classes, counts = np.unique(y, return_counts=True)
+    order = sorted(range(len(classes)), key=lambda i: (-counts[i], classes[i]))
+    return [(int(classes[i]), np.flatnonzero(y == classes[i])) for i in order]
+
+
+def _per_class(problem: Problem, settings: CurvatureSettings, progress: Callable[[str], None] | None
+               ) -> dict[str, CurvatureResult]:
+    """For each class, the curvature of the loss restricted to its samples: top-k and bottom-k (``bottom_k`` or
+    else ``top_k``) eigenvalues and the SLQ density (at least 3 probes, for the negative mass's standard error)."""
+    sub = replace(settings, per_class=False, per_layer=False, validity=False, trace=False, density=True,
+                  bottom_k=settings.bottom_k or settings.top_k, density_probes=max(3, settings.density_probes))
+    out = {}
+    for cls, idx in class_members(problem):
+        note = (lambda msg, c=cls, m=len(idx): progress(f"class {c} ({m} samples): {msg}")) if progress else None
+        res = _analyze(problem.subset(idx), sub, list(settings.parameters) or None, note)
+        out[str(cls)] = replace(res, n_samples=len(idx))
+    return out
 
 
 def _analyze(problem: Problem, s: CurvatureSettings, params: list[str] | None,

@@ -224,6 +224,18 @@ class Problem:
         self._pool: tuple[ThreadPoolExecutor, int] | None = None
 
     # ------------------------------------------------------------------ basics
+    def subset(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> "Problem":
+        """The same model (at ``theta0``), loss, metrics and settings on the samples ``indices`` only: the loss
+        restricted to a class or a mini-batch, for per-class and mini-batch curvature."""
+        if isinstance(self.X, StreamedInputs):
+            raise LandscapeError("per-class and mini-batch curvature need the inputs in memory",
+                                 hint="use --stream off (and --max-samples to fit)")
+        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long, device=self.X.device)
+        return Problem(self._model, self.X[idx], self.y[idx], self.loss_fn, metrics=self.metrics,
+                       classification=self.classification, device=self.device, dtype=self.dtype,
+                       batch_size=self.batch_size, bn=self.bn, memory_budget=self.memory_budget, comm=self.comm,
+                       precision=self.precision, linear_inputs=self.linear_inputs, direct_output=self.direct_output)
+
     @property
     def num_parameters(self) -> int:
         return sum(t.numel() for t in self._theta0_list)

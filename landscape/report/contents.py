@@ -67,6 +67,7 @@ class CurvatureData:
     density: Mapping[str, Any] | None
     per_layer: Mapping[str, "CurvatureData"] = field(default_factory=dict)
     validity: Mapping[str, Any] | None = None
+    per_class: Mapping[str, "CurvatureData"] = field(default_factory=dict)
 
     @property
     def title(self) -> str:
@@ -186,8 +187,10 @@ def _read_curvature(name: str, g: h5py.Group) -> CurvatureData:
         density = {**read_attrs(g["density"]), **_arrays(g["density"])}
     layers = {k: _read_curvature(k, v) for k, v in g["per_layer"].items()} if "per_layer" in g else {}
     validity = {**read_attrs(g["validity"]), **_arrays(g["validity"])} if "validity" in g else None
+    classes = sorted(g["per_class"].items(), key=lambda kv: (-int(kv[1].attrs.get("n_samples", 0)), int(kv[0]))) \
+        if "per_class" in g else []  # the most frequent class first
     return CurvatureData(name=name, attrs=read_attrs(g), arrays=_arrays(g), trace=trace, density=density,
-                         per_layer=layers, validity=validity)
+                         per_layer=layers, validity=validity, per_class={k: _read_curvature(k, v) for k, v in classes})
 
 
 def _read_sharpness(name: str, g: h5py.Group) -> SharpnessData:
@@ -334,6 +337,18 @@ def _curvature_rows(c: CurvatureData, sec: str) -> list[Row]:
                         note=f"{c.trace['method']}, {c.trace['n_matvec']} products"))
     if c.density is not None:
         rows.append(Row(sec, "negative spectral mass", float(c.density["negative_mass"])))
+    for cls, pc in c.per_class.items():
+        head = f"class {cls} ({pc.attrs.get('n_samples', '?')} samples)"
+        for prefix, label in (("", "largest eigenvalue"), ("bottom_", "smallest eigenvalue")):
+            if f"{prefix}eigenvalues" in pc.arrays:
+                ok = bool(pc.arrays[f"{prefix}converged"][0])
+                rows.append(Row(sec, f"{head}: {label}", float(pc.arrays[f"{prefix}eigenvalues"][0]),
+                                note=f"residual {float(pc.arrays[f'{prefix}residuals'][0]):.2g}"
+                                     + ("" if ok else " (not converged)")))
+        if pc.density is not None:
+            rows.append(Row(sec, f"{head}: negative spectral mass", float(pc.density["negative_mass"]),
+                            float(pc.density.get("negative_mass_stderr", math.nan)),
+                            note=f"SLQ, {pc.density['nodes'].shape[0]} probes"))
     if c.validity is not None:
         v = c.validity
         scale = float(v["theta_norm"]) or 1.0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from matplotlib.colors import LogNorm, Normalize
@@ -202,26 +202,55 @@ def eigenvalue_figure(run: RunContents, c: CurvatureData) -> Figure:
     return fig
 
 
-def density_figure(run: RunContents, c: CurvatureData) -> Figure:
-    """SLQ spectral density on a log axis, the negative part shaded, with its mass."""
-    d = c.density
+def _density_axes(ax: Any, d: Mapping[str, Any], legend: bool = True) -> None:
+    """An SLQ density on a log axis, the negative part shaded (labelled with its mass when ``legend``)."""
     grid, values = np.asarray(d["grid"]), np.asarray(d["values"], dtype=np.float64)
-    fig = Figure(figsize=(7.0, 4.4), layout="constrained")
-    ax = fig.add_subplot()
     shown = np.where(values > 0, values, np.nan)  # log axis: zeros are gaps, never clipped to a floor
     ax.plot(grid, shown, color="C0", lw=1.2)
     neg = grid < 0
     if neg.any():
         ax.fill_between(grid, shown, where=neg, color="C3", alpha=0.35,
                         label=f"negative eigenvalues (mass {float(d['negative_mass']):.3g})")
-        ax.legend(loc="upper right", fontsize="small")
+        if legend:
+            ax.legend(loc="upper right", fontsize="small")
     ax.set_yscale("log")
     top = np.nanmax(shown) if np.isfinite(shown).any() else 1.0
     ax.set_ylim(top * 1e-10, top * 3)
+
+
+def density_figure(run: RunContents, c: CurvatureData) -> Figure:
+    """SLQ spectral density on a log axis, the negative part shaded, with its mass."""
+    d = c.density
+    fig = Figure(figsize=(7.0, 4.4), layout="constrained")
+    ax = fig.add_subplot()
+    _density_axes(ax, d)
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("density (log scale)")
     ax.set_title(text(f"{run.title}: {c.title} spectral density (SLQ, sigma^2 = {float(d.get('sigma2', 0)):.2g}, "
                       f"{d['nodes'].shape[0]} probes)"), fontsize="medium")
+    return fig
+
+
+def per_class_density_figure(run: RunContents, c: CurvatureData) -> Figure:
+    """One SLQ density panel per class (``--per-class``), the most frequent class first, each titled with its sample
+    count and its negative mass ± standard error over the probes."""
+    classes = [(k, pc) for k, pc in c.per_class.items() if pc.density is not None]
+    cols = min(4, len(classes))
+    rows = -(-len(classes) // cols)
+    fig = Figure(figsize=(3.2 * cols, 2.5 * rows + 0.6), layout="constrained")
+    for i, (cls, pc) in enumerate(classes):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        _density_axes(ax, pc.density, legend=False)
+        d = pc.density
+        se = float(d.get("negative_mass_stderr", math.nan))
+        ax.set_title(f"class {cls} ({pc.attrs.get('n_samples', '?')} samples)\nnegative mass "
+                     f"{float(d['negative_mass']):.3f}" + (f" ± {se:.3f}" if math.isfinite(se) else ""),
+                     fontsize="small")
+        ax.tick_params(labelsize="x-small")
+    fig.supxlabel("eigenvalue", fontsize="small")
+    fig.supylabel("density (log scale)", fontsize="small")
+    fig.suptitle(text(f"{run.title}: {c.title} spectral density of each class's loss (most frequent first)"),
+                 fontsize="medium")
     return fig
 
 
@@ -515,6 +544,8 @@ def all_figures(run: RunContents, *, levels: str = "auto") -> dict[str, Figure]:
             out[f"{c.name}_eigenvalues"] = eigenvalue_figure(run, c)
         if c.density is not None:
             out[f"{c.name}_density"] = density_figure(run, c)
+        if any(pc.density is not None for pc in c.per_class.values()):
+            out[f"{c.name}_per_class_density"] = per_class_density_figure(run, c)
     if any(c.trace is not None or c.per_layer for c in run.curvature):
         out["trace"] = trace_figure(run, run.curvature)
     if run.sharpness:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import html
 import json
 import math
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
@@ -196,17 +196,38 @@ def _curvature_panels(page: _Page, c: CurvatureData) -> str:
                             "xaxis": {"title": {"text": "index"}, "dtick": 1},
                             "yaxis": {"title": {"text": "eigenvalue"}}}, height=360, width="50%")
     if c.density is not None:
-        d = c.density
-        grid, values = np.asarray(d["grid"]), np.asarray(d["values"], dtype=np.float64)
-        shown = np.where(values > 0, values, np.nan)
-        neg = np.where(grid < 0, shown, np.nan)
-        out += page.figure([{"type": "scatter", "x": grid, "y": shown, "mode": "lines", "name": "density"},
-                            {"type": "scatter", "x": grid, "y": neg, "mode": "lines", "fill": "tozeroy",
-                             "name": f"negative (mass {float(d['negative_mass']):.3g})", "line": {"color": "#d62728"}}],
+        out += page.figure(_density_traces(c.density),
                            {"title": _title("spectral density (SLQ), log scale"), "yaxis": {"type": "log",
                             "title": {"text": "density"}}, "xaxis": {"title": {"text": "eigenvalue"}},
                             "legend": {"x": 0.6, "y": 1}}, height=360, width="50%")
-    return out + "</div>" + _settings(c.attrs)
+    out += "</div>"
+    classes = [(k, pc) for k, pc in c.per_class.items() if pc.density is not None]
+    if classes:
+        out += "<h4>Each class's loss alone (most frequent class first)</h4><div class=\"row\">"
+        for cls, pc in classes:
+            d = pc.density
+            se = float(d.get("negative_mass_stderr", math.nan))
+            mass = f"{float(d['negative_mass']):.3f}" + (f" ± {se:.3f}" if math.isfinite(se) else "")
+            top = float(pc.arrays["eigenvalues"][0]) if "eigenvalues" in pc.arrays else math.nan
+            low = float(pc.arrays["bottom_eigenvalues"][0]) if "bottom_eigenvalues" in pc.arrays else math.nan
+            out += page.figure(_density_traces(d),
+                               {"title": _title(f"class {cls} ({pc.attrs.get('n_samples', '?')} samples): "
+                                                f"λ {low:.3g} … {top:.3g}, negative mass {mass}"),
+                                "yaxis": {"type": "log", "title": {"text": "density"}},
+                                "xaxis": {"title": {"text": "eigenvalue"}}, "showlegend": False},
+                               height=300, width="50%")
+        out += "</div>"
+    return out + _settings(c.attrs)
+
+
+def _density_traces(d: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """An SLQ density (log axis: zeros are gaps) and its negative part, filled."""
+    grid, values = np.asarray(d["grid"]), np.asarray(d["values"], dtype=np.float64)
+    shown = np.where(values > 0, values, np.nan)
+    neg = np.where(grid < 0, shown, np.nan)
+    return [{"type": "scatter", "x": grid, "y": shown, "mode": "lines", "name": "density"},
+            {"type": "scatter", "x": grid, "y": neg, "mode": "lines", "fill": "tozeroy",
+             "name": f"negative (mass {float(d['negative_mass']):.3g})", "line": {"color": "#d62728"}}]
 
 
 def _trace_panel(page: _Page, curvature: tuple[CurvatureData, ...]) -> str:
