@@ -425,6 +425,7 @@ def scan(
                     "  landscape hessian ckpt.pt --ggn --per-layer --dtype float64\n\n"
                     "  landscape hessian ckpt.pt --validity   # how far the quadratic model holds\n\n"
                     "  landscape hessian ckpt.pt --per-class --top-k 3   # each class's spectrum and density\n\n"
+                    "  landscape hessian ckpt.pt --batch-sizes 8,32,128   # mini-batch against full-batch λmax\n\n"
                     "  landscape hessian ckpt.pt --parameters 'layer4.*' --trace-method hutchinson --trace-matvecs 300\n\n"
                     "  landscape hessian ckpt.pt --engine pyhessian --dtype float64   # PyHessian's numbers beside ours")
 @spec_options
@@ -455,6 +456,11 @@ def hessian(
                                   "the loss within 10% (and 50%), along each top eigenvector, the bottom one and "
                                   "random filter-normalized directions (computes the bottom eigenvalue too)."),
     validity_random: int = typer.Option(2, help="Random directions for --validity."),
+    batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Comma-separated mini-batch sizes, e.g. "
+                                              "8,32,128: λmax and λmin of random batches of each size (mean ± "
+                                              "stderr over --batch-draws) beside the full data's, and the fit "
+                                              "λ_b ≈ λ_full + c/b."),
+    batch_draws: int = typer.Option(5, help="Random batches per size for --batch-sizes."),
     per_class: bool = typer.Option(False, "--per-class", help="For each class, the top-k and bottom-k eigenvalues "
                                    "(--bottom-k, else --top-k of them) and the spectral density of the loss on "
                                    "that class's samples alone, with its negative mass (at least 3 SLQ probes)."),
@@ -485,6 +491,10 @@ def hessian(
             raise LandscapeError("--engine pyhessian computes the Hessian's top-k eigenvalues and trace only",
                                  hint="drop --bottom-k/--density/--ggn/--validity/--per-class, or run them with "
                                       "--engine landscape")
+        sizes = _int_list(batch_sizes, "--batch-sizes") if batch_sizes else ()
+        if engine == "pyhessian" and sizes:
+            raise LandscapeError("--engine pyhessian computes the Hessian's top-k eigenvalues and trace only",
+                                 hint="drop --batch-sizes, or run it with --engine landscape")
         if validity_random < 0:
             raise LandscapeError(f"--validity-random must be at least 0, not {validity_random}")
         settings = CurvatureSettings(
@@ -492,12 +502,24 @@ def hessian(
             trace_method=trace_method, trace_matvecs=trace_matvecs, trace_stderr=trace_stderr, density=density,
             density_probes=density_probes, density_steps=density_steps, per_layer=per_layer,
             parameters=tuple(parameters or ()), seed=specs.seed, engine=engine, validity=validity,
-            validity_random=validity_random, per_class=per_class)
+            validity_random=validity_random, per_class=per_class, batch_sizes=sizes, batch_draws=batch_draws)
         config = _base_config(checkpoint, specs, output, slices=False, resume=True, curvature=settings, stream=stream,
                               save_vectors=save_vectors)
         with err_console.status("loading checkpoint, model and data", spinner="dots"):
             st = setup(config)
         _run_and_print(config, st, json_out, report=None)
+
+
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    """``"8,32,128"`` as integers; anything else is a one-line error naming ``option``."""
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise LandscapeError(f"{option} {text!r} is not a comma-separated list of integers",
+                             hint=f"e.g. {option} 8,32,128") from None
+    if any(v < 1 for v in values):
+        raise LandscapeError(f"{option} {text!r} must be positive", hint=f"e.g. {option} 8,32,128")
+    return values
 
 
 def _default_sharpness(seed: int, **common: Any) -> tuple[Any, ...]:
@@ -600,12 +622,7 @@ def coherence(
     with _errors(debug):
         if control not in (None, "shuffled-labels"):
             raise LandscapeError(f"--control {control!r} is unknown", hint="use --control shuffled-labels")
-        try:
-            sizes = tuple(int(b) for b in batch_sizes.split(",") if b.strip())
-        except ValueError:
-            raise LandscapeError(f"--batch-sizes {batch_sizes!r} is not a list of integers", hint="e.g. 1,8,32")
-        if any(b < 1 for b in sizes):
-            raise LandscapeError(f"--batch-sizes {batch_sizes!r} must be positive", hint="e.g. 1,8,32")
+        sizes = _int_list(batch_sizes, "--batch-sizes")
         settings = CoherenceSettings(sketch=sketch, noise_samples=noise_samples, batch_sizes=sizes,
                                      batch_repeats=batch_repeats, control=control is not None,
                                      seed=specs.seed).resolved()

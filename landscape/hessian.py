@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 import torch
 
+from .batchsize import BatchSizeResult, analyze_batch_sizes
 from .blas import single_blas_thread
 from .curvature import CurvatureOperator, select_parameters
 from .density import SpectralDensity, slq
@@ -52,6 +53,8 @@ class CurvatureSettings:
     validity: bool = False
     validity_random: int = 2
     per_class: bool = False
+    batch_sizes: tuple[int, ...] = ()
+    batch_draws: int = 5
 
     @property
     def group(self) -> str:
@@ -76,6 +79,7 @@ class CurvatureResult:
     validity: ValidityResult | None = None
     per_class: Mapping[str, "CurvatureResult"] = field(default_factory=dict)
     n_samples: int | None = None
+    batch_sizes: BatchSizeResult | None = None
 
     @property
     def vector_storage(self) -> str:
@@ -108,6 +112,8 @@ class CurvatureResult:
             out["negative_mass_stderr"] = self.density.negative_mass_stderr
         if self.per_class:
             out["per_class"] = {k: v.summary() for k, v in self.per_class.items()}
+        if self.batch_sizes is not None:
+            out["batch_sizes"] = self.batch_sizes.summary()
         return out
 
     def write(self, parent: h5py.Group, name: str | None = None,
@@ -173,6 +179,8 @@ class CurvatureResult:
             g.attrs["n_samples"] = self.n_samples
         for cls, res in self.per_class.items():
             res.write(g.require_group("per_class"), cls)
+        if self.batch_sizes is not None:
+            self.batch_sizes.write(g)
         return g
 
 
@@ -186,17 +194,28 @@ def analyze_curvature(problem: Problem, settings: CurvatureSettings = CurvatureS
 
 def _analyze_all(problem: Problem, settings: CurvatureSettings, progress: Callable[[str], None] | None
                  ) -> CurvatureResult:
-    if settings.validity and settings.engine == "landscape" and not settings.bottom_k:
-        settings = replace(settings, bottom_k=1)  # the validity radius is also measured along the bottom eigenvector
-    result = _analyze(problem, settings, list(settings.parameters) or None, progress)
+    if (settings.validity or settings.batch_sizes) and settings.engine == "landscape":
+        # the validity radius is also measured along the bottom eigenvector; batch sizes compare with both ends
+        settings = replace(settings, bottom_k=max(1, settings.bottom_k),
+                           top_k=max(1 if settings.batch_sizes else 0, settings.top_k))
+    params = list(settings.parameters) or None
+    result = _analyze(problem, settings, params, progress)
     if settings.per_class:
         result = replace(result, per_class=_per_class(problem, settings, progress))
+    if settings.batch_sizes:
+        assert result.top is not None and result.bottom is not None
+        result = replace(result, batch_sizes=analyze_batch_sizes(
+            problem, settings.batch_sizes, draws=settings.batch_draws, full_top=float(result.top.eigenvalues[0]),
+            full_bottom=float(result.bottom.eigenvalues[0]), tol=settings.tol, max_hvp=settings.max_hvp,
+            seed=settings.seed, parameters=params, kind=settings.kind,
+            progress=(lambda msg: progress(f"{settings.kind}: {msg}")) if progress else None))
     if not settings.per_layer:
         return result
     layers = {}
     for pname in select_parameters(problem.names, settings.parameters or None):
         sub = CurvatureSettings(**{**settings.__dict__, "parameters": (pname,), "per_layer": False,
-                                   "bottom_k": 0, "density": False, "top_k": 1, "validity": False})
+                                   "bottom_k": 0, "density": False, "top_k": 1, "validity": False,
+                                   "batch_sizes": ()})
         layers[pname] = _analyze(problem, sub, [pname], progress)
     return CurvatureResult(**{**result.__dict__, "per_layer": layers})
 
@@ -216,7 +235,7 @@ def _per_class(problem: Problem, settings: CurvatureSettings, progress: Callable
                ) -> dict[str, CurvatureResult]:
     """For each class, the curvature of the loss restricted to its samples: top-k and bottom-k (``bottom_k`` or
     else ``top_k``) eigenvalues and the SLQ density (at least 3 probes, for the negative mass's standard error)."""
-    sub = replace(settings, per_class=False, per_layer=False, validity=False, trace=False, density=True,
+    sub = replace(settings, per_class=False, per_layer=False, validity=False, batch_sizes=(), trace=False, density=True,
                   bottom_k=settings.bottom_k or settings.top_k, density_probes=max(3, settings.density_probes))
     out = {}
     for cls, idx in class_members(problem):

@@ -68,6 +68,7 @@ class CurvatureData:
     per_layer: Mapping[str, "CurvatureData"] = field(default_factory=dict)
     validity: Mapping[str, Any] | None = None
     per_class: Mapping[str, "CurvatureData"] = field(default_factory=dict)
+    batch_sizes: Mapping[str, Any] | None = None
 
     @property
     def title(self) -> str:
@@ -189,8 +190,10 @@ def _read_curvature(name: str, g: h5py.Group) -> CurvatureData:
     validity = {**read_attrs(g["validity"]), **_arrays(g["validity"])} if "validity" in g else None
     classes = sorted(g["per_class"].items(), key=lambda kv: (-int(kv[1].attrs.get("n_samples", 0)), int(kv[0]))) \
         if "per_class" in g else []  # the most frequent class first
+    batches = {**read_attrs(g["batch_sizes"]), **_arrays(g["batch_sizes"])} if "batch_sizes" in g else None
     return CurvatureData(name=name, attrs=read_attrs(g), arrays=_arrays(g), trace=trace, density=density,
-                         per_layer=layers, validity=validity, per_class={k: _read_curvature(k, v) for k, v in classes})
+                         per_layer=layers, validity=validity, per_class={k: _read_curvature(k, v) for k, v in classes},
+                         batch_sizes=batches)
 
 
 def _read_sharpness(name: str, g: h5py.Group) -> SharpnessData:
@@ -349,6 +352,8 @@ def _curvature_rows(c: CurvatureData, sec: str) -> list[Row]:
             rows.append(Row(sec, f"{head}: negative spectral mass", float(pc.density["negative_mass"]),
                             float(pc.density.get("negative_mass_stderr", math.nan)),
                             note=f"SLQ, {pc.density['nodes'].shape[0]} probes"))
+    if c.batch_sizes is not None:
+        rows += _batch_size_rows(c.batch_sizes, sec)
     if c.validity is not None:
         v = c.validity
         scale = float(v["theta_norm"]) or 1.0
@@ -359,6 +364,44 @@ def _curvature_rows(c: CurvatureData, sec: str) -> list[Row]:
             rows.append(Row(sec, f"quadratic model within {levels[0]} up to (along {label})", float(radius[0]) / scale,
                             note=f"distance / {unit}; within {levels[-1]} up to {float(radius[-1]) / scale:.3g}"
                                  + ("; inf: beyond the largest distance tried" if not np.isfinite(radius).all() else "")))
+    return rows
+
+
+def batch_size_stats(b: Mapping[str, Any], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard error over the draws of ``top`` or ``bottom`` at each batch size."""
+    vals = np.asarray(b[key], dtype=np.float64)
+    return vals.mean(axis=1), vals.std(axis=1, ddof=1) / math.sqrt(vals.shape[1])
+
+
+def batch_size_series(b: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """What the batch-size plots draw, per end of the spectrum: sizes, ``|mean|`` with its standard error, the
+    full data's ``|λ|`` and the fitted ``|λ_full + c/b|`` on a fine grid of sizes (``log``: all of it positive, so a
+    log axis shows it)."""
+    out = []
+    sizes = np.asarray(b["sizes"], dtype=np.float64)
+    fine = np.geomspace(sizes.min(), sizes.max(), 100) if len(sizes) > 1 else sizes
+    for key, label in (("top", "λmax"), ("bottom", "−λmin")):
+        sign = 1.0 if key == "top" else -1.0
+        mean, se = batch_size_stats(b, key)
+        full = float(b[f"full_{key}"])
+        fit = sign * (full + float(b[f"fit_{key}_c"]) / fine)
+        y = sign * mean
+        out.append({"label": label, "sizes": sizes, "mean": y, "stderr": se, "full": sign * full, "fit_sizes": fine,
+                    "fit": fit, "log": bool((y > 0).all() and sign * full > 0 and (fit > 0).all())})
+    return out
+
+
+def _batch_size_rows(b: Mapping[str, Any], sec: str) -> list[Row]:
+    rows = []
+    for key, label in (("top", "λmax"), ("bottom", "λmin")):
+        mean, se = batch_size_stats(b, key)
+        for size, m, e in zip(b["sizes"], mean, se):
+            rows.append(Row(sec, f"{label} of batches of {int(size)}", float(m), float(e),
+                            note=f"{int(b['draws'])} draws; full data {float(b[f'full_{key}']):.4g}"))
+        rows.append(Row(sec, f"{label}: c in λ_b ≈ λ_full + c/b", float(b[f"fit_{key}_c"]),
+                        float(b[f"fit_{key}_c_stderr"]),
+                        note=f"RMS residual {float(b[f'fit_{key}_rms']):.2g} of |λ_full|; free fit's intercept "
+                             f"{float(b[f'fit_{key}_intercept']):.4g}"))
     return rows
 
 

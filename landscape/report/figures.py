@@ -17,7 +17,7 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
 from .contents import (CoherenceData, CompareData, CurvatureData, RunContents, SharpnessData, SliceData,
-                       TrajectoryData, trace_items)
+                       TrajectoryData, batch_size_series, trace_items)
 
 #: Contour level spacing: ``log`` (geometric), ``linear``, or ``auto`` (log when the finite values are
 #: positive and span more than two decades).
@@ -251,6 +251,28 @@ def per_class_density_figure(run: RunContents, c: CurvatureData) -> Figure:
     fig.supylabel("density (log scale)", fontsize="small")
     fig.suptitle(text(f"{run.title}: {c.title} spectral density of each class's loss (most frequent first)"),
                  fontsize="medium")
+    return fig
+
+
+def batch_size_figure(run: RunContents, c: CurvatureData) -> Figure:
+    """λmax and −λmin of random mini-batches against their size (mean ± standard error over the draws) on log axes,
+    beside the full data's value and the fitted λ_full + c/b."""
+    series = batch_size_series(c.batch_sizes)
+    fig = Figure(figsize=(10.0, 4.0), layout="constrained")
+    for i, sr in enumerate(series):
+        ax = fig.add_subplot(1, 2, i + 1)
+        ax.errorbar(sr["sizes"], sr["mean"], yerr=sr["stderr"], fmt="o", color="C0", capsize=3,
+                    label="random batches (mean ± stderr)")
+        ax.axhline(sr["full"], color="C3", ls="--", lw=1, label="full data")
+        ax.plot(sr["fit_sizes"], sr["fit"], color="C2", lw=1, label="fit λ_full + c/b")
+        ax.set_xscale("log")
+        if sr["log"]:
+            ax.set_yscale("log")
+        ax.set_xlabel("batch size b")
+        ax.set_ylabel(text(sr["label"]))
+        ax.legend(fontsize="small")
+    fig.suptitle(text(f"{run.title}: {c.title} extreme eigenvalues of mini-batches "
+                      f"({int(c.batch_sizes['draws'])} draws per size)"), fontsize="medium")
     return fig
 
 
@@ -544,6 +566,8 @@ def all_figures(run: RunContents, *, levels: str = "auto") -> dict[str, Figure]:
             out[f"{c.name}_eigenvalues"] = eigenvalue_figure(run, c)
         if c.density is not None:
             out[f"{c.name}_density"] = density_figure(run, c)
+        if c.batch_sizes is not None:
+            out[f"{c.name}_batch_sizes"] = batch_size_figure(run, c)
         if any(pc.density is not None for pc in c.per_class.values()):
             out[f"{c.name}_per_class_density"] = per_class_density_figure(run, c)
     if any(c.trace is not None or c.per_layer for c in run.curvature):

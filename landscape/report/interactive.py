@@ -19,7 +19,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from .contents import (CoherenceData, CompareData, CurvatureData, RunContents, SharpnessData, SliceData,
-                       TrajectoryData, provenance, settings, summary_rows, trace_items)
+                       TrajectoryData, batch_size_series, provenance, settings, summary_rows, trace_items)
 from ..compare import ORDER_NOTE
 from .figures import SHARPNESS_UNITS, axis_labels, rho_label, coherence_parts, finite_scores, log_spread, use_log
 
@@ -201,6 +201,22 @@ def _curvature_panels(page: _Page, c: CurvatureData) -> str:
                             "title": {"text": "density"}}, "xaxis": {"title": {"text": "eigenvalue"}},
                             "legend": {"x": 0.6, "y": 1}}, height=360, width="50%")
     out += "</div>"
+    if c.batch_sizes is not None:
+        out += f"<h4>Mini-batches against the full data ({int(c.batch_sizes['draws'])} draws per size)</h4>" \
+               "<div class=\"row\">"
+        for sr in batch_size_series(c.batch_sizes):
+            out += page.figure(
+                [{"type": "scatter", "mode": "markers", "x": sr["sizes"], "y": sr["mean"], "name": "random batches",
+                  "error_y": {"type": "data", "array": sr["stderr"]}},
+                 {"type": "scatter", "mode": "lines", "x": [sr["sizes"][0], sr["sizes"][-1]], "y": [sr["full"]] * 2,
+                  "name": "full data", "line": {"dash": "dash", "color": "#d62728"}},
+                 {"type": "scatter", "mode": "lines", "x": sr["fit_sizes"], "y": sr["fit"], "name": "λ_full + c/b",
+                  "line": {"color": "#2ca02c"}}],
+                {"title": _title(f"{sr['label']} against batch size"),
+                 "xaxis": {"type": "log", "title": {"text": "batch size b"}},
+                 "yaxis": {"type": "log" if sr["log"] else "linear", "title": {"text": sr["label"]}}},
+                height=340, width="50%")
+        out += "</div>"
     classes = [(k, pc) for k, pc in c.per_class.items() if pc.density is not None]
     if classes:
         out += "<h4>Each class's loss alone (most frequent class first)</h4><div class=\"row\">"
