@@ -87,7 +87,8 @@ class BatchSizeResult:
 
     def summary(self) -> dict[str, object]:
         out: dict[str, object] = {"sizes": self.sizes.tolist(), "full_top": self.full_top,
-                                  "full_bottom": self.full_bottom, "draws": int(self.top.shape[1])}
+                                  "full_bottom": self.full_bottom, "draws": int(self.top.shape[1]),
+                                  "n_matvec": self.n_matvec}
         for k in ("top", "bottom"):
             mean, se = self._stats(getattr(self, k))
             out[f"{k}_mean"], out[f"{k}_stderr"] = mean.tolist(), [None if math.isnan(v) else v for v in se.tolist()]

@@ -30,6 +30,7 @@ FULL_FIGURES = {
     "random_2d_contour", "random_2d_filled", "random_2d_surface", "random_2d_accuracy_filled", "interpolation_1d",
     "hessian_eigenvalues", "hessian_density", "ggn_eigenvalues", "hessian_pyhessian_eigenvalues", "trace",
     "sharpness", "coherence_class_cosine", "coherence_scores", "coherence_batch_cosine",
+    "hessian_per_class_density", "hessian_batch_sizes",
 }
 HOSTILE = {  # names a checkpoint, a spec or a user could give; each must show as text
     "slice": "<img src=x onerror=alert(1)>",
@@ -40,13 +41,16 @@ HOSTILE = {  # names a checkpoint, a spec or a user could give; each must show a
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory) -> Path:
-    """A run file with every section: 2D and 1D slices, Hessian (top, bottom, density, per layer), GGN,
-    PyHessian, a sharpness sweep with its quadratic prediction, coherence with the shuffled control."""
+    """A run file with every section: 2D and 1D slices, Hessian (top, bottom, density, per layer, per class, batch
+    sizes, validity radius), GGN, PyHessian, a sharpness sweep with its quadratic prediction, coherence with the
+    shuffled control."""
     out = tmp_path_factory.mktemp("full") / "run.h5"
     base = dict(checkpoint=str(EXAMPLES / "mlp_sgd_s2000.pt"), max_samples=200, output=str(out), resume=True)
     run_scan(ScanConfig(**base, steps=(9,), interpolate=str(EXAMPLES / "mlp_adam_s2000.pt"), interp_steps=11,
                         curvature=CurvatureSettings(top_k=3, bottom_k=2, density=True, density_steps=20,
-                                                    per_layer=True, trace_matvecs=30, max_hvp=60),
+                                                    per_layer=True, trace_matvecs=30, max_hvp=60, validity=True,
+                                                    validity_random=1, per_class=True, batch_sizes=(8, 32),
+                                                    batch_draws=2),
                         sharpness=(SharpnessSettings(measure="worst-case", adaptive=False, rho=(0.01, 0.02), m=None,
                                                      steps=5),
                                    SharpnessSettings(measure="average-case", draws=4, m=100)),
@@ -254,3 +258,68 @@ def test_hostile_names_in_a_browser(browser, full_run, tmp_path):
                                 ".join('\\n')")
     assert HOSTILE["slice"] in svg_text  # plotly shows the name as text, tags and all
     assert browser.evaluate("document.querySelectorAll('.plot b').length") == 0
+
+
+#: In the page, every figure's layout problems (see test_layout_in_a_browser), as a list of strings.
+LAYOUT_PROBLEMS = """(() => {
+  const bad = [], hit = (a, b) => a.left < b.right && b.left < a.right && a.top < b.bottom && b.top < a.bottom;
+  for (const fig of document.querySelectorAll('figure.fig')) {
+    const plot = fig.querySelector('.plot'), box = plot.getBoundingClientRect();
+    const cap = fig.querySelector('figcaption');
+    if (!cap || cap.textContent.trim().length < 20) bad.push(plot.id + ': no caption');
+    for (const t of plot.querySelectorAll('.gtitle, .xtick text, .ytick text, .y2tick text, .xtitle, .ytitle, .y2title')) {
+      const r = t.getBoundingClientRect();
+      if (r.width && (r.left < box.left - 1 || r.right > box.right + 1 || r.top < box.top - 1 || r.bottom > box.bottom + 1))
+        bad.push(plot.id + ': "' + t.textContent + '" outside its plot');
+    }
+    const bar = plot.querySelector('.modebar'), title = plot.querySelector('.gtitle');
+    if (bar && title && hit(bar.getBoundingClientRect(), title.getBoundingClientRect())) bad.push(plot.id + ': toolbar over the title');
+    const labels = Array.from(plot.querySelectorAll('.textpoint text')).map(t => t.getBoundingClientRect()).filter(r => r.width);
+    for (let i = 0; i < labels.length; i++) for (let j = i + 1; j < labels.length; j++)
+      if (hit(labels[i], labels[j])) bad.push(plot.id + ': point labels overlap');
+  }
+  return bad;
+})()"""
+
+
+@pytest.fixture(scope="module")
+def trajectory_report(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("trajectory")
+    files = [str(EXAMPLES / f"mlp_sgd_s{s:04d}.pt") for s in (0, 100, 500, 2000)]
+    r = cli("trajectory", *files, "--max-samples", "200", "--plane-steps", "5", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    return out / "index.html"
+
+
+def test_layout_in_a_browser(browser, full_report, trajectory_report, tmp_path):
+    """Every plot has a caption; titles, tick labels and axis titles stay inside their plot (the trajectory's
+    right axis was cut off); the toolbar leaves the title free; point labels do not overlap (the PCA plane's
+    steps did). A screenshot of each section is kept beside the test's files for a person to look at."""
+    for page in (full_report.html, trajectory_report):
+        _load(browser, page)
+        problems = browser.evaluate(LAYOUT_PROBLEMS)
+        assert problems == [], problems
+        for section in browser.evaluate("Array.from(document.querySelectorAll('h2')).map(h => h.id)"):
+            browser.evaluate(f"document.getElementById('{section}').scrollIntoView()")
+            browser.pump(0.3)
+            shot = browser.screenshot()
+            (tmp_path / f"{page.parent.name}_{section}.png").write_bytes(shot)
+            assert not _blank(shot), section
+
+
+def test_plots_on_screen_are_drawn_first(browser, full_report):
+    """Opened at the curvature section, its plots are drawn before the slices above it (they used to wait for
+    every slice plot, the heavy 3D surfaces included)."""
+    browser.events.clear()
+    browser.open(full_report.html.resolve().as_uri() + "#curvature")
+    browser.wait_for("document.body && document.body.getAttribute('data-rendered')", timeout=120)
+    order = browser.evaluate("""(() => {
+      const h = document.getElementById('curvature'), out = {before: [], after: []};
+      for (const p of document.querySelectorAll('.plot'))
+        (h.compareDocumentPosition(p) & Node.DOCUMENT_POSITION_FOLLOWING ? out.after : out.before)
+          .push(Number(p.getAttribute('data-order')));
+      return out;
+    })()""")
+    assert len(order["before"]) >= 3 and order["after"]
+    assert min(order["after"]) < max(order["before"])
+    assert min(order["after"]) <= 2

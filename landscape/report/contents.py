@@ -367,6 +367,20 @@ def _curvature_rows(c: CurvatureData, sec: str) -> list[Row]:
     return rows
 
 
+def spaced_labels(coords: np.ndarray, x_range: float, y_range: float, min_gap: float = 0.08) -> np.ndarray:
+    """Which points of a path get a text label so that no two labels sit closer than ``min_gap`` of the plot's
+    width or height: the last point (where the path ends), then the first, then the rest in order, each kept only
+    when it is that far from every label kept so far."""
+    n = len(coords)
+    scaled = np.asarray(coords, dtype=np.float64)[:, :2] / np.array([max(x_range, 1e-300), max(y_range, 1e-300)])
+    keep = np.zeros(n, dtype=bool)
+    for i in ([n - 1, 0] + list(range(1, n - 1))) if n else []:
+        kept = scaled[keep]
+        if not len(kept) or np.abs(kept - scaled[i]).max(axis=1).min() >= min_gap:
+            keep[i] = True
+    return keep
+
+
 def batch_size_stats(b: Mapping[str, Any], key: str) -> tuple[np.ndarray, np.ndarray]:
     """Mean and standard error over the draws of ``top`` or ``bottom`` at each batch size."""
     vals = np.asarray(b[key], dtype=np.float64)

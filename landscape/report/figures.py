@@ -17,7 +17,7 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
 from .contents import (CoherenceData, CompareData, CurvatureData, RunContents, SharpnessData, SliceData,
-                       TrajectoryData, batch_size_series, trace_items)
+                       TrajectoryData, batch_size_series, spaced_labels, trace_items)
 
 #: Contour level spacing: ``log`` (geometric), ``linear``, or ``auto`` (log when the finite values are
 #: positive and span more than two decades).
@@ -490,13 +490,15 @@ def trajectory_plane_figure(run: RunContents, t: TrajectoryData, *, levels: str 
     fig = contour_figure(run, t.plane, "loss", levels=levels, filled=True)
     ax = fig.axes[0]
     ax.plot(t.coords[:, 0], t.coords[:, 1], "-o", color="white", mec="black", ms=5, lw=1.5, label="path")
-    for (x, y), step in zip(t.coords, t.arrays["step"]):
-        ax.annotate(str(int(step)), (x, y), textcoords="offset points", xytext=(4, 4), fontsize="x-small",
-                    color="white")
+    labelled = spaced_labels(t.coords, float(np.ptp(t.plane.x)), float(np.ptp(t.plane.y)))
+    for (x, y), step, show in zip(t.coords, t.arrays["step"], labelled):
+        if show:
+            ax.annotate(str(int(step)), (x, y), textcoords="offset points", xytext=(4, 4), fontsize="x-small",
+                        color="white")
     ev = t.explained_variance
     ax.set_xlabel(f"PC 1 ({100 * ev[0]:.1f}% of the variance)")
     ax.set_ylabel(f"PC 2 ({100 * (ev[1] if len(ev) > 1 else 0):.1f}%)")
-    ax.set_title(text(f"{run.title}: loss in the PCA plane of the path (labels: steps)"), fontsize="medium")
+    ax.set_title(text(f"{run.title}: loss in the PCA plane of the path (labels: steps, spaced)"), fontsize="medium")
     ax.legend(loc="upper right", fontsize="small")
     return fig
 

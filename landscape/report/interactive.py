@@ -19,7 +19,8 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from .contents import (CoherenceData, CompareData, CurvatureData, RunContents, SharpnessData, SliceData,
-                       TrajectoryData, batch_size_series, provenance, settings, summary_rows, trace_items)
+                       TrajectoryData, batch_size_series, provenance, settings, spaced_labels, summary_rows,
+                       trace_items)
 from ..compare import ORDER_NOTE
 from .figures import SHARPNESS_UNITS, axis_labels, rho_label, coherence_parts, finite_scores, log_spread, use_log
 
@@ -77,12 +78,14 @@ class _Page:
     def add(self, markup: str) -> None:
         self.parts.append(markup)
 
-    def figure(self, data: list[dict[str, Any]], layout: dict[str, Any], *, height: int = 420,
+    def figure(self, data: list[dict[str, Any]], layout: dict[str, Any], *, caption: str, height: int = 420,
                width: str = "100%") -> str:
+        """A plot and its one-line caption (what to look for in it)."""
         fid = f"fig{len(self.figures)}"
         layout = {"height": height, "margin": {"l": 60, "r": 20, "t": _TOP, "b": 50}, **layout}
         self.figures.append({"id": fid, "data": data, "layout": layout})
-        return f'<div class="plot" id="{fid}" style="width:{width};height:{height}px"></div>'
+        return (f'<figure class="fig" style="width:{width}"><div class="plot" id="{fid}" style="height:{height}px">'
+                f"</div><figcaption>{esc(caption)}</figcaption></figure>")
 
 
 def _title(text: str) -> dict[str, Any]:
@@ -138,7 +141,10 @@ def _slice_panels(page: _Page, run: RunContents, s: SliceData) -> str:
                               "line": {"dash": "dash", "color": "crimson" if m == 0 else "purple", "width": 1}}
                              for m in marks],
                   "legend": {"x": 1.08, "y": 1}}
-        return head + page.figure(data, layout) + _settings(s.attrs)
+        caption = ("Loss along the direction through the checkpoint (dashed red line"
+                   + ("; purple: the second model" if s.kind == "interpolation" else "")
+                   + "): a narrow dip is a sharp minimum, a flat floor a wide one; a bump between the models a barrier.")
+        return head + page.figure(data, layout, caption=caption) + _settings(s.attrs)
     log = use_log(loss, "auto")
     z = np.log10(loss) if log else loss
     zlabel = "log10 loss" if log else "loss"
@@ -165,8 +171,13 @@ def _slice_panels(page: _Page, run: RunContents, s: SliceData) -> str:
              "marker": {"symbol": "star", "size": 14, "color": "crimson", "line": {"color": "white", "width": 1}}}]
     layout2 = {"title": _title(f"{s.name}: {zlabel} contours (checkpoint: star)"),
                "xaxis": {"title": {"text": esc(xl)}}, "yaxis": {"title": {"text": esc(yl)}}, "showlegend": False}
-    body = '<div class="row">' + page.figure(surf, layout3, height=480, width="50%") + \
-           page.figure(cont, layout2, height=480, width="50%") + "</div>"
+    body = '<div class="row">' + page.figure(
+        surf, layout3, height=480, width="50%",
+        caption="The loss around the checkpoint (red dot) over two directions; drag to turn it. A bowl is a minimum, "
+                "a saddle or ridge means negative curvature along the directions.") + \
+        page.figure(cont, layout2, height=480, width="50%",
+                    caption="The same loss from above: closed rings around the star are a basin, their spacing "
+                            "how steep its walls are.") + "</div>"
     for k in s.values:
         if k != "loss":
             v = s.masked(k)
@@ -175,7 +186,8 @@ def _slice_panels(page: _Page, run: RunContents, s: SliceData) -> str:
                                   "hovertemplate": "x=%{x:.4g}<br>y=%{y:.4g}<br>" + esc(k) +
                                                    "=%{z:.6g}<extra></extra>"}],
                                 {"title": _title(f"{s.name}: {k}"), "xaxis": {"title": {"text": esc(xl)}},
-                                 "yaxis": {"title": {"text": esc(yl)}}}, height=380, width="50%")
+                                 "yaxis": {"title": {"text": esc(yl)}}}, height=380, width="50%",
+                                caption=f"{k} over the same plane (grey: not computed or not finite).")
     return head + body + _settings(s.attrs)
 
 
@@ -194,12 +206,16 @@ def _curvature_panels(page: _Page, c: CurvatureData) -> str:
                                                                  "<extra></extra>"}],
                            {"title": _title(f"{label} eigenvalues (error bars: residuals; red: not converged)"),
                             "xaxis": {"title": {"text": "index"}, "dtick": 1},
-                            "yaxis": {"title": {"text": "eigenvalue"}}}, height=360, width="50%")
+                            "yaxis": {"title": {"text": "eigenvalue"}}}, height=360, width="50%",
+                           caption=f"The {label} eigenvalues; bars far from the rest are the few sharp (or negative) "
+                                   "directions. Red bars did not converge: their error bar bounds the error.")
     if c.density is not None:
         out += page.figure(_density_traces(c.density),
                            {"title": _title("spectral density (SLQ), log scale"), "yaxis": {"type": "log",
                             "title": {"text": "density"}}, "xaxis": {"title": {"text": "eigenvalue"}},
-                            "legend": {"x": 0.6, "y": 1}}, height=360, width="50%")
+                            "legend": {"x": 0.6, "y": 1}}, height=360, width="50%",
+                           caption="Mass near zero is the flat bulk, isolated bumps far right the outliers; red "
+                                   "shading is negative curvature (a saddle), its mass in the legend.")
     out += "</div>"
     if c.batch_sizes is not None:
         out += f"<h4>Mini-batches against the full data ({int(c.batch_sizes['draws'])} draws per size)</h4>" \
@@ -213,9 +229,15 @@ def _curvature_panels(page: _Page, c: CurvatureData) -> str:
                  {"type": "scatter", "mode": "lines", "x": sr["fit_sizes"], "y": sr["fit"], "name": "λ_full + c/b",
                   "line": {"color": "#2ca02c"}}],
                 {"title": _title(f"{sr['label']} against batch size"),
-                 "xaxis": {"type": "log", "title": {"text": "batch size b"}},
-                 "yaxis": {"type": "log" if sr["log"] else "linear", "title": {"text": sr["label"]}}},
-                height=340, width="50%")
+                 "xaxis": {"type": "log", "title": {"text": "batch size b"}, "tickvals": sr["sizes"],
+                           "ticktext": [str(int(b)) for b in sr["sizes"]]},
+                 "yaxis": {"type": "log", "title": {"text": sr["label"]},
+                           "tickvals": _log_ticks(np.concatenate([sr["mean"] - sr["stderr"], sr["mean"] + sr["stderr"],
+                                                                  sr["fit"], [sr["full"]]])), "tickformat": ".2g"}
+                 if sr["log"] else {"title": {"text": sr["label"]}}},
+                height=340, width="50%",
+                caption="Random batches sit beyond the full data's value (dashed) and approach it like 1/b: the gap "
+                        "is the extra sharpness an optimizer meets at batch size b.")
         out += "</div>"
     classes = [(k, pc) for k, pc in c.per_class.items() if pc.density is not None]
     if classes:
@@ -231,9 +253,26 @@ def _curvature_panels(page: _Page, c: CurvatureData) -> str:
                                                 f"λ {low:.3g} … {top:.3g}, negative mass {mass}"),
                                 "yaxis": {"type": "log", "title": {"text": "density"}},
                                 "xaxis": {"title": {"text": "eigenvalue"}}, "showlegend": False},
-                               height=300, width="50%")
+                               height=300, width="50%",
+                               caption="A class with more negative mass than the others sits at a saddle of its own "
+                                       "loss (often a minority class).")
         out += "</div>"
     return out + _settings(c.attrs)
+
+
+def _log_ticks(values: np.ndarray, most: int = 7) -> list[float]:
+    """Tick values for a log axis over the positive ``values``: 1-2-5 steps, or whole decades where those would
+    be more than ``most`` (plotly labels every minor tick of a short log range, and the labels collide)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v) & (v > 0)]
+    if not v.size:
+        return []
+    lo, hi = np.floor(np.log10(v.min())), np.ceil(np.log10(v.max()))
+    for steps in ((1, 2, 5), (1,)):
+        ticks = [m * 10.0 ** e for e in np.arange(lo, hi + 1) for m in steps if v.min() <= m * 10.0 ** e <= v.max()]
+        if len(ticks) <= most:
+            return ticks if len(ticks) >= 2 else [float(v.min()), float(v.max())]
+    return [10.0 ** e for e in np.arange(lo, hi + 1, max(1, int((hi - lo) // most) + 1))]
 
 
 def _density_traces(d: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -257,7 +296,9 @@ def _trace_panel(page: _Page, curvature: tuple[CurvatureData, ...]) -> str:
         [{"type": "scatter", "x": est, "y": names, "mode": "markers", "error_x": {"type": "data", "array": err},
           "marker": {"size": 9}, "hovertemplate": "%{y}: %{x:.6g} ± %{error_x.array:.2g}<extra></extra>"}],
         {"title": _title("trace estimates (error bars: 95% interval)"), "xaxis": {"title": {"text": "trace"}},
-         "yaxis": {"automargin": True, "autorange": "reversed"}}, height=160 + 40 * len(items))
+         "yaxis": {"automargin": True, "autorange": "reversed"}}, height=160 + 40 * len(items),
+        caption="The sum of all eigenvalues (total curvature) with 95% intervals: compare engines and layers by "
+                "whether their intervals overlap.")
 
 
 def _sharpness_panels(page: _Page, groups: tuple[SharpnessData, ...]) -> str:
@@ -279,7 +320,7 @@ def _sharpness_panels(page: _Page, groups: tuple[SharpnessData, ...]) -> str:
                    "xaxis": {"title": {"text": esc(f"rho ({g.attrs.get('rho_meaning', '')})")},
                              "type": "category" if single else "log" if log else "linear"},
                    "yaxis": {"title": {"text": esc(SHARPNESS_UNITS.get(str(g.attrs.get("measure")), "value"))}}},
-            height=320) + _settings(g.attrs) + "</div>"
+            height=320, caption=_sharpness_caption(g, single)) + _settings(g.attrs) + "</div>"
     return out + "</div>"
 
 
@@ -293,7 +334,9 @@ def _coherence_panels(page: _Page, c: CoherenceData) -> str:
                              "hovertemplate": "class %{y} · class %{x}: %{z:.3f}<extra></extra>"}],
                            {"title": _title(f"class gradient cosines, {label}"), "xaxis": {"title": {"text": "class b"},
                             "dtick": 1}, "yaxis": {"title": {"text": "class a"}, "autorange": "reversed", "dtick": 1}},
-                           height=420, width=f"{100 // len(parts)}%")
+                           height=420, width=f"{100 // len(parts)}%",
+                           caption="Cosines between the classes' summed unit gradients: red blocks are classes "
+                                   "learned together, blue ones pull against each other.")
     out += '</div><div class="row">'
     for key, label in (("grand", "GraNd ||g_i||"), ("el2n", "EL2N")):
         values = [(name, finite_scores(d, key)) for name, d in parts]
@@ -302,7 +345,8 @@ def _coherence_panels(page: _Page, c: CoherenceData) -> str:
                 for name, v in values]
         out += page.figure(data, {"title": _title(f"{label} per sample"), "barmode": "overlay",
                                   "xaxis": {"title": {"text": f"log10 {label}" if log else label}},
-                                  "yaxis": {"title": {"text": "samples"}}}, height=340, width="50%")
+                                  "yaxis": {"title": {"text": "samples"}}}, height=340, width="50%",
+                               caption=f"{label} of each sample: the right tail holds the hard or mislabeled ones.")
     out += "</div>"
     if len(c.arrays.get("batch_sizes", ())):
         data = [{"type": "scatter", "x": d.arrays["batch_sizes"], "y": d.arrays["batch_cosine"], "name": name,
@@ -310,8 +354,24 @@ def _coherence_panels(page: _Page, c: CoherenceData) -> str:
                 for name, d in parts]
         out += page.figure(data, {"title": _title("cosine of minibatch gradients to the full gradient"),
                                   "xaxis": {"title": {"text": "batch size"}, "type": "log"},
-                                  "yaxis": {"title": {"text": "cos(g_B, G)"}}}, height=340)
+                                  "yaxis": {"title": {"text": "cos(g_B, G)"}}}, height=340,
+                               caption="How well a minibatch gradient points along the full one: near 1 at a size "
+                                       "means batches that large already carry the full signal.")
     return out + _settings(c.attrs)
+
+
+def _sharpness_caption(g: SharpnessData, single: bool) -> str:
+    """What to look for in one sharpness panel."""
+    flatter = "higher" if str(g.attrs.get("measure")) in ("basin-width", "pacbayes") else "lower"
+    if single:
+        what = "One radius, so one bar" + (": the black mark is the quadratic model's prediction, a bar far above "
+                                           "it means ρ is beyond the quadratic regime" if g.quadratic is not None
+                                           else "")
+    else:
+        what = "The measure against the radius" + ("; the dashed line is the quadratic model's prediction: where "
+                                                    "they part, curvature no longer explains sharpness"
+                                                    if g.quadratic is not None else "")
+    return f"{what}. {flatter.capitalize()} is flatter; compare models trained alike."
 
 
 def _compare_panels(page: _Page, c: CompareData) -> str:
@@ -337,7 +397,9 @@ def _compare_panels(page: _Page, c: CompareData) -> str:
                                  "hovertemplate": "x=%{x:.3g}<br>y=%{y:.3g}<br>loss=%{customdata:.6g}<extra></extra>"},
                                 {"type": "scatter", "x": [0.0], "y": [0.0], "mode": "markers",
                                  "marker": {"symbol": "star", "size": 12, "color": "crimson"}}],
-                               {"title": _title(s.name), "showlegend": False}, height=380, width=width)
+                               {"title": _title(s.name), "showlegend": False}, height=380, width=width,
+                               caption="Each model's own slice on one colour scale: compare the basins' widths "
+                                       "directly.")
         out += "</div>"
     curves = {p.key: p for p in c.bezier}
     for p in c.interpolation:
@@ -359,7 +421,9 @@ def _compare_panels(page: _Page, c: CompareData) -> str:
                                   "yaxis": {"title": {"text": "loss"}, "type": "log"},
                                   "yaxis2": {"title": {"text": "error"}, "overlaying": "y", "side": "right",
                                              "showgrid": False, "tickmode": "auto"},
-                                  "legend": {"x": 1.08, "y": 1}}, height=360)
+                                  "legend": {"x": 1.08, "y": 1}}, height=360,
+                               caption="Loss on the line between the two models: a bump above both ends is the "
+                                       "barrier between their basins; none means they are linearly connected.")
     return out
 
 
@@ -370,18 +434,22 @@ def _trajectory_panels(page: _Page, t: TrajectoryData) -> str:
     log = use_log(loss, "auto")
     names = [esc(n) for n in a["checkpoint"]]
     ev = t.explained_variance
+    labelled = spaced_labels(t.coords, float(np.ptp(pl.x)), float(np.ptp(pl.y)))
     out = page.figure(
         [{"type": "contour", "x": pl.x, "y": pl.y, "z": (np.log10(loss) if log else loss).T, "customdata": loss.T,
           "colorscale": "Viridis", "ncontours": 30, "contours": {"coloring": "heatmap"},
           "colorbar": {"title": {"text": "log10 loss" if log else "loss"}},
           "hovertemplate": "PC1=%{x:.3g}<br>PC2=%{y:.3g}<br>loss=%{customdata:.6g}<extra></extra>"},
          {"type": "scatter", "x": t.coords[:, 0], "y": t.coords[:, 1], "mode": "lines+markers+text",
-          "text": [str(int(s_)) for s_ in a["step"]], "textposition": "top right", "customdata": names,
+          "text": [str(int(s_)) if show else "" for s_, show in zip(a["step"], labelled)],
+          "textposition": "top right", "textfont": {"color": "white"}, "customdata": names,
           "marker": {"color": "white", "line": {"color": "black", "width": 1}}, "line": {"color": "white"},
           "hovertemplate": "%{customdata}<extra></extra>"}],
-        {"title": _title("loss in the PCA plane of the path (labels: steps)"), "showlegend": False,
-         "xaxis": {"title": {"text": f"PC 1 ({100 * ev[0]:.1f}%)"}},
-         "yaxis": {"title": {"text": f"PC 2 ({100 * (ev[1] if len(ev) > 1 else 0):.1f}%)"}}}, height=480)
+        {"title": _title("loss in the PCA plane of the path (labels: steps; hover for every one)"),
+         "showlegend": False, "xaxis": {"title": {"text": f"PC 1 ({100 * ev[0]:.1f}%)"}},
+         "yaxis": {"title": {"text": f"PC 2 ({100 * (ev[1] if len(ev) > 1 else 0):.1f}%)"}}}, height=480,
+        caption="The loss over the plane of the path's two main directions, checkpoints joined in order: a path "
+                "crossing the rings descended, one running along them circled the minimum.")
     data = [{"type": "scatter", "x": a["step"], "y": a["sharpness"], "mode": "lines+markers", "name": "sharpness",
              "customdata": names, "hovertemplate": "%{customdata}: %{y:.6g}<extra></extra>"},
             {"type": "scatter", "x": a["step"], "y": a["threshold"], "mode": "lines", "name": "stability threshold",
@@ -392,15 +460,21 @@ def _trajectory_panels(page: _Page, t: TrajectoryData) -> str:
                      "name": "edge of stability", "marker": {"size": 14, "symbol": "circle-open", "color": "#d62728"}})
     out += '<div class="row">' + page.figure(
         data, {"title": _title("sharpness against the stability threshold"), "xaxis": {"title": {"text": "step"}},
-               "yaxis": {"title": {"text": "sharpness"}, "type": "log"}}, height=380, width="50%")
+               "yaxis": {"title": {"text": "sharpness"}, "type": "log"}}, height=380, width="50%",
+        caption="Sharpness at each checkpoint against the stability threshold 2/η (dashed): λ·η/2 near 1 is the "
+                "edge of stability (circled), where gradient descent stops sharpening.")
     out += page.figure(
         [{"type": "scatter", "x": a["step"], "y": a["distance"], "mode": "lines+markers", "name": "from the first"},
          {"type": "scatter", "x": a["step"], "y": a["step_size"], "mode": "lines+markers", "yaxis": "y2",
           "name": "per step"}],
-        {"title": _title("distance travelled"), "xaxis": {"title": {"text": "step"}},
-         "yaxis": {"title": {"text": "||theta_i - theta_0||"}},
-         "yaxis2": {"title": {"text": "||theta_i - theta_(i-1)|| / step"}, "overlaying": "y", "side": "right",
-                    "type": "log", "showgrid": False}, "legend": {"x": 0.5, "y": 0.1}}, height=380, width="50%")
+        {"title": _title("distance travelled"), "xaxis": {"title": {"text": "step"}, "automargin": True},
+         "yaxis": {"title": {"text": "‖θ_i − θ_0‖"}, "automargin": True},
+         "yaxis2": {"title": {"text": "‖θ_i − θ_(i−1)‖ per step"}, "overlaying": "y", "side": "right",
+                    "type": "log", "showgrid": False, "automargin": True, "tickformat": ".1e"},
+         "margin": {"l": 60, "r": 70, "t": _TOP, "b": 50},
+         "legend": {"orientation": "h", "x": 0, "y": -0.22, "yanchor": "top"}}, height=400, width="50%",
+        caption="Distance from the first checkpoint (left) and movement per step (right, log): a flattening left "
+                "curve with a falling right one means training has settled.")
     return out + "</div>"
 
 
@@ -428,7 +502,8 @@ vertical-align:top}th{background:#f4f4f4}table.summary td:nth-child(3),table.sum
 font-variant-numeric:tabular-nums}.row{display:flex;flex-wrap:wrap}.grid{display:grid;
 grid-template-columns:repeat(auto-fill,minmax(380px,1fr));gap:8px}.settings{font-family:monospace;font-size:12px;
 word-break:break-all}.note{color:#a33}small{color:#666;font-weight:normal}td.wrap{word-break:break-all}
-nav a{margin-right:1em}
+nav a{margin-right:1em}figure.fig{margin:0 0 12px 0;box-sizing:border-box}figure.fig .plot{width:100%}
+figcaption{font-size:12px;color:#555;margin:0 12px;line-height:1.35}
 """
 
 
@@ -443,14 +518,25 @@ def render_html(run: RunContents, plotly_js: str) -> str:
             f'<h2 id="summary">summary</h2>{_summary(run)}'
             f'<h2 id="provenance">provenance</h2><details open><summary>checkpoint, data, seed, versions</summary>'
             f"{prov}</details>" + "".join(f'<h2 id="{k}">{k}</h2>{v}' for k, v in sections))
-    # Figures are drawn one per task, after the first paint, so the summary shows at once and the page
-    # stays responsive while the plots appear; data-rendered counts them when all are drawn.
+    # Figures are drawn one per task, after the first paint, so the summary shows at once and the page stays
+    # responsive while the plots appear: those on screen (or scrolled to, or reached through the navigation) first,
+    # the rest in page order behind them. Each plot gets data-order (its place in the drawing order); data-rendered
+    # on the body counts them when all are drawn.
     loader = ("(function(){var figs=JSON.parse(document.getElementById('landscape-figures').textContent);"
-              f"var config={json.dumps(_CONFIG)};var i=0;"
-              "function next(){if(i>=figs.length){document.body.setAttribute('data-rendered',String(figs.length));"
-              "return;}var f=figs[i++];Plotly.newPlot(f.id,f.data,f.layout,config).then(function(){"
-              "setTimeout(next,0);});}"
-              "requestAnimationFrame(function(){setTimeout(next,0);});})();")
+              f"var config={json.dumps(_CONFIG)};var byId={{}},urgent=[],done=0,busy=false;"
+              "figs.forEach(function(f){byId[f.id]=f;});"
+              "function pick(){while(urgent.length){var u=urgent.shift();if(!u.drawn)return u;}"
+              "for(var k=0;k<figs.length;k++){if(!figs[k].drawn)return figs[k];}return null;}"
+              "function pump(){if(busy)return;var f=pick();if(!f)return;busy=true;f.drawn=true;"
+              "Plotly.newPlot(f.id,f.data,f.layout,config).then(function(){"
+              "document.getElementById(f.id).setAttribute('data-order',String(done++));busy=false;"
+              "if(done===figs.length){document.body.setAttribute('data-rendered',String(done));}"
+              "setTimeout(pump,0);});}"
+              "if('IntersectionObserver' in window){var io=new IntersectionObserver(function(es){var fresh=[];"
+              "es.forEach(function(e){if(e.isIntersecting){fresh.push(byId[e.target.id]);io.unobserve(e.target);}});"
+              "urgent=fresh.concat(urgent);pump();},{rootMargin:'300px 0px'});"
+              "figs.forEach(function(f){io.observe(document.getElementById(f.id));});}"
+              "requestAnimationFrame(function(){setTimeout(pump,0);});})();")
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{esc(run.title)} · landscape"
             f"</title><style>{_STYLE}</style></head><body>{body}"
