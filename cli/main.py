@@ -495,8 +495,6 @@ def hessian(
         if engine == "pyhessian" and sizes:
             raise LandscapeError("--engine pyhessian computes the Hessian's top-k eigenvalues and trace only",
                                  hint="drop --batch-sizes, or run it with --engine landscape")
-        if validity_random < 0:
-            raise LandscapeError(f"--validity-random must be at least 0, not {validity_random}")
         settings = CurvatureSettings(
             kind="ggn" if ggn else "hessian", top_k=top_k, bottom_k=bottom_k, tol=tol, max_hvp=max_hvp, trace=trace,
             trace_method=trace_method, trace_matvecs=trace_matvecs, trace_stderr=trace_stderr, density=density,

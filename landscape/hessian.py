@@ -56,6 +56,19 @@ class CurvatureSettings:
     batch_sizes: tuple[int, ...] = ()
     batch_draws: int = 5
 
+    def __post_init__(self) -> None:
+        """Counts that cannot be, refused with the option that set them (``--top-k -1`` used to run silently)."""
+        least = {"top_k": 0, "bottom_k": 0, "max_hvp": 1, "trace_matvecs": 3 if self.trace else 0,
+                 "density_probes": 1, "density_steps": 2, "validity_random": 0, "batch_draws": 2}
+        for name, low in least.items():
+            value = getattr(self, name)
+            if value < low:
+                raise LandscapeError(f"--{name.replace('_', '-')} must be at least {low}, not {value}")
+        if not self.tol > 0:
+            raise LandscapeError(f"--tol must be positive, not {self.tol}")
+        if self.kind not in ("hessian", "ggn"):
+            raise LandscapeError(f"curvature kind {self.kind!r} is unknown", hint="use hessian or ggn")
+
     @property
     def group(self) -> str:
         """Run-file group: ``hessian``/``ggn``, or ``hessian_pyhessian`` for the PyHessian reference engine."""

@@ -71,6 +71,32 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def check_output_path(path: str | Path) -> None:
+    """Refuse, before any work, a run-file path that cannot be written: the path is a folder, a file stands where
+    a folder of it should be, or its nearest existing folder is not writable (a :class:`LandscapeError`)."""
+    path = Path(path)
+    if path.is_dir():
+        raise LandscapeError(f"cannot write the run file {path}: it is a folder", hint="give -o a .h5 file name")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise LandscapeError(f"cannot write the run file {path}: {ancestor} is a file, not a folder",
+                             hint="give -o a .h5 file name, or a folder that is not an existing file")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise LandscapeError(f"cannot write the run file {path}: {ancestor} is not writable",
+                             hint="choose a writable place with -o")
+
+
+def make_parent(path: Path) -> None:
+    """Create the folder of ``path``; a place that cannot hold it is a :class:`LandscapeError`."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise LandscapeError(f"cannot write the run file {path}: {err.strerror or err} ({err.filename or path.parent})",
+                             hint="choose a writable place with -o") from None
+
+
 class RunFile:
     """Exclusive, crash-safe writer of one run file.
 
@@ -85,8 +111,12 @@ class RunFile:
         self.journal_path = self.path.with_name(self.path.name + ".journal")
         self.compact_every = compact_every
         self.journal_every = journal_every
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        make_parent(self.path)
+        try:
+            self._lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise LandscapeError(f"cannot write the run file {self.path}: {err.strerror or err}",
+                                 hint="choose a writable place with -o") from None
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -40,12 +40,13 @@ from .blas import single_blas_thread
 from .budget import PeakRSS, analysis_floor, check_fits, process_seconds, resolve_budget, rss
 from .errors import LandscapeError
 from .hessian import CurvatureSettings, analyze_curvature
+from .hf import IGNORE_INDEX
 from .lanczos import basis_device, basis_size, lanczos
 from .losses import default_loss_name, resolve_loss
 from .persample import chunk_size, iter_gradients
 from .problem import Problem
-from .stream import rows
-from .runfile import RESERVED, RunFile, encode_attr, read_attrs
+from .stream import StreamedInputs, rows
+from .runfile import RESERVED, RunFile, check_output_path, encode_attr, make_parent, read_attrs
 from .sharpness import SharpnessSettings, same_settings, sharpness, summary_from_group
 from .sharpness import forward_equivalents as sharpness_cost
 from .slices import axis, block_points, compute_slice, grid_coefficients, missing_blocks
@@ -216,6 +217,7 @@ def build_model(ck: Checkpoint, model_spec: Spec | None, *, strict: bool = True
 def setup(config: ScanConfig, comm: Comm | None = None) -> Setup:
     """Load the checkpoint, build model, data and loss, and make the Problem (for the ranks of ``comm``, by
     default the job :func:`landscape.distributed.init_from_env` joined)."""
+    check_output_path(config.run_path())  # before the model loads: an output that cannot be written fails at once
     ck = load_checkpoint(config.checkpoint, state_key=config.state_key, trust_pickle=config.trust_pickle)
     model, model_spec, prefix = build_model(ck, config.model, strict=config.strict)
     manifest = ck.manifest or {}
@@ -248,6 +250,10 @@ def setup(config: ScanConfig, comm: Comm | None = None) -> Setup:
     except LandscapeError:
         raise
     except Exception as err:  # the user's model, data and loss do not fit together
+        labels = _label_mismatch(problem)
+        if labels:
+            raise LandscapeError(labels, hint="labels must be class indices 0 .. C-1 for a model with C outputs; "
+                                              "check --data (or --loss for a regression target)") from err
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise LandscapeError(f"running the model on the data failed ({type(err).__name__}: {msg})",
                              hint="check that --data matches the model's inputs and --loss its outputs") from err
@@ -257,6 +263,28 @@ def setup(config: ScanConfig, comm: Comm | None = None) -> Setup:
                       f"batch's own statistics (train mode) {bn_check[1]:.4g}: every number is computed around a "
                       "point the network did not train at; --bn recompute re-estimates the statistics")
     return Setup(ck, model, data, loss_name, problem, model_spec, prefix, bn_check)
+
+
+def _label_mismatch(problem: Problem) -> str | None:
+    """For a classifier whose evaluation failed: a message naming the labels outside the model's outputs, if that
+    is the cause (found from one sample's output)."""
+    y = problem.y
+    if not problem.classification or y.ndim != 1 or y.is_floating_point() or isinstance(problem.X, StreamedInputs):
+        return None
+    try:
+        with torch.no_grad():
+            out = problem.forward(problem.theta0, problem.X[:1])
+    except Exception:  # noqa: BLE001 (the model fails on its own; the caller reports that)
+        return None
+    if out.ndim != 2:
+        return None
+    classes = int(out.shape[1])
+    used = y[y != IGNORE_INDEX]
+    bad = used[(used < 0) | (used >= classes)]
+    if not len(bad):
+        return None
+    return (f"{len(bad)} of {len(y)} labels lie outside the model's {classes} classes (labels from "
+            f"{int(used.min())} to {int(used.max())})")
 
 
 def bn_far_apart(frozen: float, batch: float) -> bool:
@@ -500,7 +528,7 @@ def run_scan(config: ScanConfig, *, progress: ProgressFn | None = None,
     prov = provenance(config, st)
     results: list[SliceResult] = []
     if "LANDSCAPE_SPILL_DIR" not in os.environ:  # vectors beyond the budget spill beside the run file
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_parent(path)
         vectors.SPILL_DIR = str(path.parent)
     with ExitStack() as stack:
         def open_run() -> RunFile:

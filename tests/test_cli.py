@@ -165,3 +165,23 @@ def test_hessian_command_writes_the_run_file(tmp_path):
                                             "net.5.bias"}
         assert f["slices/random_2d/loss"].shape == (3, 3)  # the scan's slice is kept
     assert (tmp_path / "figures" / "hessian_density.png").exists()  # the scan's report was redrawn, not left stale
+
+
+def test_outputs_counts_and_labels_that_cannot_be(tmp_path, mlp_ckpt):
+    """Issue 22's four: an output that cannot be written (a folder that is a file, a place that cannot hold a
+    folder), a negative count, labels beyond the model's classes. Each is one line and exit 2, and the unwritable
+    outputs are refused before the model loads; an earlier file in the way is left as it was."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    assert_clean_error(cli("scan", str(mlp_ckpt), "-o", str(notes)), "is a file, not a folder")
+    assert notes.read_text() == "mine"
+    assert_clean_error(cli("scan", str(mlp_ckpt), "-o", "/proc/forbidden/run.h5"), "cannot write the run file")
+    assert_clean_error(cli("hessian", str(mlp_ckpt), "--top-k", "-1", "-o", str(tmp_path / "h.h5")),
+                       "--top-k must be at least 0")
+    assert_clean_error(cli("hessian", str(mlp_ckpt), "--trace-matvecs", "1", "-o", str(tmp_path / "h.h5")),
+                       "--trace-matvecs must be at least 3")
+    assert not (tmp_path / "h.h5").exists()
+    bad = tmp_path / "labels.pt"
+    torch.save({"X": torch.randn(20, 64), "y": torch.tensor([0, 1, 99] + [2] * 17)}, bad)
+    assert_clean_error(cli("scan", str(mlp_ckpt), "--data", str(bad), "-o", str(tmp_path / "l.h5")),
+                       "1 of 20 labels lie outside the model's 10 classes")
