@@ -39,6 +39,14 @@ def batch_indices(n: int, b: int, j: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng([seed, b, j]).choice(n, size=b, replace=False))
 
 
+def check_batch_sizes(n: int, sizes: Sequence[int]) -> None:
+    """Refuse sizes outside ``[1, n)`` (the full data is ``lambda_full`` itself), before any work."""
+    bad = [int(b) for b in sizes if not 1 <= int(b) < n]
+    if bad:
+        raise LandscapeError(f"--batch-sizes {', '.join(map(str, bad))} not below the {n} evaluation samples",
+                             hint="use sizes from 1 to the number of samples minus one (the full data is λ_full)")
+
+
 def fit_inverse_size(sizes: np.ndarray, means: np.ndarray, full: float) -> dict[str, float]:
     """Least squares of ``means - full = c / sizes`` in ``c``: ``c``, its standard error (NaN with one size), the
     residuals' RMS relative to ``|full|``, and the intercept ``a`` of the free fit ``a + c' / sizes`` (NaN with
@@ -118,13 +126,8 @@ def analyze_batch_sizes(problem: Problem, sizes: Sequence[int], *, draws: int = 
     """``lambda_max`` and ``lambda_min`` of ``draws`` random batches of each size (see the module docstring); the
     full-data eigenvalues come from the caller. Sizes must lie in ``[1, n)`` (the full data is ``lambda_full``)."""
     n = problem.n
+    check_batch_sizes(n, sizes)
     sizes = np.asarray(sorted(set(int(b) for b in sizes)), dtype=np.int64)
-    bad = [int(b) for b in sizes if not 1 <= b < n]
-    if bad:
-        raise LandscapeError(f"--batch-sizes {', '.join(map(str, bad))} not below the {n} evaluation samples",
-                             hint="use sizes from 1 to the number of samples minus one (the full data is λ_full)")
-    if draws < 2:
-        raise LandscapeError("--batch-draws must be at least 2 (the means carry standard errors)")
     shape = (len(sizes), draws)
     top, bottom = np.empty(shape), np.empty(shape)
     top_ok, bottom_ok = np.empty(shape, dtype=bool), np.empty(shape, dtype=bool)

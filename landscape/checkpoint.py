@@ -189,6 +189,14 @@ def load_checkpoint(path: str | Path, *, state_key: str | None = None, trust_pic
                              "config.json)", hint="give the .pt/.ckpt/.safetensors file")
     if path.stat().st_size == 0:
         raise LandscapeError(f"checkpoint {path} is empty (0 bytes)", hint="re-save or re-download it")
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if path.suffix != ".safetensors" and not head.startswith((b"PK\x03\x04", b"\x80")):
+        # torch.save writes a zip archive, or (legacy) a pickle of protocol 2 or higher; anything else is some
+        # other file, and the unpickler's "unsupported operand" would read like a pickle to trust
+        raise LandscapeError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle: it starts "
+                             f"{head!r})", hint="give the file torch.save wrote (.pt/.pth/.ckpt), a .safetensors "
+                                                "file or a save_pretrained folder")
     sha = file_sha256(path)
     common = {"path": str(path), "sha256": sha}
 

@@ -181,7 +181,9 @@ class Problem:
         if classification is None:
             classification = not y.is_floating_point() and y.ndim == 1
         self.classification = classification
-        self.batch_size = max(1, int(batch_size))
+        if int(batch_size) < 1:
+            raise LandscapeError(f"--batch-size must be at least 1, not {batch_size}")
+        self.batch_size = int(batch_size)
         self._chunks = [(s, min(s + self.batch_size, self.n)) for s in range(0, self.n, self.batch_size)]
         lo, hi = self.comm.shard(self.n)
         # derivatives are data-parallel: this rank's samples only, summed over the ranks by all-reduce

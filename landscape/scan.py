@@ -35,7 +35,8 @@ from .coherence import summary_from_group as coherence_summary
 from .curvature import CurvatureOperator
 from .data import EvalData, load_data
 from .distributed import Comm, cuda_for_job, current
-from .directions import difference_direction, random_directions
+from .directions import IGNORES, NORMS, difference_direction, random_directions
+from .batchsize import check_batch_sizes
 from .blas import single_blas_thread
 from .budget import PeakRSS, analysis_floor, check_fits, process_seconds, resolve_budget, rss
 from .errors import LandscapeError
@@ -123,6 +124,14 @@ class ScanConfig:
     curvature: CurvatureSettings | None = None
     sharpness: tuple[SharpnessSettings, ...] = ()
     coherence: CoherenceSettings | None = None
+
+    def __post_init__(self) -> None:
+        """Settings checked before anything is loaded or written (an unknown --norm used to leave an empty run
+        file behind)."""
+        if self.norm not in NORMS:
+            raise LandscapeError(f"direction normalization {self.norm!r} is unknown", hint=f"use one of {', '.join(NORMS)}")
+        if self.ignore not in IGNORES:
+            raise LandscapeError(f"ignore policy {self.ignore!r} is unknown", hint=f"use one of {', '.join(IGNORES)}")
 
     def run_path(self) -> Path:
         if self.output:
@@ -242,6 +251,8 @@ def setup(config: ScanConfig, comm: Comm | None = None) -> Setup:
                       batch_size=config.batch_size, bn=config.bn, bn_batches=config.bn_batches,
                       strategy=config.strategy, workers=config.workers, seed=config.seed, comm=comm or current(),
                       precision=config.precision, memory_budget=resolve_budget(config.memory_budget))
+    if config.curvature is not None and config.curvature.batch_sizes:
+        check_batch_sizes(problem.n, config.curvature.batch_sizes)
     check_fits(analysis_floor(problem.num_parameters, problem.parameter_bytes,
                               host_vectors=config.curvature is not None and problem.device.type != "cuda"),
                problem.memory_budget, problem.device)
