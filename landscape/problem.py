@@ -233,10 +233,13 @@ class Problem:
             raise LandscapeError("per-class and mini-batch curvature need the inputs in memory",
                                  hint="use --stream off (and --max-samples to fit)")
         idx = torch.as_tensor(np.asarray(indices), dtype=torch.long, device=self.X.device)
+        # the HVP engine this Problem settled on is kept (each subset would otherwise time the choice again)
+        mode = {"graph": "graph", "functional": self._functional_mode}.get(self.hvp_mode, "auto")
         return Problem(self._model, self.X[idx], self.y[idx], self.loss_fn, metrics=self.metrics,
                        classification=self.classification, device=self.device, dtype=self.dtype,
                        batch_size=self.batch_size, bn=self.bn, memory_budget=self.memory_budget, comm=self.comm,
-                       precision=self.precision, linear_inputs=self.linear_inputs, direct_output=self.direct_output)
+                       precision=self.precision, linear_inputs=self.linear_inputs, direct_output=self.direct_output,
+                       hvp_mode=mode)
 
     @property
     def num_parameters(self) -> int:

@@ -1,0 +1,87 @@
+"""Benchmark: the reliability promises as figures (issue 22), from the fault suite's own tables.
+
+    python benchmarks/bench_faults.py [--parts bad,pickles,untouched]
+
+- ``bad``: every bad input of ``tests/faults/badinputs.py`` (files and options over every command): clean when the
+  command exits 2 with one ``error:`` line that names the problem, prints no traceback and leaves an earlier run
+  file byte for byte as it was. Figure: clean / tried, and each failure's reason.
+- ``pickles``: the five crafted-pickle carriers of ``tests/faults/pickles.py`` through ``landscape scan``. Figure:
+  executed / tried (the marker file appearing counts as executed).
+- ``untouched``: the user's module (weights, buffers, BatchNorm statistics, requires_grad, modes, .grad) after every
+  analysis and after failures injected at four points of them (``tests/faults/test_model_untouched.py``). Figure:
+  unchanged / tried.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+from faults.badinputs import CASES, make_files, run_case, verdict  # noqa: E402
+from faults.pickles import carriers  # noqa: E402
+
+
+def bad_inputs(folder: Path) -> None:
+    files = make_files(folder)
+    run = Path(files["run"])
+    before = run.read_bytes()
+    clean, failures, t = 0, [], time.perf_counter()
+    for name, args, needle in CASES:
+        problem = verdict(run_case(args, files), needle)
+        if problem is None and run.read_bytes() != before:
+            problem = "the earlier run file changed"
+        if problem is None:
+            clean += 1
+        else:
+            failures.append((name, problem))
+    print(f"bad inputs: {clean} clean / {len(CASES)} tried ({time.perf_counter() - t:.0f} s)")
+    for name, problem in failures:
+        print(f"  - {name}: {problem}")
+
+
+def pickles(folder: Path) -> None:
+    import subprocess
+
+    marker = folder / "pwned"
+    executed = 0
+    files = carriers(folder / "carriers", marker)
+    for name, path in files.items():
+        res = subprocess.run([sys.executable, "-m", "landscape", "scan", str(path), "-o", str(folder / "p.h5")],
+                             capture_output=True, text=True)
+        if marker.exists():
+            executed += 1
+            marker.unlink()
+        print(f"  - {name}: exit {res.returncode}, {res.stderr.strip().splitlines()[-1][:110]}")
+    print(f"crafted pickles: {executed} executed / {len(files)} tried")
+
+
+def untouched() -> None:
+    import pytest
+
+    t = time.perf_counter()
+    code = pytest.main(["-q", "-p", "no:cacheprovider", str(HERE.parent / "tests" / "faults" / "test_model_untouched.py")])
+    print(f"model untouched: pytest exit {code} ({time.perf_counter() - t:.0f} s; 2 analysis runs, 4 injected failures)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--parts", default="bad,pickles,untouched")
+    a = ap.parse_args()
+    folder = Path(tempfile.mkdtemp(prefix="bench_faults_"))
+    parts = a.parts.split(",")
+    if "bad" in parts:
+        bad_inputs(folder / "bad")
+    if "pickles" in parts:
+        pickles(folder)
+    if "untouched" in parts:
+        untouched()
+
+
+if __name__ == "__main__":
+    main()
