@@ -1,7 +1,12 @@
 """Benchmark: the reliability promises as figures (issue 22), from the fault suite's own tables.
 
-    python benchmarks/bench_faults.py [--parts bad,pickles,untouched]
+    python benchmarks/bench_faults.py [--parts kill,bad,pickles,untouched]
 
+- ``kill``: a default scan of the shipped CNN (every analysis and the report, ``tests/faults/kills.py``) stopped by
+  SIGKILL at 20 seeded moments spread over the run, and by SIGINT and SIGTERM once each at its middle, then
+  resumed. Figure: equal / stopped (the resumed file equal to an uninterrupted run's, slices bitwise and analyses to
+  round-off as in ``tests/test_resume.py``, the file readable after the stop, and only the missing slice points
+  computed), with the phase each stop fell in.
 - ``bad``: every bad input of ``tests/faults/badinputs.py`` (files and options over every command): clean when the
   command exits 2 with one ``error:`` line that names the problem, prints no traceback and leaves an earlier run
   file byte for byte as it was. Figure: clean / tried, and each failure's reason.
@@ -24,7 +29,38 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from faults.badinputs import CASES, make_files, run_case, verdict  # noqa: E402
+from faults.kills import kill_and_resume, moments, reference  # noqa: E402
 from faults.pickles import carriers  # noqa: E402
+
+
+def kills(folder: Path) -> None:
+    import signal
+
+    import h5py
+    from test_resume import assert_same, contents
+
+    ref, wall = reference(folder)
+    with h5py.File(ref) as f:
+        points = sum(int(g["done"].size) for g in f["slices"].values())
+    print(f"reference scan: {wall:.1f} s")
+    trials = [(t, signal.SIGKILL) for t in moments(20, wall)] + [(wall / 2, signal.SIGINT), (wall / 2, signal.SIGTERM)]
+    equal = stopped = 0
+    for i, (delay, sig) in enumerate(trials):
+        out = folder / f"kill{i}" / "run.h5"
+        out.parent.mkdir()
+        r = kill_and_resume(out, delay, sig)
+        ok = r["readable"] and r["resumed_exit"] == 0 and r["computed"] == points - r["done_before"]
+        if ok:
+            try:
+                assert_same(contents(ref), contents(out))
+            except AssertionError as err:
+                ok, r["stderr"] = False, str(err)[:200]
+        stopped += r["stopped"]
+        equal += ok and r["stopped"]
+        print(f"  - {signal.Signals(sig).name} at {delay:5.1f} s: {'stopped' if r['stopped'] else 'had finished'}, "
+              f"{r['done_before']}/{points} slice points on disk, resumed computed {r['computed']}, "
+              f"{'equal' if ok else 'DIFFERENT: ' + r['stderr']}", flush=True)
+    print(f"kill anywhere: {equal} equal / {stopped} stopped ({len(trials)} tried)")
 
 
 def bad_inputs(folder: Path) -> None:
@@ -71,10 +107,12 @@ def untouched() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--parts", default="bad,pickles,untouched")
+    ap.add_argument("--parts", default="kill,bad,pickles,untouched")
     a = ap.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="bench_faults_"))
     parts = a.parts.split(",")
+    if "kill" in parts:
+        kills(folder)
     if "bad" in parts:
         bad_inputs(folder / "bad")
     if "pickles" in parts:

@@ -1,0 +1,68 @@
+"""Issue 22, part 1: a default scan (every analysis and the report) of the shipped CNN, killed at seeded moments
+spread over its phases and resumed, against an uninterrupted run. Shared by ``tests/faults/test_kill_anywhere.py``
+and ``benchmarks/bench_faults.py``."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+
+REPO = Path(__file__).resolve().parents[2]
+CKPT = str(REPO / "data" / "examples" / "cnn_adam_s2000.pt")
+ARGS = ["--max-samples", "128", "--steps", "15", "--save-every", "0.2"]
+
+
+def scan(out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "landscape", "scan", CKPT, *ARGS, "-o", str(out), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "COLUMNS": "200"})
+
+
+def reference(folder: Path) -> tuple[Path, float]:
+    """The uninterrupted run and its wall time."""
+    out = folder / "reference.h5"
+    t = time.perf_counter()
+    proc = scan(out)
+    _, err = proc.communicate()
+    assert proc.returncode == 0, err
+    return out, time.perf_counter() - t
+
+
+def moments(count: int, wall: float, seed: int = 0) -> list[float]:
+    """``count`` seeded moments spread over the run: one in each of ``count`` equal stretches of it."""
+    rng = random.Random(seed)
+    return [wall * (i + rng.random()) / count for i in range(count)]
+
+
+def kill_and_resume(out: Path, delay: float, sig: int = signal.SIGKILL) -> dict:
+    """Start a scan, send ``sig`` after ``delay`` seconds (if it is still running), check the file on disk, resume
+    it to the end. Returns what happened: whether it was stopped, the file's state after the stop, the resumed
+    run's exit code, the points it computed and those that were done before."""
+    proc = scan(out)
+    time.sleep(delay)
+    stopped = proc.poll() is None
+    if stopped:
+        proc.send_signal(sig)
+    _, err = proc.communicate()
+    readable, done = True, 0
+    if out.exists():
+        try:
+            with h5py.File(out) as f:
+                readable = f.attrs.get("schema") == "landscape/1"
+                done = sum(int(g["done"][()].sum()) for g in f["slices"].values()) if "slices" in f else 0
+        except OSError:
+            readable = False
+    resumed = scan(out, "--resume", "--json")
+    res_out, res_err = resumed.communicate()
+    computed = sum(s["computed"] for s in json.loads(res_out)["slices"]) if resumed.returncode == 0 else None
+    return {"stopped": stopped, "exit": proc.returncode, "readable": readable, "done_before": done,
+            "resumed_exit": resumed.returncode, "computed": computed, "stderr": res_err[-500:],
+            "report": (out.parent / "index.html").exists()}
