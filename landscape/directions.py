@@ -42,13 +42,18 @@ def filter_norms(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1).norm(dim=1)
 
 
-def normalize_direction(d: Mapping[str, torch.Tensor], theta: Mapping[str, torch.Tensor], *,
-                        norm: str = "filter", ignore: str = "biasbn") -> Direction:
-    """Rescale ``d`` against the weights ``theta`` (see the module docstring)."""
+def check_policy(norm: str, ignore: str) -> None:
+    """A normalization and an ignore policy this module knows, else a :class:`LandscapeError`."""
     if norm not in NORMS:
         raise LandscapeError(f"direction normalization {norm!r} is unknown", hint=f"use one of {', '.join(NORMS)}")
     if ignore not in IGNORES:
         raise LandscapeError(f"ignore policy {ignore!r} is unknown", hint=f"use one of {', '.join(IGNORES)}")
+
+
+def normalize_direction(d: Mapping[str, torch.Tensor], theta: Mapping[str, torch.Tensor], *,
+                        norm: str = "filter", ignore: str = "biasbn") -> Direction:
+    """Rescale ``d`` against the weights ``theta`` (see the module docstring)."""
+    check_policy(norm, ignore)
     out: Direction = {}
     for name, w in theta.items():
         v = d[name]

@@ -56,13 +56,8 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
 
 
 def _mix_int(x: int) -> int:
-    """lowbias32 on a Python integer (for the keys)."""
-    x &= MASK
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & MASK
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & MASK
-    return x ^ (x >> 16)
+    """lowbias32 on a Python integer (for the keys): :func:`_mix` on one number."""
+    return int(_mix(torch.tensor(x & MASK, dtype=torch.int64)))
 
 
 def _keys(seed: int, stream: int) -> tuple[int, int, int, int]:

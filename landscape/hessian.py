@@ -309,8 +309,8 @@ def _analyze(problem: Problem, s: CurvatureSettings, params: list[str] | None,
             dirs.append(("bottom-1", op.to_params(bottom.eigenvectors[:, 0])))
         rand = random_directions({n: problem.theta0[n] for n in select_parameters(problem.names, params)},
                                  s.validity_random, seed=s.seed) if s.validity_random else []
-        dirs += [(f"random-{j + 1}", d) for j, d in enumerate(rand)]
-        validity = analyze_validity(problem, [(lab, _full(problem, d)) for lab, d in dirs])
+        dirs += [(f"random-{j + 1}", _full(problem, d)) for j, d in enumerate(rand)]  # eigenvectors are full already
+        validity = analyze_validity(problem, dirs)
     return CurvatureResult(settings=s, n_parameters=op.n, top=top, bottom=bottom, trace=trace, density=density,
                            n_matvec=op.n_matvec, hvp_mode=problem.hvp_engine,
                            dtype=str(problem.dtype).replace("torch.", ""), validity=validity)

@@ -35,7 +35,7 @@ from .coherence import summary_from_group as coherence_summary
 from .curvature import CurvatureOperator
 from .data import EvalData, load_data
 from .distributed import Comm, cuda_for_job, current
-from .directions import IGNORES, NORMS, difference_direction, random_directions
+from .directions import check_policy, difference_direction, random_directions
 from .batchsize import check_batch_sizes
 from .blas import single_blas_thread
 from .budget import PeakRSS, analysis_floor, check_fits, process_seconds, resolve_budget, rss
@@ -128,10 +128,7 @@ class ScanConfig:
     def __post_init__(self) -> None:
         """Settings checked before anything is loaded or written (an unknown --norm used to leave an empty run
         file behind)."""
-        if self.norm not in NORMS:
-            raise LandscapeError(f"direction normalization {self.norm!r} is unknown", hint=f"use one of {', '.join(NORMS)}")
-        if self.ignore not in IGNORES:
-            raise LandscapeError(f"ignore policy {self.ignore!r} is unknown", hint=f"use one of {', '.join(IGNORES)}")
+        check_policy(self.norm, self.ignore)
 
     def run_path(self) -> Path:
         if self.output:

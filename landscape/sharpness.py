@@ -273,7 +273,7 @@ def sharpness(problem: Problem, settings: SharpnessSettings, *,
     zero = torch.zeros_like(flat.w)
     base = [loss(b, zero) for b in batch_list]
     full_loss = float(np.mean(base))
-    drawn = [0]  # average-case draws so far: draw k is stream k of the seed
+    drawn = 0  # average-case draws so far: draw k is stream k of the seed
     extra: dict[str, list] = {}
     rows: list[np.ndarray] = []
     units = len(s.rho) * (len(batch_list) if s.measure in ("worst-case", "average-case", "sam", "asam") else 1)
@@ -288,10 +288,11 @@ def sharpness(problem: Problem, settings: SharpnessSettings, *,
     def noise(draws: int) -> Iterator[torch.Tensor]:
         """``draws`` standard draws (Gaussian for l2, uniform on [-1, 1] for linf), one at a time on the weights'
         device (:mod:`landscape.draws`, never ``draws x P`` at once)."""
+        nonlocal drawn
         for _ in range(draws):
-            k, drawn[0] = drawn[0], drawn[0] + 1
-            z = (uniform(flat.w.numel(), seed=s.seed, stream=k, device=flat.w.device) * 2 - 1
-                 if s.norm == "linf" else normal(flat.w.numel(), seed=s.seed, stream=k, device=flat.w.device))
+            z = (uniform(flat.w.numel(), seed=s.seed, stream=drawn, device=flat.w.device) * 2 - 1
+                 if s.norm == "linf" else normal(flat.w.numel(), seed=s.seed, stream=drawn, device=flat.w.device))
+            drawn += 1
             yield z.to(flat.w.dtype)
 
     for rho in s.rho:

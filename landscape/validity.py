@@ -36,6 +36,7 @@ import h5py
 import numpy as np
 import torch
 
+from .directions import dot
 from .problem import Problem
 from .runfile import encode_attr
 
@@ -119,32 +120,28 @@ def analyze_validity(problem: Problem, directions: Sequence[tuple[str, Mapping[s
     length). ``r_max`` defaults to ``||theta||`` (1 where the weights are zero). Costs one gradient, one
     Hessian-vector product per direction and about ``2 (log2(1024) + log2(1/rtol))`` loss evaluations per side and
     level."""
-    names = problem.names
-    theta_norm = math.sqrt(sum(float((problem.theta0[n].double() ** 2).sum()) for n in names))
+    theta_norm = math.sqrt(dot(problem.theta0, problem.theta0))
     r_max = r_max if r_max is not None else (theta_norm if theta_norm > 0 else 1.0)
     loss0 = problem.evaluate().loss
     floor = 1000 * torch.finfo(problem.dtype).eps * abs(loss0)
     grad = problem.gradient()
     labels, slopes, curvatures, radii, evals = [], [], [], [], 0
+
+    def change(s: float) -> float:  # along the unit direction u of the loop below
+        nonlocal evals
+        evals += 1
+        return float(problem.evaluate_points(np.array([[s]]), [u])["loss"][0]) - loss0
+
     for label, d in directions:
-        norm = math.sqrt(sum(float((d[n].double() ** 2).sum()) for n in names))
+        norm = math.sqrt(dot(d, d))
         if norm == 0:
             continue
-        u = {n: (d[n].double() / norm).to(problem.device, problem.dtype) for n in names}
-        hu = problem.hvp(u)
-        slope = sum(float((grad[n].double() * u[n].double()).sum()) for n in names)
-        curv = sum(float((hu[n].double() * u[n].double()).sum()) for n in names)
-        count = [0]
-
-        def change(s: float) -> float:
-            count[0] += 1
-            return float(problem.evaluate_points(np.array([[s]]), [u])["loss"][0]) - loss0
-
+        u = {n: (d[n].double() / norm).to(problem.device, problem.dtype) for n in problem.names}
+        slope, curv = dot(grad, u), dot(problem.hvp(u), u)
         labels.append(label)
         slopes.append(slope)
         curvatures.append(curv)
         radii.append(validity_radius(change, slope, curv, levels, r_max=r_max, rtol=rtol, floor=floor))
-        evals += count[0]
     return ValidityResult(labels=tuple(labels), slope=np.asarray(slopes), curvature=np.asarray(curvatures),
                           levels=tuple(levels), radius=np.asarray(radii, dtype=np.float64).reshape(-1, len(levels)),
                           theta_norm=theta_norm, r_max=r_max, n_evals=evals)
