@@ -26,10 +26,9 @@ import numpy as np
 import torch
 
 from . import __version__, vectors
-from .vectors import BLOCK_ROWS, ColumnStore, native
+from .vectors import native
 from .checkpoint import Checkpoint, apply_state_dict, check_finite, load_checkpoint
-from .coherence import (CoherenceSettings, GradientStats, accumulator_vectors, analyze_coherence, coordinate_ranges,
-                        random_batches)
+from .coherence import CoherenceSettings, analyze_coherence
 from .coherence import same_settings as coherence_same_settings
 from .coherence import summary_from_group as coherence_summary
 from .curvature import CurvatureOperator
@@ -38,18 +37,17 @@ from .distributed import Comm, cuda_for_job, current
 from .directions import check_policy, difference_direction, random_directions
 from .batchsize import check_batch_sizes
 from .blas import single_blas_thread
-from .budget import PeakRSS, analysis_floor, check_fits, process_seconds, resolve_budget, rss
+from .costs import VectorCosts, coherence_cost, curvature_seconds, measured, sharpness_seconds
+from .budget import analysis_floor, check_fits, process_seconds, resolve_budget, rss
 from .errors import LandscapeError
 from .hessian import CurvatureSettings, analyze_curvature
 from .hf import IGNORE_INDEX
-from .lanczos import basis_device, basis_size, lanczos
+from .lanczos import basis_device, lanczos
 from .losses import default_loss_name, resolve_loss
-from .persample import chunk_size, iter_gradients
 from .problem import Problem
-from .stream import StreamedInputs, rows
+from .stream import StreamedInputs
 from .runfile import RESERVED, RunFile, check_output_path, encode_attr, make_parent, read_attrs
 from .sharpness import SharpnessSettings, same_settings, sharpness, summary_from_group
-from .sharpness import forward_equivalents as sharpness_cost
 from .slices import axis, block_points, compute_slice, grid_coefficients, missing_blocks
 from .specs import Spec, call_spec, resolve
 
@@ -744,93 +742,6 @@ class Estimate:
                 "total_seconds": self.total_seconds}
 
 
-def _measured(pb: Problem, fn: Callable[[], Any], repeats: int = 1) -> tuple[float, int]:
-    """Mean seconds of ``repeats`` calls of ``fn`` after a first one (which warms up, and picks the HVP engine as a
-    run would) and the memory they added at their peak."""
-    cuda = pb.device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(pb.device)
-        base = torch.cuda.memory_allocated(pb.device)
-        torch.cuda.reset_peak_memory_stats(pb.device)
-    with PeakRSS() as peak:
-        fn()
-        t = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        if cuda:
-            torch.cuda.synchronize(pb.device)
-        seconds = (time.perf_counter() - t) / repeats
-    extra = (torch.cuda.max_memory_allocated(pb.device) - base) if cuda else peak.peak - peak.start
-    return seconds, max(0, int(extra))
-
-
-@dataclass(frozen=True)
-class VectorCosts:
-    """Seconds of the vector work around each product, measured on a real :class:`ColumnStore` of the operator's
-    length: ``column`` for storing (or reading) one vector, ``pass_column`` for one column of a Gram-Schmidt sweep
-    (a projection and an update: :meth:`ColumnStore.project` plus :meth:`ColumnStore.subtract`), and
-    ``first_column`` for storing one into fresh memory (page faults: each new basis pays it per column)."""
-
-    column: float
-    pass_column: float
-    first_column: float
-
-    @staticmethod
-    def measure(n: int, budget: float, device: torch.device | None = None) -> "VectorCosts":
-        """On a store like the run's: on the host within ``budget`` (or on disk), or on ``device``."""
-        cols = 8 if device is not None else int(max(1, min(8, budget // (8 * n) - 1)))
-        store = ColumnStore(n, cols + 1, budget=budget, device=device)
-        w = store.native(np.ones(n))
-
-        def timed(fn: Callable[[], object]) -> float:
-            t = time.perf_counter()
-            fn()
-            if device is not None and device.type == "cuda":
-                torch.cuda.synchronize(device)
-            return time.perf_counter() - t
-
-        with single_blas_thread():
-            # first touch of fresh memory, as a run's first pass over a new basis
-            first = timed(lambda: [store.set_column(i, w) for i in range(cols + 1)]) / (cols + 1)
-            column = timed(lambda: store.set_column(cols, w))
-            sweep = timed(lambda: store.subtract(w, store.project(w, cols), cols, project_after=True))
-        store.close()
-        return VectorCosts(column=column, pass_column=sweep / cols, first_column=first)
-
-
-def _curvature_seconds(curv: CurvatureSettings, n: int, budget: float, product: float, vec: VectorCosts
-                       ) -> tuple[float, float]:
-    """(seconds, bytes of vectors held in memory) of a curvature analysis, from the time of one product (with its
-    conversions) and the measured vector costs.
-
-    Lanczos is counted at ``m + 5 k`` products per end of the spectrum (``m`` the basis size: 65 for the top 5;
-    measured: 25 on the shipped CNN, 81 on the ResNet-18 of the scale ladder), each storing a vector and sweeping
-    a basis about ``(m + k) / 2`` columns deep; Hutch++ at its product budget, each storing or reading a vector,
-    plus six passes over its block; SLQ at ``probes x steps`` products sweeping half its basis on average."""
-    seconds = held = 0.0
-    for k in (curv.top_k, curv.bottom_k):
-        if k:
-            m = basis_size(k, n, budget=budget)
-            steps = min(curv.max_hvp, m + 5 * k)
-            seconds += ((steps + k) * (product + vec.column) + steps * (m + k) / 2 * vec.pass_column
-                        + (m + 1) * vec.first_column)
-            basis = (m + 1) * n * 8
-            held = max(held, (basis if basis <= budget else BLOCK_ROWS * (m + 1) * 8)
-                       + (k * n * 8 if k * n * 8 <= budget - (basis if basis <= budget else 0) else 0))
-    if curv.trace:
-        k = max(1, curv.trace_matvecs // 3)
-        seconds += curv.trace_matvecs * (product + 2 * vec.column) + k * vec.first_column
-        if curv.trace_method == "hutch++":
-            seconds += 6 * k * vec.pass_column / 2
-            held = max(held, k * n * 8 if k * n * 8 <= budget else BLOCK_ROWS * k * 8)
-    if curv.density:
-        steps = curv.density_probes * curv.density_steps
-        seconds += steps * (product + vec.column) + steps * curv.density_steps / 2 * vec.pass_column
-    if curv.per_layer:
-        seconds += (14 + (curv.trace_matvecs if curv.trace else 0)) * product  # per tensor, on slices of n
-    return seconds, held + 4 * n * 8  # + the vectors in flight (v, A v, conversions)
-
-
 def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
     """Predict each phase's time and peak memory from products measured on the real model, data and batch size:
     a block of slice points, a gradient, Hessian-vector products (the engine picked as the run will) and a chunk of
@@ -850,7 +761,7 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
     strategy = pb.choose_strategy(lists)
     n = pb.block * pb.workers  # a round of blocks, as the slice evaluates them
     coeffs = np.linspace(-0.5, 0.5, 2 * n).reshape(n, 2)
-    seconds, slice_extra = _measured(pb, lambda: pb.evaluate_points(coeffs, lists))
+    seconds, slice_extra = measured(pb, lambda: pb.evaluate_points(coeffs, lists))
     per_point = seconds / n
     # gradients and HVPs run one at a time on all threads: a forward pass there costs what one in-place point does
     per_pass = pb.strategy_timings["inplace"] if pb.workers > 1 else per_point
@@ -858,7 +769,7 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
     if plan:
         phases["slices"] = {"seconds": per_point * points / pb.comm.world,
                             "peak_bytes": base + slice_extra + 2 * pb.parameter_bytes}
-    grad_s, grad_extra = _measured(pb, pb.gradient)
+    grad_s, grad_extra = measured(pb, pb.gradient)
     curv = config.curvature
     hvp_s = hvp_extra = 0.0
     nparam = pb.num_parameters
@@ -868,42 +779,17 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
     if curv is not None or config.sharpness or config.coherence is not None:
         op = CurvatureOperator(pb)
         v = native(np.random.default_rng(0).standard_normal(op.n), vec_device)
-        hvp_s, hvp_extra = _measured(pb, lambda: op.matvec(v), repeats=3)
+        hvp_s, hvp_extra = measured(pb, lambda: op.matvec(v), repeats=3)
     if curv is not None:
-        seconds, held = _curvature_seconds(curv, nparam, budget if vec_device is None else float("inf"), hvp_s,
+        seconds, held = curvature_seconds(curv, nparam, budget if vec_device is None else float("inf"), hvp_s,
                                            VectorCosts.measure(nparam, budget, vec_device))
         phases["hessian"] = {"seconds": seconds, "peak_bytes": base + hvp_extra + held}
     if config.sharpness:
-        # the measures' costs in forward passes (a gradient counted as three), at the measured cost of a gradient
-        sharp_s = grad_s / 3 * sum(sharpness_cost(s, pb.n) for s in config.sharpness)
-        phases["sharpness"] = {"seconds": sharp_s,
+        phases["sharpness"] = {"seconds": sharpness_seconds(pb, config.sharpness, hvp_s),
                                "peak_bytes": base + max(grad_extra, hvp_extra) + 6 * nparam * 8}
     if config.coherence is not None:
-        co = config.coherence.resolved()
-        n_classes = int(pb.y.max()) + 1 if pb.classification else 1
-        ids = random_batches(pb.n, co.batch_sizes, co.batch_repeats, co.seed)
-        vecs = accumulator_vectors(n_classes, ids, not co.sketch)
-        ranges = coordinate_ranges(co.sketch or nparam, vecs, budget / 2) if not co.sketch else [(0, co.sketch)]
-        width = max(hi - lo for lo, hi in ranges)
-        c = min(chunk_size(pb, budget / 2, 8 * width), pb.n)  # as the run sizes its chunks
-        sample = rows(pb.X, 0, c)
-        chunk_s, chunk_extra = _measured(
-            pb, lambda: next(iter_gradients(pb, sample, pb.y[:c], memory_budget=budget / 2,
-                                            extra_bytes_per_sample=8 * width)))
-        # adding a chunk's rows to the accumulators, timed on up to 1M coordinates and scaled to the range
-        probe = min(width, 1 << 20)
-        stats = GradientStats(probe, np.zeros(c, dtype=np.int64) if not pb.classification
-                              else pb.y[:c].cpu().numpy(), batch_ids={b: a[:c] for b, a in ids.items()})
-        rows_c = torch.ones(c, probe, dtype=torch.float64)
-        t = time.perf_counter()
-        stats.add(0, rows_c)
-        add_s = (time.perf_counter() - t) * width / probe
-        del stats, rows_c
-        phases["coherence"] = {
-            "seconds": (1 + co.control) * (len(ranges) * math.ceil(pb.n / c) * (chunk_s + add_s)
-                                           + (co.noise_samples + 1) * hvp_s + co.noise_samples * chunk_s / c)
-            + 3 * per_pass,
-            "peak_bytes": base + vecs * width * 8 + max(chunk_extra, hvp_extra) + 4 * nparam * 8}
+        seconds, extra = coherence_cost(pb, config.coherence.resolved(), budget, hvp_s, per_pass)
+        phases["coherence"] = {"seconds": seconds, "peak_bytes": base + max(extra, hvp_extra) + 4 * nparam * 8}
     peak = max((p["peak_bytes"] for p in phases.values()), default=base)
     return Estimate(points=points, forward_passes=points * chunks, seconds_per_point=per_point,
                     seconds=phases.get("slices", {}).get("seconds", 0.0), strategy=strategy, workers=pb.workers,

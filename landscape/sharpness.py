@@ -346,19 +346,69 @@ def sharpness(problem: Problem, settings: SharpnessSettings, *,
         extra={k: np.asarray(v, dtype=np.float64) for k, v in extra.items()})
 
 
-def forward_equivalents(settings: SharpnessSettings, n: int) -> float:
-    """Rough cost of a measure in full-data forward passes (a backward pass counted as two forwards, a gradient
-    plus Hessian-vector product as five), for ``--dry-run``. PAC-Bayes and basin width assume about 20 bisection
-    and doubling steps."""
+#: Vector operations on P numbers around each ascent step (scaling, step direction, projection, momentum, the
+#: point ``w + delta`` and the gradient's concatenation), and the evaluations of a doubling-then-bisection search
+#: (PAC-Bayes's sigma, basin width: about 6 doublings and 10 halvings to 1e-3; 26 when sigma is unbounded).
+ASCENT_VECTOR_OPS = 12
+SEARCH_STEPS = 20
+
+
+@dataclass(frozen=True)
+class Work:
+    """What a measure does, counted from its algorithm for ``--dry-run``: loss evaluations and gradients, each
+    ``{batch size: count}``, Hessian-vector products on the whole set, standard draws of P numbers and
+    elementwise operations on P-long vectors. Times come from measuring one of each
+    (:func:`landscape.costs.sharpness_seconds`)."""
+
+    losses: Mapping[int, int]
+    gradients: Mapping[int, int]
+    hvps: int = 0
+    draws: int = 0
+    vector_ops: int = 0
+
+
+def keeps_draws(draws: int, n_parameters: int, element_size: int, memory_budget: float) -> bool:
+    """Whether PAC-Bayes keeps its ``draws`` perturbations (within half the memory budget) rather than drawing them
+    again at every sigma."""
+    return draws * n_parameters * element_size <= memory_budget / 2
+
+
+def work(settings: SharpnessSettings, n: int, *, n_directions: int = 2, kept_draws: bool = True) -> Work:
+    """The :class:`Work` of one measure on ``n`` samples (``n_directions`` for basin width; ``kept_draws`` as
+    :func:`keeps_draws` says for PAC-Bayes).
+
+    >>> w = work(SharpnessSettings("sam", m=None), 100)
+    >>> dict(w.losses), dict(w.gradients)
+    ({100: 2}, {100: 1})
+    """
     s = settings.resolved()
     r = len(s.rho)
     m = n if s.m is None else min(s.m, n)
     b = n // m
-    frac = m * b / n  # share of the set used by one pass over every batch
-    per_rho = {"worst-case": 3 * frac * (s.steps + 1), "average-case": frac * s.draws, "sam": 4 * frac,
-               "asam": 4 * frac, "keskar": 3 * (s.steps + 1), "pacbayes": 20 * s.draws,
-               "first-order": 5 * (s.steps + 1), "basin-width": 2 * 2 * 20}[s.measure]
-    return frac + r * per_rho
+    losses, grads = {m: b}, {}  # every batch's loss at w, once
+    hvps = draws = ops = 0
+    ascent = r * (s.steps + 1)  # APGD: steps + 1 evaluations, one random start per run
+    if s.measure == "worst-case":
+        grads[m] = b * ascent
+        draws, ops = r * b, b * ascent * ASCENT_VECTOR_OPS
+    elif s.measure == "average-case":
+        losses[m] += r * b * s.draws
+        draws, ops = r * b * s.draws, 3 * r * b * s.draws
+    elif s.measure in ("sam", "asam"):
+        losses[m] += r * b
+        grads[m], ops = r * b, 8 * r * b
+    elif s.measure in ("keskar", "first-order"):
+        grads[n] = ascent
+        hvps = ascent if s.measure == "first-order" else 0
+        draws, ops = r, ascent * (ASCENT_VECTOR_OPS + 3 * (s.measure == "first-order"))
+    elif s.measure == "pacbayes":
+        losses[n] += r * (1 + SEARCH_STEPS * s.draws)
+        draws = r * s.draws * (1 if kept_draws else SEARCH_STEPS)
+        ops = r * SEARCH_STEPS * (4 + 2 * s.draws)
+    else:  # basin-width
+        losses[n] += r * n_directions * 2 * SEARCH_STEPS
+        ops = 2 * r * n_directions * 2 * SEARCH_STEPS
+    return Work(losses=losses, gradients=grads, hvps=hvps, draws=draws, vector_ops=ops)
 
 
 def _error(problem: Problem, params: Mapping[str, torch.Tensor]) -> float:
@@ -380,7 +430,7 @@ def _pacbayes_sigma(problem: Problem, flat: _Flat, s: SharpnessSettings, target:
 
     # the draws x P numbers are kept when they fit half the memory budget, else drawn again at every sigma
     kept = ([draw(k) for k in range(s.draws)]
-            if s.draws * flat.w.numel() * flat.w.element_size() <= problem.memory_budget / 2 else None)
+            if keeps_draws(s.draws, flat.w.numel(), flat.w.element_size(), problem.memory_budget) else None)
 
     def z(k: int) -> torch.Tensor:
         return kept[k] if kept is not None else draw(k)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from conftest import EXAMPLES, blobs, relu_mlp
 from landscape import Problem
+from landscape import coherence
 from landscape.coherence import CoherenceSettings, GradientStats, analyze_coherence
 from landscape.curvature import CurvatureOperator
 from landscape.persample import chunk_size, gradient_matrix, per_sample_gradients
@@ -151,18 +152,25 @@ def test_gradient_matrix_writes_chunks_in_place():
     torch.testing.assert_close(M, per_sample_gradients(pb, X, y, method="loop"), rtol=0, atol=1e-12)
 
 
-def test_accumulators_beyond_the_budget_take_passes_over_coordinate_ranges_with_the_same_results():
+@pytest.mark.parametrize("column_block", [None, 7])
+def test_accumulators_beyond_the_budget_take_passes_over_coordinate_ranges_with_the_same_results(
+        column_block, monkeypatch):
     X, y = blobs(60, 4, 3, seed=5)
     pb = Problem(relu_mlp((4, 10, 3), seed=4), X.double(), y, F.cross_entropy, dtype=torch.float64)
     one = analyze_coherence(pb, CoherenceSettings(**FAST))
+    runs = []
+    if column_block:  # rows added 7 coordinates at a time: 12 blocks, the last one short
+        monkeypatch.setattr(coherence, "COLUMN_BLOCK", column_block)
+        runs.append(analyze_coherence(pb, CoherenceSettings(**FAST)))
     # 83 parameters; 2 + 2 * 3 classes + the random batches' accumulators, 8 bytes each: a 1.6 KB budget
     # leaves room for a few coordinates at a time
-    many = analyze_coherence(pb, CoherenceSettings(**FAST, memory_budget=1600))
-    assert one.metrics["coordinate_passes"] == 1 and many.metrics["coordinate_passes"] > 5
-    for k, v in one.metrics.items():
-        if k != "coordinate_passes":
-            np.testing.assert_allclose(many.metrics[k], v, rtol=1e-10, err_msg=k)
-    for k, v in one.arrays.items():
-        np.testing.assert_allclose(many.arrays[k], v, rtol=1e-10, atol=1e-12, err_msg=k)
-    for k, v in one.gsnr.items():
-        np.testing.assert_allclose(many.gsnr[k], v, rtol=1e-10, err_msg=k)
+    runs.append(analyze_coherence(pb, CoherenceSettings(**FAST, memory_budget=1600)))
+    assert one.metrics["coordinate_passes"] == 1 and runs[-1].metrics["coordinate_passes"] > 5
+    for many in runs:
+        for k, v in one.metrics.items():
+            if k != "coordinate_passes":
+                np.testing.assert_allclose(many.metrics[k], v, rtol=1e-10, err_msg=k)
+        for k, v in one.arrays.items():
+            np.testing.assert_allclose(many.arrays[k], v, rtol=1e-10, atol=1e-12, err_msg=k)
+        for k, v in one.gsnr.items():
+            np.testing.assert_allclose(many.gsnr[k], v, rtol=1e-10, err_msg=k)

@@ -10,7 +10,7 @@ from landscape import Problem
 from landscape.ascent import apgd, checkpoints
 from landscape.curvature import CurvatureOperator
 from landscape.lanczos import lanczos
-from landscape.sharpness import SharpnessSettings, batches, sharpness
+from landscape.sharpness import SharpnessSettings, batches, sharpness, work
 
 
 def half_mse(out, y):
@@ -231,3 +231,24 @@ def test_run_file_layout_and_quadratic_prediction_from_the_stored_hessian(tmp_pa
         stored, fresh = summary_from_group(g), res.summary()
         assert np.isnan(stored.pop("stderr")).all() and np.isnan(fresh.pop("stderr")).all()  # one batch: no error bar
         assert stored == fresh
+
+
+@pytest.mark.parametrize("measure", ["worst-case", "average-case", "sam", "asam", "keskar", "first-order"])
+def test_dry_run_work_counts_every_evaluation_a_measure_makes(measure):
+    """The ``--dry-run`` cost model's count of loss, gradient and HVP evaluations equals what the measure does
+    (two rho, two batches), so an algorithm change that forgets the count fails here."""
+    pb, _, _ = interpolating_regression(n=8)
+    s = SharpnessSettings(measure=measure, rho=(0.1, 0.2), m=4, steps=5, draws=3)
+    w = work(s, pb.n)
+    assert sum(w.losses.values()) + sum(w.gradients.values()) + w.hvps == sharpness(pb, s).n_evals
+
+
+@pytest.mark.parametrize("measure", ["pacbayes", "basin-width"])
+def test_dry_run_work_of_searches_is_their_typical_length(measure):
+    """Searches stop when the answer is found: the count assumes 20 steps, within 2x of a real search."""
+    pb, _, _ = interpolating_regression(n=8)
+    s = SharpnessSettings(measure=measure, rho=(0.01,), draws=4)
+    dirs = [{n: torch.ones_like(t) for n, t in pb.theta0.items()}]
+    counted = sum(work(s, pb.n, n_directions=1).losses.values())
+    done = sharpness(pb, s, directions=dirs).n_evals
+    assert counted / 2 <= done <= counted * 2, (counted, done)
