@@ -41,7 +41,7 @@ from .hf import IGNORE_INDEX
 from .persample import iter_gradients, per_sample_gradients, sketched_gradients
 from .stream import rows
 from .problem import Problem
-from .runfile import encode_attr, read_attrs
+from .runfile import encode_attr, link_name, read_attrs
 from .vectors import vector_device
 
 
@@ -278,7 +278,7 @@ class CoherenceResult:
         for k, v in self.arrays.items():
             g.create_dataset(k, data=v)
         for pname, arr in self.gsnr.items():
-            g.create_dataset(f"gsnr/{pname}", data=arr)
+            g.create_dataset(f"gsnr/{link_name(pname)}", data=arr)
         if self.control is not None:
             self.control.write(g, "control")
         return g

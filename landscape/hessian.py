@@ -24,7 +24,7 @@ from .errors import LandscapeError
 from .lanczos import Eigenpairs, basis_device, lanczos
 from .problem import Problem
 from .reference import PYHESSIAN_TRACE_TOL, pyhessian_spectrum
-from .runfile import encode_attr
+from .runfile import encode_attr, link_name
 from .trace import TraceEstimate, hutchinson, hutchpp
 from .validity import ValidityResult, analyze_validity
 from .vectors import vector_device
@@ -156,7 +156,7 @@ class CurvatureResult:
                 for i in range(self.top.eigenvectors.shape[1]):
                     vg = g.create_group(f"eigenvectors/{i}")
                     for pname, arr in eigenvector_params(self.top.eigenvectors[:, i]).items():
-                        vg.create_dataset(pname, data=arr)
+                        vg.create_dataset(link_name(pname), data=arr)
         if self.bottom is not None:
             g.create_dataset("bottom_eigenvalues", data=self.bottom.eigenvalues)
             g.create_dataset("bottom_residuals", data=self.bottom.residuals)
@@ -185,7 +185,7 @@ class CurvatureResult:
             d.attrs["negative_mass_stderr"] = self.density.negative_mass_stderr
             d.attrs["n_matvec"] = self.density.n_matvec
         for layer, res in self.per_layer.items():
-            res.write(g.require_group("per_layer"), layer)
+            res.write(g.require_group("per_layer"), link_name(layer))
         if self.validity is not None:
             self.validity.write(g)
         if self.n_samples is not None:

@@ -38,6 +38,24 @@ SCHEMA = "landscape/1"
 RESERVED = ("x", "y", "done", "directions")
 
 
+def link_name(name: str) -> str:
+    """``name`` (a parameter's, which PyTorch lets hold any character but ``.``-separated paths) as one HDF5 link
+    name: ``%`` and ``/`` percent-escaped (a ``/`` would open a subgroup) and a lone ``.`` (the group itself) as
+    ``%2E``; every other name is unchanged, so the files of ordinary models read as before. :func:`from_link`
+    inverts it.
+
+    >>> link_name("blocks/0.weight"), from_link(link_name("50%/."))
+    ('blocks%2F0.weight', '50%/.')
+    """
+    key = name.replace("%", "%25").replace("/", "%2F")
+    return "%2E" if key == "." else key
+
+
+def from_link(key: str) -> str:
+    """The name :func:`link_name` stored as ``key``."""
+    return key.replace("%2E", ".").replace("%2F", "/").replace("%25", "%") if "%" in key else key
+
+
 def encode_attr(value: Any) -> Any:
     """HDF5-storable attribute: scalars and strings as they are, anything else as JSON text."""
     if isinstance(value, str):

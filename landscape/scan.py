@@ -46,7 +46,8 @@ from .lanczos import basis_device, lanczos
 from .losses import default_loss_name, resolve_loss
 from .problem import Problem
 from .stream import StreamedInputs
-from .runfile import RESERVED, RunFile, check_output_path, encode_attr, make_parent, read_attrs
+from .runfile import (RESERVED, RunFile, check_output_path, encode_attr, from_link, link_name, make_parent,
+                      read_attrs)
 from .sharpness import SharpnessSettings, same_settings, sharpness, summary_from_group
 from .slices import axis, block_points, compute_slice, grid_coefficients, missing_blocks
 from .specs import Spec, call_spec, resolve
@@ -127,6 +128,10 @@ class ScanConfig:
         """Settings checked before anything is loaded or written (an unknown --norm used to leave an empty run
         file behind)."""
         check_policy(self.norm, self.ignore)
+        for what, name in [("slice name (--name)", self.name), *(("metric name", m) for m, _ in self.metrics)]:
+            if name is not None and ("/" in name or name in ("", ".")):
+                raise LandscapeError(f"the {what} {name!r} cannot name a run-file entry (it holds '/' or is empty)",
+                                     hint="choose a name without '/'")
 
     def run_path(self) -> Path:
         if self.output:
@@ -479,7 +484,7 @@ def _create_slice(f: h5py.File, s: SliceSettings, dirs: Sequence[Mapping[str, to
     for k, d in enumerate(dirs if store else ()):
         dg = g.create_group(f"directions/{k}")
         for name, t in d.items():
-            dg.create_dataset(name, data=t.detach().cpu().to(dtype).numpy())
+            dg.create_dataset(link_name(name), data=t.detach().cpu().to(dtype).numpy())
     for k, v in attrs.items():
         g.attrs[k] = encode_attr(v)
 
@@ -489,7 +494,7 @@ def _load_directions(g: h5py.Group) -> list[dict[str, torch.Tensor]] | None:
     if "directions" not in g:
         return None
     dg = g["directions"]
-    return [{n: torch.from_numpy(dg[str(k)][n][()]) for n in dg[str(k)]} for k in range(len(dg))]
+    return [{from_link(n): torch.from_numpy(v[()]) for n, v in dg[str(k)].items()} for k in range(len(dg))]
 
 
 ProgressFn = Callable[[str, int, int], None]

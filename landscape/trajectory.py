@@ -32,7 +32,7 @@ from .errors import LandscapeError
 from .curvature import CurvatureOperator
 from .lanczos import lanczos
 from .problem import Params, Problem
-from .runfile import encode_attr
+from .runfile import encode_attr, link_name
 from .slices import compute_slice
 
 #: Ratio of sharpness to the stability threshold from which a checkpoint counts as at the edge of stability.
@@ -166,13 +166,13 @@ class TrajectoryResult:
             g.create_dataset(k, data=getattr(self, k))
         g.create_dataset("sharpness_kind", data=np.array(self.sharpness_kind, dtype=h5py.string_dtype()))
         for n, v in self.weight_norms.items():
-            g.create_dataset(f"weight_norms/{n}", data=v)
+            g.create_dataset(f"weight_norms/{link_name(n)}", data=v)
         p = g.create_group("pca")
         p.create_dataset("coords", data=self.pca.coords)
         p.create_dataset("explained_variance", data=self.pca.explained_variance)
         for k, d in enumerate(self.pca.directions):
             for n, t in d.items():
-                p.create_dataset(f"directions/{k}/{n}", data=t.double().cpu().numpy())
+                p.create_dataset(f"directions/{k}/{link_name(n)}", data=t.double().cpu().numpy())
         pl = g.create_group("plane")
         for k, v in self.plane.items():
             pl.create_dataset(k, data=v)

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
@@ -117,6 +118,13 @@ class Browser:
                 return value
             self.pump(0.2)
         raise TimeoutError(f"{expression} stayed false for {timeout} s")
+
+    def load(self, page: Path) -> int:
+        """Open the report ``page`` (a file) with the event log cleared; wait until its plots are drawn and return
+        the page's ``data-rendered`` count."""
+        self.events.clear()
+        self.open(page.resolve().as_uri())
+        return int(self.wait_for("document.body && document.body.getAttribute('data-rendered')", timeout=120))
 
     def screenshot(self) -> bytes:
         return base64.b64decode(self.send("Page.captureScreenshot", {"format": "png"})["data"])

@@ -25,6 +25,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def browser():
+    """A headless Chromium (tests/cdp.py), skipped where none is installed unless LANDSCAPE_REQUIRE_BROWSER is set."""
+    from cdp import Browser, find_browser
+
+    path = find_browser()
+    if path is None:
+        reason = "no Chromium on this machine (Debian: apt-get install chromium; .ci/run installs it)"
+        if os.environ.get("LANDSCAPE_REQUIRE_BROWSER"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    b = Browser(path)
+    yield b
+    b.close()
+
+
 @pytest.fixture
 def mlp_ckpt() -> Path:
     return EXAMPLES / "mlp_sgd_s2000.pt"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -14,7 +13,6 @@ import h5py
 import numpy as np
 import pytest
 
-from cdp import Browser, find_browser
 from conftest import EXAMPLES, cli
 from landscape.coherence import CoherenceSettings
 from landscape.errors import LandscapeError
@@ -209,29 +207,10 @@ def _blank(png: bytes) -> bool:
     return float(img.std()) < 0.02 or float((img.mean(axis=-1) < 0.95).mean()) < 0.01
 
 
-@pytest.fixture(scope="module")
-def browser():
-    path = find_browser()
-    if path is None:
-        reason = "no Chromium on this machine (Debian: apt-get install chromium; .ci/run installs it)"
-        if os.environ.get("LANDSCAPE_REQUIRE_BROWSER"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    b = Browser(path)
-    yield b
-    b.close()
-
-
-def _load(browser: Browser, page: Path) -> int:
-    browser.events.clear()
-    browser.open(page.resolve().as_uri())
-    return int(browser.wait_for("document.body && document.body.getAttribute('data-rendered')", timeout=120))
-
-
 def test_html_in_a_browser(browser, full_report):
     page = full_report.html
     assert full_report.html_bytes < 6 * 2**20
-    rendered = _load(browser, page)
+    rendered = browser.load(page)
     assert rendered == len(_figures(page.read_text())) >= 15
     assert browser.evaluate("document.querySelectorAll('.plot .main-svg').length") >= rendered
     errors = [e for e in browser.of("Runtime.consoleAPICalled") if e["type"] in ("error", "assert")]
@@ -249,7 +228,7 @@ def test_html_in_a_browser(browser, full_report):
 
 def test_hostile_names_in_a_browser(browser, full_run, tmp_path):
     report = render_report(_hostile(full_run, tmp_path / "run.h5"), tmp_path, formats="html")
-    _load(browser, report.html)
+    browser.load(report.html)
     assert not browser.of("Page.javascriptDialogOpening")
     assert browser.evaluate("document.querySelectorAll('img').length") == 0
     text = browser.evaluate("document.body.innerText")
@@ -296,7 +275,7 @@ def test_layout_in_a_browser(browser, full_report, trajectory_report, tmp_path):
     right axis was cut off); the toolbar leaves the title free; point labels do not overlap (the PCA plane's
     steps did). A screenshot of each section is kept beside the test's files for a person to look at."""
     for page in (full_report.html, trajectory_report):
-        _load(browser, page)
+        browser.load(page)
         problems = browser.evaluate(LAYOUT_PROBLEMS)
         assert problems == [], problems
         for section in browser.evaluate("Array.from(document.querySelectorAll('h2')).map(h => h.id)"):

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import h5py
 import numpy as np
 
-from ..runfile import decode_attr, open_run_file, read_attrs
+from ..runfile import decode_attr, from_link, open_run_file, read_attrs
 
 #: Curvature groups a report knows, in the order it shows them, with their titles.
 CURVATURE_GROUPS = {"hessian": "Hessian", "ggn": "Gauss-Newton", "hessian_pyhessian": "Hessian (PyHessian)"}
@@ -186,7 +186,8 @@ def _read_curvature(name: str, g: h5py.Group) -> CurvatureData:
         trace = {**read_attrs(g["trace"]), **_arrays(g["trace"])}
     if "density" in g:
         density = {**read_attrs(g["density"]), **_arrays(g["density"])}
-    layers = {k: _read_curvature(k, v) for k, v in g["per_layer"].items()} if "per_layer" in g else {}
+    layers = {from_link(k): _read_curvature(from_link(k), v) for k, v in g["per_layer"].items()} \
+        if "per_layer" in g else {}
     validity = {**read_attrs(g["validity"]), **_arrays(g["validity"])} if "validity" in g else None
     classes = sorted(g["per_class"].items(), key=lambda kv: (-int(kv[1].attrs.get("n_samples", 0)), int(kv[0]))) \
         if "per_class" in g else []  # the most frequent class first
@@ -240,7 +241,7 @@ def _read_trajectory(g: h5py.Group) -> TrajectoryData:
     plane = SliceData(name="PCA plane", attrs={"kind": "pca"}, x=pl["x"][()], y=pl["y"][()],
                       values={k: v[()] for k, v in pl.items() if k not in ("x", "y")},
                       done=np.ones(pl["loss"].shape, dtype=bool))
-    return TrajectoryData(arrays=arrays, weight_norms=_arrays(g["weight_norms"]), coords=g["pca/coords"][()],
+    return TrajectoryData(arrays=arrays, weight_norms={from_link(k): v for k, v in _arrays(g["weight_norms"]).items()}, coords=g["pca/coords"][()],
                           explained_variance=g["pca/explained_variance"][()], plane=plane, attrs=read_attrs(g))
 
 
