@@ -1,6 +1,6 @@
 """Benchmark: the reliability promises as figures (issue 22), from the fault suite's own tables.
 
-    python benchmarks/bench_faults.py [--parts kill,bad,pickles,untouched]
+    python benchmarks/bench_faults.py [--parts kill,bad,pickles,untouched,hostile,concurrency]
 
 - ``kill``: a default scan of the shipped CNN (every analysis and the report, ``tests/faults/kills.py``) stopped by
   SIGKILL at 20 seeded moments spread over the run, and by SIGINT and SIGTERM once each at its middle, then
@@ -15,6 +15,10 @@
 - ``untouched``: the user's module (weights, buffers, BatchNorm statistics, requires_grad, modes, .grad) after every
   analysis and after failures injected at four points of them (``tests/faults/test_model_untouched.py``). Figure:
   unchanged / tried.
+- ``hostile``: ``tests/faults/test_hostile_names.py``: markup, quotes and ``/`` in parameter names, the checkpoint's
+  folder, a spec argument and the slice name, kept exactly in the run file and shown as text in Chromium.
+- ``concurrency``: ``tests/faults/concurrency.py``: the run file of a running scan read over and over (API,
+  ``inspect``, ``report``) and a second writer started. Figure: consistent / reads.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 from faults.badinputs import CASES, make_files, run_case, verdict  # noqa: E402
 from faults.kills import kill_and_resume, moments, reference  # noqa: E402
+from faults.concurrency import read_while_writing  # noqa: E402
 from faults.pickles import carriers  # noqa: E402
 
 
@@ -44,12 +49,15 @@ def kills(folder: Path) -> None:
         points = sum(int(g["done"].size) for g in f["slices"].values())
     print(f"reference scan: {wall:.1f} s")
     trials = [(t, signal.SIGKILL) for t in moments(20, wall)] + [(wall / 2, signal.SIGINT), (wall / 2, signal.SIGTERM)]
-    equal = stopped = 0
+    equal = stopped = saved = redone = 0
     for i, (delay, sig) in enumerate(trials):
         out = folder / f"kill{i}" / "run.h5"
         out.parent.mkdir()
         r = kill_and_resume(out, delay, sig)
-        ok = r["readable"] and r["resumed_exit"] == 0 and r["computed"] == points - r["done_before"]
+        ok = (r["readable"] and r["resumed_exit"] == 0 and r["computed"] == points - r["done_before"]
+              and not r["redone"])
+        saved += len(r["saved_before"])
+        redone += len(r["redone"])
         if ok:
             try:
                 assert_same(contents(ref), contents(out))
@@ -58,9 +66,11 @@ def kills(folder: Path) -> None:
         stopped += r["stopped"]
         equal += ok and r["stopped"]
         print(f"  - {signal.Signals(sig).name} at {delay:5.1f} s: {'stopped' if r['stopped'] else 'had finished'}, "
-              f"{r['done_before']}/{points} slice points on disk, resumed computed {r['computed']}, "
+              f"{r['done_before']}/{points} slice points and {len(r['saved_before'])} analyses on disk, resumed "
+              f"computed {r['computed']} points and redid {r['redone'] or 'no analysis'}, "
               f"{'equal' if ok else 'DIFFERENT: ' + r['stderr']}", flush=True)
-    print(f"kill anywhere: {equal} equal / {stopped} stopped ({len(trials)} tried)")
+    print(f"kill anywhere: {equal} equal / {stopped} stopped ({len(trials)} tried); analyses saved before a stop "
+          f"and computed again on resume: {redone} / {saved}")
 
 
 def bad_inputs(folder: Path) -> None:
@@ -97,17 +107,35 @@ def pickles(folder: Path) -> None:
     print(f"crafted pickles: {executed} executed / {len(files)} tried")
 
 
-def untouched() -> None:
+def concurrency(folder: Path) -> None:
+    t = time.perf_counter()
+    r = read_while_writing(folder)
+    print(f"reads during a write: {r['consistent']} consistent / {r['reads']} reads of a running scan's file "
+          f"({r['in_progress']} said in progress, {r['not_yet']} before its first save said so, "
+          f"{len(r['problems'])} problems; {time.perf_counter() - t:.0f} s)")
+    print(f"  - report during the write: exit {r['report'][0]}, {r['report'][1][:100]}")
+    print(f"  - inspect --json during the write: exit {r['inspect'][0]}")
+    print(f"  - a second writer: exit {r['second_writer'][0]}, {r['second_writer'][1][:110]}")
+    print(f"  - the scan: exit {r['writer_exit']}, afterwards in progress {r['final_in_progress']}, "
+          f"snapshot problem {r['final_problem']}")
+
+
+def pytest_part(name: str, what: str) -> None:
+    """One test file of tests/faults, run as it is, with its wall time."""
     import pytest
 
     t = time.perf_counter()
-    code = pytest.main(["-q", "-p", "no:cacheprovider", str(HERE.parent / "tests" / "faults" / "test_model_untouched.py")])
-    print(f"model untouched: pytest exit {code} ({time.perf_counter() - t:.0f} s; 2 analysis runs, 4 injected failures)")
+    code = pytest.main(["-q", "-p", "no:cacheprovider", str(HERE.parent / "tests" / "faults" / name)])
+    print(f"{what}: pytest exit {code} ({time.perf_counter() - t:.0f} s)")
+
+
+def untouched() -> None:
+    pytest_part("test_model_untouched.py", "model untouched (2 analysis runs, 4 injected failures)")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--parts", default="kill,bad,pickles,untouched")
+    ap.add_argument("--parts", default="kill,bad,pickles,untouched,hostile,concurrency")
     a = ap.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="bench_faults_"))
     parts = a.parts.split(",")
@@ -119,6 +147,10 @@ def main() -> None:
         pickles(folder)
     if "untouched" in parts:
         untouched()
+    if "hostile" in parts:
+        pytest_part("test_hostile_names.py", "hostile names (run file exact, Chromium shows text)")
+    if "concurrency" in parts:
+        concurrency(folder / "concurrency")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from .options import SpecOptions, spec_options
 
 #: Width of a console that is not a terminal (a pipe, a file, a cluster log): wide enough that no table is cut.
 PIPE_WIDTH = 10_000
+#: What ``report`` and ``inspect`` say of a run file a scan is still writing.
+IN_PROGRESS = "note: {} is in progress (a scan is writing it): this is its last saved state"
 #: Seconds between two plain progress lines of one phase when stderr is not a terminal.
 PLAIN_PROGRESS_SECONDS = 10.0
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else PIPE_WIDTH)
@@ -873,8 +875,11 @@ def report_cmd(
     Needs neither the model nor the data: a report can be re-drawn anywhere the run file is.
     """
     from landscape.report import render_report
+    from landscape.runfile import writer_active
 
     with _errors(debug):
+        if writer_active(run_file):
+            err_console.print(Text(IN_PROGRESS.format(run_file)))
         with err_console.status("drawing the report", spinner="dots"):
             drawn = render_report(run_file, output, formats=format_, levels=levels)
         if json_out:
@@ -899,6 +904,8 @@ def inspect(
 
     with _errors(debug):
         info = describe(run_file)
+        if info["in_progress"]:
+            err_console.print(Text(IN_PROGRESS.format(run_file)))
         if json_out:
             print(json.dumps(_nan_to_none(info), indent=2, default=str))
             return

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Mapping
 
 import h5py
@@ -24,7 +24,7 @@ from .errors import LandscapeError
 from .lanczos import Eigenpairs, basis_device, lanczos
 from .problem import Problem
 from .reference import PYHESSIAN_TRACE_TOL, pyhessian_spectrum
-from .runfile import encode_attr, link_name
+from .runfile import decode_attr, encode_attr, link_name, read_attrs
 from .trace import TraceEstimate, hutchinson, hutchpp
 from .validity import ValidityResult, analyze_validity
 from .vectors import vector_device
@@ -142,7 +142,8 @@ class CurvatureResult:
                      "trace_method": self.trace.method if self.trace is not None else s.trace_method,
                      "trace_stderr_target": s.trace_stderr if s.trace_stderr is not None else float("nan"),
                      "seed": s.seed, "parameters": list(s.parameters), "hvp_mode": self.hvp_mode, "engine": s.engine,
-                     "dtype": self.dtype, "vector_storage": self.vector_storage}.items():
+                     "dtype": self.dtype, "vector_storage": self.vector_storage,
+                     "settings": asdict(s), "summary": self.summary()}.items():
             g.attrs[k] = encode_attr(v)
         if self.top is not None:
             g.create_dataset("eigenvalues", data=self.top.eigenvalues)
@@ -195,6 +196,18 @@ class CurvatureResult:
         if self.batch_sizes is not None:
             self.batch_sizes.write(g)
         return g
+
+
+def stored_summary(group: h5py.Group, settings: CurvatureSettings, *, eigenvectors: bool = False
+                   ) -> dict[str, Any] | None:
+    """The :meth:`CurvatureResult.summary` of ``group`` when it holds a result for exactly ``settings`` (and its
+    eigenvectors, if asked for), so that a resumed scan does not compute it again; else None."""
+    stored = read_attrs(group)
+    if stored.get("settings") != decode_attr(encode_attr(asdict(settings))) or "summary" not in stored:
+        return None
+    if eigenvectors and settings.top_k and "eigenvectors" not in group:
+        return None
+    return stored["summary"]
 
 
 def analyze_curvature(problem: Problem, settings: CurvatureSettings = CurvatureSettings(),

@@ -25,9 +25,10 @@ import json
 import os
 import shutil
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import h5py
 import numpy as np
@@ -35,6 +36,8 @@ import numpy as np
 from .errors import LandscapeError
 
 SCHEMA = "landscape/1"
+#: Tries, 10 ms apart, to take a run file's write lock before another writer is reported.
+LOCK_TRIES = 50
 RESERVED = ("x", "y", "done", "directions")
 
 
@@ -79,6 +82,19 @@ def decode_attr(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return value.tolist()
     return value
+
+
+def replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """Make ``path`` by ``write(tmp)`` on a fresh name beside it (this process's, with the umask's permissions),
+    then rename it over ``path``: a reader (a browser on a report) sees the old file or the new one, never a
+    part, and two writers never share a temporary file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _fsync_path(path: Path) -> None:
@@ -135,12 +151,16 @@ class RunFile:
         except OSError as err:
             raise LandscapeError(f"cannot write the run file {self.path}: {err.strerror or err}",
                                  hint="choose a writable place with -o") from None
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            raise LandscapeError(f"run file {self.path} is being written by another process",
-                                 hint="wait for that scan to finish, or write elsewhere with -o") from None
+        for attempt in range(LOCK_TRIES):  # a reader's look (writer_active) holds a shared lock for an instant
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == LOCK_TRIES - 1:
+                    os.close(self._lock_fd)
+                    raise LandscapeError(f"run file {self.path} is being written by another process",
+                                         hint="wait for that scan to finish, or write elsewhere with -o") from None
+                time.sleep(0.01)
         try:
             self._open(mode)
         except BaseException:
@@ -306,11 +326,33 @@ def read_attrs(obj: h5py.HLObject) -> dict[str, Any]:
     return {k: decode_attr(v) for k, v in obj.attrs.items()}
 
 
+def writer_active(path: str | Path) -> bool:
+    """Whether a process holds the write lock of the run file ``path`` (a scan in progress). Reading is safe
+    either way: a writer replaces the whole file by a rename, so a reader keeps the complete file it opened (the
+    last saved state; points since then wait in the journal). The look takes a shared lock for an instant, which
+    a writer starting then waits out (:data:`LOCK_TRIES`)."""
+    path = Path(path)
+    try:
+        fd = os.open(path.with_name(path.name + ".lock"), os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # and with it the shared lock
+    return False
+
+
 def open_run_file(path: str | Path) -> h5py.File:
     """A run (or comparison, trajectory) file opened read-only; missing, unreadable or foreign files are a
     :class:`LandscapeError` that says so."""
     path = Path(path)
     if not path.exists():
+        if writer_active(path):
+            raise LandscapeError(f"run file {path} is in progress and nothing is saved in it yet",
+                                 hint="try again in a few seconds")
         raise LandscapeError(f"run file {path} does not exist", hint="give a run.h5 written by landscape")
     try:
         f = h5py.File(path, "r")
@@ -324,10 +366,12 @@ def open_run_file(path: str | Path) -> h5py.File:
 
 
 def describe(path: str | Path) -> dict[str, Any]:
-    """Every attribute and scalar result of a run file, as plain Python (for ``inspect``)."""
+    """Every attribute and scalar result of a run file, as plain Python (for ``inspect``); ``in_progress`` says
+    whether a writer holds it (:func:`writer_active`: then this is its last saved state)."""
     path = Path(path)
     with open_run_file(path) as f:
-        out: dict[str, Any] = {"path": str(path), "attrs": read_attrs(f), "groups": {}}
+        out: dict[str, Any] = {"path": str(path), "in_progress": writer_active(path), "attrs": read_attrs(f),
+                               "groups": {}}
 
         def visit(name: str, obj: Any) -> None:
             if isinstance(obj, h5py.Group) and name.count("/") < 2 and not name.endswith("directions"):

@@ -40,7 +40,7 @@ from .blas import single_blas_thread
 from .costs import VectorCosts, coherence_cost, curvature_seconds, measured, sharpness_seconds
 from .budget import analysis_floor, check_fits, process_seconds, resolve_budget, rss
 from .errors import LandscapeError
-from .hessian import CurvatureSettings, analyze_curvature
+from .hessian import CurvatureSettings, analyze_curvature, stored_summary
 from .hf import IGNORE_INDEX
 from .lanczos import basis_device, lanczos
 from .losses import default_loss_name, resolve_loss
@@ -595,16 +595,25 @@ def run_scan(config: ScanConfig, *, progress: ProgressFn | None = None,
 
             compute_slice(pb, dirs, s.axes, done=done, block=block, on_block=on_block, ready=ready)
             results.append(comm.from_writer(lambda: _summarize(rf, s, todo, time.perf_counter() - t0)))
-        curvature = None
-        if config.curvature is not None:
-            curvature = analyze_curvature(pb, config.curvature,
-                                          progress=(lambda msg: progress(msg, 0, 0)) if progress else None)
         vectors_kept = keeps_vectors(config, pb.num_parameters)
+        curvature, curvature_summary = None, None
+        if config.curvature is not None:  # on resume, a finished result for the same settings is kept as it is
+            curvature_summary = comm.from_writer(lambda: _stored_curvature(rf, config.curvature, vectors_kept))
+            if curvature_summary is None:
+                curvature = analyze_curvature(pb, config.curvature,
+                                              progress=(lambda msg: progress(msg, 0, 0)) if progress else None)
+                curvature_summary = curvature.summary()
         comm.from_writer(lambda: _finish(rf, results, curvature, pb, vectors_kept), share=False)
         sharp = _run_sharpness(rf, config, st, progress)
         coherence = _run_coherence(rf, config, st, progress) if config.coherence is not None else None
     return ScanSummary(str(path), config.checkpoint, pb.num_parameters, pb.n, pb.strategy, tuple(results),
-                       curvature.summary() if curvature is not None else None, tuple(sharp), coherence)
+                       curvature_summary, tuple(sharp), coherence)
+
+
+def _stored_curvature(rf: RunFile, settings: CurvatureSettings, vectors_kept: bool) -> dict[str, Any] | None:
+    """The summary of the curvature result already in the file for ``settings``, or None."""
+    with rf.read() as f:
+        return stored_summary(f[settings.group], settings, eigenvectors=vectors_kept) if settings.group in f else None
 
 
 def _new_slice(rf: RunFile, s: SliceSettings, dirs: Sequence[Mapping[str, torch.Tensor]], keys: Sequence[str],

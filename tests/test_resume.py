@@ -1,5 +1,6 @@
 """A scan SIGKILLed at random moments and resumed equals an uninterrupted scan, bit for bit."""
 
+import json
 import os
 import random
 import signal
@@ -50,10 +51,27 @@ def assert_same(a, b):
             assert a[k].keys() == b[k].keys(), k
             for key, va in a[k].items():
                 vb = b[k][key]
-                if isinstance(va, (float, np.floating)):
+                if key == "summary":  # a curvature result's summary, JSON: its numbers to round-off too
+                    _assert_close(json.loads(va), json.loads(vb), (k, key))
+                elif isinstance(va, (float, np.floating)):
                     assert np.isclose(va, vb, rtol=1e-5, atol=1e-9, equal_nan=True), (k, key, va, vb)
                 else:
                     assert str(va) == str(vb), (k, key)
+
+
+def _assert_close(a, b, where):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_close(a[k], b[k], (*where, k))
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_close(x, y, (*where, i))
+    elif isinstance(a, float):
+        assert np.isclose(a, b, rtol=1e-5, atol=1e-9, equal_nan=True), (where, a, b)
+    else:
+        assert a == b, where
 
 
 def journal_points(path):
@@ -109,3 +127,22 @@ def test_resume_refuses_a_different_run(tmp_path, mlp_ckpt, cnn_ckpt):
     res = cli("scan", str(mlp_ckpt), "--steps", "5", "--no-report", "-o", str(out), "--resume")
     assert res.returncode == 2 and "settings differ" in res.stderr
     assert cli("scan", str(mlp_ckpt), "--steps", "3", "--no-report", "-o", str(out), "--resume").returncode == 0
+
+
+def test_resume_keeps_a_finished_curvature_result(tmp_path, mlp_ckpt, monkeypatch):
+    """A scan stopped after its Hessian was written (e.g. during sharpness) does not compute it again on resume;
+    other settings, or eigenvectors now asked for, do."""
+    import landscape.scan as scan
+    from landscape.hessian import CurvatureSettings
+
+    base = dict(checkpoint=str(mlp_ckpt), max_samples=64, output=str(tmp_path / "run.h5"), steps=(3,), resume=True)
+    curv = CurvatureSettings(top_k=2, trace_matvecs=12, max_hvp=40)
+    first = scan.run_scan(scan.ScanConfig(**base, curvature=curv, save_vectors=False))
+    calls = []
+    real = scan.analyze_curvature
+    monkeypatch.setattr(scan, "analyze_curvature", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = scan.run_scan(scan.ScanConfig(**base, curvature=curv, save_vectors=False))
+    assert calls == [] and again.curvature == first.curvature
+    scan.run_scan(scan.ScanConfig(**base, curvature=curv, save_vectors=True))  # eigenvectors were not stored
+    scan.run_scan(scan.ScanConfig(**base, curvature=CurvatureSettings(top_k=3, trace_matvecs=12, max_hvp=40)))
+    assert calls == [1, 1]

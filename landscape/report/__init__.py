@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import LandscapeError
+from ..runfile import replace_atomically
 from .contents import RunContents
 
 #: Output formats ``render_report`` knows: static figure formats, and ``html`` for the interactive page.
@@ -70,7 +71,6 @@ def render_report(run_file: str | Path, out_dir: str | Path | None = None, *,
         from .interactive import render_html
 
         html_path = directory / "index.html"
-        tmp = html_path.with_suffix(".html.tmp")
-        tmp.write_text(render_html(run, get_plotlyjs()), encoding="utf-8")
-        tmp.replace(html_path)
+        page = render_html(run, get_plotlyjs())
+        replace_atomically(html_path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
     return Report(directory=directory, figures=tuple(figures), html=html_path)

@@ -16,6 +16,7 @@ import numpy as np
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
+from ..runfile import replace_atomically
 from .contents import (CoherenceData, CompareData, CurvatureData, RunContents, SharpnessData, SliceData,
                        TrajectoryData, batch_size_series, spaced_labels, trace_items)
 
@@ -608,6 +609,6 @@ def write_figures(figures: Mapping[str, Figure], directory: Path, formats: Itera
     for stem, fig in figures.items():
         for fmt in formats:
             p = directory / f"{stem}.{fmt}"
-            fig.savefig(p, dpi=120)
+            replace_atomically(p, lambda tmp: fig.savefig(tmp, dpi=120, format=fmt))
             written.append(p)
     return written

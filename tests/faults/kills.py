@@ -17,7 +17,9 @@ import h5py
 
 REPO = Path(__file__).resolve().parents[2]
 CKPT = str(REPO / "data" / "examples" / "cnn_adam_s2000.pt")
-ARGS = ["--max-samples", "128", "--steps", "15", "--save-every", "0.2"]
+#: Strategy and workers pinned: a fresh run picks them by timing, and the thread layout they bring changes float
+#: rounding, so on a busy machine two fresh runs may differ in the last bits (a resume reuses the stored choice).
+ARGS = ["--max-samples", "128", "--steps", "15", "--save-every", "0.2", "--strategy", "inplace", "--workers", "2"]
 
 
 def scan(out: Path, *extra: str) -> subprocess.Popen:
@@ -52,17 +54,22 @@ def kill_and_resume(out: Path, delay: float, sig: int = signal.SIGKILL) -> dict:
     if stopped:
         proc.send_signal(sig)
     _, err = proc.communicate()
-    readable, done = True, 0
+    readable, done, saved = True, 0, []
     if out.exists():
         try:
             with h5py.File(out) as f:
                 readable = f.attrs.get("schema") == "landscape/1"
                 done = sum(int(g["done"][()].sum()) for g in f["slices"].values()) if "slices" in f else 0
+                saved = [a for a in ("hessian", "coherence") if a in f]
+                saved += [f"sharpness {g}" for g in f.get("sharpness", {})]
         except OSError:
             readable = False
     resumed = scan(out, "--resume", "--json")
     res_out, res_err = resumed.communicate()
     computed = sum(s["computed"] for s in json.loads(res_out)["slices"]) if resumed.returncode == 0 else None
+    # an analysis saved before the stop that the resumed run reports progress on was computed again
+    redone = [a for a in saved if any(line.startswith(a + " ") or line.startswith(a + ":")
+                                      for line in res_err.splitlines())]
     return {"stopped": stopped, "exit": proc.returncode, "readable": readable, "done_before": done,
-            "resumed_exit": resumed.returncode, "computed": computed, "stderr": res_err[-500:],
-            "report": (out.parent / "index.html").exists()}
+            "saved_before": saved, "redone": redone, "resumed_exit": resumed.returncode, "computed": computed,
+            "stderr": res_err[-500:], "report": (out.parent / "index.html").exists()}

@@ -35,6 +35,7 @@ def test_sigkill_anywhere_then_resume(ref, tmp_path, i):
     assert r["readable"], "the file on disk is not a run file after the kill"
     assert r["resumed_exit"] == 0, r["stderr"]
     assert r["computed"] == slice_points(path) - r["done_before"]  # finished points are not computed again
+    assert r["redone"] == [], r["redone"]  # nor finished analyses
     assert r["report"]
     assert_same(contents(path), contents(out))
 
