@@ -1,6 +1,6 @@
 """Benchmark: the reliability promises as figures (issue 22), from the fault suite's own tables.
 
-    python benchmarks/bench_faults.py [--parts kill,bad,pickles,untouched,hostile,concurrency]
+    python benchmarks/bench_faults.py [--parts kill,bad,pickles,untouched,hostile,concurrency,disk]
 
 - ``kill``: a default scan of the shipped CNN (every analysis and the report, ``tests/faults/kills.py``) stopped by
   SIGKILL at 20 seeded moments spread over the run, and by SIGINT and SIGTERM once each at its middle, then
@@ -19,6 +19,8 @@
   folder, a spec argument and the slice name, kept exactly in the run file and shown as text in Chromium.
 - ``concurrency``: ``tests/faults/concurrency.py``: the run file of a running scan read over and over (API,
   ``inspect``, ``report``) and a second writer started. Figure: consistent / reads.
+- ``disk``: ``tests/faults/test_disk_full.py``: every fsync failing with ENOSPC from some point of a scan on, and
+  under an earlier run file: one line, exit 2, the saved state kept, ``--resume`` finishing the run.
 """
 
 from __future__ import annotations
@@ -135,7 +137,7 @@ def untouched() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--parts", default="kill,bad,pickles,untouched,hostile,concurrency")
+    ap.add_argument("--parts", default="kill,bad,pickles,untouched,hostile,concurrency,disk")
     a = ap.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="bench_faults_"))
     parts = a.parts.split(",")
@@ -151,6 +153,8 @@ def main() -> None:
         pytest_part("test_hostile_names.py", "hostile names (run file exact, Chromium shows text)")
     if "concurrency" in parts:
         concurrency(folder / "concurrency")
+    if "disk" in parts:
+        pytest_part("test_disk_full.py", "a disk that fills mid-scan, and under an earlier run file")
 
 
 if __name__ == "__main__":

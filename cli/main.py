@@ -81,10 +81,26 @@ def _errors(debug: bool) -> Iterator[None]:
     except Exception as err:
         if debug:
             raise
+        if _disk_full(err):
+            _report_error("error: no space left on the device: the run file keeps what was saved before; free some "
+                          "space (or write elsewhere with -o) and run the command again with --resume")
+            raise typer.Exit(2) from None
         msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
         _report_error(f"error: unexpected {type(err).__name__}: {msg} (this is a bug in landscape; "
                       "re-run with --debug for the traceback and report it)")
         raise typer.Exit(1) from None
+
+
+def _disk_full(err: BaseException) -> bool:
+    """Whether ``err`` (or what caused it) is a full disk: ENOSPC or EDQUOT, or h5py's message for them."""
+    import errno
+
+    while err is not None:
+        if isinstance(err, OSError) and (err.errno in (errno.ENOSPC, errno.EDQUOT)
+                                         or "No space left on device" in str(err)):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def _report_error(line: str) -> None:
