@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import itertools
 import math
 import os
 import platform
@@ -793,7 +794,9 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
     if curv is not None or config.sharpness or config.coherence is not None:
         op = CurvatureOperator(pb)
         v = native(np.random.default_rng(0).standard_normal(op.n), vec_device)
-        hvp_s, hvp_extra = measured(pb, lambda: op.matvec(v), repeats=3)
+        # a new vector each time, as in a run (the same one again measured 1.2-1.3x faster at 11M parameters)
+        fresh = itertools.cycle([v, -v, 0.5 * v, 2.0 * v])
+        hvp_s, hvp_extra = measured(pb, lambda: op.matvec(next(fresh)), repeats=3)
     if curv is not None:
         seconds, held = curvature_seconds(curv, nparam, budget if vec_device is None else float("inf"), hvp_s,
                                            VectorCosts.measure(nparam, budget, vec_device))
