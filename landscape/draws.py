@@ -29,7 +29,9 @@ True
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Sequence
 
 import torch
 
@@ -60,8 +62,10 @@ def _mix_int(x: int) -> int:
     return int(_mix(torch.tensor(x & MASK, dtype=torch.int64)))
 
 
+@functools.lru_cache(maxsize=4096)
 def _keys(seed: int, stream: int) -> tuple[int, int, int, int]:
-    """Four 32-bit keys of ``(seed, stream)``: two for each of the pair's hashes."""
+    """Four 32-bit keys of ``(seed, stream)``: two for each of the pair's hashes (kept: Hutch++ draws each of its
+    columns a row block at a time, thousands of short draws that spent most of their time here)."""
     base = _mix_int(_mix_int(seed & MASK) ^ _mix_int((seed >> 32) + 0x9E3779B9) ^ _mix_int(stream * 0x632BE5AB + 1))
     return tuple(_mix_int(base + 0x9E3779B9 * (j + 1)) for j in range(4))  # type: ignore[return-value]
 
@@ -71,11 +75,19 @@ def _hashes(c: torch.Tensor, k1: int, k2: int) -> torch.Tensor:
     return _mix(_mix((c + k1) & MASK) ^ k2)
 
 
+@functools.lru_cache(maxsize=None)
+def _sign_table(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``table[b, t] = 1 - 2 (bit t of b)`` for every byte ``b``, and the shifts of a hash's four bytes: one gather
+    turns a hash into its 32 signs (2-2.5x faster on the CPU than shifting out each bit)."""
+    table = 1.0 - 2.0 * ((torch.arange(256, device=device).unsqueeze(1) >> torch.arange(8, device=device)) & 1).double()
+    return table, torch.tensor([0, 8, 16, 24], device=device)
+
+
 def _values(kind: str, c: torch.Tensor, keys: tuple[int, int, int, int]) -> torch.Tensor:
     """The numbers of counters ``c``: a pair each for ``normal`` and ``uniform``, 32 each for ``sign``."""
-    if kind == "sign":  # the 32 bits of one hash
-        bits = (_hashes(c, keys[0], keys[1]).unsqueeze(1) >> torch.arange(32, device=c.device)) & 1
-        return 1.0 - 2.0 * bits.reshape(-1).double()
+    if kind == "sign":  # the 32 bits of one hash, a byte at a time through a table of each byte's 8 signs
+        table, shifts = _sign_table(c.device)
+        return table[(_hashes(c, keys[0], keys[1]).unsqueeze(1) >> shifts) & 255].reshape(-1)
     scale = 2.0 ** -32
     ua = (_hashes(c, keys[0], keys[1]).double() + 0.5) * scale
     ub = (_hashes(c, keys[2], keys[3]).double() + 0.5) * scale
@@ -123,3 +135,24 @@ def signs(n: int, *, seed: int, stream: int = 0, start: int = 0, device: torch.d
     """Elements ``start .. start + n - 1`` of the Rademacher (+1 or -1, each with probability 1/2) vector of
     ``(seed, stream)``: element ``i`` is bit ``i mod 32`` of the hash of counter ``i // 32``."""
     return _draw("sign", n, seed, stream, start, device, dtype)
+
+
+def sign_columns(n: int, *, seed: int, streams: Sequence[int], start: int = 0,
+                 device: torch.device | str | None = None) -> torch.Tensor:
+    """The ``(len(streams), n)`` float64 block whose row ``j`` is :func:`signs` ``(n, seed=seed,
+    stream=streams[j], start=start)``, hashed for every stream at once (Hutch++ draws its probe block a row block
+    at a time: one call instead of one per column).
+
+    >>> bool(torch.equal(sign_columns(70, seed=4, streams=[1, 3], start=5)[1], signs(70, seed=4, stream=3, start=5)))
+    True
+    """
+    device = torch.device(device if device is not None else "cpu")
+    if start < 0 or n < 0 or start + n > 32 << 32:
+        raise ValueError("a stream holds 32 x 2^32 signs; start and n must be at least 0")
+    keys = torch.tensor([_keys(int(seed), int(s))[:2] for s in streams], dtype=torch.int64, device=device)
+    first, last = start // 32, (start + n + 31) // 32
+    c = torch.arange(first, last, dtype=torch.int64, device=device).unsqueeze(0)
+    h = _mix(_mix((c + keys[:, :1]) & MASK) ^ keys[:, 1:])  # (streams, counters): _hashes with a key per row
+    table, shifts = _sign_table(device)
+    vals = table[(h.unsqueeze(-1) >> shifts) & 255].reshape(len(streams), -1)
+    return vals[:, start - 32 * first:start - 32 * first + n]

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .draws import signs
+from .draws import sign_columns, signs
 from .vectors import ColumnStore, host, orthonormalize, product
 
 Matvec = Callable[[np.ndarray], np.ndarray]
@@ -78,9 +78,9 @@ def _sign_column(seed: int, i: int, n: int, device: torch.device | None) -> torc
 
 
 def _sign_rows(seed: int, k: int, a: int, b: int, device: torch.device | None) -> torch.Tensor:
-    """Rows ``a:b`` of the ``(n, k)`` probe signs ``G`` (column ``j`` is stream ``2 j + 1``): the same numbers
-    whatever rows are asked for, so ``G`` is drawn again instead of kept."""
-    return torch.stack([signs(b - a, seed=seed, stream=2 * j + 1, start=a, device=device) for j in range(k)], dim=1)
+    """Rows ``a:b`` of the ``(n, k)`` probe signs ``G`` (column ``j`` is stream ``2 j + 1``), transposed: a
+    ``(k, b - a)`` block. The same numbers whatever rows are asked for, so ``G`` is drawn again instead of kept."""
+    return sign_columns(b - a, seed=seed, streams=[2 * j + 1 for j in range(k)], start=a, device=device)
 
 
 def hutchpp(matvec: Matvec, n: int, *, max_matvec: int = 99, seed: int = 0, budget: float = float("inf"),
@@ -115,10 +115,10 @@ def hutchpp(matvec: Matvec, n: int, *, max_matvec: int = 99, seed: int = 0, budg
     low_rank = float(sum(float(q @ product(matvec, q)) for q in map(block.column, range(r))))
     C = np.zeros((r, k))  # Q^T G
     for a, b in block.blocks():
-        C += host(block.read(a, b, r) @ block.native(_sign_rows(seed, k, a, b, block.device)))
+        C += host(block.read(a, b, r) @ block.native(_sign_rows(seed, k, a, b, block.device).T))
     Ct = block.native(C.T)
     for a, b in block.blocks():  # P G, written over Q row block by row block
-        block.write(a, block.native(_sign_rows(seed, k, a, b, block.device).T) - Ct @ block.read(a, b, r))
+        block.write(a, block.native(_sign_rows(seed, k, a, b, block.device)) - Ct @ block.read(a, b, r))
     samples = np.empty(k)
     used = k
     for i in range(k):

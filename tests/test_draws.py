@@ -7,7 +7,7 @@ import torch
 from scipy import stats
 
 import landscape.draws as draws
-from landscape.draws import normal, signs, uniform
+from landscape.draws import normal, sign_columns, signs, uniform
 
 
 def test_a_stretch_equals_the_same_stretch_of_the_whole(monkeypatch):
@@ -56,6 +56,8 @@ def test_cuda_draws_the_cpus_numbers():
     gpu = normal(300_001, seed=7, stream=5, start=3, device="cuda").cpu()
     torch.testing.assert_close(gpu, cpu, rtol=1e-14, atol=1e-14)
     assert torch.equal(uniform(1000, seed=7, device="cuda").cpu(), uniform(1000, seed=7))
+    assert torch.equal(sign_columns(5000, seed=7, streams=[1, 3], start=9, device="cuda").cpu(),
+                       sign_columns(5000, seed=7, streams=[1, 3], start=9))
 
 
 def test_signs(monkeypatch):
@@ -66,3 +68,7 @@ def test_signs(monkeypatch):
     assert abs(np.corrcoef(b[:-1], b[1:])[0, 1]) < 5 / np.sqrt(len(b))
     monkeypatch.setattr(draws, "CPU_BLOCK", 40)
     assert torch.equal(signs(70, seed=2, start=29), s[29:99])
+    # Hutch++'s row blocks: every stream's stretch at once, the same numbers
+    cols = sign_columns(1000, seed=2, streams=[0, 5, 9], start=77)
+    assert cols.shape == (3, 1000) and torch.equal(cols[0], s[77:1077])
+    assert torch.equal(cols[2], signs(1000, seed=2, stream=9, start=77))
