@@ -83,7 +83,8 @@ def _errors(debug: bool) -> Iterator[None]:
             raise
         if _disk_full(err):
             _report_error("error: no space left on the device: the run file keeps what was saved before; free some "
-                          "space (or write elsewhere with -o) and run the command again with --resume")
+                          "space (or write elsewhere with -o) and run the command again (a scan continues with "
+                          "--resume)")
             raise typer.Exit(2) from None
         msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
         _report_error(f"error: unexpected {type(err).__name__}: {msg} (this is a bug in landscape; "
