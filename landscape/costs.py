@@ -120,9 +120,9 @@ def curvature_seconds(curv: CurvatureSettings, n: int, budget: float, product: f
         seconds += curv.trace_matvecs * (product + 2 * vec.column) + k * vec.first_column
         if curv.trace_method == "hutch++":
             seconds += 6 * k * k * n * vec.block + 3 * k * vec.signs
+            held = max(held, k * n * 8 if k * n * 8 <= budget else BLOCK_ROWS * k * 8)
         else:
             seconds += curv.trace_matvecs * vec.signs
-            held = max(held, k * n * 8 if k * n * 8 <= budget else BLOCK_ROWS * k * 8)
     if curv.density:
         steps = curv.density_probes * curv.density_steps
         seconds += (steps * (product + vec.column) + steps * curv.density_steps / 2 * vec.pass_column
