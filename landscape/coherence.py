@@ -68,6 +68,15 @@ class CoherenceSettings:
 COLUMN_BLOCK = 1 << 18
 
 
+def row_norms(rows: torch.Tensor) -> torch.Tensor:
+    """Each row's float64 norm over all its coordinates, :data:`COLUMN_BLOCK` of them at a time (no float64 copy
+    of the whole block of rows)."""
+    sq = torch.zeros(len(rows), dtype=torch.float64, device=rows.device)
+    for a in range(0, rows.shape[1], COLUMN_BLOCK):
+        sq += torch.linalg.vector_norm(rows[:, a:a + COLUMN_BLOCK], dim=1, dtype=torch.float64) ** 2
+    return sq.sqrt_()
+
+
 def add_bytes_per_row(width: int) -> int:
     """Memory :meth:`GradientStats.add` takes per row over ``width`` coordinates: a block of it in float64, twice."""
     return 16 * min(COLUMN_BLOCK, width)
@@ -109,10 +118,7 @@ class GradientStats:
         at 11M parameters that copy (2.8 GB for 32 rows) cost more in page faults than the sums."""
         rows = rows.detach().to(self.device)
         idx = np.arange(start, start + len(rows))
-        sq = torch.zeros(len(rows), dtype=torch.float64, device=self.device)
-        for a in range(0, rows.shape[1], COLUMN_BLOCK):
-            sq += torch.linalg.vector_norm(rows[:, a:a + COLUMN_BLOCK], dim=1, dtype=torch.float64) ** 2
-        norms = sq.sqrt_()
+        norms = row_norms(rows)
         host_norms = norms.cpu().numpy()
         self.norms[idx] = host_norms
         np.add.at(self.class_sqnorm, self.labels[idx], host_norms ** 2)

@@ -21,7 +21,7 @@ import torch
 from .blas import single_blas_thread
 from .budget import PeakRSS
 from .coherence import (CoherenceSettings, GradientStats, accumulator_vectors, add_bytes_per_row, coordinate_ranges,
-                        random_batches, sample_labels)
+                        random_batches, row_norms, sample_labels)
 from .draws import normal, signs
 from .hessian import CurvatureSettings
 from .lanczos import basis_size
@@ -174,7 +174,7 @@ def _accumulation_seconds(g: torch.Tensor, labels: np.ndarray, batch_ids: dict[i
     except the rows' norms, which are over all of a row's coordinates whatever the range."""
     probe = min(width, 1 << 20)
     dev = where or torch.device("cpu")
-    norm_s = _seconds(lambda: torch.linalg.vector_norm(g.to(dev), dim=1, dtype=torch.float64), dev)
+    norm_s = _seconds(lambda: row_norms(g.to(dev)), dev)
     t = time.perf_counter()
     stats = GradientStats(g.shape[1], labels, batch_ids=batch_ids, coords=(0, probe), device=where)
     alloc_s = (time.perf_counter() - t) * width / probe
@@ -198,11 +198,12 @@ def coherence_cost(pb: Problem, co: CoherenceSettings, budget: float, hvp_second
     vecs = accumulator_vectors(n_classes, ids, not co.sketch)
     ranges = coordinate_ranges(co.sketch or nparam, vecs, budget / 2) if not co.sketch else [(0, co.sketch)]
     width = max(hi - lo for lo, hi in ranges)
-    c = min(chunk_size(pb, budget / 2, add_bytes_per_row(width)), pb.n)  # as the run sizes its chunks
+    extra = add_bytes_per_row(width)
+    c = min(chunk_size(pb, budget / 2, extra), pb.n)  # as the run sizes its chunks
     sample = rows(pb.X, 0, c)
     chunk: list[torch.Tensor] = []
     chunk_s, chunk_extra = measured(pb, lambda: chunk.append(
-        next(iter_gradients(pb, sample, pb.y[:c], memory_budget=budget / 2, extra_bytes_per_sample=add_bytes_per_row(width)))[1]))
+        next(iter_gradients(pb, sample, pb.y[:c], memory_budget=budget / 2, extra_bytes_per_sample=extra))[1]))
     add_s, alloc_s, reduce_s = _accumulation_seconds(chunk.pop(), labels[:c], {b: a[:c] for b, a in ids.items()},
                                                      width, vector_device(pb.device, width, vecs))
     one_s = measured(pb, lambda: per_sample_gradients(pb, rows(pb.X, 0, 1), pb.y[:1]))[0]

@@ -70,8 +70,9 @@ def _keys(seed: int, stream: int) -> tuple[int, int, int, int]:
     return tuple(_mix_int(base + 0x9E3779B9 * (j + 1)) for j in range(4))  # type: ignore[return-value]
 
 
-def _hashes(c: torch.Tensor, k1: int, k2: int) -> torch.Tensor:
-    """32-bit hashes of the counters ``c`` under keys ``k1, k2``."""
+def _hashes(c: torch.Tensor, k1: int | torch.Tensor, k2: int | torch.Tensor) -> torch.Tensor:
+    """32-bit hashes of the counters ``c`` under keys ``k1, k2`` (integers, or tensors that broadcast
+    against ``c``: a key pair per row)."""
     return _mix(_mix((c + k1) & MASK) ^ k2)
 
 
@@ -83,11 +84,16 @@ def _sign_table(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return table, torch.tensor([0, 8, 16, 24], device=device)
 
 
+def _signs_of(h: torch.Tensor) -> torch.Tensor:
+    """The 32 signs of each hash in ``h`` (a new last axis), a byte at a time through :func:`_sign_table`."""
+    table, shifts = _sign_table(h.device)
+    return table[(h.unsqueeze(-1) >> shifts) & 255].flatten(-2)
+
+
 def _values(kind: str, c: torch.Tensor, keys: tuple[int, int, int, int]) -> torch.Tensor:
     """The numbers of counters ``c``: a pair each for ``normal`` and ``uniform``, 32 each for ``sign``."""
-    if kind == "sign":  # the 32 bits of one hash, a byte at a time through a table of each byte's 8 signs
-        table, shifts = _sign_table(c.device)
-        return table[(_hashes(c, keys[0], keys[1]).unsqueeze(1) >> shifts) & 255].reshape(-1)
+    if kind == "sign":
+        return _signs_of(_hashes(c, keys[0], keys[1])).reshape(-1)
     scale = 2.0 ** -32
     ua = (_hashes(c, keys[0], keys[1]).double() + 0.5) * scale
     ub = (_hashes(c, keys[2], keys[3]).double() + 0.5) * scale
@@ -152,7 +158,5 @@ def sign_columns(n: int, *, seed: int, streams: Sequence[int], start: int = 0,
     keys = torch.tensor([_keys(int(seed), int(s))[:2] for s in streams], dtype=torch.int64, device=device)
     first, last = start // 32, (start + n + 31) // 32
     c = torch.arange(first, last, dtype=torch.int64, device=device).unsqueeze(0)
-    h = _mix(_mix((c + keys[:, :1]) & MASK) ^ keys[:, 1:])  # (streams, counters): _hashes with a key per row
-    table, shifts = _sign_table(device)
-    vals = table[(h.unsqueeze(-1) >> shifts) & 255].reshape(len(streams), -1)
+    vals = _signs_of(_hashes(c, keys[:, :1], keys[:, 1:])).reshape(len(streams), -1)  # a key pair per stream
     return vals[:, start - 32 * first:start - 32 * first + n]
