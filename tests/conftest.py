@@ -16,13 +16,17 @@ EXAMPLES = REPO / "data" / "examples"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked ``gpu`` are skipped where torch sees no CUDA device."""
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    """Tests marked ``gpu`` are skipped where torch sees no CUDA device; inside the README test's own run of the
+    README's test command (tests/test_readme.py) those marked ``slow`` are too: the run around it has them."""
+    skips = {}
+    if not torch.cuda.is_available():
+        skips["gpu"] = pytest.mark.skip(reason="needs a CUDA device")
+    if os.environ.get("LANDSCAPE_README_NESTED") == "1":
+        skips["slow"] = pytest.mark.skip(reason="slow: the run around the README test has it")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        for mark, skip in skips.items():
+            if mark in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,7 @@ def readme_command(marker: str) -> str:
     return m.group(1).strip()
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(os.environ.get(NESTED) == "1", reason="already inside the README test's own run")
+@pytest.mark.slow  # and so skipped inside its own run of the README's test command (conftest.py): no recursion
 def test_readme_commands_in_fresh_venv(tmp_path):
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                            capture_output=True, text=True, check=True).stdout.split()

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import h5py
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 CKPT = str(REPO / "data" / "examples" / "cnn_adam_s2000.pt")
@@ -45,6 +46,19 @@ def moments(count: int, wall: float, seed: int = 0) -> list[float]:
     return [0.9 * wall * (i + rng.random()) / count for i in range(count)]
 
 
+def done_points(f: h5py.File, journal: Path) -> int:
+    """Finished slice points of a stopped run: those merged into the file and those still in its journal (complete
+    lines only: a torn last line is computed again), as a resume counts them."""
+    done = {name: g["done"][()] for name, g in f.get("slices", {}).items()}
+    if journal.exists():
+        for line in journal.read_text(encoding="utf-8").splitlines(keepends=True):
+            if line.endswith("\n"):
+                record = json.loads(line)
+                d = done[record["slice"]]
+                d[np.unravel_index(np.asarray(record["index"], dtype=np.int64), d.shape)] = True
+    return sum(int(d.sum()) for d in done.values())
+
+
 def kill_and_resume(out: Path, delay: float, sig: int = signal.SIGKILL) -> dict:
     """Start a scan, send ``sig`` after ``delay`` seconds (if it is still running), check the file on disk, resume
     it to the end. Returns what happened: whether it was stopped, the file's state after the stop, the resumed
@@ -60,7 +74,7 @@ def kill_and_resume(out: Path, delay: float, sig: int = signal.SIGKILL) -> dict:
         try:
             with h5py.File(out) as f:
                 readable = f.attrs.get("schema") == "landscape/1"
-                done = sum(int(g["done"][()].sum()) for g in f["slices"].values()) if "slices" in f else 0
+                done = done_points(f, out.with_name(out.name + ".journal"))
                 saved = [a for a in ("hessian", "coherence") if a in f]
                 saved += [f"sharpness {g}" for g in f.get("sharpness", {})]
         except OSError:
