@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from contextlib import contextmanager
 from inspect import cleandoc
@@ -78,6 +79,9 @@ def _errors(debug: bool) -> Iterator[None]:
         raise typer.Exit(130) from None
     except (typer.Exit, SystemExit):
         raise
+    except BrokenPipeError:  # the reader of the output left (``| head``): quiet, as Unix tools are
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        raise typer.Exit(141) from None
     except Exception as err:
         if debug:
             raise

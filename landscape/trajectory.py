@@ -30,7 +30,7 @@ import torch
 from . import hf
 from .errors import LandscapeError
 from .curvature import CurvatureOperator
-from .lanczos import lanczos
+from .lanczos import Eigenpairs, lanczos
 from .problem import Params, Problem
 from .runfile import encode_attr, link_name
 from .slices import compute_slice
@@ -108,10 +108,13 @@ def pca_path(snapshots: Sequence[Snapshot], names: Sequence[str]) -> PCA:
     return PCA(coords=coords, explained_variance=ratio, directions=(dirs[0], dirs[1]))
 
 
-def lambda_max(problem: Problem, params: Params, *, precondition: Params | None = None, tol: float = 1e-4,
-               seed: int = 0) -> float:
-    """The largest eigenvalue of H at ``params`` (of ``P^{-1/2} H P^{-1/2}`` with the diagonal ``precondition``)."""
-    op = CurvatureOperator(problem, point={n: params[n].to(problem.device, problem.dtype) for n in problem.names})
+def sharpness_pair(problem: Problem, params: Params | None, *, precondition: Params | None = None,
+                   tol: float = 1e-4, seed: int = 0, v0: np.ndarray | None = None, max_matvec: int = 300) -> Eigenpairs:
+    """The top eigenpair of H at ``params`` (the Problem's own ``theta0`` when None: then its fastest HVP engine)
+    (of ``P^{-1/2} H P^{-1/2}`` with the diagonal ``precondition``), by Lanczos started from ``v0`` (a previous
+    step's eigenvector: a warm start) or a seeded random vector."""
+    point = None if params is None else {n: params[n].to(problem.device, problem.dtype) for n in problem.names}
+    op = CurvatureOperator(problem, point=point)
     if precondition is None:
         matvec = op.matvec
     else:
@@ -120,18 +123,22 @@ def lambda_max(problem: Problem, params: Params, *, precondition: Params | None 
         def matvec(v: np.ndarray) -> np.ndarray:
             return op.matvec(v * scale) * scale
 
-    return float(lanczos(matvec, op.n, k=1, tol=tol, max_matvec=300, seed=seed).eigenvalues[0])
+    return lanczos(matvec, op.n, k=1, tol=tol, max_matvec=max_matvec, seed=seed, v0=v0)
+
+
+def preconditioner(exp_avg_sq: Mapping[str, torch.Tensor], step: int, hyperparameters: Mapping[str, Any]) -> Params:
+    """Adam's ``P = (1 - beta1^t) (sqrt(v_t / (1 - beta2^t)) + eps)`` per parameter from its second moments
+    ``exp_avg_sq`` (``v_t``) after ``step`` (``t``) steps."""
+    b1, b2 = (float(b) for b in hyperparameters.get("betas", (0.9, 0.999)))
+    eps = float(hyperparameters.get("eps", 1e-8))
+    return {n: (1 - b1 ** step) * ((v.double() / (1 - b2 ** step)).sqrt() + eps) for n, v in exp_avg_sq.items()}
 
 
 def adam_preconditioner(s: Snapshot) -> Params | None:
-    """``P = (1 - beta1^t) (sqrt(v_t / (1 - beta2^t)) + eps)`` per parameter, from Adam's state."""
+    """:func:`preconditioner` from a snapshot's Adam state (None without one)."""
     if s.exp_avg_sq is None or not s.adam_step or not s.optimizer:
         return None
-    hp = s.optimizer.get("hyperparameters", {})
-    b1, b2 = (float(b) for b in hp.get("betas", (0.9, 0.999)))
-    eps = float(hp.get("eps", 1e-8))
-    t = s.adam_step
-    return {n: (1 - b1 ** t) * ((v / (1 - b2 ** t)).sqrt() + eps) for n, v in s.exp_avg_sq.items()}
+    return preconditioner(s.exp_avg_sq, s.adam_step, s.optimizer.get("hyperparameters", {}))
 
 
 @dataclass(frozen=True)
@@ -201,7 +208,7 @@ def analyze_trajectory(problem_for: Any, snapshots: Sequence[Snapshot], *, plane
         if kind == "preconditioned" and pre is None:
             kind, t = "hessian", math.nan  # Adam without its state: the raw sharpness has no threshold
         pb = problem_for(s)
-        sharp.append(lambda_max(pb, s.params, precondition=pre, tol=tol, seed=seed))
+        sharp.append(float(sharpness_pair(pb, s.params, precondition=pre, tol=tol, seed=seed).eigenvalues[0]))
         kinds.append(kind)
         thr.append(t)
         lrs.append(float((s.optimizer or {}).get("hyperparameters", {}).get("lr", math.nan) or math.nan))

@@ -124,14 +124,26 @@ class CompareData:
 
 @dataclass(frozen=True)
 class TrajectoryData:
-    """``/trajectory``: per-checkpoint arrays, per-tensor weight norms, the PCA path and the loss in its plane."""
+    """``/trajectory``: per-checkpoint arrays, per-tensor weight norms, the PCA path and the loss in its plane (a
+    training monitor's file has no plane: ``plane`` None), and a monitor's further measures among the arrays."""
 
     arrays: Mapping[str, np.ndarray]
     weight_norms: Mapping[str, np.ndarray]
-    coords: np.ndarray
-    explained_variance: np.ndarray
-    plane: SliceData
+    coords: np.ndarray | None
+    explained_variance: np.ndarray | None
+    plane: SliceData | None
     attrs: Mapping[str, Any]
+
+    @property
+    def measures(self) -> dict[str, np.ndarray]:
+        """A monitor's series besides sharpness and distances (``loss``, ``grad_norm``, ``trace``, ...)."""
+        return {k: self.arrays[k] for k in MONITOR_SERIES if k in self.arrays}
+
+
+#: Checks of a trajectory listed in the summary table (a long monitored run shows every k-th and the last).
+MAX_TRAJECTORY_ROWS = 24
+#: The series of a training monitor's ``/trajectory`` drawn against the step (landscape.monitor.COLUMNS).
+MONITOR_SERIES = ("loss", "heldout_loss", "grad_norm", "trace", "gsnr_mean", "m_coherence", "b_noise", "b_simple")
 
 
 @dataclass(frozen=True)
@@ -149,6 +161,8 @@ class RunContents:
 
     @property
     def title(self) -> str:
+        if self.trajectory is not None and self.attrs.get("source") == "monitor":
+            return f"training of {self.attrs.get('model_class', 'a model')} ({self.path.name})"
         if self.trajectory is not None:
             return "trajectory to " + Path(str(self.attrs.get("checkpoint_path", self.path))).name
         if self.compare is not None:
@@ -237,12 +251,17 @@ def _read_trajectory(g: h5py.Group) -> TrajectoryData:
     arrays = _arrays(g)
     for k in ("checkpoint", "sharpness_kind"):
         arrays[k] = np.array(_strings(g[k]))
-    pl = g["plane"]
-    plane = SliceData(name="PCA plane", attrs={"kind": "pca"}, x=pl["x"][()], y=pl["y"][()],
-                      values={k: v[()] for k, v in pl.items() if k not in ("x", "y")},
-                      done=np.ones(pl["loss"].shape, dtype=bool))
-    return TrajectoryData(arrays=arrays, weight_norms={from_link(k): v for k, v in _arrays(g["weight_norms"]).items()}, coords=g["pca/coords"][()],
-                          explained_variance=g["pca/explained_variance"][()], plane=plane, attrs=read_attrs(g))
+    plane = None
+    if "plane" in g:
+        pl = g["plane"]
+        plane = SliceData(name="PCA plane", attrs={"kind": "pca"}, x=pl["x"][()], y=pl["y"][()],
+                          values={k: v[()] for k, v in pl.items() if k not in ("x", "y")},
+                          done=np.ones(pl["loss"].shape, dtype=bool))
+    pca = g.get("pca")
+    return TrajectoryData(arrays=arrays, weight_norms={from_link(k): v for k, v in _arrays(g["weight_norms"]).items()},
+                          coords=pca["coords"][()] if pca is not None else None,
+                          explained_variance=pca["explained_variance"][()] if pca is not None else None,
+                          plane=plane, attrs=read_attrs(g))
 
 
 @dataclass(frozen=True)
@@ -298,13 +317,23 @@ def summary_rows(run: RunContents) -> list[Row]:
             rows.append(Row(f"{p.pair[0]} - {p.pair[1]}", "Bezier max loss", float(p.attrs["max_loss"])))
     if run.trajectory is not None:
         a = run.trajectory.arrays
-        for i, name in enumerate(a["checkpoint"]):
+        count = len(a["step"])
+        stride = -(-count // MAX_TRAJECTORY_ROWS)  # a long monitored run: every stride-th check and the last
+        shown = sorted({*range(0, count, stride), count - 1}) if count else []
+        for i in shown if "sharpness" in a else ():
             kind = "preconditioned sharpness" if a["sharpness_kind"][i] == "preconditioned" else "lambda_max"
-            rows.append(Row(f"trajectory {name} (step {int(a['step'][i])})", kind, float(a["sharpness"][i]),
+            rows.append(Row(f"trajectory {a['checkpoint'][i]} (step {int(a['step'][i])})", kind,
+                            float(a["sharpness"][i]),
                             note=f"threshold {float(a['threshold'][i]):.4g}, ratio {float(a['ratio'][i]):.3g}"
-                                 + (", edge of stability" if a["edge_of_stability"][i] else "")))
+                                 + (", edge of stability" if a["edge_of_stability"][i] else "")
+                                 + (f"; every {stride}th of {count} checks" if stride > 1 and i == 0 else "")))
+        for k, v in run.trajectory.measures.items() if count else ():
+            err = a.get(f"{k}_stderr")
+            rows.append(Row(f"trajectory, last check (step {int(a['step'][-1])})", k, float(v[-1]),
+                            float(err[-1]) if err is not None else math.nan))
         ev = run.trajectory.explained_variance
-        rows.append(Row("trajectory", "PCA explained variance (2 components)", float(np.sum(ev[:2]))))
+        if ev is not None:
+            rows.append(Row("trajectory", "PCA explained variance (2 components)", float(np.sum(ev[:2]))))
     if run.coherence is not None:
         for label, c in (("coherence", run.coherence), ("coherence, shuffled labels", run.coherence.control)):
             if c is None:

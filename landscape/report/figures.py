@@ -549,6 +549,26 @@ def trajectory_distance_figure(run: RunContents, t: TrajectoryData) -> Figure:
     return fig
 
 
+def trajectory_measures_figure(run: RunContents, t: TrajectoryData) -> Figure:
+    """A training monitor's further measures against the step, one panel each (error bars where there are)."""
+    a, series = t.arrays, t.measures
+    fig = Figure(figsize=(4.0 * min(len(series), 4), 3.4 * -(-len(series) // 4)), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(-(-len(series) // 4), min(len(series), 4), squeeze=False)).ravel()
+    for ax, (k, v) in zip(axes, series.items()):
+        err = a.get(f"{k}_stderr")
+        ax.errorbar(a["step"], v, yerr=err, fmt="-o", ms=3, capsize=2)
+        finite = v[np.isfinite(v)]
+        if finite.size and finite.min() > 0 and finite.max() > 20 * finite.min():
+            ax.set_yscale("log")
+        ax.set_xlabel("training step")
+        ax.set_ylabel(k)
+    for ax in axes[len(series):]:
+        ax.set_visible(False)
+    probe = f" (probe batch of {run.attrs['probe_size']})" if "probe_size" in run.attrs else ""
+    fig.suptitle(text(f"{run.title}: measured while training{probe}"), fontsize="medium")
+    return fig
+
+
 def all_figures(run: RunContents, *, levels: str = "auto") -> dict[str, Figure]:
     """Every figure the run file has data for, by file stem."""
     out: dict[str, Figure] = {}
@@ -578,9 +598,14 @@ def all_figures(run: RunContents, *, levels: str = "auto") -> dict[str, Figure]:
     if run.sharpness:
         out["sharpness"] = sharpness_figure(run, run.sharpness)
     if run.trajectory is not None:
-        out["trajectory_plane"] = trajectory_plane_figure(run, run.trajectory, levels=levels)
-        out["trajectory_sharpness"] = trajectory_sharpness_figure(run, run.trajectory)
-        out["trajectory_distance"] = trajectory_distance_figure(run, run.trajectory)
+        t = run.trajectory
+        if t.plane is not None:
+            out["trajectory_plane"] = trajectory_plane_figure(run, t, levels=levels)
+        if "sharpness" in t.arrays:
+            out["trajectory_sharpness"] = trajectory_sharpness_figure(run, t)
+        out["trajectory_distance"] = trajectory_distance_figure(run, t)
+        if t.measures:
+            out["trajectory_measures"] = trajectory_measures_figure(run, t)
     if run.compare is not None:
         if any(sl.dims == 2 for sl in run.compare.slices):
             out["compare_slices"] = compare_slices_figure(run, run.compare, levels=levels)

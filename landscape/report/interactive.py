@@ -427,20 +427,18 @@ def _compare_panels(page: _Page, c: CompareData) -> str:
     return out
 
 
-def _trajectory_panels(page: _Page, t: TrajectoryData) -> str:
+def _plane_panel(page: _Page, t: TrajectoryData, pl: SliceData, coords: np.ndarray, ev: np.ndarray) -> str:
     a = t.arrays
-    pl = t.plane
     loss = pl.masked("loss")
     log = use_log(loss, "auto")
     names = [esc(n) for n in a["checkpoint"]]
-    ev = t.explained_variance
-    labelled = spaced_labels(t.coords, float(np.ptp(pl.x)), float(np.ptp(pl.y)))
-    out = page.figure(
+    labelled = spaced_labels(coords, float(np.ptp(pl.x)), float(np.ptp(pl.y)))
+    return page.figure(
         [{"type": "contour", "x": pl.x, "y": pl.y, "z": (np.log10(loss) if log else loss).T, "customdata": loss.T,
           "colorscale": "Viridis", "ncontours": 30, "contours": {"coloring": "heatmap"},
           "colorbar": {"title": {"text": "log10 loss" if log else "loss"}},
           "hovertemplate": "PC1=%{x:.3g}<br>PC2=%{y:.3g}<br>loss=%{customdata:.6g}<extra></extra>"},
-         {"type": "scatter", "x": t.coords[:, 0], "y": t.coords[:, 1], "mode": "lines+markers+text",
+         {"type": "scatter", "x": coords[:, 0], "y": coords[:, 1], "mode": "lines+markers+text",
           "text": [str(int(s_)) if show else "" for s_, show in zip(a["step"], labelled)],
           "textposition": "top right", "textfont": {"color": "white"}, "customdata": names,
           "marker": {"color": "white", "line": {"color": "black", "width": 1}}, "line": {"color": "white"},
@@ -450,6 +448,9 @@ def _trajectory_panels(page: _Page, t: TrajectoryData) -> str:
          "yaxis": {"title": {"text": f"PC 2 ({100 * (ev[1] if len(ev) > 1 else 0):.1f}%)"}}}, height=480,
         caption="The loss over the plane of the path's two main directions, checkpoints joined in order: a path "
                 "crossing the rings descended, one running along them circled the minimum.")
+
+
+def _sharpness_panel(page: _Page, a: Mapping[str, np.ndarray], names: list[str]) -> str:
     data = [{"type": "scatter", "x": a["step"], "y": a["sharpness"], "mode": "lines+markers", "name": "sharpness",
              "customdata": names, "hovertemplate": "%{customdata}: %{y:.6g}<extra></extra>"},
             {"type": "scatter", "x": a["step"], "y": a["threshold"], "mode": "lines", "name": "stability threshold",
@@ -458,12 +459,15 @@ def _trajectory_panels(page: _Page, t: TrajectoryData) -> str:
     if eos.any():
         data.append({"type": "scatter", "x": a["step"][eos], "y": a["sharpness"][eos], "mode": "markers",
                      "name": "edge of stability", "marker": {"size": 14, "symbol": "circle-open", "color": "#d62728"}})
-    out += '<div class="row">' + page.figure(
+    return page.figure(
         data, {"title": _title("sharpness against the stability threshold"), "xaxis": {"title": {"text": "step"}},
                "yaxis": {"title": {"text": "sharpness"}, "type": "log"}}, height=380, width="50%",
         caption="Sharpness at each checkpoint against the stability threshold 2/η (dashed): λ·η/2 near 1 is the "
                 "edge of stability (circled), where gradient descent stops sharpening.")
-    out += page.figure(
+
+
+def _distance_panel(page: _Page, a: Mapping[str, np.ndarray]) -> str:
+    return page.figure(
         [{"type": "scatter", "x": a["step"], "y": a["distance"], "mode": "lines+markers", "name": "from the first"},
          {"type": "scatter", "x": a["step"], "y": a["step_size"], "mode": "lines+markers", "yaxis": "y2",
           "name": "per step"}],
@@ -475,7 +479,45 @@ def _trajectory_panels(page: _Page, t: TrajectoryData) -> str:
          "legend": {"orientation": "h", "x": 0, "y": -0.22, "yanchor": "top"}}, height=400, width="50%",
         caption="Distance from the first checkpoint (left) and movement per step (right, log): a flattening left "
                 "curve with a falling right one means training has settled.")
-    return out + "</div>"
+
+
+def _measure_panels(page: _Page, t: TrajectoryData) -> str:
+    """A training monitor's further measures against the step, two panels to a row."""
+    a, out = t.arrays, ""
+    for k, v in t.measures.items():
+        err = a.get(f"{k}_stderr")
+        trace = {"type": "scatter", "x": a["step"], "y": v, "mode": "lines+markers", "name": k}
+        if err is not None:
+            trace["error_y"] = {"type": "data", "array": err, "visible": True}
+        out += page.figure([trace], {"title": _title(f"{k} while training"), "xaxis": {"title": {"text": "step"}},
+                                     "yaxis": {"title": {"text": k}}}, height=320, width="50%",
+                           caption=MEASURE_CAPTIONS.get(k, k) + (" Bars: one standard error." if err is not None
+                                                                 else ""))
+    return f'<div class="row">{out}</div>' if out else ""
+
+
+#: What each monitored series says (the panels' captions).
+MEASURE_CAPTIONS = {
+    "loss": "Loss of the fixed probe batch at each check.",
+    "heldout_loss": "Loss of the held-out probe batch: its gap to the probe's loss is the generalization gap.",
+    "grad_norm": "Norm of the probe batch's full gradient.",
+    "trace": "Hutch++ estimate of the Hessian's trace on the probe batch: the total curvature.",
+    "gsnr_mean": "Mean gradient signal-to-noise ratio over parameters (Liu et al. 2020): it falls as examples "
+                 "stop agreeing.",
+    "m_coherence": "m-coherence of per-sample gradients (Chatterjee & Zielinski 2020): 1 for orthogonal "
+                   "gradients, the batch size for identical ones.",
+    "b_noise": "Gradient noise scale B_noise (McCandlish et al. 2018): the batch size beyond which larger "
+               "batches stop paying off.",
+    "b_simple": "B_simple = tr(Σ)/|G|², the cheaper form of the noise scale.",
+}
+
+
+def _trajectory_panels(page: _Page, t: TrajectoryData) -> str:
+    a = t.arrays
+    names = [esc(n) for n in a["checkpoint"]]
+    out = _plane_panel(page, t, t.plane, t.coords, t.explained_variance) if t.plane is not None else ""
+    row = (_sharpness_panel(page, a, names) if "sharpness" in a else "") + _distance_panel(page, a)
+    return out + f'<div class="row">{row}</div>' + _measure_panels(page, t)
 
 
 def _sections(page: _Page, run: RunContents) -> Iterator[tuple[str, str]]:
