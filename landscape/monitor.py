@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -123,11 +124,14 @@ def _probe(data: Any, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]
         if len(y) != n:
             raise LandscapeError(f"the probe data has {n} inputs but {len(y)} targets")
         take = lambda idx: (X[idx], y[idx])  # noqa: E731
-    elif hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+    elif hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, (str, bytes)):
         n = len(data)
 
         def take(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             items = [data[int(i)] for i in idx]
+            if not all(isinstance(it, (tuple, list)) and len(it) == 2 for it in items):
+                raise LandscapeError(f"the monitor's dataset ({type(data).__name__}) does not give (x, y) pairs",
+                                     hint="give (X, y) tensors or a dataset whose items are (input, target)")
             return (torch.stack([torch.as_tensor(x) for x, _ in items]),
                     torch.stack([torch.as_tensor(t) for _, t in items]))
     else:
@@ -163,6 +167,10 @@ class OptimizerState:
     def of(cls, optimizer: torch.optim.Optimizer | None, model: torch.nn.Module) -> "OptimizerState | None":
         if optimizer is None:
             return None
+        for attr in ("optimizer", "_optimizer"):  # accelerate's and Lightning's wrappers hold the torch optimizer
+            inner = getattr(optimizer, attr, None)
+            if isinstance(inner, torch.optim.Optimizer):
+                optimizer = inner
         group = optimizer.param_groups[0]
         hp = {k: (tuple(v) if isinstance(v, (tuple, list)) else v) for k, v in group.items()
               if k in ("lr", "momentum", "betas", "eps", "weight_decay", "nesterov")}
@@ -305,7 +313,10 @@ class Monitor:
                 kind, thr = "hessian", math.nan
         row: dict[str, float] = {"step": float(step), "lr": float(opt.hyperparameters.get("lr", math.nan))
                                  if opt else math.nan}
-        for m in self.measures:
+        finite = all(bool(torch.isfinite(t).all()) for t in params.values())
+        if not finite:  # training diverged: the row says so (NaN), the training goes on as it would
+            warnings.warn(f"step {step}: the model's weights are not finite; the monitor records NaN")
+        for m in self.measures if finite else ():
             if m in PER_SAMPLE and any(x in self.measures for x in PER_SAMPLE[:PER_SAMPLE.index(m)]):
                 continue  # measured with the first of them
             t = time.perf_counter()
@@ -315,6 +326,8 @@ class Monitor:
             row["heldout_loss"] = Problem(model, *self.heldout, self.loss_fn, device=first.device,
                                           dtype=first.dtype, batch_size=self.batch_size).loss()
         self._hvp_mode = "auto" if pb.hvp_mode == "auto" else pb.hvp_engine  # timed once, then kept
+        if not finite:
+            row.update({c: math.nan for m in self.measures for c in COLUMNS[m]})
         row.update(self._distances(step, pb))
         row["threshold"] = thr
         if "sharpness" in row:
