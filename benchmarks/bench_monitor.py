@@ -2,8 +2,8 @@
 
 Two models built in code train for ``--steps`` minibatch steps on this CPU (``--threads``), once without the monitor
 and once with it for each configuration (the default measures, every measure, each measure alone), at
-``--every``. Overhead = (wall with - wall without) / wall without. The plain runs are interleaved with the
-monitored ones and the best of ``--repeats`` is kept for each, because this VM's speed drifts over minutes; each
+``--every``. Overhead = (wall with - wall without) / wall without. Plain runs are interleaved with the
+monitored ones (one before every four) and the best of ``--repeats`` is kept for each, because this VM's speed drifts over minutes; each
 measure's own seconds are read from the run file as well (``seconds_<measure>``).
 
 * ``resnet``: a CIFAR ResNet-8 (three stages of one basic block, widths 16/32/64, BatchNorm; 78K parameters) on
@@ -108,10 +108,11 @@ def main() -> None:
         for name in args.models.split(","):
             plain, runs = [], {k: [] for k in configs}
             for _ in range(args.repeats):
-                plain.append(train(name, args.steps, None, args.every, Path(tmp))["wall"])
-                for k, ms in configs.items():
+                for i, (k, ms) in enumerate(configs.items()):
+                    if i % 4 == 0:  # the plain run between every few monitored ones (the VM's speed drifts)
+                        plain.append(train(name, args.steps, None, args.every, Path(tmp))["wall"])
                     runs[k].append(train(name, args.steps, ms, args.every, Path(tmp)))
-                    plain.append(train(name, args.steps, None, args.every, Path(tmp))["wall"])
+                plain.append(train(name, args.steps, None, args.every, Path(tmp))["wall"])
             base = min(plain)
             results[name] = {"plain_wall": base, "plain_walls": plain}
             print(f"\n{name}: {args.steps} steps without the monitor: best {base:.2f} s "

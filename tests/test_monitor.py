@@ -333,3 +333,51 @@ def test_a_transformers_trainer_run_writes_the_same_schema(tmp_path):
     assert a["step"].tolist() == [2, 4]
     assert (a["sharpness_kind"] == "preconditioned").all()  # AdamW's state read through accelerate's wrapper
     assert np.isfinite(a["sharpness"]).all() and np.isfinite(a["gsnr_mean"]).all()
+
+
+DDP = textwrap.dedent("""
+    import os, sys, torch
+    import torch.distributed as dist
+    from landscape.monitor import Monitor
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(64, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (64,), generator=g)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).double()
+    ddp = "RANK" in os.environ
+    if ddp:
+        dist.init_process_group("gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        net = torch.nn.parallel.DistributedDataParallel(model)
+        shard = slice(rank * 64 // world, (rank + 1) * 64 // world)
+    else:
+        net, shard = model, slice(0, 64)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    mon = Monitor(net, "cross_entropy", (X, y), every=2, path=sys.argv[1], measures=("lambda_max", "grad_norm"),
+                  tol=1e-10, max_matvec=200)
+    for step in range(1, 5):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(X[shard]), y[shard]).backward()
+        opt.step()
+        mon.step(step, optimizer=opt)
+    mon.close()
+    if ddp:
+        dist.destroy_process_group()
+""")
+
+
+@pytest.mark.slow
+def test_under_ddp_rank_0_writes_what_one_process_writes(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP)
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.h5")], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          str(script), str(tmp_path / "two.h5")], capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr
+    a = RunContents.read(tmp_path / "one.h5").trajectory.arrays
+    b = RunContents.read(tmp_path / "two.h5").trajectory.arrays
+    assert b["step"].tolist() == [2, 4]
+    for k in ("sharpness", "grad_norm", "loss", "distance"):  # data-parallel sums: equal to round-off
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-9, err_msg=k)
