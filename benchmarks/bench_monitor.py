@@ -87,6 +87,9 @@ def train(name: str, steps: int, measures: tuple[str, ...] | None, every: int, f
         out["checks"] = len(rows)
         out["seconds"] = {k[len("seconds_"):]: sum(r[k] for r in rows) for k in rows[0] if k.startswith("seconds_")}
         out["check_seconds"] = sum(r["seconds"] for r in rows)
+        out["per_check"] = [{"step": int(r["step"]), "seconds": r["seconds"],
+                             **({"matvecs": int(r["sharpness_matvecs"])} if "sharpness_matvecs" in r else {})}
+                            for r in rows]
         out["last"] = {k: rows[-1][k] for k in ("sharpness", "sharpness_matvecs", "trace", "grad_norm", "gsnr_mean",
                                                 "b_noise", "m_coherence") if k in rows[-1]}
     return out
@@ -128,6 +131,9 @@ def main() -> None:
                 print(f"{k:<12} {best['wall']:>8.2f} {100 * over:>8.1f}% {best['checks']:>6} "
                       f"{best['check_seconds']:>8.2f} {100 * share:>10.1f}%  {per}")
             print("last check:", json.dumps(results[name]["all"]["last"]))
+            print("default measures, each check (step: seconds, lambda_max products):",
+                  ", ".join(f"{c['step']}: {c['seconds']:.2f} s, {c.get('matvecs', '-')}"
+                            for c in results[name]["default"]["per_check"]))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
