@@ -199,12 +199,14 @@ class Monitor:
     ``loss`` is a callable ``loss(output, target)`` (a batch mean) or a name (``cross_entropy``, ``mse``,
     ``causal_lm``, ``masked_lm``, ``module:callable``); ``data`` gives the probe batch (:func:`_probe`) of
     ``probe_size`` samples, ``heldout`` optionally a second one whose loss is recorded too (``heldout_loss``).
-    ``tol`` is Lanczos's relative residual for ``lambda_max``, ``max_matvec`` its budget per check.
+    ``tol`` is Lanczos's relative residual for ``lambda_max`` (1e-2: an eigenvalue lies within 1% of the value
+    recorded, and the error is typically the residual's square over the gap to the next eigenvalue; the residual is
+    recorded), ``max_matvec`` its budget per check.
     """
 
     def __init__(self, model: torch.nn.Module, loss: LossFn | str, data: Any, *, every: Schedule = 100,
-                 measures: Sequence[str] = DEFAULT_MEASURES, path: str | Path = "run.h5", probe_size: int = 64,
-                 heldout: Any = None, seed: int = 0, tol: float = 1e-3, max_matvec: int = 100,
+                 measures: Sequence[str] = DEFAULT_MEASURES, path: str | Path = "run.h5", probe_size: int = 32,
+                 heldout: Any = None, seed: int = 0, tol: float = 1e-2, max_matvec: int = 100,
                  trace_matvecs: int = 30, noise_samples: int = 8, batch_size: int = 2048,
                  memory_budget: float = 256 * 2**20, resume: bool = False, overwrite: bool = False) -> None:
         unknown = [m for m in measures if m not in MEASURES]

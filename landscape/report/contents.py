@@ -322,7 +322,8 @@ def summary_rows(run: RunContents) -> list[Row]:
         shown = sorted({*range(0, count, stride), count - 1}) if count else []
         for i in shown if "sharpness" in a else ():
             kind = "preconditioned sharpness" if a["sharpness_kind"][i] == "preconditioned" else "lambda_max"
-            rows.append(Row(f"trajectory {a['checkpoint'][i]} (step {int(a['step'][i])})", kind,
+            name, step = str(a["checkpoint"][i]), int(a["step"][i])
+            rows.append(Row(f"trajectory {name}" + ("" if name == f"step {step}" else f" (step {step})"), kind,
                             float(a["sharpness"][i]),
                             note=f"threshold {float(a['threshold'][i]):.4g}, ratio {float(a['ratio'][i]):.3g}"
                                  + (", edge of stability" if a["edge_of_stability"][i] else "")
