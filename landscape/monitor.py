@@ -229,7 +229,7 @@ class Monitor:
         self.kinds: list[str] = []  # per row: the sharpness measured, ``hessian`` or ``preconditioned``
         self.norms: dict[str, list[float]] = {n: [] for n in self.names}
         self.origin: Params | None = None
-        self._previous: tuple[int, torch.Tensor] | None = None
+        self._previous: tuple[int, Params] | None = None
         self._v0: np.ndarray | None = None
         self._hvp_mode = "auto"
         self._last_step: int | None = None
@@ -374,15 +374,19 @@ class Monitor:
 
     def _distances(self, step: int, pb: Problem) -> dict[str, float]:
         """``||theta - theta_first||`` and ``||theta - theta_previous|| / steps`` (NaN at the first check after a
-        resume: the previous weights were not kept)."""
-        flat = torch.cat([pb.theta0[n].detach().reshape(-1).double().cpu() for n in self.names])
+        resume: the previous weights were not kept), summed tensor by tensor in float64: the two reference points
+        are kept on the host at the model's dtype (4 bytes a parameter each in float32), nothing is flattened."""
+        now = {n: pb.theta0[n].detach().cpu().clone() for n in self.names}
         if self.origin is None:
-            self.origin = {n: pb.theta0[n].detach().cpu().clone() for n in self.names}
-        origin = torch.cat([self.origin[n].reshape(-1).double() for n in self.names])
-        out = {"distance": float((flat - origin).norm()), "step_size": math.nan}
+            self.origin = now
+
+        def dist(a: Params, b: Params) -> float:
+            return math.sqrt(sum(float(((a[n].double() - b[n].double()) ** 2).sum()) for n in self.names))
+
+        out = {"distance": dist(now, self.origin), "step_size": math.nan}
         if self._previous is not None and step > self._previous[0]:
-            out["step_size"] = float((flat - self._previous[1]).norm()) / (step - self._previous[0])
-        self._previous = (step, flat)
+            out["step_size"] = dist(now, self._previous[1]) / (step - self._previous[0])
+        self._previous = (step, now)
         return out
 
     # ------------------------------------------------------------------ lifecycle
