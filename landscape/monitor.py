@@ -73,8 +73,6 @@ COLUMNS = {
 }
 #: The measures taken from one pass over the probe's per-sample gradients.
 PER_SAMPLE = ("gsnr", "b_noise", "coherence")
-#: Per-step arrays of ``/trajectory`` that are not a measure's.
-BASE_COLUMNS = ("step", "lr", "threshold", "ratio", "edge_of_stability", "distance", "step_size", "seconds")
 
 Schedule = int | Iterable[int] | Callable[[int], bool]
 

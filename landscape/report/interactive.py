@@ -427,8 +427,9 @@ def _compare_panels(page: _Page, c: CompareData) -> str:
     return out
 
 
-def _plane_panel(page: _Page, t: TrajectoryData, pl: SliceData, coords: np.ndarray, ev: np.ndarray) -> str:
-    a = t.arrays
+def _plane_panel(page: _Page, t: TrajectoryData) -> str:
+    a, pl, coords, ev = t.arrays, t.plane, t.coords, t.explained_variance
+    assert pl is not None and coords is not None and ev is not None  # a trajectory's file (a monitor's has no plane)
     loss = pl.masked("loss")
     log = use_log(loss, "auto")
     names = [esc(n) for n in a["checkpoint"]]
@@ -515,7 +516,7 @@ MEASURE_CAPTIONS = {
 def _trajectory_panels(page: _Page, t: TrajectoryData) -> str:
     a = t.arrays
     names = [esc(n) for n in a["checkpoint"]]
-    out = _plane_panel(page, t, t.plane, t.coords, t.explained_variance) if t.plane is not None else ""
+    out = _plane_panel(page, t) if t.plane is not None else ""
     row = (_sharpness_panel(page, a, names) if "sharpness" in a else "") + _distance_panel(page, a)
     return out + f'<div class="row">{row}</div>' + _measure_panels(page, t)
 
