@@ -362,6 +362,9 @@ DDP = textwrap.dedent("""
     mon.close()
     if ddp:
         dist.destroy_process_group()
+        # torch 2.13's DDP on gloo (CPU) aborts in its C++ teardown now and then ("terminate called without an
+        # active exception"; 2 of 8 runs of this script without any monitor): leave without it, all written
+        os._exit(0)
 """)
 
 
