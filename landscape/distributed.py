@@ -190,8 +190,17 @@ def init_from_env(device: str = "auto", *, timeout_s: float = 1800) -> Comm:
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=_dt.timedelta(seconds=timeout_s))
         atexit.register(dist.destroy_process_group)
-    _current = Comm(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, backend=backend)
+    _current = from_process_group()
     return _current
+
+
+def from_process_group() -> Comm:
+    """The Comm of the default ``torch.distributed`` process group as it is (one a user's DDP training started, or
+    :func:`init_from_env`'s), or :data:`SINGLE` when there is none or it has one rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return SINGLE
+    return Comm(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                backend=str(dist.get_backend()))
 
 
 def rank_device(device: torch.device, comm: Comm) -> torch.device:

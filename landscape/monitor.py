@@ -38,7 +38,6 @@ batch, and rank 0 alone writes.
 from __future__ import annotations
 
 import math
-import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -51,7 +50,7 @@ import torch
 
 from .coherence import CoherenceSettings, analyze_coherence
 from .curvature import CurvatureOperator
-from .distributed import SINGLE, Comm
+from .distributed import from_process_group
 from .errors import LandscapeError
 from .losses import LossFn, resolve_loss
 from .problem import Params, Problem
@@ -142,15 +141,6 @@ def _probe(data: Any, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]
     return take(idx)
 
 
-def _comm() -> Comm:
-    """This process's place in an initialized ``torch.distributed`` job (DDP), or one process."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return SINGLE
-    return Comm(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-                backend=str(dist.get_backend()))
-
-
 @dataclass(frozen=True)
 class OptimizerState:
     """What a check reads from the optimizer: its class name, the first parameter group's hyperparameters, and for
@@ -220,7 +210,7 @@ class Monitor:
         self.batch_size, self.memory_budget = batch_size, memory_budget
         self.X, self.y = _probe(data, probe_size, seed)
         self.heldout = _probe(heldout, probe_size, seed + 1) if heldout is not None else None
-        self.comm = _comm()
+        self.comm = from_process_group()
         self.path = Path(path)
         self.names = [n for n, _ in _unwrap(model).named_parameters()]
         self.rows: list[dict[str, float]] = []
