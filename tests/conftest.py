@@ -85,6 +85,23 @@ def flat_loss(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, loss=tor
     return f, theta
 
 
+def import_from(folder: Path, name: str):
+    """Module ``name`` from ``folder`` (a user's files a test wrote), with ``sys.path`` as it was after, and neither
+    it nor a neighbour it imported left in ``sys.modules``: another test's file of the same name is read afresh."""
+    import importlib
+
+    before = set(sys.modules)
+    sys.path.insert(0, str(folder))
+    importlib.invalidate_caches()
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(folder))
+        for added in set(sys.modules) - before:
+            if Path(getattr(sys.modules[added], "__file__", None) or "/").parent == Path(folder):
+                del sys.modules[added]
+
+
 def cli(*args: str, cwd: Path | None = None, timeout: float = 300):
     """Run the installed ``landscape`` command line in a subprocess."""
     import subprocess

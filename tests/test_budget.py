@@ -5,7 +5,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import EXAMPLES, cli
+from conftest import EXAMPLES, cli, import_from
 from landscape.budget import check_disk, resolve_budget
 from landscape.errors import LandscapeError
 
@@ -96,12 +96,7 @@ def test_dry_run_predicts_the_measured_peak_memory_within_1_5x(tmp_path):
     import torch
 
     (tmp_path / "mid.py").write_text(MID_MODEL)
-    sys.path.insert(0, str(tmp_path))
-    try:
-        import mid
-        torch.save(mid.net().state_dict(), tmp_path / "ck.pt")
-    finally:
-        sys.path.remove(str(tmp_path))
+    torch.save(import_from(tmp_path, "mid").net().state_dict(), tmp_path / "ck.pt")
     torch.manual_seed(0)
     torch.save({"X": torch.randn(128, 3, 32, 32), "y": torch.randint(0, 10, (128,))}, tmp_path / "d.pt")
     args = ["scan", str(tmp_path / "ck.pt"), "--model", f"{tmp_path / 'mid.py'}:net", "--data", str(tmp_path / "d.pt"),

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cli
+from conftest import cli, import_from
 from landscape.errors import LandscapeError
 from landscape.monitor import MEASURES, Monitor, log_spaced
 from landscape.report.contents import RunContents
@@ -42,13 +42,7 @@ NET = textwrap.dedent("""
 def net_module(tmp_path_factory):
     d = tmp_path_factory.mktemp("user")
     (d / "net.py").write_text(NET)
-    sys.path.insert(0, str(d))
-    try:
-        import net
-    finally:
-        sys.path.remove(str(d))
-    sys.modules.pop("net", None)
-    return d, net
+    return d, import_from(d, "net")
 
 
 def data(n=96, seed=0, dtype=torch.float32):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import EXAMPLES, cli
+from conftest import EXAMPLES, cli, import_from
 
 NET = textwrap.dedent("""
     import torch
@@ -34,12 +34,7 @@ def user_dir(tmp_path):
     d.mkdir()
     (d / "helpers.py").write_text("WIDTH = 16\n")
     (d / "net.py").write_text(NET)
-    sys.path.insert(0, str(d))
-    try:
-        import net
-    finally:
-        sys.path.remove(str(d))
-        sys.modules.pop("helpers", None)
+    net = import_from(d, "net")
     from landscape.data import digits
 
     X, y = digits("train")
@@ -55,7 +50,6 @@ def user_dir(tmp_path):
             loss.backward()
             opt.step()
         torch.save(model.state_dict(), d / f"m{seed}.pt")
-    sys.modules.pop("net", None)
     return d
 
 
