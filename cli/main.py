@@ -233,7 +233,7 @@ def _base_config(checkpoint: str, specs: SpecOptions, output: Optional[str], met
         loss=specs.loss, metrics=tuple(_parse_metric(m) for m in metric or ()), state_key=specs.state_key,
         trust_pickle=specs.trust_pickle, strict=specs.strict, max_samples=specs.max_samples, seed=specs.seed,
         batch_size=specs.batch_size, device=specs.device, dtype=specs.dtype, bn=specs.bn, output=output,
-        memory_budget=_parse_bytes(specs.memory_budget), **rest)
+        memory_budget=_parse_bytes(specs.memory_budget), hvp=specs.hvp, **rest)
 
 
 def _join_job(device: str) -> None:

@@ -36,6 +36,7 @@ class SpecOptions:
     device: str = "auto"
     dtype: Optional[str] = None
     memory_budget: Optional[str] = None
+    hvp: str = "auto"
 
 
 OPTIONS: dict[str, Any] = {
@@ -71,6 +72,10 @@ OPTIONS: dict[str, Any] = {
         help="Memory an analysis may hold beyond the model, a gradient and a batch's activations (slice blocks, "
              "per-sample gradient chunks, Krylov bases; long vectors that do not fit go to a scratch file), e.g. "
              "512MiB, 4GB (default: a quarter of the available memory).")],
+    "hvp": Annotated[str, typer.Option(
+        help="Hessian-vector product engine: auto (the faster of graph and forward-over-reverse, timed at the "
+             "first product), graph (double backward), forward-over-reverse or reverse-over-reverse (torch.func). "
+             "Pin one for runs that must agree to the last bit.")],
 }
 assert set(OPTIONS) == {f.name for f in fields(SpecOptions)}
 

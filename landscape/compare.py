@@ -329,7 +329,7 @@ def _connect(rf: RunFile, cfg: CompareConfig, key: str, a: Any, b: Any) -> dict[
         return done
     pb = Problem(a.model, a.data.X, a.data.y, pa.loss_fn, device=pa.device, dtype=pa.dtype,
                  batch_size=pa.batch_size, bn=bn, bn_batches=cfg.scan.bn_batches, seed=cfg.scan.seed,
-                 comm=pa.comm) if bn != pa.bn else pa
+                 comm=pa.comm, hvp_mode=cfg.scan.hvp) if bn != pa.bn else pa
     theta_b = {n: t.detach().to(pa.device, pa.dtype) for n, t in b.model.named_parameters()}
     alpha = cfg.alpha()
     plain = linear_path(pb, theta_b, alpha)

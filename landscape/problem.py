@@ -98,6 +98,17 @@ class Evaluation:
     metrics: Mapping[str, float]
 
 
+#: Hessian-vector product engines (``--hvp``): ``auto`` times ``graph`` against the ``torch.func`` one at the first
+#: product and keeps the faster (see :meth:`Problem.hvp`).
+HVP_MODES = ("auto", "graph", "forward-over-reverse", "reverse-over-reverse")
+
+
+def check_hvp_mode(mode: str) -> None:
+    """Refuse an HVP engine not in :data:`HVP_MODES`."""
+    if mode not in HVP_MODES:
+        raise LandscapeError(f"HVP engine {mode!r} is unknown", hint=f"use --hvp {', '.join(HVP_MODES)}")
+
+
 class Problem:
     """Model + data + loss, evaluated at arbitrary parameter points.
 
@@ -206,9 +217,7 @@ class Problem:
         self.memory_budget = memory_budget
         self.block_seconds = block_seconds
         self.block: int | None = None
-        if hvp_mode not in ("auto", "graph", "forward-over-reverse", "reverse-over-reverse"):
-            raise LandscapeError(f"HVP mode {hvp_mode!r} is unknown",
-                                 hint="use auto, graph, forward-over-reverse or reverse-over-reverse")
+        check_hvp_mode(hvp_mode)
         # "auto" until the first product at theta0 picks "graph" or "functional" (torch.func, whose flavour
         # _functional_mode may still fall back from forward-over-reverse to reverse-over-reverse)
         self.hvp_mode = "functional" if hvp_mode.endswith("reverse") else hvp_mode

@@ -45,7 +45,7 @@ from .hessian import CurvatureSettings, analyze_curvature, stored_summary
 from .hf import IGNORE_INDEX
 from .lanczos import basis_device, lanczos
 from .losses import default_loss_name, resolve_loss
-from .problem import Problem
+from .problem import Problem, check_hvp_mode
 from .stream import StreamedInputs
 from .runfile import (RESERVED, RunFile, check_output_path, encode_attr, from_link, link_name, make_parent,
                       read_attrs)
@@ -98,6 +98,8 @@ class ScanConfig:
     batch_size: int = 2048
     strategy: str = "auto"
     workers: int | str = "auto"
+    #: the HVP engine (:data:`landscape.problem.HVP_MODES`); ``auto`` times them at the first product
+    hvp: str = "auto"
     precision: str = "full"
     memory_budget: float | None = None
     stream: str = "auto"
@@ -129,6 +131,7 @@ class ScanConfig:
         """Settings checked before anything is loaded or written (an unknown --norm used to leave an empty run
         file behind)."""
         check_policy(self.norm, self.ignore)
+        check_hvp_mode(self.hvp)
         for what, name in [("slice name (--name)", self.name), *(("metric name", m) for m, _ in self.metrics)]:
             if name is not None and ("/" in name or name in ("", ".")):
                 raise LandscapeError(f"the {what} {name!r} cannot name a run-file entry (it holds '/' or is empty)",
@@ -251,7 +254,7 @@ def setup(config: ScanConfig, comm: Comm | None = None) -> Setup:
     problem = Problem(model, data.X, data.y, loss_fn, metrics=metrics, device=resolve_device(config.device), dtype=dtype,
                       batch_size=config.batch_size, bn=config.bn, bn_batches=config.bn_batches,
                       strategy=config.strategy, workers=config.workers, seed=config.seed, comm=comm or current(),
-                      precision=config.precision, memory_budget=resolve_budget(config.memory_budget))
+                      hvp_mode=config.hvp, precision=config.precision, memory_budget=resolve_budget(config.memory_budget))
     if config.curvature is not None and config.curvature.batch_sizes:
         check_batch_sizes(problem.n, config.curvature.batch_sizes)
     check_fits(analysis_floor(problem.num_parameters, problem.parameter_bytes,

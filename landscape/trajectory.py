@@ -333,7 +333,7 @@ def run_trajectory(cfg: TrajectoryConfig, *, progress: Any = None) -> tuple[str,
         m.load_state_dict({**s.params, **s.buffers}, strict=False)
         return Problem(m, st.data.X, st.data.y, pb0.loss_fn, device=pb0.device, dtype=pb0.dtype,
                        batch_size=pb0.batch_size, bn=base.bn, bn_batches=base.bn_batches, seed=base.seed,
-                       comm=pb0.comm)
+                       comm=pb0.comm, hvp_mode=base.hvp)
 
     result = analyze_trajectory(problem_for, snaps, plane_steps=cfg.plane_steps, seed=base.seed,
                                 progress=progress if pb0.comm.is_writer else None)

@@ -167,6 +167,20 @@ def test_hessian_command_writes_the_run_file(tmp_path):
     assert (tmp_path / "figures" / "hessian_density.png").exists()  # the scan's report was redrawn, not left stale
 
 
+def test_hvp_engine_pinned(tmp_path, mlp_ckpt):
+    """``--hvp`` picks the engine instead of timing them; the run file says which ran, and the engines agree."""
+    found = {}
+    for mode in ("graph", "reverse-over-reverse"):
+        out = tmp_path / f"{mode}.h5"
+        res = cli("hessian", str(mlp_ckpt), "--hvp", mode, "--dtype", "float64", "--top-k", "2", "--no-trace",
+                  "--max-samples", "128", "-o", str(out))
+        assert res.returncode == 0, res.stderr
+        with h5py.File(out) as f:
+            assert f["hessian"].attrs["hvp_mode"] == mode
+            found[mode] = f["hessian/eigenvalues"][()]
+    np.testing.assert_allclose(found["graph"], found["reverse-over-reverse"], rtol=1e-9)
+
+
 def test_outputs_counts_and_labels_that_cannot_be(tmp_path, mlp_ckpt):
     """Issue 22's four: an output that cannot be written (a folder that is a file, a place that cannot hold a
     folder), a negative count, labels beyond the model's classes. Each is one line and exit 2, and the unwritable

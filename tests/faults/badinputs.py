@@ -58,6 +58,7 @@ CASES: list[tuple[str, tuple[str, ...], str]] = [
     ("memory budget not a size", ("scan", CK, "--memory-budget", "lots"), "lots"),
     ("batch size 0", ("hessian", CK, "--batch-size", "0"), "--batch-size must be at least 1"),
     ("negative top-k", ("hessian", CK, "--top-k", "-1"), "--top-k must be at least 0"),
+    ("unknown HVP engine", ("hessian", CK, "--hvp", "fast"), "HVP engine 'fast' is unknown"),
     ("trace matvecs 1", ("hessian", CK, "--trace-matvecs", "1"), "--trace-matvecs"),
     ("batch sizes not numbers", ("hessian", CK, "--batch-sizes", "8,x"), "--batch-sizes"),
     ("batch sizes beyond the data", ("hessian", CK, "--batch-sizes", "100000", "--no-trace", "--top-k", "1",

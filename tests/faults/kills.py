@@ -18,9 +18,11 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 CKPT = str(REPO / "data" / "examples" / "cnn_adam_s2000.pt")
-#: Strategy and workers pinned: a fresh run picks them by timing, and the thread layout they bring changes float
-#: rounding, so on a busy machine two fresh runs may differ in the last bits (a resume reuses the stored choice).
-ARGS = ["--max-samples", "128", "--steps", "15", "--save-every", "0.2", "--strategy", "inplace", "--workers", "2"]
+#: Strategy, workers and HVP engine pinned: a fresh run picks them by timing, and the thread layout and engine they
+#: bring change float rounding, so on a busy machine two fresh runs may differ in the last bits (a resume reuses
+#: the stored slice strategy, not the engine an unfinished analysis would time again).
+ARGS = ["--max-samples", "128", "--steps", "15", "--save-every", "0.2", "--strategy", "inplace", "--workers", "2",
+        "--hvp", "graph"]
 
 
 def scan(out: Path, *extra: str) -> subprocess.Popen:
