@@ -190,16 +190,26 @@ class Monitor:
     ``tol`` is Lanczos's relative residual for ``lambda_max`` (1e-2: an eigenvalue lies within 1% of the value
     recorded, and the error is typically the residual's square over the gap to the next eigenvalue; the residual is
     recorded), ``max_matvec`` its budget per check.
+
+    Cost: each row records the seconds of its check and ``overhead``, the monitor's seconds so far over the
+    training's (the wall time since the monitor was made, less the monitor's own). With ``max_overhead`` (e.g.
+    0.05) a due check is skipped while ``overhead`` is above it, so that the schedule thins out to what that share
+    of the training time pays for (the skipped steps are counted in the file's ``skipped_checks``); without it every
+    due step is checked.
     """
 
     def __init__(self, model: torch.nn.Module, loss: LossFn | str, data: Any, *, every: Schedule = 100,
                  measures: Sequence[str] = DEFAULT_MEASURES, path: str | Path = "run.h5", probe_size: int = 32,
                  heldout: Any = None, seed: int = 0, tol: float = 1e-2, max_matvec: int = 100,
                  trace_matvecs: int = 30, noise_samples: int = 8, batch_size: int = 2048,
-                 memory_budget: float = 256 * 2**20, resume: bool = False, overwrite: bool = False) -> None:
+                 memory_budget: float = 256 * 2**20, max_overhead: float | None = None, resume: bool = False,
+                 overwrite: bool = False) -> None:
         unknown = [m for m in measures if m not in MEASURES]
         if unknown:
             raise LandscapeError(f"unknown measure {', '.join(unknown)}", hint=f"choose from {', '.join(MEASURES)}")
+        if max_overhead is not None and not 0 < max_overhead:
+            raise LandscapeError(f"max_overhead={max_overhead} is not a positive share of the training time",
+                                 hint="give e.g. max_overhead=0.05 (5%), or None to check at every due step")
         self.model = model
         self.loss_fn = resolve_loss(loss) if isinstance(loss, str) else loss
         self.measures = tuple(m for m in MEASURES if m in measures)
@@ -221,6 +231,10 @@ class Monitor:
         self._v0: np.ndarray | None = None
         self._hvp_mode = "auto"
         self._last_step: int | None = None
+        self.max_overhead = max_overhead
+        self.skipped = 0  # due checks skipped to keep within max_overhead
+        self._spent = 0.0  # seconds in checks
+        self._clock = time.perf_counter()  # the training's wall clock starts with the monitor
         self._file: RunFile | None = None
         if self.comm.is_writer:
             self._file = RunFile(self.path, mode="overwrite" if overwrite else ("resume" if resume else "create"))
@@ -233,6 +247,7 @@ class Monitor:
         with self._file.read() as f:
             if "trajectory" not in f:
                 return
+            self.skipped = int(f.attrs.get("skipped_checks", 0))
             g = f["trajectory"]
             cols = [k for k, v in g.items() if hasattr(v, "shape") and k not in ("checkpoint", "sharpness_kind")]
             self.rows = [{k: float(g[k][i]) for k in cols} for i in range(len(g["step"]))]
@@ -252,7 +267,8 @@ class Monitor:
             for k, v in {**tool_provenance(), "kind": "trajectory", "source": "monitor",
                          "model_class": type(_unwrap(self.model)).__name__, "parameters": self.n,
                          "probe_size": len(self.X), "seed": self.seed, "measures": ",".join(self.measures),
-                         "every": str(self.every)}.items():
+                         "every": str(self.every), "max_overhead": self.max_overhead,
+                         "skipped_checks": self.skipped}.items():
                 if k != "created" or k not in f.attrs:
                     f.attrs[k] = encode_attr(v)
             if "trajectory" in f:
@@ -281,7 +297,16 @@ class Monitor:
         row written, or None."""
         if step == self._last_step or not self.due(step):
             return None
+        if self.max_overhead is not None and self.comm.broadcast(self.overhead > self.max_overhead):
+            self.skipped += 1  # every rank follows rank 0's clock
+            return None
         return self.check(step, optimizer)
+
+    @property
+    def overhead(self) -> float:
+        """The monitor's seconds so far over the training's (0 before the first check)."""
+        training = time.perf_counter() - self._clock - self._spent
+        return self._spent / training if self._spent else 0.0
 
     def check(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> dict[str, float]:
         """Measure now, whatever the schedule: one row of ``/trajectory``."""
@@ -324,6 +349,8 @@ class Monitor:
             row["ratio"] = row["sharpness"] / thr if thr == thr else math.nan
             row["edge_of_stability"] = float(row["ratio"] >= EOS_RATIO) if thr == thr else 0.0
         row["seconds"] = time.perf_counter() - t0
+        self._spent += row["seconds"]
+        row["overhead"] = self.overhead
         if self._last_step is None and self.rows:  # the first check after a resume: a restarted run drops its future
             keep = [i for i, r in enumerate(self.rows) if r["step"] < step]
             self.rows = [self.rows[i] for i in keep]
@@ -380,6 +407,9 @@ class Monitor:
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
         if self._file is not None:
+            if self.skipped and self._file.path.exists():  # checks skipped since the last row was written
+                with self._file.transaction() as f:
+                    f.attrs["skipped_checks"] = self.skipped
             self._file.close()
             self._file = None
 

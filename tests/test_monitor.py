@@ -138,6 +138,30 @@ def test_a_warm_start_costs_fewer_products(net_module, tmp_path):
     assert again["sharpness_matvecs"] < first["sharpness_matvecs"]
 
 
+def test_max_overhead_skips_checks_it_cannot_pay_for(net_module, tmp_path):
+    """Every row says what the monitor has cost so far; ``max_overhead`` skips due checks while that share is above
+    it (a share no check fits in: only the first due step; one every check fits in: all of them)."""
+    _, net = net_module
+    mons = {}
+    for share in (1e-9, 1e9):
+        path = tmp_path / f"{share}.h5"
+        def monitor(m):
+            if share not in mons:
+                mons[share] = Monitor(m, "cross_entropy", data(), every=1, path=path, measures=("grad_norm",),
+                                      max_overhead=share)
+            return mons[share]
+
+        train(net, "sgd", 6, monitor=monitor)
+        mons[share].close()
+        with h5py.File(path) as f:
+            g = f["trajectory"]
+            assert (g["overhead"][()] > 0).all() and np.isfinite(g["overhead"][()]).all()
+            assert g["step"][()].tolist() == ([1] if share < 1 else [1, 2, 3, 4, 5, 6])
+            assert f.attrs["skipped_checks"] == (5 if share < 1 else 0) and f.attrs["max_overhead"] == share
+    with pytest.raises(LandscapeError, match="max_overhead=0"):
+        Monitor(net.Net(), "cross_entropy", data(), path=tmp_path / "bad.h5", max_overhead=0)
+
+
 def test_schedules():
     assert sorted(log_spaced(1000, per_decade=1)) == [0, 1, 10, 100, 1000]
     from landscape.monitor import _due
