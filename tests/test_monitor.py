@@ -18,7 +18,7 @@ import torch
 from conftest import cli, import_from
 from landscape.errors import LandscapeError
 from landscape.monitor import MEASURES, Monitor, log_spaced
-from landscape.report.contents import RunContents
+from landscape.report.contents import RunContents, summary_rows
 
 NET = textwrap.dedent("""
     import torch
@@ -158,6 +158,8 @@ def test_max_overhead_skips_checks_it_cannot_pay_for(net_module, tmp_path):
             assert (g["overhead"][()] > 0).all() and np.isfinite(g["overhead"][()]).all()
             assert g["step"][()].tolist() == ([1] if share < 1 else [1, 2, 3, 4, 5, 6])
             assert f.attrs["skipped_checks"] == (5 if share < 1 else 0) and f.attrs["max_overhead"] == share
+    row = next(r for r in summary_rows(RunContents.read(tmp_path / "1e-09.h5")) if r.name == "monitor overhead")
+    assert row.value > 0 and "5 due checks skipped for max_overhead 1e-09" in row.note
     with pytest.raises(LandscapeError, match="max_overhead=0"):
         Monitor(net.Net(), "cross_entropy", data(), path=tmp_path / "bad.h5", max_overhead=0)
 

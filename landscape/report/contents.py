@@ -332,6 +332,12 @@ def summary_rows(run: RunContents) -> list[Row]:
             err = a.get(f"{k}_stderr")
             rows.append(Row(f"trajectory, last check (step {int(a['step'][-1])})", k, float(v[-1]),
                             float(err[-1]) if err is not None else math.nan))
+        if count and "overhead" in a:  # a monitored run: what the monitor cost the training
+            skipped = int(run.attrs.get("skipped_checks", 0))
+            rows.append(Row(f"trajectory, last check (step {int(a['step'][-1])})", "monitor overhead",
+                            float(a["overhead"][-1]), note="of the training's wall time" + (
+                                f"; {skipped} due checks skipped for max_overhead {run.attrs.get('max_overhead')}"
+                                if skipped else "")))
         ev = run.trajectory.explained_variance
         if ev is not None:
             rows.append(Row("trajectory", "PCA explained variance (2 components)", float(np.sum(ev[:2]))))
