@@ -222,7 +222,8 @@ class Problem:
         # _functional_mode may still fall back from forward-over-reverse to reverse-over-reverse)
         self.hvp_mode = "functional" if hvp_mode.endswith("reverse") else hvp_mode
         self._functional_mode = hvp_mode if hvp_mode.endswith("reverse") else "forward-over-reverse"
-        self._grad_graph: tuple[list[torch.Tensor], tuple[torch.Tensor, ...]] | None = None
+        # the graph engine's leaves, gradient (with its graph) and loss at theta0
+        self._grad_graph: tuple[list[torch.Tensor], tuple[torch.Tensor, ...], torch.Tensor] | None = None
         self.graph_chunks = graph_chunks
         self.strategy = strategy if strategy != "auto" else ("inplace" if bn == "recompute" else "auto")
         self.linear_inputs = linear_inputs
@@ -637,7 +638,14 @@ class Problem:
     def loss_and_gradient(self, params: Mapping[str, torch.Tensor] | None = None,
                           indices: torch.Tensor | None = None) -> tuple[float, Params]:
         """Loss and gradient ``G = dL/dtheta`` at ``params`` (``theta0`` when None) over the whole evaluation set,
-        or over the samples ``indices`` (a minibatch ``S``: ``L_S``)."""
+        or over the samples ``indices`` (a minibatch ``S``: ``L_S``). At theta0 after a product of the ``graph``
+        engine, the gradient and loss its graph holds (no pass more)."""
+        if params is None and indices is None and self._grad_graph is not None:
+            _, grads, value = self._grad_graph
+            out = {n: g.detach().clone() for n, g in zip(self.names, grads)}
+            loss = value.double().clone()
+            self.comm.all_reduce_([loss, *out.values()])
+            return float(loss), out
         p = self._params(params)
         total: Params = {n: torch.zeros_like(t) for n, t in p.items()}
         loss = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -701,8 +709,8 @@ class Problem:
             total = sum(self._chunk_loss(leaves, self.X[s:e], self.y[s:e]) * ((e - s) / self.n)
                         for s, e in self._grad_chunks)
             grads = torch.autograd.grad(total, list(leaves.values()), create_graph=True)
-            self._grad_graph = (list(leaves.values()), grads)
-        leaves, grads = self._grad_graph
+            self._grad_graph = (list(leaves.values()), grads, total.detach())
+        leaves, grads, _ = self._grad_graph
         hv = torch.autograd.grad(grads, leaves, grad_outputs=[v[n].to(self.device, self.dtype) for n in self.names],
                                  retain_graph=True)
         out = {n: h.detach() for n, h in zip(self.names, hv)}

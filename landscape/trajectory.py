@@ -109,10 +109,11 @@ def pca_path(snapshots: Sequence[Snapshot], names: Sequence[str]) -> PCA:
 
 
 def sharpness_pair(problem: Problem, params: Params | None, *, precondition: Params | None = None,
-                   tol: float = 1e-4, seed: int = 0, v0: np.ndarray | None = None, max_matvec: int = 300) -> Eigenpairs:
+                   tol: float = 1e-4, seed: int = 0, v0: np.ndarray | None = None, max_matvec: int = 300,
+                   verify: bool = True) -> Eigenpairs:
     """The top eigenpair of H at ``params`` (the Problem's own ``theta0`` when None: then its fastest HVP engine)
     (of ``P^{-1/2} H P^{-1/2}`` with the diagonal ``precondition``), by Lanczos started from ``v0`` (a previous
-    step's eigenvector: a warm start) or a seeded random vector."""
+    step's eigenvector: a warm start) or a seeded random vector; ``verify``: see :func:`landscape.lanczos.lanczos`."""
     point = None if params is None else {n: params[n].to(problem.device, problem.dtype) for n in problem.names}
     op = CurvatureOperator(problem, point=point)
     if precondition is None:
@@ -123,7 +124,7 @@ def sharpness_pair(problem: Problem, params: Params | None, *, precondition: Par
         def matvec(v: np.ndarray) -> np.ndarray:
             return op.matvec(v * scale) * scale
 
-    return lanczos(matvec, op.n, k=1, tol=tol, max_matvec=max_matvec, seed=seed, v0=v0)
+    return lanczos(matvec, op.n, k=1, tol=tol, max_matvec=max_matvec, seed=seed, v0=v0, verify=verify)
 
 
 def preconditioner(exp_avg_sq: Mapping[str, torch.Tensor], step: int, hyperparameters: Mapping[str, Any]) -> Params:

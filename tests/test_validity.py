@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import blobs, cli, relu_mlp
+from conftest import cli
 from landscape import Problem
 from landscape.hessian import CurvatureSettings, analyze_curvature
 from landscape.report.contents import RunContents, summary_rows
