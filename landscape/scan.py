@@ -546,6 +546,8 @@ def run_scan(config: ScanConfig, *, progress: ProgressFn | None = None,
         make_parent(path)
         vectors.SPILL_DIR = str(path.parent)
     with ExitStack() as stack:
+        stack.enter_context(single_blas_thread())  # numpy passes between torch products (landscape/blas.py)
+
         def open_run() -> RunFile:
             return stack.enter_context(RunFile(path, mode=mode, compact_every=config.compact_every))
 
