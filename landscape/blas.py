@@ -5,8 +5,11 @@ with them. Measured on 2 cores (``benchmarks/RESULTS.md``, issue 19): Lanczos on
 with numpy's default threads against 0.32 s with one, each Hessian-vector product's backward pass 8.7 ms
 against 0.8 ms. The passes over long vectors (``V^T w``) are bound by memory bandwidth and lose nothing with one
 thread. :func:`single_blas_thread` sets OpenBLAS (the library numpy wheels ship) to one thread for the ``with``
-block and restores it; with another BLAS, or none found, it does nothing (``OPENBLAS_NUM_THREADS=1`` or
-threadpoolctl do the same from outside).
+block (or the decorated function) and restores it; with another BLAS, or none found, it does nothing
+(``OPENBLAS_NUM_THREADS=1`` or threadpoolctl do the same from outside). The algorithms that interleave the two
+(:func:`landscape.lanczos.lanczos`, :func:`~landscape.lanczos.krylov_tridiagonal`, :func:`landscape.trace.hutchpp`,
+:func:`~landscape.trace.hutchinson`, :func:`landscape.density.slq`, :func:`landscape.coherence.analyze_coherence`)
+hold it themselves, so every caller, the Python API's included, gets it; nested holds restore in order.
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
+from .blas import single_blas_thread
 from .curvature import CurvatureOperator
 from .distributed import Comm
 from .errors import LandscapeError
@@ -361,6 +362,7 @@ def el2n(problem: Problem, X: torch.Tensor, y: torch.Tensor) -> np.ndarray:
     return np.concatenate(out)
 
 
+@single_blas_thread()
 def analyze_coherence(problem: Problem, settings: CoherenceSettings = CoherenceSettings(), *,
                       sample_index: np.ndarray | None = None,
                       progress: Callable[[str, int, int], None] | None = None) -> CoherenceResult:

@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .blas import single_blas_thread
 from .lanczos import krylov_tridiagonal
 
 Matvec = Callable[[np.ndarray], np.ndarray]
@@ -83,6 +84,7 @@ class SpectralDensity:
         return grid, phi / mass if mass > 0 else phi
 
 
+@single_blas_thread()
 def slq(matvec: Matvec, n: int, *, n_probes: int = 1, steps: int = 100, seed: int = 0,
         budget: float = float("inf"), device: torch.device | str | None = None) -> SpectralDensity:
     """Stochastic Lanczos quadrature of the spectrum of a symmetric ``n x n`` operator (the basis on ``device``

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from .batchsize import BatchSizeResult, analyze_batch_sizes
-from .blas import single_blas_thread
 from .curvature import CurvatureOperator, select_parameters
 from .density import SpectralDensity, slq
 from .directions import random_directions
@@ -212,14 +211,7 @@ def stored_summary(group: h5py.Group, settings: CurvatureSettings, *, eigenvecto
 
 def analyze_curvature(problem: Problem, settings: CurvatureSettings = CurvatureSettings(),
                       progress: Callable[[str], None] | None = None) -> CurvatureResult:
-    """Top/bottom eigenpairs, trace and density of the Hessian (or GGN) over the selected parameters (numpy's
-    BLAS on one thread meanwhile: :mod:`landscape.blas`)."""
-    with single_blas_thread():
-        return _analyze_all(problem, settings, progress)
-
-
-def _analyze_all(problem: Problem, settings: CurvatureSettings, progress: Callable[[str], None] | None
-                 ) -> CurvatureResult:
+    """Top/bottom eigenpairs, trace and density of the Hessian (or GGN) over the selected parameters."""
     if (settings.validity or settings.batch_sizes) and settings.engine == "landscape":
         # the validity radius is also measured along the bottom eigenvector; batch sizes compare with both ends
         settings = replace(settings, bottom_k=max(1, settings.bottom_k),

@@ -35,6 +35,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .blas import single_blas_thread
 from .vectors import ColumnStore, Vector, native, norm, product, vector_device
 
 Matvec = Callable[[np.ndarray], np.ndarray]
@@ -102,6 +103,7 @@ def basis_device(device: torch.device, k: int, n: int) -> torch.device | None:
     return vector_device(device, n, basis_size(k, n) + 1)
 
 
+@single_blas_thread()
 def lanczos(matvec: Matvec, n: int, k: int = 5, *, which: str = "LA", tol: float = 1e-6,
             max_basis: int | None = None, max_matvec: int | None = None, seed: int = 0,
             v0: np.ndarray | None = None, verify: bool = True, budget: float = float("inf"),
@@ -188,6 +190,7 @@ def lanczos(matvec: Matvec, n: int, k: int = 5, *, which: str = "LA", tol: float
                       n_matvec=n_mv, which=which, tol=tol, noise=noise, storage=storage, basis=m)
 
 
+@single_blas_thread()
 def krylov_tridiagonal(matvec: Matvec, v0: np.ndarray, steps: int, *, budget: float = float("inf"),
                        device: torch.device | str | None = None) -> tuple[np.ndarray, int]:
     """``T = V^T A V`` for the Krylov basis of ``v0`` after ``steps`` matvecs (full reorthogonalization, as in

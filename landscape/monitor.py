@@ -48,7 +48,6 @@ import h5py
 import numpy as np
 import torch
 
-from .blas import single_blas_thread
 from .coherence import CoherenceSettings, analyze_coherence
 from .curvature import CurvatureOperator
 from .distributed import from_process_group
@@ -321,10 +320,6 @@ class Monitor:
 
     def check(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> dict[str, float]:
         """Measure now, whatever the schedule: one row of ``/trajectory``."""
-        with single_blas_thread():  # numpy's spinning BLAS threads would halve the speed of torch's products
-            return self._check(step, optimizer)
-
-    def _check(self, step: int, optimizer: torch.optim.Optimizer | None) -> dict[str, float]:
         t0 = time.perf_counter()
         model = _unwrap(self.model)
         first = next(model.parameters())

@@ -389,12 +389,11 @@ def hessian_directions(pb: Problem, dims: int, *, bottom: bool, seed: int = 0) -
     op = CurvatureOperator(pb)
     k = 1 if bottom else dims
     device = basis_device(pb.device, k, op.n)
-    with single_blas_thread():
-        top = lanczos(op, op.n, k=k, which="LA", seed=seed, budget=pb.memory_budget, device=device)
-        vecs = [top.eigenvectors[:, i] for i in range(top.eigenvectors.shape[1])]
-        if bottom and dims == 2:
-            vecs.append(lanczos(op, op.n, k=1, which="SA", seed=seed + 1, budget=pb.memory_budget,
-                                device=device).eigenvectors[:, 0])
+    top = lanczos(op, op.n, k=k, which="LA", seed=seed, budget=pb.memory_budget, device=device)
+    vecs = [top.eigenvectors[:, i] for i in range(top.eigenvectors.shape[1])]
+    if bottom and dims == 2:
+        vecs.append(lanczos(op, op.n, k=1, which="SA", seed=seed + 1, budget=pb.memory_budget,
+                            device=device).eigenvectors[:, 0])
     return [{n: t.detach().cpu().double() for n, t in op.to_params(v).items()} for v in vecs]
 
 
@@ -546,7 +545,8 @@ def run_scan(config: ScanConfig, *, progress: ProgressFn | None = None,
         make_parent(path)
         vectors.SPILL_DIR = str(path.parent)
     with ExitStack() as stack:
-        stack.enter_context(single_blas_thread())  # numpy passes between torch products (landscape/blas.py)
+        # the algorithms hold numpy's BLAS at one thread themselves; this covers the passes between them too
+        stack.enter_context(single_blas_thread())
 
         def open_run() -> RunFile:
             return stack.enter_context(RunFile(path, mode=mode, compact_every=config.compact_every))

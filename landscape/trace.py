@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .blas import single_blas_thread
 from .draws import sign_columns, signs
 from .vectors import ColumnStore, host, orthonormalize, product
 
@@ -42,6 +43,7 @@ def _rademacher(rng: np.random.Generator, n: int) -> np.ndarray:
     return rng.integers(0, 2, size=n).astype(np.float64) * 2.0 - 1.0
 
 
+@single_blas_thread()
 def hutchinson(matvec: Matvec, n: int, *, max_matvec: int = 100, stderr_target: float | None = None,
                min_probes: int = 10, seed: int = 0, deflate: tuple[np.ndarray, np.ndarray] | None = None
                ) -> TraceEstimate:
@@ -83,6 +85,7 @@ def _sign_rows(seed: int, k: int, a: int, b: int, device: torch.device | None) -
     return sign_columns(b - a, seed=seed, streams=[2 * j + 1 for j in range(k)], start=a, device=device)
 
 
+@single_blas_thread()
 def hutchpp(matvec: Matvec, n: int, *, max_matvec: int = 99, seed: int = 0, budget: float = float("inf"),
             stderr_target: float | None = None, min_probes: int = 10,
             device: torch.device | str | None = None) -> TraceEstimate:

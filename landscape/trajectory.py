@@ -30,7 +30,6 @@ import torch
 from . import hf
 from .errors import LandscapeError
 from .curvature import CurvatureOperator
-from .blas import single_blas_thread
 from .lanczos import Eigenpairs, lanczos
 from .problem import Params, Problem
 from .runfile import encode_attr, link_name
@@ -125,8 +124,7 @@ def sharpness_pair(problem: Problem, params: Params | None, *, precondition: Par
         def matvec(v: np.ndarray) -> np.ndarray:
             return op.matvec(v * scale) * scale
 
-    with single_blas_thread():
-        return lanczos(matvec, op.n, k=1, tol=tol, max_matvec=max_matvec, seed=seed, v0=v0, verify=verify)
+    return lanczos(matvec, op.n, k=1, tol=tol, max_matvec=max_matvec, seed=seed, v0=v0, verify=verify)
 
 
 def preconditioner(exp_avg_sq: Mapping[str, torch.Tensor], step: int, hyperparameters: Mapping[str, Any]) -> Params:
