@@ -174,3 +174,31 @@ def test_stacked_accuracy_equals_argmax_with_ties_and_non_finite_logits(special)
     over = stacked_loss(F.cross_entropy, work, y, correct=True, overwrite=True)
     torch.testing.assert_close(over[0], loss, equal_nan=True, rtol=0, atol=0)
     assert torch.equal(over[1], correct) and torch.equal(same[1], correct)
+
+
+def test_strategy_timing_raises_what_fails_in_place_and_drops_only_vmap():
+    """auto timing drops vmap when vmap cannot run the model, and a model that fails in place still raises."""
+    X, y = blobs(16)
+    state = {"fail": None, "vmap_failures": 0}
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3).double()
+
+        def forward(self, x):
+            batched = torch._C._functorch.is_batchedtensor(self.lin.weight)
+            if state["fail"] == "always" or (state["fail"] == "vmap" and batched):
+                state["vmap_failures"] += batched
+                raise RuntimeError("boom")
+            return self.lin(x)
+
+    pb = Problem(Net(), X, y, F.cross_entropy)
+    dirs = random_directions(pb.theta0, 2, seed=0)
+    state["fail"] = "vmap"
+    pb.choose_strategy_for([pb.as_list(d) for d in dirs])
+    assert pb.strategy == "inplace" and state["vmap_failures"] > 0
+    pb = Problem(Net(), X, y, F.cross_entropy)
+    state["fail"] = "always"
+    with pytest.raises(RuntimeError, match="boom"):
+        pb.choose_strategy_for([pb.as_list(d) for d in dirs])
