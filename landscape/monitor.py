@@ -56,7 +56,8 @@ from .losses import LossFn, resolve_loss
 from .problem import Params, Problem, check_hvp_mode
 from .runfile import RunFile, encode_attr, from_link, link_name
 from .trace import hutchpp
-from .trajectory import EOS_RATIO, preconditioner, sharpness_pair, threshold
+from .trajectory import (EOS_RATIO, MIXED_GROUPS, THRESHOLD_KEYS, mixed_groups, preconditioner, sharpness_pair,
+                         threshold)
 
 MEASURES = ("lambda_max", "trace", "grad_norm", "gsnr", "b_noise", "coherence")
 #: What a check measures unless told: the cheap ones (see benchmarks/RESULTS.md issue 23 for each one's cost).
@@ -154,6 +155,8 @@ class OptimizerState:
     hyperparameters: Mapping[str, Any]
     exp_avg_sq: Params | None = None
     step: int | None = None
+    #: each parameter group's :data:`landscape.trajectory.THRESHOLD_KEYS` (groups that differ have no threshold)
+    groups: tuple[Mapping[str, Any], ...] = ()
 
     @classmethod
     def of(cls, optimizer: torch.optim.Optimizer | None, model: torch.nn.Module) -> "OptimizerState | None":
@@ -163,10 +166,12 @@ class OptimizerState:
             inner = getattr(optimizer, attr, None)
             if isinstance(inner, torch.optim.Optimizer):
                 optimizer = inner
-        group = optimizer.param_groups[0]
-        hp = {k: (tuple(v) if isinstance(v, (tuple, list)) else v) for k, v in group.items()
-              if k in ("lr", "momentum", "betas", "eps", "weight_decay", "nesterov")}
-        hp = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in hp.items()}
+        def plain(group: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+            hp = {k: (tuple(v) if isinstance(v, (tuple, list)) else v) for k, v in group.items() if k in keys}
+            return {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in hp.items()}
+
+        hp = plain(optimizer.param_groups[0], ("lr", "momentum", "betas", "eps", "weight_decay", "nesterov"))
+        groups = tuple(plain(g, THRESHOLD_KEYS) for g in optimizer.param_groups)
         names = {id(p): n for n, p in model.named_parameters()}
         sq, step = {}, None
         for p in (p for g in optimizer.param_groups for p in g["params"]):
@@ -177,11 +182,12 @@ class OptimizerState:
             sq[names[id(p)]] = st["exp_avg_sq"].detach().to(torch.float64, copy=True)
             s = st.get("step")
             step = int(s.item() if isinstance(s, torch.Tensor) else s)
-        return cls(type(optimizer).__name__, hp, sq if sq and len(sq) == len(names) else None, step)
+        return cls(type(optimizer).__name__, hp, sq if sq and len(sq) == len(names) else None, step, groups)
 
     @property
     def record(self) -> dict[str, Any]:
-        return {"name": self.name, "hyperparameters": dict(self.hyperparameters)}
+        return {"name": self.name, "hyperparameters": dict(self.hyperparameters),
+                "param_groups": [dict(g) for g in self.groups]}
 
 
 class Monitor:
@@ -244,6 +250,7 @@ class Monitor:
         self.max_overhead = max_overhead
         self.skipped = 0  # due checks skipped to keep within max_overhead
         self._spent = 0.0  # seconds in checks
+        self._said_mixed = False  # the warning about parameter groups without one threshold, given once
         self._clock = time.perf_counter()  # the training's wall clock starts with the monitor
         self._file: RunFile | None = None
         if self.comm.is_writer:
@@ -330,6 +337,9 @@ class Monitor:
         params = pb.theta0
         opt = OptimizerState.of(optimizer, model)
         thr, kind = threshold(opt.record if opt else None)
+        if opt is not None and mixed_groups(opt.record) and not self._said_mixed:
+            warnings.warn(MIXED_GROUPS)
+            self._said_mixed = True
         pre = None
         if kind == "preconditioned":
             if opt is not None and opt.exp_avg_sq is not None and opt.step:

@@ -19,6 +19,7 @@ For checkpoints theta_0 ... theta_T ordered by their recorded step:
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -55,21 +56,38 @@ class Snapshot:
     path: str = ""
 
 
+#: said once when :func:`mixed_groups` holds
+MIXED_GROUPS = ("the optimizer's parameter groups differ in learning rate, momentum or betas: no single stability "
+                "threshold (2/lr) applies, so threshold and ratio are recorded as NaN")
+#: the hyperparameters a stability threshold depends on: parameter groups that differ in one have no common threshold
+THRESHOLD_KEYS = ("lr", "momentum", "betas")
+
+
+def mixed_groups(optimizer: Mapping[str, Any] | None) -> bool:
+    """Whether the recorded optimizer's parameter groups differ in a hyperparameter of :data:`THRESHOLD_KEYS`
+    (layer-wise learning rates, say): then no single ``2 / lr`` bounds the sharpness of the whole Hessian."""
+    groups = (optimizer or {}).get("param_groups") or ()
+    return len({tuple(str(g.get(k)) for k in THRESHOLD_KEYS) for g in groups}) > 1
+
+
 def threshold(optimizer: Mapping[str, Any] | None) -> tuple[float, str]:
     """The stability threshold of the recorded optimizer and which sharpness it bounds (``hessian`` or
-    ``preconditioned``); NaN when the learning rate is unknown."""
+    ``preconditioned``): ``(2 + 2 beta) / lr`` for SGD with momentum ``beta`` (Cohen et al. 2021), and
+    ``(2 + 2 beta1) / ((1 - beta1) lr)`` on Adam's preconditioned Hessian (Cohen et al. 2022). NaN when the learning
+    rate is unknown or the parameter groups differ in it (:func:`mixed_groups`)."""
     if not optimizer:
         return math.nan, "hessian"
     hp = optimizer.get("hyperparameters", {})
     lr = hp.get("lr")
-    if not lr:
-        return math.nan, "hessian"
     name = str(optimizer.get("name", "")).lower()
-    if "betas" in hp or name.startswith("adam"):
+    kind = "preconditioned" if "betas" in hp or name.startswith("adam") else "hessian"
+    if not lr or mixed_groups(optimizer):
+        return math.nan, kind if lr else "hessian"
+    if kind == "preconditioned":
         b1 = float(hp.get("betas", (0.9, 0.999))[0])
-        return (2 + 2 * b1) / ((1 - b1) * lr), "preconditioned"
+        return (2 + 2 * b1) / ((1 - b1) * lr), kind
     beta = float(hp.get("momentum", 0.0) or 0.0)
-    return (2 + 2 * beta) / lr, "hessian"
+    return (2 + 2 * beta) / lr, kind
 
 
 @dataclass(frozen=True)
@@ -215,6 +233,8 @@ def analyze_trajectory(problem_for: Any, snapshots: Sequence[Snapshot], *, plane
         lrs.append(float((s.optimizer or {}).get("hyperparameters", {}).get("lr", math.nan) or math.nan))
     if progress:
         progress("sharpness along the trajectory", len(snapshots), len(snapshots))
+    if any(mixed_groups(s.optimizer) for s in snapshots):
+        warnings.warn(MIXED_GROUPS)
     pca = pca_path(snapshots, names)
     lo, hi = pca.coords.min(axis=0), pca.coords.max(axis=0)
     pad = np.maximum((hi - lo) * margin, 1e-3 * max(1.0, float(np.abs(pca.coords).max())))

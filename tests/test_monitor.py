@@ -9,6 +9,7 @@ import math
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import h5py
 import numpy as np
@@ -404,3 +405,27 @@ def test_under_ddp_rank_0_writes_what_one_process_writes(tmp_path):
     assert b["step"].tolist() == [2, 4]
     for k in ("sharpness", "grad_norm", "loss", "distance"):  # data-parallel sums: equal to round-off
         np.testing.assert_allclose(b[k], a[k], rtol=1e-9, err_msg=k)
+
+
+def test_parameter_groups_with_different_learning_rates_have_no_threshold(net_module, tmp_path):
+    """Layer-wise learning rates: no single 2/lr bounds the whole Hessian, so the threshold (and the ratio) is NaN,
+    said once; groups that agree keep the threshold of their common lr."""
+    _, net = net_module
+    torch.manual_seed(0)
+    model = net.Net()
+    head = list(model.head.parameters())
+    rest = [p for p in model.parameters() if all(p is not h for h in head)]
+    for lrs, finite in (((0.05, 0.05), True), ((0.05, 0.01), False)):
+        opt = torch.optim.SGD([{"params": rest, "lr": lrs[0]}, {"params": head, "lr": lrs[1]}], momentum=0.9)
+        mon = Monitor(model, "cross_entropy", data(), every=1, path=tmp_path / f"{lrs[1]}.h5",
+                      measures=("lambda_max",))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rows = [mon.check(s, optimizer=opt) for s in (1, 2)]
+        mon.close()
+        said = [w for w in caught if "parameter groups differ" in str(w.message)]
+        assert len(said) == (0 if finite else 1)
+        for row in rows:
+            assert math.isfinite(row["sharpness"]) and row["lr"] == 0.05
+            assert (row["threshold"] == pytest.approx(3.8 / 0.05)) if finite else math.isnan(row["threshold"])
+            assert math.isfinite(row["ratio"]) == finite

@@ -129,3 +129,16 @@ def test_trajectory_command(tmp_path):
     assert bad.returncode == 2 and "at least two" in bad.stderr
     mixed = cli("trajectory", files[0], str(EXAMPLES / "cnn_adam_s0000.pt"), "-o", str(tmp_path / "y"))
     assert mixed.returncode == 2 and "another architecture" in mixed.stderr
+
+
+def test_no_threshold_for_parameter_groups_that_differ():
+    sgd = {"name": "SGD", "hyperparameters": {"lr": 0.1, "momentum": 0.9}}
+    same = {**sgd, "param_groups": [{"lr": 0.1, "momentum": 0.9}, {"lr": 0.1, "momentum": 0.9, "weight_decay": 0}]}
+    assert threshold(same) == (pytest.approx(38.0), "hessian")
+    for other in ({"lr": 0.01, "momentum": 0.9}, {"lr": 0.1, "momentum": 0.0}):
+        t, kind = threshold({**sgd, "param_groups": [{"lr": 0.1, "momentum": 0.9}, other]})
+        assert math.isnan(t) and kind == "hessian"
+    adam = {"name": "Adam", "hyperparameters": {"lr": 1e-3, "betas": [0.9, 0.999]},
+            "param_groups": [{"lr": 1e-3, "betas": [0.9, 0.999]}, {"lr": 1e-4, "betas": [0.9, 0.999]}]}
+    t, kind = threshold(adam)
+    assert math.isnan(t) and kind == "preconditioned"
