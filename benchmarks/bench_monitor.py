@@ -9,10 +9,11 @@ measure's own seconds are read from the run file as well (``seconds_<measure>``)
 * ``resnet``: a CIFAR ResNet-8 (three stages of one basic block, widths 16/32/64, BatchNorm; 78K parameters) on
   random 3x32x32 images, batch 128, SGD with momentum;
 * ``gpt2``: a ``transformers`` GPT-2 (2 layers, width 128, vocabulary 256, context 64; 0.44M parameters) on the
-  built-in token language (:func:`landscape.hf.tokens`), batch 32, AdamW.
+  built-in token language (:func:`landscape.hf.tokens`), batch 128 sequences (8,192 tokens), AdamW.
 
-``--models gpt2:128`` trains a model with another batch size (the monitor's probe stays at its 32 samples: its share
-of the training time goes as probe / batch). ``--configs default,all`` runs only those configurations.
+Both train with four times the monitor's probe of 32 samples (a language model's batch is usually far larger than
+that in tokens: GPT-2 trained on 512 x 1024). ``--models gpt2:32`` trains a model with another batch size (the probe
+stays at its 32 samples: the monitor's share of the training time goes as probe / batch, docs/monitor.md). ``--configs default,all`` runs only those configurations.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def _setup(name: str):
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=256, n_positions=64, n_embd=128, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0))
     ids, labels = tokens(n=2048, vocab=256, context=64)
-    return model, torch.optim.AdamW(model.parameters(), lr=1e-3), ids, labels, "causal_lm", 32
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-3), ids, labels, "causal_lm", 128
 
 
 def train(name: str, steps: int, measures: tuple[str, ...] | None, every: int, folder: Path, **options) -> dict:
