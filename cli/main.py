@@ -457,8 +457,12 @@ def hessian(
     top_k: int = typer.Option(5, help="Largest eigenvalues (Lanczos with full reorthogonalization)."),
     bottom_k: int = typer.Option(0, help="Smallest eigenvalues (negative curvature)."),
     trace: bool = typer.Option(True, help="Estimate the trace."),
-    trace_method: str = typer.Option("hutch++", help="hutch++, hutchinson or hutchinson-deflated (by the top-k)."),
-    trace_matvecs: int = typer.Option(99, help="Matvec budget of the trace estimate."),
+    trace_method: str = typer.Option("auto", help="auto (lanczos-deflated with --top-k, else hutch++), "
+                                                  "lanczos-deflated (the top-k's Lanczos basis and a third of the "
+                                                  "budget in probes outside it), hutch++, hutchinson or "
+                                                  "hutchinson-deflated (by the top-k eigenvectors)."),
+    trace_matvecs: int = typer.Option(99, help="Matvec budget of the trace estimate (lanczos-deflated: a third "
+                                               "of it, as the top-k's products stand in for the rest)."),
     trace_stderr: Optional[float] = typer.Option(None, help="Stop the trace's random probes (Hutchinson's, or "
                                                             "Hutch++'s residual ones) once the standard error is below "
                                                             "this."),
@@ -503,11 +507,6 @@ def hessian(
     from landscape.scan import setup
 
     with _errors(debug):
-        if trace_method not in ("hutch++", "hutchinson", "hutchinson-deflated"):
-            raise LandscapeError(f"--trace-method {trace_method!r} is unknown",
-                                 hint="use hutch++, hutchinson or hutchinson-deflated")
-        if trace_method == "hutchinson-deflated" and not top_k:
-            raise LandscapeError("hutchinson-deflated needs --top-k > 0")
         if engine not in ("landscape", "pyhessian"):
             raise LandscapeError(f"--engine {engine!r} is unknown", hint="use landscape or pyhessian")
         if engine == "pyhessian" and (bottom_k or density or ggn or validity or per_class):

@@ -8,7 +8,7 @@ thread. :func:`single_blas_thread` sets OpenBLAS (the library numpy wheels ship)
 block (or the decorated function) and restores it; with another BLAS, or none found, it does nothing
 (``OPENBLAS_NUM_THREADS=1`` or threadpoolctl do the same from outside). The algorithms that interleave the two
 (:func:`landscape.lanczos.lanczos`, :func:`~landscape.lanczos.krylov_tridiagonal`, :func:`landscape.trace.hutchpp`,
-:func:`~landscape.trace.hutchinson`, :func:`landscape.density.slq`, :func:`landscape.coherence.analyze_coherence`)
+:func:`~landscape.trace.hutchinson`, :func:`~landscape.trace.basis_deflated`, :func:`landscape.density.slq`, :func:`landscape.coherence.analyze_coherence`)
 hold it themselves, so every caller, the Python API's included, gets it; nested holds restore in order.
 """
 

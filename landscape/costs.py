@@ -101,8 +101,9 @@ def curvature_seconds(curv: CurvatureSettings, n: int, budget: float, product: f
 
     Lanczos is counted at ``m + 5 k`` products per end of the spectrum (``m`` the basis size: 65 for the top 5;
     measured: 25 on the shipped CNN, 81 on the ResNet-18 of the scale ladder), each storing a vector and sweeping
-    a basis about ``(m + k) / 2`` columns deep; Hutch++ at its product budget, each storing or reading a vector,
-    plus ``3 k`` columns of signs drawn (``S`` once, ``G`` twice) and six ``k x k`` passes of matrix products over
+    a basis about ``(m + k) / 2`` columns deep; the Lanczos-deflated trace at a third of the budget in products, each
+    probe drawn and swept once over the top's basis (kept from its run); Hutch++ at its product budget, each storing
+    or reading a vector, plus ``3 k`` columns of signs drawn (``S`` once, ``G`` twice) and six ``k x k`` passes of matrix products over
     its block (two Gram matrices, two transforms, ``Q^T G`` and ``G - Q C``); SLQ at ``probes x steps`` products
     sweeping half its basis on average, a draw per probe."""
     seconds = held = 0.0
@@ -117,11 +118,15 @@ def curvature_seconds(curv: CurvatureSettings, n: int, budget: float, product: f
                        + (k * n * 8 if k * n * 8 <= budget - (basis if basis <= budget else 0) else 0))
     if curv.trace:
         k = max(1, curv.trace_matvecs // 3)
-        seconds += curv.trace_matvecs * (product + 2 * vec.column) + k * vec.first_column
-        if curv.trace_method == "hutch++":
+        method = curv.trace_estimator
+        if method == "lanczos-deflated":  # k probes, each drawn and swept once off the top's basis (held above)
+            seconds += k * (product + vec.signs + basis_size(curv.top_k, n, budget=budget) * vec.pass_column)
+        else:
+            seconds += curv.trace_matvecs * (product + 2 * vec.column) + k * vec.first_column
+        if method == "hutch++":
             seconds += 6 * k * k * n * vec.block + 3 * k * vec.signs
             held = max(held, k * n * 8 if k * n * 8 <= budget else BLOCK_ROWS * k * 8)
-        else:
+        elif method != "lanczos-deflated":
             seconds += curv.trace_matvecs * vec.signs
     if curv.density:
         steps = curv.density_probes * curv.density_steps

@@ -24,9 +24,13 @@ from .lanczos import Eigenpairs, basis_device, lanczos
 from .problem import Problem
 from .reference import PYHESSIAN_TRACE_TOL, pyhessian_spectrum
 from .runfile import decode_attr, encode_attr, link_name, read_attrs
-from .trace import TraceEstimate, hutchinson, hutchpp
+from .trace import TraceEstimate, basis_deflated, hutchinson, hutchpp
 from .validity import ValidityResult, analyze_validity
 from .vectors import vector_device
+
+
+#: ``--trace-method`` choices; ``auto`` is ``lanczos-deflated`` when the top eigenvalues are computed, else ``hutch++``
+TRACE_METHODS = ("auto", "lanczos-deflated", "hutch++", "hutchinson", "hutchinson-deflated")
 
 
 @dataclass(frozen=True)
@@ -39,7 +43,7 @@ class CurvatureSettings:
     tol: float = 1e-6
     max_hvp: int = 400
     trace: bool = True
-    trace_method: str = "hutch++"
+    trace_method: str = "auto"
     trace_matvecs: int = 99
     trace_stderr: float | None = None
     density: bool = False
@@ -67,6 +71,21 @@ class CurvatureSettings:
             raise LandscapeError(f"--tol must be positive, not {self.tol}")
         if self.kind not in ("hessian", "ggn"):
             raise LandscapeError(f"curvature kind {self.kind!r} is unknown", hint="use hessian or ggn")
+        if self.trace_method not in TRACE_METHODS:
+            raise LandscapeError(f"--trace-method {self.trace_method!r} is unknown",
+                                 hint=f"use {', '.join(TRACE_METHODS)}")
+        if self.trace and self.trace_method.endswith("-deflated") and not self.top_k:
+            raise LandscapeError(f"--trace-method {self.trace_method} deflates by the top eigenvectors",
+                                 hint="give --top-k > 0, or --trace-method hutch++")
+
+    @property
+    def trace_estimator(self) -> str:
+        """The trace method that runs: ``auto`` reuses the top eigenvalues' Lanczos basis when there is one
+        (``lanczos-deflated``: a third of Hutch++'s products for the same budget, with about its standard error:
+        ``tests/test_spectrum.py``, benchmarks/RESULTS.md issue 19) and is ``hutch++`` otherwise."""
+        if self.trace_method != "auto":
+            return self.trace_method
+        return "lanczos-deflated" if self.top_k else "hutch++"
 
     @property
     def group(self) -> str:
@@ -281,25 +300,33 @@ def _analyze(problem: Problem, s: CurvatureSettings, params: list[str] | None,
     top = bottom = None
     budget = problem.memory_budget
 
+    trace = None
+    method = s.trace_estimator if s.trace else None
     if s.top_k:
         note(f"top-{s.top_k} eigenvalues")
         top = lanczos(op, op.n, k=s.top_k, which="LA", tol=s.tol, seed=s.seed, max_matvec=s.max_hvp, budget=budget,
-                      device=basis_device(problem.device, s.top_k, op.n))
+                      device=basis_device(problem.device, s.top_k, op.n), keep_basis=method == "lanczos-deflated")
+        if top.krylov is not None:  # the trace outside the basis now, before another basis is made
+            note("trace")
+            try:
+                trace = basis_deflated(op, top.krylov, probes=max(1, s.trace_matvecs // 3), seed=s.seed,
+                                       stderr_target=s.trace_stderr)
+            finally:
+                top.krylov.close()
+            top = replace(top, krylov=None)
     if s.bottom_k:
         note(f"bottom-{s.bottom_k} eigenvalues")
         bottom = lanczos(op, op.n, k=s.bottom_k, which="SA", tol=s.tol, seed=s.seed + 1, max_matvec=s.max_hvp,
                          budget=budget, device=basis_device(problem.device, s.bottom_k, op.n))
-    trace = None
-    if s.trace:
+    if method == "hutch++":
         note("trace")
-        if s.trace_method == "hutch++":
-            trace = hutchpp(op, op.n, max_matvec=s.trace_matvecs, seed=s.seed, budget=budget,
-                            stderr_target=s.trace_stderr,
-                            device=vector_device(problem.device, op.n, max(1, s.trace_matvecs // 3)))
-        else:
-            deflate = (top.eigenvalues, top.eigenvectors) if (s.trace_method == "hutchinson-deflated" and top) else None
-            trace = hutchinson(op, op.n, max_matvec=s.trace_matvecs, stderr_target=s.trace_stderr, seed=s.seed,
-                               deflate=deflate)
+        trace = hutchpp(op, op.n, max_matvec=s.trace_matvecs, seed=s.seed, budget=budget, stderr_target=s.trace_stderr,
+                        device=vector_device(problem.device, op.n, max(1, s.trace_matvecs // 3)))
+    elif method in ("hutchinson", "hutchinson-deflated"):
+        note("trace")
+        deflate = (top.eigenvalues, top.eigenvectors) if (method == "hutchinson-deflated" and top) else None
+        trace = hutchinson(op, op.n, max_matvec=s.trace_matvecs, stderr_target=s.trace_stderr, seed=s.seed,
+                           deflate=deflate)
     density = None
     if s.density:
         note("spectral density")

@@ -29,7 +29,7 @@ Lanczos (no reorthogonalization beyond 50 steps: repeated copies of lambda_1 fla
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -63,6 +63,23 @@ class Eigenpairs:
     #: where the Krylov basis was kept: ``memory`` or ``disk`` (:class:`landscape.vectors.ColumnStore`), and its size
     storage: str = "memory"
     basis: int = 0
+    #: with ``keep_basis=True``: the Krylov basis the run ended with, open until :meth:`KrylovBasis.close`
+    krylov: "KrylovBasis | None" = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class KrylovBasis:
+    """The orthonormal basis ``V`` a Lanczos run ended with (the first ``cols`` columns of ``store``) and
+    ``tr(V^T A V)``, the trace of its projected matrix ``T``, known without a further product (full
+    reorthogonalization keeps ``V^T A V = T`` to rounding). It holds the top eigenvectors Lanczos converged to and
+    the Krylov directions beside them: :func:`landscape.trace.basis_deflated` estimates the trace outside it."""
+
+    store: ColumnStore
+    cols: int
+    projected_trace: float
+
+    def close(self) -> None:
+        self.store.close()
 
 
 #: the second Gram-Schmidt sweep is applied when the first leaves a component along the basis above this fraction
@@ -70,7 +87,7 @@ class Eigenpairs:
 REORTH_TOL = 1e-12
 
 
-def _orthogonalize(V: ColumnStore, w: Vector, cols: int) -> tuple[Vector, np.ndarray]:
+def orthogonalize(V: ColumnStore, w: Vector, cols: int) -> tuple[Vector, np.ndarray]:
     """Project ``w`` (modified in place) off the first ``cols`` columns of ``V``; returns (w, projections).
 
     Classical Gram-Schmidt, twice when needed ("twice is enough", Parlett): the first sweep takes two passes
@@ -107,14 +124,15 @@ def basis_device(device: torch.device, k: int, n: int) -> torch.device | None:
 def lanczos(matvec: Matvec, n: int, k: int = 5, *, which: str = "LA", tol: float = 1e-6,
             max_basis: int | None = None, max_matvec: int | None = None, seed: int = 0,
             v0: np.ndarray | None = None, verify: bool = True, budget: float = float("inf"),
-            device: torch.device | str | None = None) -> Eigenpairs:
+            device: torch.device | str | None = None, keep_basis: bool = False) -> Eigenpairs:
     """The ``k`` largest (``which="LA"``) or smallest (``"SA"``) eigenpairs of a symmetric ``n x n`` operator.
 
     ``budget`` (bytes) bounds the basis (``(m + 1) n`` float64 numbers) and the eigenvectors (``k n``) held in
     memory; what does not fit is kept on disk (:class:`landscape.vectors.ColumnStore`) with the same results.
     With ``device``, the basis lives in that device's memory (the caller has checked that ``max(2k + 20, 40) + 1``
     vectors fit there), ``matvec`` gets and returns float64 tensors on it, and ``budget`` bounds only the
-    eigenvectors, which are returned on the host.
+    eigenvectors, which are returned on the host. With ``keep_basis`` the final basis is handed back open
+    (``krylov``, a :class:`KrylovBasis`) instead of freed: the caller closes it.
 
     >>> A = np.diag(np.arange(1.0, 101.0))
     >>> r = lanczos(lambda v: A @ v, 100, k=3)
@@ -133,7 +151,7 @@ def lanczos(matvec: Matvec, n: int, k: int = 5, *, which: str = "LA", tol: float
     v = v / norm(v)
     basis.set_column(0, v)
     j = 1
-    w, h = _orthogonalize(basis, product(matvec, v), 1)
+    w, h = orthogonalize(basis, product(matvec, v), 1)
     T = h.reshape(1, 1)
     c = np.ones(1)
     r, n_mv = w, 1
@@ -152,11 +170,11 @@ def lanczos(matvec: Matvec, n: int, k: int = 5, *, which: str = "LA", tol: float
             basis.transform(S[:, keep])
             T, c, j = np.diag(theta[keep]), c @ S[:, keep], len(keep)
         if rnorm <= 1e-12 * max(np.abs(theta).max(), 1.0):  # invariant subspace: continue from a fresh vector
-            r, _ = _orthogonalize(basis, basis.native(rng.standard_normal(n)), j)
+            r, _ = orthogonalize(basis, basis.native(rng.standard_normal(n)), j)
             rnorm, c = norm(r), np.zeros(j)
         v = r / rnorm
         basis.set_column(j, v)
-        w, h = _orthogonalize(basis, product(matvec, v), j + 1)
+        w, h = orthogonalize(basis, product(matvec, v), j + 1)
         n_mv += 1
         T_new = np.zeros((j + 1, j + 1))
         T_new[:j, :j] = T
@@ -168,7 +186,9 @@ def lanczos(matvec: Matvec, n: int, k: int = 5, *, which: str = "LA", tol: float
     want = order[:k]
     vecs = basis.combine(S[:, want], budget - (basis.nbytes if basis.device is None and not basis.on_disk else 0))
     storage, device = basis.storage, basis.device
-    basis.close()
+    krylov = KrylovBasis(basis, j, float(np.trace(T))) if keep_basis else None
+    if krylov is None:
+        basis.close()
     del basis
     vals = theta[want]
     scale = np.maximum(np.abs(vals), np.finfo(float).eps * max(np.abs(theta).max(), 1e-300))
@@ -187,7 +207,7 @@ def lanczos(matvec: Matvec, n: int, k: int = 5, *, which: str = "LA", tol: float
         res_true = res[want]
     converged = (res_true <= tol * scale) | (res_true <= NOISE_FACTOR * noise)  # NaN compares False
     return Eigenpairs(eigenvalues=vals, eigenvectors=vecs, residuals=res_true, converged=converged,
-                      n_matvec=n_mv, which=which, tol=tol, noise=noise, storage=storage, basis=m)
+                      n_matvec=n_mv, which=which, tol=tol, noise=noise, storage=storage, basis=m, krylov=krylov)
 
 
 @single_blas_thread()
@@ -208,7 +228,7 @@ def krylov_tridiagonal(matvec: Matvec, v0: np.ndarray, steps: int, *, budget: fl
     T = np.zeros((steps, steps))
     for j in range(steps):
         V.set_column(j, v)
-        w, h = _orthogonalize(V, product(matvec, v), j + 1)
+        w, h = orthogonalize(V, product(matvec, v), j + 1)
         T[:j + 1, j] = T[j, :j + 1] = h
         beta = norm(w)
         if j + 1 == steps or beta <= 1e-12 * max(np.abs(np.diag(T)[:j + 1]).max(), 1.0):

@@ -6,7 +6,7 @@ import pytest
 from landscape.blas import _openblas, single_blas_thread
 from landscape.density import slq
 from landscape.lanczos import lanczos
-from landscape.trace import hutchinson, hutchpp
+from landscape.trace import basis_deflated, hutchinson, hutchpp
 
 fns = _openblas()
 pytestmark = pytest.mark.skipif(fns is None, reason="numpy's BLAS here is not OpenBLAS")
@@ -17,7 +17,9 @@ pytestmark = pytest.mark.skipif(fns is None, reason="numpy's BLAS here is not Op
     lambda mv: hutchpp(mv, 40, max_matvec=12),
     lambda mv: hutchinson(mv, 40, max_matvec=5),
     lambda mv: slq(mv, 40, steps=10),
-], ids=["lanczos", "hutchpp", "hutchinson", "slq"])
+    lambda mv: basis_deflated(mv, lanczos(lambda v: np.arange(1.0, 41.0) * v, 40, k=2, keep_basis=True).krylov,
+                              probes=4),
+], ids=["lanczos", "hutchpp", "hutchinson", "slq", "lanczos-deflated"])
 def test_one_blas_thread_inside_and_restored_after(algorithm):
     set_threads, get_threads = fns
     A = np.diag(np.arange(1.0, 41.0))

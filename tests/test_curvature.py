@@ -104,3 +104,25 @@ def test_recorded_hvp_engine_follows_the_fallback():
     pb = Problem(torch.nn.Linear(4, 2).double(), X, Y, F.mse_loss, batch_size=10)  # 6 chunks: no graph engine
     pb.hvp({n: torch.ones_like(t) for n, t in pb.theta0.items()})
     assert pb.hvp_engine == "reverse-over-reverse"
+
+
+def test_default_trace_reuses_the_top_eigenvalues_lanczos_basis():
+    """``trace_method="auto"`` with top eigenvalues asked: the top-k run's Krylov basis and 33 probes outside it
+    (lanczos-deflated), within its error bars of the dense Hessian's trace, with 66 products fewer than Hutch++;
+    without top eigenvalues, Hutch++."""
+    from landscape.hessian import CurvatureSettings, analyze_curvature
+
+    net, X, y = small_cnn()
+    exact = np.trace(autograd_hessian(net, X, y))
+    pb = Problem(net, X, y, F.cross_entropy)
+    auto = analyze_curvature(pb, CurvatureSettings(top_k=3, tol=1e-8))
+    hpp = analyze_curvature(pb, CurvatureSettings(top_k=3, tol=1e-8, trace_method="hutch++"))
+    alone = analyze_curvature(pb, CurvatureSettings(top_k=0))
+    assert auto.trace.method == "lanczos-deflated" and auto.trace.n_matvec == 33 and auto.top.krylov is None
+    assert abs(auto.trace.estimate - exact) <= 4 * auto.trace.stderr
+    assert hpp.trace.method == alone.trace.method == "hutch++" and hpp.n_matvec - auto.n_matvec == 99 - 33
+    np.testing.assert_allclose(auto.top.eigenvalues, hpp.top.eigenvalues, rtol=1e-12)
+    with pytest.raises(LandscapeError, match="deflates by the top eigenvectors"):
+        CurvatureSettings(top_k=0, trace_method="lanczos-deflated")
+    with pytest.raises(LandscapeError, match="unknown"):
+        CurvatureSettings(trace_method="hutch+")

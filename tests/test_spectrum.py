@@ -5,7 +5,7 @@ import pytest
 
 from landscape.density import slq
 from landscape.lanczos import lanczos
-from landscape.trace import hutchinson, hutchpp
+from landscape.trace import basis_deflated, hutchinson, hutchpp
 
 
 def with_spectrum(ev, seed=0):
@@ -130,3 +130,34 @@ def test_hutchpp_stops_its_residual_probes_at_the_stderr_target():
     assert full.n_matvec == 90 and len(full.samples) == 30
     assert 30 + 10 <= early.n_matvec < 90 and len(early.samples) >= 10 and early.stderr <= 10.0
     assert abs(early.estimate - np.trace(A)) < 4 * early.stderr
+
+
+def test_lanczos_deflated_trace_exact_outside_nothing_unbiased_and_tighter_than_hutchpp():
+    """tr(V^T A V) from Lanczos's projected matrix plus Hutchinson outside the basis: exact when A's range lies in
+    the basis, unbiased otherwise (mean of many probe seeds within 4 standard errors of tr A), and on an outlier
+    spectrum a third of Hutch++'s products give about the spread of all of Hutch++'s."""
+    low = with_spectrum(np.concatenate([[40.0, 30.0, 20.0, 10.0], np.zeros(196)]))
+    top = lanczos(lambda v: low @ v, 200, k=2, keep_basis=True)
+    assert top.krylov is not None and top.krylov.cols >= 4
+    est = basis_deflated(lambda v: low @ v, top.krylov, probes=12)
+    top.krylov.close()
+    assert est.estimate == pytest.approx(100.0, rel=1e-10) and est.stderr < 1e-8 and est.n_matvec == 12
+    assert est.method == "lanczos-deflated"
+
+    rng = np.random.default_rng(8)
+    ev = np.concatenate([np.geomspace(50, 5, 10), rng.normal(0.02, 0.05, 590)])
+    A = with_spectrum(ev, seed=8)
+    spread = {"deflated": [], "hutch++": []}
+    for seed in range(20):
+        top = lanczos(lambda v: A @ v, 600, k=5, tol=1e-6, seed=seed, keep_basis=True)
+        draws = [basis_deflated(lambda v: A @ v, top.krylov, probes=33, seed=100 * seed + j) for j in range(3)]
+        top.krylov.close()
+        spread["deflated"] += [d.estimate for d in draws]
+        spread["hutch++"].append(hutchpp(lambda v: A @ v, 600, max_matvec=99, seed=seed).estimate)
+        assert all(d.n_matvec == 33 and np.isfinite(d.stderr) for d in draws)
+    est = np.array(spread["deflated"])
+    assert abs(est.mean() - ev.sum()) <= 4 * est.std(ddof=1) / np.sqrt(len(est))
+    assert est.std(ddof=1) < 1.3 * np.std(spread["hutch++"], ddof=1)  # measured 1.04x; the spreads' own error ~15%
+    stop = basis_deflated(lambda v: A @ v, lanczos(lambda v: A @ v, 600, k=5, keep_basis=True).krylov,
+                          probes=200, stderr_target=1.0)
+    assert 10 <= stop.n_matvec < 200 and stop.stderr <= 1.0

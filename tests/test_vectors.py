@@ -7,7 +7,7 @@ import torch
 import landscape.vectors as vectors
 from landscape.density import slq
 from landscape.lanczos import lanczos
-from landscape.trace import hutchpp
+from landscape.trace import basis_deflated, hutchpp
 from landscape.vectors import ColumnStore, orthonormalize
 
 
@@ -50,10 +50,17 @@ def test_lanczos_on_disk_equals_in_memory_and_the_dense_answer(small_blocks):
     np.testing.assert_allclose(bottom.eigenvalues, lam[:2], rtol=1e-10)
 
 
-def test_hutchpp_and_slq_on_disk_equal_in_memory(small_blocks):
+def test_hutchpp_lanczos_deflated_trace_and_slq_on_disk_equal_in_memory(small_blocks):
     A, lam = _operator(seed=1)
     mem, disk = (hutchpp(lambda v: A @ v, 300, max_matvec=60, seed=3, budget=b) for b in (float("inf"), 0))
     assert mem.estimate == disk.estimate and mem.n_matvec == disk.n_matvec == 60
+    assert abs(mem.estimate - lam.sum()) < 4 * mem.stderr + 1e-9
+    runs = [lanczos(lambda v: A @ v, 300, k=3, max_basis=12, budget=b, keep_basis=True) for b in (float("inf"), 0)]
+    mem, disk = (basis_deflated(lambda v: A @ v, r.krylov, probes=20, seed=4) for r in runs)
+    for r in runs:
+        r.krylov.close()
+    assert (mem.storage, disk.storage) == ("memory", "disk")
+    assert mem.estimate == disk.estimate and mem.stderr == disk.stderr
     assert abs(mem.estimate - lam.sum()) < 4 * mem.stderr + 1e-9
     d_mem, d_disk = (slq(lambda v: A @ v, 300, steps=30, seed=2, budget=b) for b in (float("inf"), 0))
     assert np.array_equal(d_mem.nodes, d_disk.nodes) and np.array_equal(d_mem.weights, d_disk.weights)
