@@ -133,7 +133,9 @@ def curvature_seconds(curv: CurvatureSettings, n: int, budget: float, product: f
         seconds += (steps * (product + vec.column) + steps * curv.density_steps / 2 * vec.pass_column
                     + curv.density_probes * vec.signs)
     if curv.per_layer:
-        seconds += (14 + (curv.trace_matvecs if curv.trace else 0)) * product  # per tensor, on slices of n
+        probes = 0 if not curv.trace else (
+            max(1, curv.trace_matvecs // 3) if curv.trace_estimator == "lanczos-deflated" else curv.trace_matvecs)
+        seconds += (14 + probes) * product  # per tensor, on slices of n
     return seconds, held + 4 * n * 8  # + the vectors in flight (v, A v, conversions)
 
 

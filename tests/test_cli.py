@@ -194,6 +194,8 @@ def test_outputs_counts_and_labels_that_cannot_be(tmp_path, mlp_ckpt):
                        "--top-k must be at least 0")
     assert_clean_error(cli("hessian", str(mlp_ckpt), "--trace-matvecs", "1", "-o", str(tmp_path / "h.h5")),
                        "--trace-matvecs must be at least 3")
+    assert_clean_error(cli("hessian", str(mlp_ckpt), "--top-k", "0", "--trace-method", "lanczos-deflated", "-o",
+                           str(tmp_path / "h.h5")), "deflates by the top eigenvectors")
     assert not (tmp_path / "h.h5").exists()
     bad = tmp_path / "labels.pt"
     torch.save({"X": torch.randn(20, 64), "y": torch.tensor([0, 1, 99] + [2] * 17)}, bad)
