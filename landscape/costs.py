@@ -29,6 +29,7 @@ from .persample import chunk_size, iter_gradients, per_sample_gradients
 from .problem import Problem
 from .sharpness import SharpnessSettings, keeps_draws, work
 from .stream import rows
+from .trace import probe_block
 from .vectors import BLOCK_ROWS, ColumnStore, vector_device
 
 
@@ -101,8 +102,9 @@ def curvature_seconds(curv: CurvatureSettings, n: int, budget: float, product: f
 
     Lanczos is counted at ``m + 5 k`` products per end of the spectrum (``m`` the basis size: 65 for the top 5;
     measured: 25 on the shipped CNN, 81 on the ResNet-18 of the scale ladder), each storing a vector and sweeping
-    a basis about ``(m + k) / 2`` columns deep; the Lanczos-deflated trace at a third of the budget in products, each
-    probe drawn and swept once over the top's basis (kept from its run); Hutch++ at its product budget, each storing
+    a basis about ``(m + k) / 2`` columns deep; the Lanczos-deflated trace at a third of the budget in products, its
+    probes drawn and swept over the top's basis (kept from its run) a block at a time: a pass's reading shared by
+    the block, its multiply-adds not; Hutch++ at its product budget, each storing
     or reading a vector, plus ``3 k`` columns of signs drawn (``S`` once, ``G`` twice) and six ``k x k`` passes of matrix products over
     its block (two Gram matrices, two transforms, ``Q^T G`` and ``G - Q C``); SLQ at ``probes x steps`` products
     sweeping half its basis on average, a draw per probe."""
@@ -119,8 +121,11 @@ def curvature_seconds(curv: CurvatureSettings, n: int, budget: float, product: f
     if curv.trace:
         k = max(1, curv.trace_matvecs // 3)
         method = curv.trace_estimator
-        if method == "lanczos-deflated":  # k probes, each drawn and swept once off the top's basis (held above)
-            seconds += k * (product + vec.signs + basis_size(curv.top_k, n, budget=budget) * vec.pass_column)
+        if method == "lanczos-deflated":  # k probes drawn and swept off the top's basis (held above) in blocks of p
+            m = basis_size(curv.top_k, n, budget=budget)
+            p = probe_block(n, k, budget - ((m + 1) * n * 8 if (m + 1) * n * 8 <= budget else 0))
+            seconds += k * (product + vec.signs + m * max(vec.pass_column / p, 3 * n * vec.block))
+            held += p * n * 8
         else:
             seconds += curv.trace_matvecs * (product + 2 * vec.column) + k * vec.first_column
         if method == "hutch++":

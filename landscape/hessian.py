@@ -310,7 +310,7 @@ def _analyze(problem: Problem, s: CurvatureSettings, params: list[str] | None,
             note("trace")
             try:
                 trace = basis_deflated(op, top.krylov, probes=max(1, s.trace_matvecs // 3), seed=s.seed,
-                                       stderr_target=s.trace_stderr)
+                                       stderr_target=s.trace_stderr, budget=budget)
             finally:
                 top.krylov.close()
             top = replace(top, krylov=None)

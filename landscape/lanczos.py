@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from .blas import single_blas_thread
-from .vectors import ColumnStore, Vector, native, norm, product, vector_device
+from .vectors import ColumnStore, Vector, native, norm, product, vector_device, vector_norms
 
 Matvec = Callable[[np.ndarray], np.ndarray]
 
@@ -92,11 +92,13 @@ def orthogonalize(V: ColumnStore, w: Vector, cols: int) -> tuple[Vector, np.ndar
 
     Classical Gram-Schmidt, twice when needed ("twice is enough", Parlett): the first sweep takes two passes
     over the basis and measures what a second sweep would remove on its way; the third pass is made only when
-    that is above :data:`REORTH_TOL` of ``||w||`` (near convergence, where ``||w||`` is small).
+    that is above :data:`REORTH_TOL` of ``||w||`` (near convergence, where ``||w||`` is small). ``w`` may be a
+    ``(p, n)`` block of ``p`` vectors (rows), all projected in the same passes (projections ``(p, cols)``; the
+    third pass when any row needs it).
     """
     h = V.project(w, cols)
     h2 = V.subtract(w, h, cols, project_after=True)
-    if np.linalg.norm(h2) > REORTH_TOL * norm(w):
+    if np.any(np.linalg.norm(h2, axis=-1) > REORTH_TOL * vector_norms(w)):
         V.subtract(w, h2, cols)
         h = h + h2
     return w, h

@@ -142,9 +142,21 @@ def hutchpp(matvec: Matvec, n: int, *, max_matvec: int = 99, seed: int = 0, budg
                          method="hutch++", samples=samples, storage=block.storage)
 
 
+#: probes :func:`basis_deflated` projects off the basis in the same passes (at most): two passes over the basis
+#: serve them all, and beyond a few the passes are bound by the products, not by reading the basis
+PROBE_BLOCK = 8
+
+
+def probe_block(n: int, probes: int, room: float) -> int:
+    """How many probes of ``n`` float64 numbers :func:`basis_deflated` projects together: up to
+    :data:`PROBE_BLOCK`, as many as fit ``room`` bytes, at least one."""
+    return int(max(1, min(probes, PROBE_BLOCK, room // (8 * n))))
+
+
 @single_blas_thread()
 def basis_deflated(matvec: Matvec, basis: KrylovBasis, *, probes: int = 33, seed: int = 0,
-                   stderr_target: float | None = None, min_probes: int = 10) -> TraceEstimate:
+                   stderr_target: float | None = None, min_probes: int = 10, budget: float = float("inf")
+                   ) -> TraceEstimate:
     """``tr(A) = tr(V^T A V) + tr(P A P)``, ``P = I - V V^T``, for the orthonormal basis ``V`` a Lanczos run on ``A``
     ended with (:class:`landscape.lanczos.KrylovBasis`): the first term is known from the run, the second is
     Hutchinson's ``(1/s) sum_i z_i^T P A P z_i`` over ``probes`` Rademacher vectors projected off ``V``, one product
@@ -155,7 +167,9 @@ def basis_deflated(matvec: Matvec, basis: KrylovBasis, *, probes: int = 33, seed
     basis that holds the top eigenvectors removes the outliers' share, as Hutch++'s sketch ``Q = qr(A S)`` does,
     and the products Hutch++ spends on ``A S`` and ``A Q`` (two thirds of its budget) are the Lanczos run's, which a
     top-eigenvalue analysis makes anyway. The standard error is the probes'; ``n_matvec`` counts the probes only.
-    The projections are Gram-Schmidt sweeps over ``V`` where it lives (memory, disk or a device).
+    The projections are Gram-Schmidt sweeps over ``V`` where it lives (memory, disk or a device), for a block of
+    probes at a time (:func:`probe_block`: as many as fit ``budget`` bytes beside a basis held in memory, or a
+    quarter of a GPU's free memory).
 
     >>> from landscape.lanczos import lanczos
     >>> A = np.diag([9.0, 8.0, 7.0] + [0.0] * 27)
@@ -166,11 +180,20 @@ def basis_deflated(matvec: Matvec, basis: KrylovBasis, *, probes: int = 33, seed
     (24.0, 0.0)
     """
     store = basis.store
+    if store.device is not None and store.device.type == "cuda":
+        room = torch.cuda.mem_get_info(store.device)[0] / 4
+    else:
+        room = budget - (0 if store.on_disk else store.nbytes)
+    block = probe_block(store.n, probes, room)
     samples = np.empty(probes)
     used = probes
     for i in range(probes):
-        z, _ = orthogonalize(store, store.native(signs(store.n, seed=seed, stream=2 * i + 1, device=store.device)),
-                             basis.cols)
+        if i % block == 0:  # the next block of probes, projected off V together
+            Z = store.native(sign_columns(store.n, seed=seed, streams=[2 * j + 1 for j in
+                                                                        range(i, min(probes, i + block))],
+                                          device=store.device))
+            Z, _ = orthogonalize(store, Z, basis.cols)
+        z = Z[i % block]
         samples[i] = float(z @ product(matvec, z))
         if stderr_target is not None and i + 1 >= min_probes \
                 and np.std(samples[:i + 1], ddof=1) / np.sqrt(i + 1) <= stderr_target:

@@ -65,6 +65,13 @@ def norm(x: Vector) -> float:
     return float(torch.linalg.vector_norm(x)) if isinstance(x, torch.Tensor) else float(np.linalg.norm(x))
 
 
+def vector_norms(x: Vector) -> np.ndarray:
+    """Euclidean norm of a numpy or torch vector, or of each row of a block of them, on the host."""
+    if isinstance(x, torch.Tensor):
+        return host(torch.linalg.vector_norm(x, dim=-1))
+    return np.linalg.norm(x, axis=-1)
+
+
 def vector_device(device: torch.device, n: int, columns: int) -> torch.device | None:
     """Where an algorithm whose products run on ``device`` keeps ``columns`` long vectors of ``n`` numbers: on
     that device when it is a GPU and they fit in half its free memory (the products' activations need the rest),
@@ -205,23 +212,25 @@ class ColumnStore:
 
     # ------------------------------------------------------------------ passes over the first ``cols`` columns
     # (small results come back as numpy arrays; the long vector ``w`` is of this store's kind)
+    # ``w`` may also be a ``(p, n)`` block of ``p`` vectors (rows): then ``h`` is ``(p, cols)``, one GEMM per block
     def project(self, w: Vector, cols: int) -> np.ndarray:
-        """``V^T w`` (one pass)."""
-        h = self._zeros(cols)
+        """``V^T w`` (one pass); for a block of rows ``W``, ``W V``."""
+        h = self._zeros(*w.shape[:-1], cols)
         for a, b in self.blocks():
-            h += self.read(a, b, cols) @ w[a:b]
+            h += w[..., a:b] @ self.read(a, b, cols).T
         return host(h)
 
     def subtract(self, w: Vector, h: np.ndarray, cols: int, *, project_after: bool = False
                  ) -> np.ndarray | None:
         """``w -= V h`` in place (one pass); with ``project_after`` also ``V^T w`` of the result, from the same
-        blocks while they are in cache (the second sweep of classical Gram-Schmidt at no extra pass)."""
-        h, h2 = self.native(h), (self._zeros(cols) if project_after else None)
+        blocks while they are in cache (the second sweep of classical Gram-Schmidt at no extra pass). For a block
+        of rows ``W``: ``W -= h V^T``."""
+        h, h2 = self.native(h), (self._zeros(*w.shape[:-1], cols) if project_after else None)
         for a, b in self.blocks():
             Vb = self.read(a, b, cols)
-            w[a:b] -= h @ Vb
+            w[..., a:b] -= h @ Vb
             if h2 is not None:
-                h2 += Vb @ w[a:b]
+                h2 += w[..., a:b] @ Vb.T
         return None if h2 is None else host(h2)
 
     def gram(self, cols: int) -> np.ndarray:

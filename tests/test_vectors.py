@@ -6,8 +6,8 @@ import torch
 
 import landscape.vectors as vectors
 from landscape.density import slq
-from landscape.lanczos import lanczos
-from landscape.trace import basis_deflated, hutchpp
+from landscape.lanczos import lanczos, orthogonalize
+from landscape.trace import PROBE_BLOCK, basis_deflated, hutchpp, probe_block
 from landscape.vectors import ColumnStore, orthonormalize
 
 
@@ -64,6 +64,27 @@ def test_hutchpp_lanczos_deflated_trace_and_slq_on_disk_equal_in_memory(small_bl
     assert abs(mem.estimate - lam.sum()) < 4 * mem.stderr + 1e-9
     d_mem, d_disk = (slq(lambda v: A @ v, 300, steps=30, seed=2, budget=b) for b in (float("inf"), 0))
     assert np.array_equal(d_mem.nodes, d_disk.nodes) and np.array_equal(d_mem.weights, d_disk.weights)
+
+
+def test_deflated_trace_probes_projected_in_blocks_equal_one_at_a_time(small_blocks):
+    """Blocks of 8, of 3 (the budget beside the basis; the last block short) and single probes: the same samples
+    to round-off, on disk and in memory, and a block's projections are orthogonal to the basis."""
+    A, lam = _operator(seed=2)
+    for budget in (float("inf"), 0):
+        top = lanczos(lambda v: A @ v, 300, k=3, max_basis=12, budget=budget, keep_basis=True)
+        held = 0 if top.krylov.store.on_disk else top.krylov.store.nbytes
+        assert probe_block(300, 20, float("inf")) == PROBE_BLOCK and probe_block(300, 20, -1.0) == 1
+        assert probe_block(300, 20, 3 * 8 * 300 + 5) == 3 and probe_block(300, 2, float("inf")) == 2
+        runs = [basis_deflated(lambda v: A @ v, top.krylov, probes=20, seed=5, budget=held + room)
+                for room in (float("inf"), 3 * 8 * 300, -1.0)]
+        Z = top.krylov.store.native(np.sign(np.random.default_rng(0).standard_normal((5, 300))))
+        Z, _ = orthogonalize(top.krylov.store, Z, top.krylov.cols)
+        assert np.abs(top.krylov.store.project(Z, top.krylov.cols)).max() < 1e-12
+        top.krylov.close()
+        for r in runs[1:]:
+            np.testing.assert_allclose(r.samples, runs[0].samples, rtol=1e-11, atol=1e-11)
+            assert r.n_matvec == 20
+        assert abs(runs[0].estimate - lam.sum()) < 4 * runs[0].stderr + 1e-9
 
 
 def test_orthonormalize_keeps_the_span_and_drops_dependent_columns(small_blocks):
