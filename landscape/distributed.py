@@ -128,6 +128,7 @@ class Comm:
 
 SINGLE = Comm()
 _current = SINGLE
+_owned = False  # whether init_from_env started the process group (then leave_job ends it)
 
 
 def current() -> Comm:
@@ -176,7 +177,7 @@ def init_from_env(device: str = "auto", *, timeout_s: float = 1800) -> Comm:
     The backend is NCCL when the job computes on CUDA devices and gloo otherwise (:func:`job_backend`).
     Idempotent: a second call returns the same Comm.
     """
-    global _current
+    global _current, _owned
     if job_size() <= 1 or _current.active:
         return _current
     if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
@@ -189,9 +190,27 @@ def init_from_env(device: str = "auto", *, timeout_s: float = 1800) -> Comm:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=_dt.timedelta(seconds=timeout_s))
-        atexit.register(dist.destroy_process_group)
+        atexit.register(_destroy)  # after an error, where the ranks do not meet in :func:`leave_job`
+        _owned = True
     _current = from_process_group()
     return _current
+
+
+def _destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def leave_job() -> None:
+    """End the job :func:`init_from_env` joined, once this rank's work is done: a barrier, so that no rank tears its
+    connections down while another still works, then ``destroy_process_group`` while the interpreter is whole
+    (gloo's worker threads then hold no Python objects at shutdown), as the torch.distributed documentation asks
+    of every rank. A no-op outside a job and for a process group that a user's training started."""
+    global _current, _owned
+    if _current.active and _owned:
+        dist.barrier()
+        _destroy()
+        _current, _owned = SINGLE, False
 
 
 def from_process_group() -> Comm:

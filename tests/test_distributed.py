@@ -201,7 +201,7 @@ def test_compare_and_trajectory_under_torchrun_equal_one_process(tmp_path):
         one = one_process(*args, "-o", str(tmp_path / "one"))
         assert one.returncode == 0, one.stderr
         two = torchrun(2, *args, "-o", str(tmp_path / "two"))
-        assert two.returncode == 0, two.stderr
+        assert two.returncode == 0, f"{two.stderr}\nstdout (rank 0 alone prints):\n{two.stdout[-800:]}"
         a, b = json.loads(one.stdout), json.loads(two.stdout)  # rank 0 alone prints: one JSON document
         if args is cmp:
             for k, m in a["metrics"].items():
