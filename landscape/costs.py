@@ -123,7 +123,8 @@ def curvature_seconds(curv: CurvatureSettings, n: int, budget: float, product: f
         method = curv.trace_estimator
         if method == "lanczos-deflated":  # k probes drawn and swept off the top's basis (held above) in blocks of p
             m = basis_size(curv.top_k, n, budget=budget)
-            p = probe_block(n, k, budget - ((m + 1) * n * 8 if (m + 1) * n * 8 <= budget else 0))
+            basis = (m + 1) * n * 8
+            p = probe_block(n, k, budget - (basis if basis <= budget else 0))
             seconds += k * (product + vec.signs + m * max(vec.pass_column / p, 3 * n * vec.block))
             held += p * n * 8
         else:

@@ -207,7 +207,7 @@ def leave_job() -> None:
     (gloo's worker threads then hold no Python objects at shutdown), as the torch.distributed documentation asks
     of every rank. A no-op outside a job and for a process group that a user's training started."""
     global _current, _owned
-    if _current.active and _owned:
+    if _owned:
         dist.barrier()
         _destroy()
         _current, _owned = SINGLE, False
