@@ -67,11 +67,14 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 @contextmanager
 def _errors(debug: bool) -> Iterator[None]:
     """One line and exit 2 for bad input; exit 1 for a bug; tracebacks only with --debug. Under torchrun, a command
-    that succeeded on this rank leaves the job with the others (:func:`landscape.distributed.leave_job`)."""
+    that succeeded on this rank leaves the job with the others (:func:`landscape.distributed.leave_job`). The
+    command runs with freed memory reused (:func:`landscape.allocator.reuse_freed_memory`): the process is ours."""
+    from landscape.allocator import reuse_freed_memory
     from landscape.distributed import leave_job
 
     try:
-        yield
+        with reuse_freed_memory():
+            yield
         leave_job()
     except LandscapeError as err:
         if debug:

@@ -3,8 +3,8 @@
 OpenBLAS's worker threads spin after each call, waiting for the next; PyTorch's OpenMP threads then share the cores
 with them. Measured on 2 cores (``benchmarks/RESULTS.md``, issue 19): Lanczos on a 1e5-parameter MLP took 1.30 s
 with numpy's default threads against 0.32 s with one, each Hessian-vector product's backward pass 8.7 ms
-against 0.8 ms. The passes over long vectors (``V^T w``) are bound by memory bandwidth and lose nothing with one
-thread. :func:`single_blas_thread` sets OpenBLAS (the library numpy wheels ship) to one thread for the ``with``
+against 0.8 ms. The passes over long vectors (``V^T w``) run in torch instead, on its own threads, those of the
+products (:class:`landscape.vectors.ColumnStore`). :func:`single_blas_thread` sets OpenBLAS (the library numpy wheels ship) to one thread for the ``with``
 block (or the decorated function) and restores it; with another BLAS, or none found, it does nothing
 (``OPENBLAS_NUM_THREADS=1`` or threadpoolctl do the same from outside). The algorithms that interleave the two
 (:func:`landscape.lanczos.lanczos`, :func:`~landscape.lanczos.krylov_tridiagonal`, :func:`landscape.trace.hutchpp`,

@@ -60,16 +60,22 @@ def host(x: Vector) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
+def _torch(x: Vector) -> torch.Tensor:
+    """A numpy array as a tensor over the same memory (writes go through), a tensor as itself: the passes over a
+    store run in torch on its intra-op threads, those of the products, where numpy's BLAS is held at one thread
+    (:mod:`landscape.blas`); two threads halve a pass over a basis of 11M numbers on 2 cores."""
+    return torch.from_numpy(x) if isinstance(x, np.ndarray) else x
+
+
 def norm(x: Vector) -> float:
     """Euclidean norm of a numpy or torch vector."""
-    return float(torch.linalg.vector_norm(x)) if isinstance(x, torch.Tensor) else float(np.linalg.norm(x))
+    return float(torch.linalg.vector_norm(_torch(x)))
 
 
 def vector_norms(x: Vector) -> np.ndarray:
-    """Euclidean norm of a numpy or torch vector, or of each row of a block of them, on the host."""
-    if isinstance(x, torch.Tensor):
-        return host(torch.linalg.vector_norm(x, dim=-1))
-    return np.linalg.norm(x, axis=-1)
+    """Euclidean norm of a numpy or torch vector, or of each row of a block of them, on the host (one pass, no
+    temporary: numpy's ``norm(axis=-1)`` squares into a copy first, 5x slower on a long vector)."""
+    return host(torch.linalg.vector_norm(_torch(x), dim=-1))
 
 
 def vector_device(device: torch.device, n: int, columns: int) -> torch.device | None:
@@ -150,11 +156,6 @@ class ColumnStore:
             return np.empty(shape)
         return torch.empty(shape, dtype=torch.float64, device=self.device)
 
-    def _zeros(self, *shape: int) -> Vector:
-        if self.device is None:
-            return np.zeros(shape)
-        return torch.zeros(shape, dtype=torch.float64, device=self.device)
-
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
@@ -215,9 +216,9 @@ class ColumnStore:
     # ``w`` may also be a ``(p, n)`` block of ``p`` vectors (rows): then ``h`` is ``(p, cols)``, one GEMM per block
     def project(self, w: Vector, cols: int) -> np.ndarray:
         """``V^T w`` (one pass); for a block of rows ``W``, ``W V``."""
-        h = self._zeros(*w.shape[:-1], cols)
+        h, tw = torch.zeros((*w.shape[:-1], cols), dtype=torch.float64, device=self.device), _torch(w)
         for a, b in self.blocks():
-            h += w[..., a:b] @ self.read(a, b, cols).T
+            h += tw[..., a:b] @ _torch(self.read(a, b, cols)).T
         return host(h)
 
     def subtract(self, w: Vector, h: np.ndarray, cols: int, *, project_after: bool = False
@@ -225,27 +226,29 @@ class ColumnStore:
         """``w -= V h`` in place (one pass); with ``project_after`` also ``V^T w`` of the result, from the same
         blocks while they are in cache (the second sweep of classical Gram-Schmidt at no extra pass). For a block
         of rows ``W``: ``W -= h V^T``."""
-        h, h2 = self.native(h), (self._zeros(*w.shape[:-1], cols) if project_after else None)
+        th, tw = _torch(np.ascontiguousarray(h) if self.device is None else self.native(h)), _torch(w)
+        h2 = torch.zeros((*w.shape[:-1], cols), dtype=torch.float64, device=self.device) if project_after else None
         for a, b in self.blocks():
-            Vb = self.read(a, b, cols)
-            w[..., a:b] -= h @ Vb
+            Vb = _torch(self.read(a, b, cols))
+            tw[..., a:b] -= th @ Vb
             if h2 is not None:
-                h2 += w[..., a:b] @ Vb.T
+                h2 += tw[..., a:b] @ Vb.T
         return None if h2 is None else host(h2)
 
     def gram(self, cols: int) -> np.ndarray:
         """``V^T V`` (one pass)."""
-        G = self._zeros(cols, cols)
+        G = torch.zeros((cols, cols), dtype=torch.float64, device=self.device)
         for a, b in self.blocks():
-            Vb = self.read(a, b, cols)
+            Vb = _torch(self.read(a, b, cols))
             G += Vb @ Vb.T
         return host(G)
 
     def transform(self, M: np.ndarray) -> None:
         """``V[:, :M.shape[1]] = V[:, :M.shape[0]] M`` in place (one pass)."""
-        Mt = self.native(M.T)
+        Mt = _torch(self.native(np.ascontiguousarray(M.T)))
         for a, b in self.blocks():
-            self.write(a, Mt @ self.read(a, b, M.shape[0]))
+            block = Mt @ _torch(self.read(a, b, M.shape[0]))
+            self.write(a, block if self.device is not None else block.numpy())
 
     def combine(self, M: np.ndarray, budget: float = float("inf")) -> np.ndarray:
         """``V[:, :M.shape[0]] M`` as an ``(n, M.shape[1])`` Fortran-ordered array (one pass): in memory when it
@@ -258,9 +261,9 @@ class ColumnStore:
             check_disk(spill_dir(), self.n * M.shape[1] * 8, f"{M.shape[1]} vectors of {self.n:,} numbers")
             with tempfile.NamedTemporaryFile(prefix="landscape-", suffix=".f64", dir=spill_dir()) as f:
                 out = np.memmap(f, dtype=np.float64, mode="w+", shape=shape, order="F")
-        Mt = self.native(M.T)
+        Mt = _torch(self.native(np.ascontiguousarray(M.T)))
         for a, b in self.blocks():
-            out[a:b] = host(Mt @ self.read(a, b, M.shape[0])).T
+            out[a:b] = host(Mt @ _torch(self.read(a, b, M.shape[0]))).T
         return out
 
 
