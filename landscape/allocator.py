@@ -9,7 +9,10 @@ page faults (190 GB of pages touched afresh) in 315 s; with large blocks taken f
 are reused, 6 million faults in 248 s.
 
 :func:`reuse_freed_memory` sets ``M_MMAP_MAX`` to 0 for the block (or the decorated function): every allocation
-comes from the heap. On leaving, every hold calls ``malloc_trim(0)``, which hands the heap's free pages back to
+comes from the heap, and ``M_TRIM_THRESHOLD`` to 2 GiB, so that a block freed at the heap's top stays for the next
+one instead of being handed back at once (with glibc's 128 KiB, the chunks of per-sample gradients made twice the
+faults). Setting either freezes glibc's adaptive mmap threshold where it is, for the rest of the process. On
+leaving, every hold calls ``malloc_trim(0)``, which hands the heap's free pages back to
 the kernel, so resident memory falls back after each analysis (a scan holds it for the whole run and each
 analysis within it again); the outermost hold also restores glibc's default. Elsewhere than glibc it does nothing.
 """
@@ -22,8 +25,10 @@ from contextlib import contextmanager
 from functools import lru_cache
 from typing import Iterator
 
-#: glibc's ``mallopt`` parameter for the largest number of mmap-served blocks, and its default
+#: glibc's ``mallopt`` parameters for the largest number of mmap-served blocks and for the free memory at the
+#: heap's top beyond which ``free`` hands it back, with their defaults, and the most the latter can be set to
 M_MMAP_MAX, MMAP_MAX_DEFAULT = -4, 65536
+M_TRIM_THRESHOLD, TRIM_THRESHOLD_DEFAULT, TRIM_THRESHOLD_HELD = -1, 128 * 1024, 2**31 - 1
 
 _depth = 0
 
@@ -49,6 +54,7 @@ def reuse_freed_memory() -> Iterator[None]:
         return
     if _depth == 0:
         libc.mallopt(M_MMAP_MAX, 0)
+        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_HELD)
     _depth += 1
     try:
         yield
@@ -56,4 +62,6 @@ def reuse_freed_memory() -> Iterator[None]:
         _depth -= 1
         if _depth == 0:
             libc.mallopt(M_MMAP_MAX, MMAP_MAX_DEFAULT)
+            libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_DEFAULT)
         libc.malloc_trim(0)
+

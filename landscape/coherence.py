@@ -426,8 +426,10 @@ def _analyze(problem: Problem, s: CoherenceSettings, y: torch.Tensor,
                                                    memory_budget=s.memory_budget / 2,
                                                    extra_bytes_per_sample=stats.bytes_per_row()):
                 stats.add(lo + start, g)
+                end = start + len(g)
+                del g  # before the next chunk is computed, so that its memory can be reused for it
                 if progress:
-                    progress(what, min((start + len(g)) * comm.world, n), n)
+                    progress(what, min(end * comm.world, n), n)
             stats.all_reduce(comm)
             red = stats.reduced() if red is None else red.merge(stats.reduced())
             del stats

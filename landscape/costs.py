@@ -215,8 +215,13 @@ def coherence_cost(pb: Problem, co: CoherenceSettings, budget: float, hvp_second
     c = min(chunk_size(pb, budget / 2, extra), pb.n)  # as the run sizes its chunks
     sample = rows(pb.X, 0, c)
     chunk: list[torch.Tensor] = []
-    chunk_s, chunk_extra = measured(pb, lambda: chunk.append(
-        next(iter_gradients(pb, sample, pb.y[:c], memory_budget=budget / 2, extra_bytes_per_sample=extra))[1]))
+
+    def one_chunk() -> None:  # the one before is freed first, as in the run, whose later chunks reuse its memory
+        chunk.clear()
+        chunk.append(next(iter_gradients(pb, sample, pb.y[:c], memory_budget=budget / 2,
+                                         extra_bytes_per_sample=extra))[1])
+
+    chunk_s, chunk_extra = measured(pb, one_chunk)
     add_s, alloc_s, reduce_s = _accumulation_seconds(chunk.pop(), labels[:c], {b: a[:c] for b, a in ids.items()},
                                                      width, vector_device(pb.device, width, vecs))
     one_s = measured(pb, lambda: per_sample_gradients(pb, rows(pb.X, 0, 1), pb.y[:1]))[0]

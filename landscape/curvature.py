@@ -64,13 +64,9 @@ class CurvatureOperator:
         ``double()`` copy per tensor and a concatenation cost as much as a product at 11M parameters): a numpy
         array, or a tensor on ``device``."""
         out = np.empty(self.n) if device is None else torch.empty(self.n, dtype=torch.float64, device=device)
-        i = 0
+        flat, i = torch.from_numpy(out) if device is None else out, 0  # torch casts on its threads, numpy on one
         for n, size in zip(self.names, self.sizes):
-            t = params[n].detach().reshape(-1)
-            if device is None:
-                out[i:i + size] = t.cpu().numpy()
-            else:
-                out[i:i + size] = t
+            flat[i:i + size].copy_(params[n].detach().reshape(-1))
             i += size
         return out
 

@@ -89,6 +89,7 @@ def iter_gradients(problem: Problem, X: torch.Tensor, y: torch.Tensor, *, memory
             method = "loop"
             g = per_sample_gradients(problem, X[s:s + c], y[s:s + c], method=method, out=rows)
         yield s, g.detach(), method
+        del g  # a caller that drops its chunk before asking for the next one frees it for the next one
 
 
 def gradient_matrix(problem: Problem, X: torch.Tensor, y: torch.Tensor, *, memory_budget: float = 256 * 2**20
