@@ -11,12 +11,15 @@ are reused, 1.0 million faults in 231 s.
 :func:`reuse_freed_memory` sets ``M_MMAP_MAX`` to 0 for the block (or the decorated function): every allocation
 comes from the heap, and ``M_TRIM_THRESHOLD`` to 2 GiB, so that a block freed at the heap's top stays for the next
 one instead of being handed back at once (with glibc's 128 KiB, the chunks of per-sample gradients made twice the
-faults). Setting either freezes glibc's adaptive mmap threshold where it is, for the rest of the process. On
-leaving the outermost hold it restores glibc's defaults and calls ``malloc_trim(0)``, which hands the heap's free
-pages back to the kernel, so resident memory falls back when the analysis (or the command) is over. Nested holds are
-counted and do not trim: a scan holds it for the whole run, so each phase reuses the pages the one before freed
-(trimming after every analysis cost 31 s more on that scan, each phase's memory faulted in afresh, for a peak 3%
-lower). Elsewhere than glibc it does nothing.
+faults). On leaving the outermost hold it restores glibc's defaults and calls ``malloc_trim(0)``, which hands the
+heap's free pages back to the kernel. Nested holds are counted and do not trim, so that each phase of a scan reuses
+the pages the one before freed (trimming after every analysis cost 31 s more on that scan, for a peak 3% lower).
+Elsewhere than glibc it does nothing.
+
+The CLI holds it around every command: the process is ours. The library's analyses do not take it themselves:
+setting either parameter freezes glibc's adaptive mmap threshold for the rest of the process, which in a training
+loop that calls the monitor could make the training's own mid-size allocations slower. Python callers who run
+analyses in a process of their own can wrap them: ``with reuse_freed_memory(): analyze_curvature(...)``.
 """
 
 from __future__ import annotations

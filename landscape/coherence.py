@@ -34,7 +34,6 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
-from .allocator import reuse_freed_memory
 from .blas import single_blas_thread
 from .curvature import CurvatureOperator
 from .distributed import Comm
@@ -365,7 +364,6 @@ def el2n(problem: Problem, X: torch.Tensor, y: torch.Tensor) -> np.ndarray:
 
 
 @single_blas_thread()
-@reuse_freed_memory()
 def analyze_coherence(problem: Problem, settings: CoherenceSettings = CoherenceSettings(), *,
                       sample_index: np.ndarray | None = None,
                       progress: Callable[[str, int, int], None] | None = None) -> CoherenceResult:

@@ -15,7 +15,6 @@ import h5py
 import numpy as np
 import torch
 
-from .allocator import reuse_freed_memory
 from .batchsize import BatchSizeResult, analyze_batch_sizes
 from .curvature import CurvatureOperator, select_parameters
 from .density import SpectralDensity, slq
@@ -229,7 +228,6 @@ def stored_summary(group: h5py.Group, settings: CurvatureSettings, *, eigenvecto
     return stored["summary"]
 
 
-@reuse_freed_memory()
 def analyze_curvature(problem: Problem, settings: CurvatureSettings = CurvatureSettings(),
                       progress: Callable[[str], None] | None = None) -> CurvatureResult:
     """Top/bottom eigenpairs, trace and density of the Hessian (or GGN) over the selected parameters."""

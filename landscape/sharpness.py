@@ -37,7 +37,6 @@ import h5py
 import numpy as np
 import torch
 
-from .allocator import reuse_freed_memory
 from .ascent import apgd
 from .curvature import select_parameters
 from .draws import normal, uniform
@@ -236,7 +235,6 @@ def _mean_stderr(x: np.ndarray) -> tuple[float, float]:
     return float(np.mean(x)), float(np.std(x, ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
 
 
-@reuse_freed_memory()
 def sharpness(problem: Problem, settings: SharpnessSettings, *,
               directions: Sequence[Mapping[str, torch.Tensor]] | None = None,
               progress: Callable[[int, int], None] | None = None) -> SharpnessResult:

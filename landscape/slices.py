@@ -20,7 +20,6 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .allocator import reuse_freed_memory
 from .problem import Problem
 
 
@@ -58,7 +57,6 @@ def block_points(axes: Sequence[np.ndarray], done: np.ndarray) -> Callable[[int]
     return lambda block: [coeffs[b] for b in missing_blocks(done, block)]
 
 
-@reuse_freed_memory()
 def compute_slice(
     problem: Problem,
     directions: Sequence[Mapping[str, torch.Tensor]],
