@@ -25,7 +25,6 @@ analyses in a process of their own can wrap them: ``with reuse_freed_memory(): a
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Iterator
@@ -40,11 +39,11 @@ _depth = 0
 
 @lru_cache(maxsize=1)
 def _glibc() -> ctypes.CDLL | None:
-    """The C library of this process if it is glibc (it has ``mallopt`` and ``malloc_trim``), else None."""
-    name = ctypes.util.find_library("c")
+    """The symbols already loaded in this process (its C library's among them) if they include glibc's ``mallopt``
+    and ``malloc_trim``, else None (another C library, or a platform without ``dlopen(NULL)``)."""
     try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-    except OSError:
+        libc = ctypes.CDLL(None)
+    except (OSError, TypeError):
         return None
     return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 

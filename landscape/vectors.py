@@ -151,6 +151,11 @@ class ColumnStore:
         """``x`` as a vector (or small coefficient array) of this store's kind: :func:`native`."""
         return native(x, self.device)
 
+    def _coefficients(self, M: np.ndarray) -> torch.Tensor:
+        """A small coefficient array as a float64 tensor where the store's passes run (contiguous: torch takes no
+        negative strides, and ``M.T`` or ``M[:, ::-1]`` come here)."""
+        return _torch(self.native(np.ascontiguousarray(M)))
+
     def _empty(self, *shape: int) -> Vector:
         if self.device is None:
             return np.empty(shape)
@@ -226,7 +231,7 @@ class ColumnStore:
         """``w -= V h`` in place (one pass); with ``project_after`` also ``V^T w`` of the result, from the same
         blocks while they are in cache (the second sweep of classical Gram-Schmidt at no extra pass). For a block
         of rows ``W``: ``W -= h V^T``."""
-        th, tw = _torch(np.ascontiguousarray(h) if self.device is None else self.native(h)), _torch(w)
+        th, tw = self._coefficients(h), _torch(w)
         h2 = torch.zeros((*w.shape[:-1], cols), dtype=torch.float64, device=self.device) if project_after else None
         for a, b in self.blocks():
             Vb = _torch(self.read(a, b, cols))
@@ -245,7 +250,7 @@ class ColumnStore:
 
     def transform(self, M: np.ndarray) -> None:
         """``V[:, :M.shape[1]] = V[:, :M.shape[0]] M`` in place (one pass)."""
-        Mt = _torch(self.native(np.ascontiguousarray(M.T)))
+        Mt = self._coefficients(M.T)
         for a, b in self.blocks():
             block = Mt @ _torch(self.read(a, b, M.shape[0]))
             self.write(a, block if self.device is not None else block.numpy())
@@ -261,7 +266,7 @@ class ColumnStore:
             check_disk(spill_dir(), self.n * M.shape[1] * 8, f"{M.shape[1]} vectors of {self.n:,} numbers")
             with tempfile.NamedTemporaryFile(prefix="landscape-", suffix=".f64", dir=spill_dir()) as f:
                 out = np.memmap(f, dtype=np.float64, mode="w+", shape=shape, order="F")
-        Mt = _torch(self.native(np.ascontiguousarray(M.T)))
+        Mt = self._coefficients(M.T)
         for a, b in self.blocks():
             out[a:b] = host(Mt @ _torch(self.read(a, b, M.shape[0]))).T
         return out
