@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from .blas import single_blas_thread
-from .vectors import ColumnStore, Vector, native, norm, product, vector_device, vector_norms
+from .vectors import ColumnStore, Vector, native, norm, product, residual_norm, vector_device, vector_norms
 
 Matvec = Callable[[np.ndarray], np.ndarray]
 
@@ -105,14 +105,15 @@ def orthogonalize(V: ColumnStore, w: Vector, cols: int) -> tuple[Vector, np.ndar
 
 
 def basis_size(k: int, n: int, max_basis: int | None = None, budget: float = float("inf")) -> int:
-    """Columns of the restarted basis unless given: ``max(2k + 20, 40)`` when they (and the residual) fit ``budget``
-    bytes; else as many as fit, if that is at least ``2k + 5`` (in memory: restarts come sooner, so convergence
-    takes more products); else ``2k + 5`` on disk, where every step reads it. At most ``n``."""
+    """Columns of the restarted basis unless given: ``max(2k + 20, 40)`` when they fit ``budget`` bytes with the
+    three vectors a step holds beside them (the residual's column, the step's vector and its product); else as many
+    as fit, if that is at least ``2k + 5`` (in memory: restarts come sooner, so convergence takes more products);
+    else ``2k + 5`` on disk, where every step reads it. At most ``n``."""
     if max_basis:
         return min(n, max_basis)
     m, least = max(2 * k + 20, 40), 2 * k + 5
     rows, blocks = ColumnStore.layout(n)
-    fit = int(budget // (8 * rows * blocks)) - 1 if budget != float("inf") else m
+    fit = int(budget // (8 * rows * blocks)) - 3 if budget != float("inf") else m
     return min(n, m if fit >= m else max(fit, least))
 
 
@@ -129,8 +130,9 @@ def lanczos(matvec: Matvec, n: int, k: int = 5, *, which: str = "LA", tol: float
             device: torch.device | str | None = None, keep_basis: bool = False) -> Eigenpairs:
     """The ``k`` largest (``which="LA"``) or smallest (``"SA"``) eigenpairs of a symmetric ``n x n`` operator.
 
-    ``budget`` (bytes) bounds the basis (``(m + 1) n`` float64 numbers) and the eigenvectors (``k n``) held in
-    memory; what does not fit is kept on disk (:class:`landscape.vectors.ColumnStore`) with the same results.
+    ``budget`` (bytes) bounds the basis (``(m + 1) n`` float64 numbers, and the two long vectors a step holds
+    beside it: :func:`basis_size`) and the eigenvectors (``k n``) held in memory; what does not fit is kept on disk
+    (:class:`landscape.vectors.ColumnStore`) with the same results.
     With ``device``, the basis lives in that device's memory (the caller has checked that ``max(2k + 20, 40) + 1``
     vectors fit there), ``matvec`` gets and returns float64 tensors on it, and ``budget`` bounds only the
     eigenvectors, which are returned on the host. With ``keep_basis`` the final basis is handed back open
@@ -174,7 +176,8 @@ def lanczos(matvec: Matvec, n: int, k: int = 5, *, which: str = "LA", tol: float
         if rnorm <= 1e-12 * max(np.abs(theta).max(), 1.0):  # invariant subspace: continue from a fresh vector
             r, _ = orthogonalize(basis, basis.native(rng.standard_normal(n)), j)
             rnorm, c = norm(r), np.zeros(j)
-        v = r / rnorm
+        v = r  # normalized in place: a step holds two long vectors beside the basis, v and its product
+        v /= rnorm
         basis.set_column(j, v)
         w, h = orthogonalize(basis, product(matvec, v), j + 1)
         n_mv += 1
@@ -186,6 +189,7 @@ def lanczos(matvec: Matvec, n: int, k: int = 5, *, which: str = "LA", tol: float
         c = np.zeros(j)
         c[j - 1] = 1.0
     want = order[:k]
+    del v, w, r  # the eigenvectors take their room
     vecs = basis.combine(S[:, want], budget - (basis.nbytes if basis.device is None and not basis.on_disk else 0))
     storage, device = basis.storage, basis.device
     krylov = KrylovBasis(basis, j, float(np.trace(T))) if keep_basis else None
@@ -200,7 +204,7 @@ def lanczos(matvec: Matvec, n: int, k: int = 5, *, which: str = "LA", tol: float
         for i in range(len(want)):
             vi = native(vecs[:, i], device)
             p = product(matvec, vi)
-            res_true[i] = norm(p - vals[i] * vi)
+            res_true[i] = residual_norm(p, vals[i], vi)
             n_mv += 1
             if res_true[i] > tol * scale[i]:  # the operator's own rounding may be what stops it
                 noise[i] = norm(product(matvec, 3.0 * vi) / 3.0 - p) / np.sqrt(2.0)

@@ -25,7 +25,7 @@ import torch
 from .blas import single_blas_thread
 from .draws import sign_columns, signs
 from .lanczos import KrylovBasis, orthogonalize
-from .vectors import ColumnStore, host, orthonormalize, product
+from .vectors import ColumnStore, orthonormalize, product, tensor_of
 
 Matvec = Callable[[np.ndarray], np.ndarray]
 
@@ -120,12 +120,11 @@ def hutchpp(matvec: Matvec, n: int, *, max_matvec: int = 99, seed: int = 0, budg
         block.set_column(i, product(matvec, block.native(_sign_column(seed, i, n, block.device))))
     r = orthonormalize(block, k)
     low_rank = float(sum(float(q @ product(matvec, q)) for q in map(block.column, range(r))))
-    C = np.zeros((r, k))  # Q^T G
+    Ct = torch.zeros((k, r), dtype=torch.float64, device=block.device)  # (Q^T G)^T
     for a, b in block.blocks():
-        C += host(block.read(a, b, r) @ block.native(_sign_rows(seed, k, a, b, block.device).T))
-    Ct = block.native(C.T)
+        Ct += _sign_rows(seed, k, a, b, block.device) @ tensor_of(block.read(a, b, r)).T
     for a, b in block.blocks():  # P G, written over Q row block by row block
-        block.write(a, block.native(_sign_rows(seed, k, a, b, block.device)) - Ct @ block.read(a, b, r))
+        block.write(a, _sign_rows(seed, k, a, b, block.device).sub_(Ct @ tensor_of(block.read(a, b, r))))
     samples = np.empty(k)
     used = k
     for i in range(k):

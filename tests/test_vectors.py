@@ -152,8 +152,36 @@ def test_a_basis_too_big_for_the_budget_keeps_what_fits_in_memory(small_blocks):
     same eigenvalues; below 2k + 5 it goes to disk."""
     A, lam = _operator(seed=4)
     padded = 5 * 64  # 300 rows in blocks of 64
-    r = lanczos(lambda v: A @ v, 300, k=4, tol=1e-10, budget=8 * padded * 21)
+    r = lanczos(lambda v: A @ v, 300, k=4, tol=1e-10, budget=8 * padded * 23)  # 20 + the residual + two in flight
     assert (r.storage, r.basis) == ("memory", 20)
     np.testing.assert_allclose(r.eigenvalues, lam[::-1][:4], rtol=1e-10)
     r = lanczos(lambda v: A @ v, 300, k=4, tol=1e-10, budget=8 * padded * 12)
     assert (r.storage, r.basis) == ("disk", 13)
+
+
+def test_lanczos_holds_its_budget_with_the_vectors_in_flight(small_blocks):
+    """The basis, the step's vector and its product, and then the eigenvectors stay within the budget (numpy's
+    allocations, as tracemalloc counts them): the basis leaves room for the two vectors a step holds."""
+    import tracemalloc
+    n = 64 * 4096
+    d = np.random.default_rng(0).uniform(0.0, 1.0, n)
+    d[[7, 70_000]] = 5.0, 4.0
+    vec = n * 8
+    budget = 16 * vec
+    tracemalloc.start()
+    try:
+        r = lanczos(lambda v: d * v, n, k=2, tol=1e-8, budget=budget)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (r.storage, r.basis) == ("memory", 13)
+    np.testing.assert_allclose(r.eigenvalues, [5.0, 4.0], rtol=1e-8)
+    assert peak <= budget + vec / 4, f"{peak / vec:.2f} vectors held against a budget of {budget / vec:.0f}"
+
+
+def test_residual_norm_equals_the_norm_of_the_difference_across_chunks():
+    rng = np.random.default_rng(3)
+    p, v = rng.standard_normal(1000), rng.standard_normal(1000)
+    assert vectors.residual_norm(p, 0.7, v, chunk=64) == pytest.approx(np.linalg.norm(p - 0.7 * v), rel=1e-13)
+    tp, tv = torch.from_numpy(p), torch.from_numpy(v)
+    assert vectors.residual_norm(tp, -2.0, tv, chunk=999) == pytest.approx(np.linalg.norm(p + 2.0 * v), rel=1e-13)
