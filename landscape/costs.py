@@ -109,6 +109,7 @@ def curvature_seconds(curv: CurvatureSettings, n: int, budget: float, product: f
     its block (two Gram matrices, two transforms, ``Q^T G`` and ``G - Q C``); SLQ at ``probes x steps`` products
     sweeping half its basis on average, a draw per probe."""
     seconds = held = 0.0
+    top_vectors = 0  # the top eigenvectors' bytes in memory, beside which the deflated trace's probes are held
     for k in (curv.top_k, curv.bottom_k):
         if k:
             m = basis_size(k, n, budget=budget)
@@ -116,15 +117,16 @@ def curvature_seconds(curv: CurvatureSettings, n: int, budget: float, product: f
             seconds += ((steps + k) * (product + vec.column) + steps * (m + k) / 2 * vec.pass_column
                         + (m + 1) * vec.first_column)
             basis = (m + 1) * n * 8
-            held = max(held, (basis if basis <= budget else BLOCK_ROWS * (m + 1) * 8)
-                       + (k * n * 8 if k * n * 8 <= budget - (basis if basis <= budget else 0) else 0))
+            vectors = k * n * 8 if k * n * 8 <= budget - (basis if basis <= budget else 0) else 0
+            held = max(held, (basis if basis <= budget else BLOCK_ROWS * (m + 1) * 8) + vectors)
+            top_vectors = vectors if k == curv.top_k else top_vectors
     if curv.trace:
         k = max(1, curv.trace_matvecs // 3)
         method = curv.trace_estimator
         if method == "lanczos-deflated":  # k probes drawn and swept off the top's basis (held above) in blocks of p
             m = basis_size(curv.top_k, n, budget=budget)
             basis = (m + 1) * n * 8
-            p = probe_block(n, k, budget - (basis if basis <= budget else 0))
+            p = probe_block(n, k, budget - (basis if basis <= budget else 0) - top_vectors)
             seconds += k * (product + vec.signs + m * max(vec.pass_column / p, 3 * n * vec.block))
             held += p * n * 8
         else:

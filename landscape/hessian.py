@@ -309,8 +309,9 @@ def _analyze(problem: Problem, s: CurvatureSettings, params: list[str] | None,
         if top.krylov is not None:  # the trace outside the basis now, before another basis is made
             note("trace")
             try:
+                held = 0 if isinstance(top.eigenvectors, np.memmap) else top.eigenvectors.nbytes
                 trace = basis_deflated(op, top.krylov, probes=max(1, s.trace_matvecs // 3), seed=s.seed,
-                                       stderr_target=s.trace_stderr, budget=budget)
+                                       stderr_target=s.trace_stderr, budget=budget - held)  # beside the eigenvectors
             finally:
                 top.krylov.close()
             top = replace(top, krylov=None)

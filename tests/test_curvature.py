@@ -126,3 +126,23 @@ def test_default_trace_reuses_the_top_eigenvalues_lanczos_basis():
         CurvatureSettings(top_k=0, trace_method="lanczos-deflated")
     with pytest.raises(LandscapeError, match="unknown"):
         CurvatureSettings(trace_method="hutch+")
+
+
+def test_the_deflated_trace_holds_its_probes_beside_the_eigenvectors(monkeypatch):
+    """The trace's probe block gets what the budget leaves beside the basis and the top eigenvectors in memory,
+    not the room the eigenvectors already took."""
+    import landscape.hessian as hessian
+
+    seen = {}
+
+    def spy(*args, budget, **kw):
+        seen["budget"] = budget
+        return basis_deflated(*args, budget=budget, **kw)
+
+    from landscape.trace import basis_deflated
+    monkeypatch.setattr(hessian, "basis_deflated", spy)
+    net, X, y = small_cnn()
+    pb = Problem(net, X, y, F.cross_entropy, memory_budget=2**30)
+    res = hessian.analyze_curvature(pb, hessian.CurvatureSettings(top_k=3, tol=1e-6))
+    assert isinstance(res.top.eigenvectors, np.ndarray) and not isinstance(res.top.eigenvectors, np.memmap)
+    assert seen["budget"] == 2**30 - res.top.eigenvectors.nbytes
