@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 from .blas import single_blas_thread
-from .vectors import ColumnStore, Vector, native, norm, product, residual_norm, vector_device, vector_norms
+from .vectors import (ColumnStore, Vector, native, norm, product, release_pages, residual_norm, vector_device,
+                      vector_norms)
 
 Matvec = Callable[[np.ndarray], np.ndarray]
 
@@ -209,6 +210,7 @@ def lanczos(matvec: Matvec, n: int, k: int = 5, *, which: str = "LA", tol: float
             if res_true[i] > tol * scale[i]:  # the operator's own rounding may be what stops it
                 noise[i] = norm(product(matvec, 3.0 * vi) / 3.0 - p) / np.sqrt(2.0)
                 n_mv += 1
+            release_pages(vecs)
     else:
         res_true = res[want]
     converged = (res_true <= tol * scale) | (res_true <= NOISE_FACTOR * noise)  # NaN compares False

@@ -148,8 +148,9 @@ PROBE_BLOCK = 8
 
 def probe_block(n: int, probes: int, room: float) -> int:
     """How many probes of ``n`` float64 numbers :func:`basis_deflated` projects together: up to
-    :data:`PROBE_BLOCK`, as many as fit ``room`` bytes, at least one."""
-    return int(max(1, min(probes, PROBE_BLOCK, room // (8 * n))))
+    :data:`PROBE_BLOCK`, as many as fit ``room`` bytes beside the product of the one being evaluated, at least
+    one."""
+    return int(max(1, min(probes, PROBE_BLOCK, room // (8 * n) - 1)))
 
 
 @single_blas_thread()

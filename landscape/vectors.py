@@ -20,6 +20,7 @@ process, even when the process is killed.
 
 from __future__ import annotations
 
+import mmap
 import os
 import tempfile
 from typing import Any, Iterator
@@ -43,6 +44,16 @@ def spill_dir() -> str:
 
 #: a long vector: a float64 numpy array on the host, or a float64 tensor on a store's device
 Vector = Any
+
+
+def release_pages(x: Any) -> None:
+    """Unmap the pages of ``x`` if it is a mapping of a scratch file (:meth:`ColumnStore.combine`), keeping its
+    contents: they stay in the page cache, which the kernel reclaims when it needs the memory, and come back when
+    read. A mapped page counts in the process's resident set, so 5 eigenvectors of 90M parameters written to a
+    spilled mapping added 3.6 GB to it, beyond the budget they had been sent to disk to respect."""
+    mapping = getattr(x, "_mmap", None) if isinstance(x, np.memmap) else None
+    if mapping is not None and hasattr(mapping, "madvise"):
+        mapping.madvise(mmap.MADV_DONTNEED)
 
 
 def native(x: Any, device: torch.device | None) -> Vector:
@@ -272,8 +283,8 @@ class ColumnStore:
 
     def combine(self, M: np.ndarray, budget: float = float("inf")) -> np.ndarray:
         """``V[:, :M.shape[0]] M`` as an ``(n, M.shape[1])`` Fortran-ordered array (one pass): in memory when it
-        fits ``budget`` bytes, else a mapping of an unlinked scratch file (pages read when touched, reclaimable). On
-        the host whatever the store's device."""
+        fits ``budget`` bytes, else a mapping of an unlinked scratch file (pages read when touched, reclaimable,
+        unmapped as each block is written: :func:`release_pages`). On the host whatever the store's device."""
         shape = (self.n, M.shape[1])
         if self.n * M.shape[1] * 8 <= budget:
             out = np.empty(shape, order="F")
@@ -284,6 +295,7 @@ class ColumnStore:
         Mt = self._coefficients(M.T)
         for a, b in self.blocks():
             out[a:b] = host(Mt @ tensor_of(self.read(a, b, M.shape[0]))).T
+            release_pages(out)
         return out
 
 
