@@ -1,4 +1,6 @@
-"""The model, data and loss options every loading command shares, defined once.
+"""The options the commands share, defined once: the model, data and loss options of every loading command
+(:class:`SpecOptions`), the checkpoint argument, ``--output``, ``--json`` and the like, and the parsers of option
+values (ranges, sizes, lists), each a one-line error on bad input.
 
 A command takes them as one parameter ``specs: SpecOptions`` and is decorated with :func:`spec_options`, which
 puts the options below into the command's signature (so typer shows them in ``--help``) and hands the command
@@ -15,6 +17,8 @@ from dataclasses import dataclass, fields
 from typing import Annotated, Any, Callable, Optional
 
 import typer
+
+from landscape.errors import LandscapeError
 
 
 @dataclass(frozen=True)
@@ -99,3 +103,96 @@ def spec_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     return command
+
+
+# The other options several commands share, declared once, and the parsers of option values.
+CheckpointArg = Annotated[str, typer.Argument(help="Checkpoint file (.pt, .pth, .ckpt, .safetensors) or a "
+                                                   "save_pretrained folder (config.json + weights).")]
+MetricOpt = Annotated[Optional[list[str]], typer.Option("--metric", help="Extra metric name=module:callable, called "
+                                                                         "as f(output, target) -> batch mean; repeatable.")]
+StreamOpt = Annotated[str, typer.Option(help="Inputs read from disk a chunk at a time, for data larger than memory: "
+                                             "on, off, or auto (when they would fill a quarter of memory). .h5 and "
+                                             ".pt data files, map-style datasets.")]
+OutputOpt = Annotated[Optional[str], typer.Option("-o", "--output", help="Run file or directory (default: "
+                                                                          "reports/<checkpoint stem>/run.h5).")]
+SaveVectorsOpt = Annotated[Optional[bool], typer.Option(
+    "--save-vectors/--no-save-vectors", help="Store long vectors in the run file: random and interpolation "
+                                             "directions, Hessian eigenvectors, per-parameter GSNR (default: only "
+                                             "for models of at most 1M parameters; Hessian slices' directions are "
+                                             "always stored).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+
+
+def parse_range(text: str) -> tuple[float, float]:
+    parts = text.replace(":", ",").split(",")
+    try:
+        vals = [float(p) for p in parts if p.strip()]
+    except ValueError:
+        raise LandscapeError(f"--range {text!r} is not a number or MIN,MAX", hint="e.g. --range 1 or --range=-0.5,1.5")
+    if len(vals) == 1:
+        return (-abs(vals[0]), abs(vals[0]))
+    if len(vals) == 2:
+        return (vals[0], vals[1])
+    raise LandscapeError(f"--range {text!r} is not a number or MIN,MAX", hint="e.g. --range 1 or --range=-0.5,1.5")
+
+
+def parse_metric(text: str) -> tuple[str, str]:
+    name, sep, target = text.partition("=")
+    if not sep or not name or ":" not in target:
+        raise LandscapeError(f"--metric {text!r} is not name=module:callable", hint="e.g. --metric nll=mypkg.metrics:nll")
+    return name.strip(), target.strip()
+
+
+def parse_workers(text: str) -> int | str:
+    """``auto`` or a positive number of blocks evaluated at once.
+
+    >>> parse_workers("auto"), parse_workers("2")
+    ('auto', 2)
+    """
+    if text == "auto":
+        return text
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise LandscapeError(f"--workers {text!r} is neither auto nor a positive number", hint="use --workers auto or 2")
+
+
+def parse_bytes(text: Optional[str]) -> Optional[float]:
+    """``4GB``, ``512MiB``, ``2e9`` -> bytes.
+
+    >>> parse_bytes("1.5GiB"), parse_bytes("256MB"), parse_bytes("1000")
+    (1610612736.0, 256000000.0, 1000.0)
+    """
+    if text is None:
+        return None
+    import re
+
+    m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([KMGT]?)(i?)B?\s*", text, flags=re.IGNORECASE)
+    try:
+        value = float(m.group(1)) if m else -1.0
+    except ValueError:
+        value = -1.0
+    if m is None or value <= 0:
+        raise LandscapeError(f"--memory-budget {text!r} is not a size", hint="e.g. 512MiB, 4GB or 2e9 (bytes)")
+    power = "KMGT".find(m.group(2).upper()) + 1 if m.group(2) else 0
+    return value * (1024.0 if m.group(3) else 1000.0) ** power
+
+
+def parse_steps(text: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(p) for p in text.lower().replace(",", "x").split("x"))
+    except ValueError:
+        raise LandscapeError(f"--steps {text!r} is not N or NXxNY", hint="e.g. --steps 51 or --steps 41x31")
+    return vals
+
+
+def int_list(text: str, option: str) -> tuple[int, ...]:
+    """``"8,32,128"`` as integers; anything else is a one-line error naming ``option``."""
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise LandscapeError(f"{option} {text!r} is not a comma-separated list of integers",
+                             hint=f"e.g. {option} 8,32,128") from None
+    if any(v < 1 for v in values):
+        raise LandscapeError(f"{option} {text!r} must be positive", hint=f"e.g. {option} 8,32,128")
+    return values

@@ -89,6 +89,16 @@ def test_help_has_examples():
         assert res.returncode == 0 and "Examples" in res.stdout and "landscape " in res.stdout
 
 
+def test_help_lists_the_commands_in_their_order():
+    """Each command lives in a module of its own (cli/commands/); the main job comes first, the run-file tools last."""
+    res = cli("--help")
+    names = ["scan", "hessian", "sharpness", "coherence", "compare", "trajectory", "report", "inspect", "import-surface"]
+    lines = res.stdout.splitlines()
+    start = next(i for i, ln in enumerate(lines) if " Commands " in ln)
+    box = lines[start + 1:next(i for i in range(start + 1, len(lines)) if lines[i].startswith("╰"))]
+    assert [ln.split()[1] for ln in box if ln.split()[1] in names] == names
+
+
 def test_help_reads_like_a_man_page():
     """Flags show no value type, and a command's summary is one paragraph the terminal wraps, not the docstring's
     own line breaks."""
