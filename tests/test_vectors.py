@@ -161,13 +161,20 @@ def test_a_basis_too_big_for_the_budget_keeps_what_fits_in_memory(small_blocks):
     assert (r.storage, r.basis) == ("disk", 13)
 
 
+def _diagonal(*top: float) -> tuple[int, np.ndarray]:
+    """A diagonal operator of 4 blocks of 64 x 4096 rows: uniform [0, 1) entries and the ``top`` values at rows
+    7, 70,000 and 9, in that order."""
+    n = 64 * 4096
+    d = np.random.default_rng(0).uniform(0.0, 1.0, n)
+    d[[7, 70_000, 9][:len(top)]] = top
+    return n, d
+
+
 def test_lanczos_holds_its_budget_with_the_vectors_in_flight(small_blocks):
     """The basis, the step's vector and its product, and then the eigenvectors stay within the budget (numpy's
     allocations, as tracemalloc counts them): the basis leaves room for the two vectors a step holds."""
     import tracemalloc
-    n = 64 * 4096
-    d = np.random.default_rng(0).uniform(0.0, 1.0, n)
-    d[[7, 70_000]] = 5.0, 4.0
+    n, d = _diagonal(5.0, 4.0)
     vec = n * 8
     budget = 16 * vec
     tracemalloc.start()
@@ -205,9 +212,7 @@ def _mapped_kib(path_part: str) -> int:
 def test_spilled_eigenvectors_leave_the_resident_set(small_blocks):
     """Eigenvectors combined into a scratch-file mapping (they did not fit the budget) are unmapped as they are
     written and after each is verified: the same numbers, no resident pages of the file left in the process."""
-    n = 64 * 4096
-    d = np.random.default_rng(0).uniform(0.0, 1.0, n)
-    d[[7, 70_000, 9]] = 5.0, 4.0, 3.0
+    n, d = _diagonal(5.0, 4.0, 3.0)
     r = lanczos(lambda v: d * v, n, k=3, tol=1e-8, budget=16 * n * 8)
     assert isinstance(r.eigenvectors, np.memmap)
     assert _mapped_kib(str(small_blocks)) <= 16, "the spilled eigenvectors' pages stayed mapped"
