@@ -5,7 +5,8 @@ values (ranges, sizes, lists), each a one-line error on bad input.
 A command takes them as one parameter ``specs: SpecOptions`` and is decorated with :func:`spec_options`, which
 puts the options below into the command's signature (so typer shows them in ``--help``) and hands the command
 one :class:`SpecOptions`. ``scan``, ``hessian``, ``sharpness``, ``coherence``, ``compare`` and ``trajectory``
-take exactly the same spellings and defaults.
+take exactly the same spellings and defaults. The analysis commands (``hessian``, ``sharpness``, ``coherence``) take
+their run options the same way: ``run: RunOptions`` and :func:`run_options`.
 """
 
 from __future__ import annotations
@@ -84,25 +85,40 @@ OPTIONS: dict[str, Any] = {
 assert set(OPTIONS) == {f.name for f in fields(SpecOptions)}
 
 
-def spec_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Replace ``fn``'s ``specs`` parameter by the shared options (placed before its ``--json``/``--debug``)."""
+def _expand(fn: Callable[..., Any], name: str, group: type, annotations: dict[str, Any],
+            only: tuple[str, ...] | None = None, in_place: bool = True) -> Callable[..., Any]:
+    """``fn`` with its parameter ``name`` (a dataclass ``group``) replaced by ``group``'s fields.
+
+    The fields are keyword options annotated from ``annotations`` (``only``: just these), in the parameter's place
+    or (``in_place=False``) after all of ``fn``'s own; ``--json`` and ``--debug`` always come last. The wrapper
+    collects them back into one ``group`` and calls ``fn`` with it.
+    """
     hints = typing.get_type_hints(fn, include_extras=True)
-    own = [p.replace(annotation=hints.get(p.name, p.annotation))
-           for p in inspect.signature(fn).parameters.values() if p.name != "specs"]
-    shared = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=OPTIONS[f.name])
-              for f in fields(SpecOptions)]
-    tail = [p for p in own if p.name in ("json_out", "debug")]
-    head = [p for p in own if p not in tail]
-    params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if p.default is not inspect.Parameter.empty else p
-              for p in head] + shared + [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in tail]
+    wanted = [f for f in fields(group) if only is None or f.name in only]
+    expanded = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                                  annotation=annotations[f.name]) for f in wanted]
+    params: list[inspect.Parameter] = []
+    for p in inspect.signature(fn).parameters.values():
+        p = p.replace(annotation=hints.get(p.name, p.annotation))
+        if p.name == name:
+            params += expanded if in_place else []
+        else:
+            params.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+                          if p.default is not inspect.Parameter.empty else p)
+    params += [] if in_place else expanded
+    params.sort(key=lambda p: p.name in ("json_out", "debug"))  # stable: only moves those two to the end
 
     @functools.wraps(fn)
     def command(*args: Any, **kwargs: Any) -> Any:
-        specs = SpecOptions(**{f.name: kwargs.pop(f.name) for f in fields(SpecOptions)})
-        return fn(*args, specs=specs, **kwargs)
+        return fn(*args, **{name: group(**{f.name: kwargs.pop(f.name) for f in wanted})}, **kwargs)
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     return command
+
+
+def spec_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Replace ``fn``'s ``specs`` parameter by the shared options (placed before its ``--json``/``--debug``)."""
+    return _expand(fn, "specs", SpecOptions, OPTIONS, in_place=False)
 
 
 # The other options several commands share, declared once, and the parsers of option values.
@@ -122,6 +138,29 @@ SaveVectorsOpt = Annotated[Optional[bool], typer.Option(
                                              "always stored).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How an analysis command (``hessian``, ``sharpness``, ``coherence``) runs and reports: its run options."""
+
+    stream: str = "auto"
+    output: Optional[str] = None
+    save_vectors: Optional[bool] = None
+    json_out: bool = False
+    debug: bool = False
+
+
+RUN_OPTIONS: dict[str, Any] = {"stream": StreamOpt, "output": OutputOpt, "save_vectors": SaveVectorsOpt,
+                               "json_out": JsonOpt, "debug": DebugOpt}
+assert set(RUN_OPTIONS) == {f.name for f in fields(RunOptions)}
+
+
+def run_options(vectors: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Replace a command's ``run: RunOptions`` parameter by ``--stream``, ``--output``, ``--save-vectors`` (unless
+    ``vectors`` is false: the command stores no long vectors), ``--json`` and ``--debug``."""
+    only = None if vectors else tuple(f.name for f in fields(RunOptions) if f.name != "save_vectors")
+    return lambda fn: _expand(fn, "run", RunOptions, RUN_OPTIONS, only=only)
 
 
 def parse_range(text: str) -> tuple[float, float]:

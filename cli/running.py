@@ -15,7 +15,7 @@ from rich.text import Text
 from landscape.errors import LandscapeError
 
 from .app import err_console, out_console
-from .options import SpecOptions, parse_bytes, parse_metric
+from .options import RunOptions, SpecOptions, parse_bytes, parse_metric
 from .printing import nan_to_none, print_summary
 
 #: Seconds between two plain progress lines of one phase when stderr is not a terminal.
@@ -160,6 +160,18 @@ def run_and_print(config: Any, st: Any, json_out: bool, *, report: Optional[bool
             out_console.print(Text(f"report: {drawn.html} ({drawn.html_bytes / 2**20:.1f} MB) and "
                                    f"{len(drawn.figures)} figures in {drawn.directory / 'figures'}"))
     return summary
+
+
+def run_analysis(checkpoint: str, specs: SpecOptions, run: RunOptions, **analysis: Any) -> Any:
+    """Load the checkpoint, run one analysis command's ``analysis`` (a ScanConfig field, e.g.
+    ``curvature=settings``) into the run file without slices, and print its summary; the summary."""
+    from landscape.scan import setup
+
+    config = base_config(checkpoint, specs, run.output, slices=False, resume=True, stream=run.stream,
+                         save_vectors=run.save_vectors, **analysis)
+    with err_console.status("loading checkpoint, model and data", spinner="dots"):
+        st = setup(config)
+    return run_and_print(config, st, run.json_out, report=None)
 
 
 def default_sharpness(seed: int, **common: Any) -> tuple[Any, ...]:

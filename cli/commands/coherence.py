@@ -9,10 +9,9 @@ from rich.table import Table
 
 from landscape.errors import LandscapeError
 
-from ..app import app, command_errors, err_console, out_console
-from ..options import (CheckpointArg, DebugOpt, JsonOpt, OutputOpt, SaveVectorsOpt, SpecOptions, StreamOpt, int_list,
-                       spec_options)
-from ..running import base_config, run_and_print
+from ..app import app, command_errors, out_console
+from ..options import CheckpointArg, RunOptions, SpecOptions, int_list, run_options, spec_options
+from ..running import run_analysis
 
 
 @app.command(epilog="Examples:\n\n"
@@ -20,6 +19,7 @@ from ..running import base_config, run_and_print
                     "  landscape coherence ckpt.pt --max-samples 2000 --sketch 512   # models too large for exact\n\n"
                     "  landscape coherence ckpt.pt --noise-samples 0 --json | jq .coherence.m_coherence")
 @spec_options
+@run_options()
 def coherence(
     checkpoint: CheckpointArg,
     per_class: bool = typer.Option(False, "--per-class", help="Also print per-class m-coherence and the class "
@@ -32,11 +32,7 @@ def coherence(
     batch_sizes: str = typer.Option("1,8,32,128,512", help="Batch sizes of the minibatch-to-full-gradient cosine."),
     batch_repeats: int = typer.Option(16, help="Random disjoint batches per batch size."),
     specs: SpecOptions = SpecOptions(),
-    stream: StreamOpt = "auto",
-    output: OutputOpt = None,
-    save_vectors: SaveVectorsOpt = None,
-    json_out: JsonOpt = False,
-    debug: DebugOpt = False,
+    run: RunOptions = RunOptions(),
 ) -> None:
     """Per-sample gradient coherence and noise: m-coherence, stiffness, GSNR, B_simple and B_noise, minibatch
     alignment, and GraNd/EL2N scores for every sample (to prune data with).
@@ -46,21 +42,16 @@ def coherence(
     shuffled labels have a large loss and large, aligned gradients.
     """
     from landscape.coherence import CoherenceSettings
-    from landscape.scan import setup
 
-    with command_errors(debug):
+    with command_errors(run.debug):
         if control not in (None, "shuffled-labels"):
             raise LandscapeError(f"--control {control!r} is unknown", hint="use --control shuffled-labels")
         sizes = int_list(batch_sizes, "--batch-sizes")
         settings = CoherenceSettings(sketch=sketch, noise_samples=noise_samples, batch_sizes=sizes,
                                      batch_repeats=batch_repeats, control=control is not None,
                                      seed=specs.seed).resolved()
-        config = base_config(checkpoint, specs, output, slices=False, resume=True, coherence=settings,
-                              stream=stream, save_vectors=save_vectors)
-        with err_console.status("loading checkpoint, model and data", spinner="dots"):
-            st = setup(config)
-        summary = run_and_print(config, st, json_out, report=None)
-        if per_class and not json_out:
+        summary = run_analysis(checkpoint, specs, run, coherence=settings)
+        if per_class and not run.json_out:
             _print_classes(summary.run_file)
 
 

@@ -8,10 +8,9 @@ import typer
 
 from landscape.errors import LandscapeError
 
-from ..app import app, command_errors, err_console
-from ..options import (CheckpointArg, DebugOpt, JsonOpt, OutputOpt, SaveVectorsOpt, SpecOptions, StreamOpt, int_list,
-                       spec_options)
-from ..running import base_config, run_and_print
+from ..app import app, command_errors
+from ..options import CheckpointArg, RunOptions, SpecOptions, int_list, run_options, spec_options
+from ..running import run_analysis
 
 
 @app.command(epilog="Examples:\n\n"
@@ -23,6 +22,7 @@ from ..running import base_config, run_and_print
                     "  landscape hessian ckpt.pt --parameters 'layer4.*' --trace-method hutchinson --trace-matvecs 300\n\n"
                     "  landscape hessian ckpt.pt --engine pyhessian --dtype float64   # PyHessian's numbers beside ours")
 @spec_options
+@run_options()
 def hessian(
     checkpoint: CheckpointArg,
     top_k: int = typer.Option(5, help="Largest eigenvalues (Lanczos with full reorthogonalization)."),
@@ -63,11 +63,7 @@ def hessian(
                                    "(--bottom-k, else --top-k of them) and the spectral density of the loss on "
                                    "that class's samples alone, with its negative mass (at least 3 SLQ probes)."),
     specs: SpecOptions = SpecOptions(),
-    stream: StreamOpt = "auto",
-    output: OutputOpt = None,
-    save_vectors: SaveVectorsOpt = None,
-    json_out: JsonOpt = False,
-    debug: DebugOpt = False,
+    run: RunOptions = RunOptions(),
 ) -> None:
     """Hessian (or GGN) spectrum: top/bottom eigenvalues with residuals, trace with a standard error, density.
 
@@ -75,9 +71,8 @@ def hessian(
     earlier curvature group of the same kind).
     """
     from landscape.hessian import CurvatureSettings
-    from landscape.scan import setup
 
-    with command_errors(debug):
+    with command_errors(run.debug):
         if engine not in ("landscape", "pyhessian"):
             raise LandscapeError(f"--engine {engine!r} is unknown", hint="use landscape or pyhessian")
         if engine == "pyhessian" and (bottom_k or density or ggn or validity or per_class):
@@ -94,8 +89,4 @@ def hessian(
             density_probes=density_probes, density_steps=density_steps, per_layer=per_layer,
             parameters=tuple(parameters or ()), seed=specs.seed, engine=engine, validity=validity,
             validity_random=validity_random, per_class=per_class, batch_sizes=sizes, batch_draws=batch_draws)
-        config = base_config(checkpoint, specs, output, slices=False, resume=True, curvature=settings, stream=stream,
-                              save_vectors=save_vectors)
-        with err_console.status("loading checkpoint, model and data", spinner="dots"):
-            st = setup(config)
-        run_and_print(config, st, json_out, report=None)
+        run_analysis(checkpoint, specs, run, curvature=settings)

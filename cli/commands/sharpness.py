@@ -8,9 +8,9 @@ import typer
 
 from landscape.errors import LandscapeError
 
-from ..app import app, command_errors, err_console
-from ..options import CheckpointArg, DebugOpt, JsonOpt, OutputOpt, SpecOptions, StreamOpt, spec_options
-from ..running import base_config, default_sharpness, run_and_print
+from ..app import app, command_errors
+from ..options import CheckpointArg, RunOptions, SpecOptions, run_options, spec_options
+from ..running import default_sharpness, run_analysis
 
 
 @app.command(epilog="Examples:\n\n"
@@ -19,6 +19,7 @@ from ..running import base_config, default_sharpness, run_and_print
                     "  landscape sharpness ckpt.pt --measure average-case --no-adaptive --rho 0.01 --draws 50\n\n"
                     "  landscape sharpness ckpt.pt --measure keskar --measure pacbayes --parameters '*bn*'")
 @spec_options
+@run_options(vectors=False)
 def sharpness(
     checkpoint: CheckpointArg,
     measure: Optional[list[str]] = typer.Option(None, "--measure", help="worst-case, average-case, sam, asam, "
@@ -36,10 +37,7 @@ def sharpness(
     parameters: Optional[list[str]] = typer.Option(None, "--parameters", help="Perturb only these parameter names "
                                                                               "or globs; repeatable."),
     specs: SpecOptions = SpecOptions(),
-    stream: StreamOpt = "auto",
-    output: OutputOpt = None,
-    json_out: JsonOpt = False,
-    debug: DebugOpt = False,
+    run: RunOptions = RunOptions(),
 ) -> None:
     """Sharpness of the minimum: worst- and average-case (adaptive, L2/Linf, m-sharpness), SAM/ASAM, Keskar,
     PAC-Bayes flatness, first-order flatness, basin width.
@@ -48,10 +46,9 @@ def sharpness(
     one; a measure already there with the same settings is not recomputed. Sharpness
     tracks hyperparameters and predicts generalization only loosely: compare like with like.
     """
-    from landscape.scan import setup
     from landscape.sharpness import SharpnessSettings
 
-    with command_errors(debug):
+    with command_errors(run.debug):
         if measure:
             settings = tuple(SharpnessSettings(
                 measure=name, adaptive=True if adaptive is None else adaptive, norm=norm, rho=tuple(rho or ()),
@@ -64,7 +61,4 @@ def sharpness(
                                           parameters=tuple(parameters or ()))
         for s_ in settings:
             s_.resolved()  # validate before loading anything
-        config = base_config(checkpoint, specs, output, slices=False, resume=True, sharpness=settings, stream=stream)
-        with err_console.status("loading checkpoint, model and data", spinner="dots"):
-            st = setup(config)
-        run_and_print(config, st, json_out, report=None)
+        run_analysis(checkpoint, specs, run, sharpness=settings)
