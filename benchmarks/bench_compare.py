@@ -6,28 +6,23 @@ interpolation (the physical limit: 51 plain forward passes over the data), a Bez
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from timing import best_of
+from timing import arguments, best_of, parse
 
-from landscape.connectivity import bezier_path, fit_bezier, linear_path
-from landscape.matching import apply_permutation, permutation_spec, weight_matching
-from landscape.scan import ScanConfig, setup
+from landscape.analyses.connectivity import bezier_path, fit_bezier, linear_path
+from landscape.analyses.matching import apply_permutation, permutation_spec, weight_matching
+from landscape.analyses.scan import ScanConfig, setup
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "data" / "examples"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse(arguments(__doc__, repeats=3))
     print("| model | weight matching | 51-point interpolation | 51 forward passes | ratio | Bezier fit (300 steps) |")
     print("|---|---|---|---|---|---|")
     for arch in ("mlp", "cnn"):

@@ -16,7 +16,6 @@ Results: a markdown table on stdout and ``benchmarks/out/bench_device_<device>.j
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import sys
@@ -26,16 +25,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from landscape.checkpoint import load_checkpoint
-from landscape.data import load_data
-from landscape.directions import random_directions
+from landscape.io.checkpoint import load_checkpoint
+from landscape.io.data import load_data
+from landscape.analyses.directions import random_directions
 from landscape.problem import Problem
-from landscape.scan import build_model
-from landscape.specs import Spec
+from landscape.analyses.scan import build_model
+from landscape.io.specs import Spec
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_scaling import mlp  # noqa: E402
-from timing import best_of  # noqa: E402
+from timing import arguments, best_of, parse  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,12 +102,7 @@ def bench(name: str, model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, d
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse(arguments(__doc__, device="cuda" if torch.cuda.is_available() else "cpu", repeats=5))
     device = torch.device(args.device)
     data = load_data(Spec("digits", {}))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'CPU'}"

@@ -21,7 +21,6 @@ Top-5 times are the best of 5 calls, set-up excluded for every tool (our gradien
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import time
@@ -31,11 +30,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from landscape.curvature import CurvatureOperator
-from landscape.lanczos import lanczos
-from landscape.scan import ScanConfig, setup
-from landscape.trace import hutchinson, hutchpp
-from timing import best_of
+from landscape.problem.curvature import CurvatureOperator
+from landscape.linalg.lanczos import lanczos
+from landscape.analyses.scan import ScanConfig, setup
+from landscape.linalg.trace import hutchinson, hutchpp
+from timing import arguments, best_of, parse
 
 CKPT = Path(__file__).resolve().parents[1] / "data" / "examples" / "mlp_sgd_s2000.pt"
 
@@ -45,11 +44,7 @@ def rel_err(found: np.ndarray, exact: np.ndarray) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--samples", type=int, default=256)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse(arguments(__doc__, samples=256))
     st = setup(ScanConfig(str(CKPT), dtype="float64", max_samples=args.samples, device="cpu"))
     pb = st.problem
     op = CurvatureOperator(pb)

@@ -16,7 +16,6 @@ gradient. Output: a markdown table for RESULTS.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -27,6 +26,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from timing import arguments, parse
 
 SIZES = {
     # name: (GPT2Config fields, token-data arguments, slice steps)
@@ -48,7 +49,7 @@ def build(folder: Path, config: dict) -> torch.nn.Module:
 
 
 #: a process that imports what every command below imports and does nothing: the floor of the peak RSS column
-BASELINE = "import transformers, landscape.scan, landscape_cli.main"
+BASELINE = "import transformers, landscape.analyses.scan, landscape_cli.main"
 
 
 def run(cmd: list[str], threads: int, code: str | None = None) -> tuple[float, float, str]:
@@ -69,12 +70,9 @@ def run(cmd: list[str], threads: int, code: str | None = None) -> tuple[float, f
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--sizes", default="tiny,10m")
+    ap = arguments(__doc__, sizes="tiny,10m")
     ap.add_argument("--out", default=None, help="folder for the models and run files (default: a temporary one)")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse(ap)
     root = Path(args.out or tempfile.mkdtemp(prefix="bench_hf_"))
     _, base_rss, _ = run([], args.threads, code=BASELINE)
     rows = []
@@ -84,7 +82,7 @@ def main() -> None:
         model = build(folder, config)
         n_params = sum(p.numel() for p in model.parameters())
         specs = ["--data", "tokens", *sum((["--data-arg", f"{k}={v}"] for k, v in data.items()), [])]
-        from landscape.hf import causal_lm, tokens
+        from landscape.io.hf import causal_lm, tokens
 
         X, y = tokens(**data)
         with torch.no_grad():

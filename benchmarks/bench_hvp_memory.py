@@ -19,7 +19,7 @@ CHILD = r"""
 import json, resource, sys, torch, torch.nn.functional as F
 torch.set_num_threads(int(sys.argv[4]))
 from landscape import Problem
-from landscape.data import gaussian_mixture
+from landscape.io.data import gaussian_mixture
 n, width, what = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 X, y = gaussian_mixture(n=n, classes=10, dim=20)
 torch.manual_seed(0)

@@ -9,7 +9,7 @@ measure's own seconds are read from the run file as well (``seconds_<measure>``)
 * ``resnet``: a CIFAR ResNet-8 (three stages of one basic block, widths 16/32/64, BatchNorm; 78K parameters) on
   random 3x32x32 images, batch 128, SGD with momentum;
 * ``gpt2``: a ``transformers`` GPT-2 (2 layers, width 128, vocabulary 256, context 64; 0.44M parameters) on the
-  built-in token language (:func:`landscape.hf.tokens`), batch 128 sequences (8,192 tokens), AdamW.
+  built-in token language (:func:`landscape.io.hf.tokens`), batch 128 sequences (8,192 tokens), AdamW.
 
 Both train with four times the monitor's probe of 32 samples (a language model's batch is usually far larger than
 that in tokens: GPT-2 trained on 512 x 1024). ``--models gpt2:32`` trains a model with another batch size (the probe
@@ -18,7 +18,6 @@ stays at its 32 samples: the monitor's share of the training time goes as probe 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -30,8 +29,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scale_models import BasicBlock  # noqa: E402
+from timing import arguments, parse  # noqa: E402
 
-from landscape.monitor import DEFAULT_MEASURES, MEASURES, Monitor  # noqa: E402
+from landscape.analyses.monitor import DEFAULT_MEASURES, MEASURES, Monitor  # noqa: E402
 
 
 class ResNet8(nn.Module):
@@ -62,7 +62,7 @@ def _setup(name: str):
         return model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), X, y, "cross_entropy", 128
     import transformers
 
-    from landscape.hf import tokens
+    from landscape.io.hf import tokens
 
     transformers.logging.set_verbosity_error()
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
@@ -74,7 +74,7 @@ def _setup(name: str):
 def train(name: str, steps: int, measures: tuple[str, ...] | None, every: int, folder: Path, **options) -> dict:
     """Wall time of ``steps`` training steps, with a monitor of ``measures`` (None: without one) made with
     ``options``."""
-    from landscape.losses import resolve_loss
+    from landscape.problem.losses import resolve_loss
 
     model, opt, X, y, loss_name, batch = setup(name)
     loss_fn = resolve_loss(loss_name)
@@ -109,16 +109,10 @@ def train(name: str, steps: int, measures: tuple[str, ...] | None, every: int, f
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="resnet,gpt2")
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--every", type=int, default=100)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
+    ap = arguments(__doc__, models="resnet,gpt2", steps=300, every=100, repeats=2)
     ap.add_argument("--configs", default=None, help="only these configurations (comma-separated: default, all, ...)")
     ap.add_argument("--json", default=None, help="write the results here too")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse(ap)
     configs = {"default": (DEFAULT_MEASURES, {}), "default, max_overhead 5%": (DEFAULT_MEASURES, {"max_overhead": 0.05}),
                "all": (MEASURES, {}), **{m: ((m,), {}) for m in MEASURES}}
     if args.configs:

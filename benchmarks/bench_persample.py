@@ -7,8 +7,8 @@ BatchNorm in eval mode) on ``--samples`` digits, float32. Methods, each producin
 
 * *naive loop*: for each sample, ``model.zero_grad(); loss(model(x[None]), y[None]).backward()`` and a copy of
   every ``.grad`` (what most scripts do);
-* *torch.func loop*: ``landscape.persample.per_sample_gradients(method="loop")``, one ``grad`` call per sample;
-* *landscape vmap*: ``landscape.persample.gradient_matrix`` (vmap over grad, chunked to a 256 MiB budget, each
+* *torch.func loop*: ``landscape.problem.persample.per_sample_gradients(method="loop")``, one ``grad`` call per sample;
+* *landscape vmap*: ``landscape.problem.persample.gradient_matrix`` (vmap over grad, chunked to a 256 MiB budget, each
   chunk written straight into the matrix);
 * *landscape sketch (K=256)*: ``sketched_gradients`` (forward-mode products; an ``(n, 256)`` matrix instead).
 
@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from landscape.persample import gradient_matrix, per_sample_gradients, sketched_gradients
-from landscape.scan import ScanConfig, setup
+from landscape.problem.persample import gradient_matrix, per_sample_gradients, sketched_gradients
+from landscape.analyses.scan import ScanConfig, setup
 from timing import best_of, interleaved
 
 ROOT = Path(__file__).resolve().parents[1]

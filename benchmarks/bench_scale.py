@@ -47,11 +47,11 @@ import sys, time, json, torch, numpy as np
 sys.path.insert(0, {here!r}); torch.set_num_threads({threads})
 import scale_models
 from landscape import Problem
-from landscape.budget import auto_budget
-from landscape.curvature import CurvatureOperator
-from landscape.lanczos import lanczos
-from landscape.trace import hutchpp
-from landscape.vectors import native, vector_device
+from landscape.runtime.budget import auto_budget
+from landscape.problem.curvature import CurvatureOperator
+from landscape.linalg.lanczos import lanczos
+from landscape.linalg.trace import hutchpp
+from landscape.linalg.vectors import native, vector_device
 dev = torch.device({device!r})
 sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
 model, X, y, loss = scale_models.side_by_side({name!r}, {ck!r}, {data!r}, {samples}, {context})
@@ -170,7 +170,7 @@ def growth(threads: int, repeats: int = 2) -> list[dict]:
     import numpy as np
 
     from landscape import Problem
-    from landscape.curvature import CurvatureOperator
+    from landscape.problem.curvature import CurvatureOperator
 
     torch.set_num_threads(threads)
     out = []

@@ -29,7 +29,6 @@ Results: a markdown table on stdout and ``benchmarks/out/bench_scaling.json``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -43,15 +42,15 @@ from typing import Callable
 import numpy as np
 import torch
 
-from landscape.data import load_data
-from landscape.directions import random_directions
+from landscape.io.data import load_data
+from landscape.analyses.directions import random_directions
 from landscape.problem import Problem
-from landscape.slices import axis, compute_slice
-from landscape.specs import Spec
-from landscape.stream import StreamedInputs
+from landscape.analyses.slices import axis, compute_slice
+from landscape.io.specs import Spec
+from landscape.io.stream import StreamedInputs
 
 sys.path.insert(0, str(Path(__file__).parent))
-from timing import best_of  # noqa: E402
+from timing import arguments, best_of, parse  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPTS = {"mlp": ROOT / "data/examples/mlp_sgd_s2000.pt", "cnn": ROOT / "data/examples/cnn_adam_s2000.pt"}
@@ -216,11 +215,7 @@ def stream(n: int, repeats: int) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", default="processes,growth")
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--stream-samples", type=int, default=200_000)
-    args = ap.parse_args()
+    args = parse(arguments(__doc__, threads=None, part="processes,growth", repeats=2, stream_samples=200_000))
     result: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "torch": torch.__version__,
                     "date": time.strftime("%Y-%m-%d")}
     parts = args.part.split(",")

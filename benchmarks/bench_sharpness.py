@@ -3,7 +3,7 @@
     python benchmarks/bench_sharpness.py [--threads 2] [--repeats 3]
 
 Workload: the shipped ``mlp_sgd_s2000.pt`` and ``cnn_adam_s2000.pt`` on the digits train split (1,438 samples),
-float32, each measure at its default settings (``landscape.sharpness``), plus Keskar, first-order and L-inf
+float32, each measure at its default settings (``landscape.analyses.sharpness``), plus Keskar, first-order and L-inf
 worst-case. For every measure: loss(-and-gradient) evaluations, wall time (best of ``--repeats``), and the
 *pass limit*: the same number of forward (+ backward where the measure differentiates) passes over the same batch
 sizes, done by a plain ``model(x); loss.backward()`` loop on the same model. Convergence on the MLP: worst-case
@@ -13,7 +13,6 @@ Output: markdown on stdout, JSON in ``benchmarks/out/bench_sharpness.json``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import time
@@ -22,10 +21,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from landscape.directions import random_directions
-from landscape.scan import ScanConfig, setup
-from landscape.sharpness import SharpnessSettings, batches, sharpness
-from timing import best_of
+from landscape.analyses.directions import random_directions
+from landscape.analyses.scan import ScanConfig, setup
+from landscape.analyses.sharpness import SharpnessSettings, batches, sharpness
+from timing import arguments, best_of, parse
 
 ROOT = Path(__file__).resolve().parents[1]
 MEASURES = [
@@ -73,11 +72,7 @@ def passes(res, n: int) -> list[tuple[int, int]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse(arguments(__doc__, repeats=3))
     out = {"machine": platform.platform(), "torch": torch.__version__, "threads": args.threads, "models": {}}
     print("| model | measure (group) | rho | value ± stderr | evaluations | wall | pass limit | ratio |")
     print("|---|---|---|---|---|---|---|---|")

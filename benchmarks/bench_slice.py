@@ -33,9 +33,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from landscape.directions import random_directions
-from landscape.scan import ScanConfig, run_scan, setup
-from landscape.slices import axis, compute_slice
+from landscape.analyses.directions import random_directions
+from landscape.analyses.scan import ScanConfig, run_scan, setup
+from landscape.analyses.slices import axis, compute_slice
 from timing import interleaved
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "data" / "examples"

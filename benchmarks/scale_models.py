@@ -108,7 +108,7 @@ def side_by_side(name: str, checkpoint: str, data: str | None, samples: int, con
     if name.startswith("gpt2"):
         import transformers
 
-        from landscape.hf import tokens
+        from landscape.io.hf import tokens
 
         lm = transformers.GPT2LMHeadModel.from_pretrained(checkpoint, attn_implementation="eager")
         ids, _ = tokens(n=samples, vocab=gpt2_config(name.split("_")[1])["vocab_size"], context=context)

@@ -58,10 +58,10 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 @contextmanager
 def command_errors(debug: bool) -> Iterator[None]:
     """One line and exit 2 for bad input; exit 1 for a bug; tracebacks only with --debug. Under torchrun, a command
-    that succeeded on this rank leaves the job with the others (:func:`landscape.distributed.leave_job`). The
-    command runs with freed memory reused (:func:`landscape.allocator.reuse_freed_memory`): the process is ours."""
-    from landscape.allocator import reuse_freed_memory
-    from landscape.distributed import leave_job
+    that succeeded on this rank leaves the job with the others (:func:`landscape.runtime.distributed.leave_job`). The
+    command runs with freed memory reused (:func:`landscape.runtime.allocator.reuse_freed_memory`): the process is ours."""
+    from landscape.runtime.allocator import reuse_freed_memory
+    from landscape.runtime.distributed import leave_job
 
     try:
         with reuse_freed_memory():
@@ -112,7 +112,7 @@ def _report_error(line: str) -> None:
     import os
     import time
 
-    from landscape.distributed import current
+    from landscape.runtime.distributed import current
 
     comm = current()
     rank = comm.rank if comm.active else int(os.environ.get("RANK", "0"))  # also before the job was joined

@@ -25,8 +25,8 @@ PLAIN_PROGRESS_SECONDS = 10.0
 def base_config(checkpoint: str, specs: SpecOptions, output: Optional[str], metric: Optional[list[str]] = None,
                  **rest: Any) -> Any:
     """The ScanConfig for the shared options (cli/options.py) and ``output``; ``rest`` sets the others."""
-    from landscape.scan import ScanConfig
-    from landscape.specs import Spec, parse_kv
+    from landscape.analyses.scan import ScanConfig
+    from landscape.io.specs import Spec, parse_kv
 
     if specs.dtype not in (None, "float32", "float64"):
         raise LandscapeError(f"--dtype {specs.dtype!r} is unknown", hint="use float32 or float64")
@@ -51,7 +51,7 @@ def _join_job(device: str) -> None:
     """Under torchrun, join the job (gloo on CPU, NCCL on GPU); only rank 0 prints, draws and writes."""
     import os
 
-    from landscape.distributed import init_from_env
+    from landscape.runtime.distributed import init_from_env
 
     if not init_from_env(device).is_writer:
         err_console.quiet = out_console.quiet = True
@@ -122,7 +122,7 @@ def progress_bars() -> Iterator[Any]:
 
 
 def _run_with_progress(config: Any, st: Any) -> Any:
-    from landscape.scan import run_scan
+    from landscape.analyses.scan import run_scan
 
     with progress_bars() as progress:
         return run_scan(config, progress=progress, prepared=st)
@@ -132,7 +132,7 @@ def draw_report(run_file: str, when: Optional[bool]) -> Any:
     """Draw the report next to ``run_file``: always (True), never (False), or only over one already there (None)."""
     from pathlib import Path
 
-    from landscape.distributed import current
+    from landscape.runtime.distributed import current
     from landscape.report import render_report
 
     directory = Path(run_file).parent
@@ -165,7 +165,7 @@ def run_and_print(config: Any, st: Any, json_out: bool, *, report: Optional[bool
 def run_analysis(checkpoint: str, specs: SpecOptions, run: RunOptions, **analysis: Any) -> Any:
     """Load the checkpoint, run one analysis command's ``analysis`` (a ScanConfig field, e.g.
     ``curvature=settings``) into the run file without slices, and print its summary; the summary."""
-    from landscape.scan import setup
+    from landscape.analyses.scan import setup
 
     config = base_config(checkpoint, specs, run.output, slices=False, resume=True, stream=run.stream,
                          save_vectors=run.save_vectors, **analysis)
@@ -175,7 +175,7 @@ def run_analysis(checkpoint: str, specs: SpecOptions, run: RunOptions, **analysi
 
 
 def default_sharpness(seed: int, **common: Any) -> tuple[Any, ...]:
-    """The default sharpness set (``landscape.sharpness.DEFAULT_SET``) with ``common`` settings."""
-    from landscape.sharpness import DEFAULT_SET, SharpnessSettings
+    """The default sharpness set (``landscape.analyses.sharpness.DEFAULT_SET``) with ``common`` settings."""
+    from landscape.analyses.sharpness import DEFAULT_SET, SharpnessSettings
 
     return tuple(SharpnessSettings(measure=m, adaptive=a, seed=seed, **common) for m, a in DEFAULT_SET)

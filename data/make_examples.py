@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from landscape import save_checkpoint
-from landscape.data import digits
+from landscape.io.data import digits
 from landscape_data.models import MLP, SmallCNN
 
 STEPS = (0, 100, 500, 2000)

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from landscape.allocator import _glibc, reuse_freed_memory
+from landscape.runtime.allocator import _glibc, reuse_freed_memory
 
 pytestmark = pytest.mark.skipif(_glibc() is None, reason="the C library here is not glibc")
 

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 from conftest import cli
 from landscape import Problem
-from landscape.batchsize import batch_indices, fit_inverse_size
+from landscape.analyses.batchsize import batch_indices, fit_inverse_size
 from landscape.errors import LandscapeError
-from landscape.hessian import CurvatureSettings, analyze_curvature
+from landscape.analyses.hessian import CurvatureSettings, analyze_curvature
 from landscape.report.contents import RunContents, summary_rows
 
 

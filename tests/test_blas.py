@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from landscape.blas import _openblas, single_blas_thread
-from landscape.density import slq
-from landscape.lanczos import lanczos
-from landscape.trace import basis_deflated, hutchinson, hutchpp
+from landscape.runtime.blas import _openblas, single_blas_thread
+from landscape.linalg.density import slq
+from landscape.linalg.lanczos import lanczos
+from landscape.linalg.trace import basis_deflated, hutchinson, hutchpp
 
 fns = _openblas()
 pytestmark = pytest.mark.skipif(fns is None, reason="numpy's BLAS here is not OpenBLAS")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import EXAMPLES, cli, import_from
-from landscape.budget import check_disk, resolve_budget
+from landscape.runtime.budget import check_disk, resolve_budget
 from landscape.errors import LandscapeError
 
 MLP = str(EXAMPLES / "mlp_sgd_s2000.pt")
@@ -114,9 +114,9 @@ def test_dry_run_predicts_the_measured_peak_memory_within_1_5x(tmp_path):
 def test_a_run_that_cannot_fit_is_refused_before_it_starts(monkeypatch):
     """Gradients, products and float64 vectors in flight plus the budget, against what the machine has: refused
     with the number before any product runs."""
-    import landscape.budget as budget
-    from landscape.hessian import CurvatureSettings
-    from landscape.scan import ScanConfig, setup
+    import landscape.runtime.budget as budget
+    from landscape.analyses.hessian import CurvatureSettings
+    from landscape.analyses.scan import ScanConfig, setup
 
     calls = []
     monkeypatch.setattr("landscape.problem.Problem.evaluate", lambda self, *a, **k: calls.append(1))

@@ -6,8 +6,8 @@ import torch
 
 from conftest import relu_mlp
 from landscape import LandscapeError, apply_state_dict, load_checkpoint, save_checkpoint
-from landscape.checkpoint import check_finite
-from landscape.specs import Spec, call_spec
+from landscape.io.checkpoint import check_finite
+from landscape.io.specs import Spec, call_spec
 
 
 class Evil:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from conftest import EXAMPLES, cli, relu_mlp
 from landscape import load_checkpoint
-from landscape.data import digits
+from landscape.io.data import digits
 from landscape_data.models import MLP
 
 

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from conftest import EXAMPLES, blobs, relu_mlp
 from landscape import Problem
 from landscape import coherence
-from landscape.coherence import CoherenceSettings, GradientStats, analyze_coherence
-from landscape.curvature import CurvatureOperator
-from landscape.persample import chunk_size, gradient_matrix, per_sample_gradients
+from landscape.analyses.coherence import CoherenceSettings, GradientStats, analyze_coherence
+from landscape.problem.curvature import CurvatureOperator
+from landscape.problem.persample import chunk_size, gradient_matrix, per_sample_gradients
 
 FAST = dict(noise_samples=0, batch_sizes=(4,), batch_repeats=4)
 
@@ -89,7 +89,7 @@ def test_b_simple_matches_the_two_batch_estimator_and_b_noise_the_dense_formula(
 
 
 def test_real_labels_are_more_coherent_than_shuffled_at_initialization():
-    from landscape.scan import ScanConfig, setup
+    from landscape.analyses.scan import ScanConfig, setup
 
     st = setup(ScanConfig(str(EXAMPLES / "mlp_sgd_s0000.pt"), max_samples=300, device="cpu", dtype="float64"))
     pb = st.problem
@@ -129,7 +129,7 @@ class ItemNet(torch.nn.Module):
 
 
 def test_untraceable_model_falls_back_to_the_loop_with_a_warning():
-    from landscape.persample import PerSampleWarning
+    from landscape.problem.persample import PerSampleWarning
 
     X, y = blobs(12, 4, 3)
     pb = Problem(ItemNet(), X, y, F.cross_entropy)

@@ -71,7 +71,7 @@ def test_compare_cnn_with_batchnorm_and_bad_input(tmp_path):
 def test_each_metric_knows_which_way_is_flatter():
     """A wider basin and more coherent gradients rank first when larger; PAC-Bayes (1 / sigma'^2), sharpness and
     curvature when smaller; ties share a rank and NaN ranks last."""
-    from landscape.compare import _rank, higher_first
+    from landscape.analyses.compare import _rank, higher_first
 
     assert [higher_first(k) for k in ("sharpness_basin_width_l2", "m_coherence", "accuracy")] == [True] * 3
     assert not any(higher_first(k) for k in ("sharpness_pacbayes_adaptive_l2", "sharpness_worst_case_adaptive_l2", "lambda_max",

@@ -7,10 +7,10 @@ import torch.nn.functional as F
 
 from conftest import blobs, flat_loss, relu_mlp
 from landscape import LandscapeError, Problem
-from landscape.curvature import CurvatureOperator
-from landscape.density import slq
-from landscape.lanczos import lanczos
-from landscape.trace import hutchinson
+from landscape.problem.curvature import CurvatureOperator
+from landscape.linalg.density import slq
+from landscape.linalg.lanczos import lanczos
+from landscape.linalg.trace import hutchinson
 
 
 def dense(op):
@@ -110,7 +110,7 @@ def test_default_trace_reuses_the_top_eigenvalues_lanczos_basis():
     """``trace_method="auto"`` with top eigenvalues asked: the top-k run's Krylov basis and 33 probes outside it
     (lanczos-deflated), within its error bars of the dense Hessian's trace, with 66 products fewer than Hutch++;
     without top eigenvalues, Hutch++."""
-    from landscape.hessian import CurvatureSettings, analyze_curvature
+    from landscape.analyses.hessian import CurvatureSettings, analyze_curvature
 
     net, X, y = small_cnn()
     exact = np.trace(autograd_hessian(net, X, y))
@@ -131,7 +131,7 @@ def test_default_trace_reuses_the_top_eigenvalues_lanczos_basis():
 def test_the_deflated_trace_holds_its_probes_beside_the_eigenvectors(monkeypatch):
     """The trace's probe block gets what the budget leaves beside the basis and the top eigenvectors in memory,
     not the room the eigenvectors already took."""
-    import landscape.hessian as hessian
+    import landscape.analyses.hessian as hessian
 
     seen = {}
 
@@ -139,7 +139,7 @@ def test_the_deflated_trace_holds_its_probes_beside_the_eigenvectors(monkeypatch
         seen["budget"] = budget
         return basis_deflated(*args, budget=budget, **kw)
 
-    from landscape.trace import basis_deflated
+    from landscape.linalg.trace import basis_deflated
     monkeypatch.setattr(hessian, "basis_deflated", spy)
     net, X, y = small_cnn()
     pb = Problem(net, X, y, F.cross_entropy, memory_budget=2**30)

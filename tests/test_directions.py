@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from conftest import relu_mlp
-from landscape.directions import difference_direction, dot, filter_norms, normalize_direction, random_directions
+from landscape.analyses.directions import difference_direction, dot, filter_norms, normalize_direction, random_directions
 from landscape.errors import LandscapeError
 
 

@@ -18,8 +18,8 @@ import h5py
 import numpy as np
 import pytest
 
-from landscape.distributed import Comm
-from landscape.runfile import RunFile
+from landscape.runtime.distributed import Comm
+from landscape.io.runfile import RunFile
 from test_resume import assert_same, contents, journal_points
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
@@ -153,7 +153,7 @@ def test_two_processes_equal_one(tmp_path, mlp_ckpt):
                                        atol=1e-12, err_msg=g)
 
 
-# two in-place blocks at once per process, on model copies with a thread each (landscape.replica): a rank's share of
+# two in-place blocks at once per process, on model copies with a thread each (landscape.problem.replica): a rank's share of
 # a round is then two blocks, and the bits must not depend on how blocks fall to ranks and replicas
 SLICE = ["scan", None, "--steps", "61x51", "--strategy", "inplace", "--workers", "2", "--save-every", "0.3",
          "--no-report", "--no-hessian", "--no-sharpness", "--no-coherence", "--device", "cpu"]
@@ -224,9 +224,9 @@ def test_compare_and_trajectory_under_torchrun_equal_one_process(tmp_path):
 def test_device_auto_and_cuda_need_a_gpu_per_process(monkeypatch):
     """On a node with fewer GPUs than processes, ``--device auto`` means the CPU (gloo) and ``--device cuda`` is a
     clear error on every rank (seen on a 1-GPU machine: rank 1 failed with "invalid device ordinal")."""
-    from landscape.distributed import cuda_for_job, job_backend
+    from landscape.runtime.distributed import cuda_for_job, job_backend
     from landscape.errors import LandscapeError
-    from landscape.scan import resolve_device
+    from landscape.analyses.scan import resolve_device
 
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     monkeypatch.setattr("torch.cuda.device_count", lambda: 1)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from scipy import stats
 
-import landscape.draws as draws
-from landscape.draws import normal, sign_columns, signs, uniform
+import landscape.linalg.draws as draws
+from landscape.linalg.draws import normal, sign_columns, signs, uniform
 
 
 def test_a_stretch_equals_the_same_stretch_of_the_whole(monkeypatch):

@@ -63,7 +63,7 @@ def test_transformer_lm_scanned_end_to_end(tmp_path):
 
 
 def test_transformer_el2n_matches_a_direct_computation(tmp_path):
-    from landscape.coherence import el2n
+    from landscape.analyses.coherence import el2n
     from landscape.problem import Problem
 
     model, _, _ = trained(tmp_path, steps=5)

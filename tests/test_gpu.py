@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from conftest import blobs, cli, relu_mlp
 from landscape import Problem
-from landscape.directions import random_directions
+from landscape.analyses.directions import random_directions
 
 pytestmark = pytest.mark.gpu
 
@@ -70,7 +70,7 @@ def test_cuda_dry_run_measures_peak_memory(mlp_ckpt):
 def test_cuda_curvature_keeps_its_vectors_on_the_gpu():
     """On CUDA the Lanczos basis and the Hutch++ block live on the GPU (recorded ``cuda``), with the CPU's
     eigenvalues and trace in float64."""
-    from landscape.hessian import CurvatureSettings, analyze_curvature
+    from landscape.analyses.hessian import CurvatureSettings, analyze_curvature
 
     net, (X, y) = relu_mlp((4, 16, 3)), blobs(200)
     settings = CurvatureSettings(top_k=3, tol=1e-9, trace_matvecs=30)
@@ -84,8 +84,8 @@ def test_cuda_curvature_keeps_its_vectors_on_the_gpu():
 def test_cuda_sharpness_and_coherence_match_the_cpu():
     """Random numbers come from the counter-based generator (the same on both devices), so average-case and
     PAC-Bayes sharpness agree with the CPU's in float64; coherence keeps its accumulators on the GPU and agrees."""
-    from landscape.coherence import CoherenceSettings, analyze_coherence
-    from landscape.sharpness import SharpnessSettings, sharpness
+    from landscape.analyses.coherence import CoherenceSettings, analyze_coherence
+    from landscape.analyses.sharpness import SharpnessSettings, sharpness
 
     net, (X, y) = relu_mlp((4, 16, 3)), blobs(200)
     pbs = [Problem(net, X, y, F.cross_entropy, device=d) for d in ("cpu", "cuda")]

@@ -14,7 +14,7 @@ from conftest import cli
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
-from landscape.hf import causal_lm, masked_lm, token_arrays, tokens  # noqa: E402
+from landscape.io.hf import causal_lm, masked_lm, token_arrays, tokens  # noqa: E402
 
 
 def tiny_gpt2(vocab=256, width=64, layers=2, heads=4, positions=32, seed=0):
@@ -104,11 +104,11 @@ def test_lm_losses_equal_the_models_own():
 
 
 def test_hessian_of_a_tiny_gpt2_matches_the_dense_one(tmp_path):
-    from landscape.curvature import CurvatureOperator
-    from landscape.lanczos import lanczos
+    from landscape.problem.curvature import CurvatureOperator
+    from landscape.linalg.lanczos import lanczos
     from landscape.problem import Problem
-    from landscape.scan import build_model
-    from landscape.checkpoint import load_checkpoint
+    from landscape.analyses.scan import build_model
+    from landscape.io.checkpoint import load_checkpoint
 
     folder = save(tiny_gpt2(vocab=12, width=8, layers=1, heads=2, positions=8), tmp_path / "g")
     model, _, _ = build_model(load_checkpoint(folder), None)
@@ -134,8 +134,8 @@ def test_hessian_of_a_tiny_gpt2_matches_the_dense_one(tmp_path):
 
 
 def test_tied_weights_are_not_missing_and_stay_tied(tmp_path):
-    from landscape.checkpoint import load_checkpoint
-    from landscape.scan import build_model
+    from landscape.io.checkpoint import load_checkpoint
+    from landscape.analyses.scan import build_model
 
     model = tiny_gpt2(width=32)
     folder = save(model, tmp_path / "g")
@@ -147,7 +147,7 @@ def test_tied_weights_are_not_missing_and_stay_tied(tmp_path):
 
 
 def test_sharded_safetensors_and_pytorch_bin_folders(tmp_path):
-    from landscape.checkpoint import load_checkpoint
+    from landscape.io.checkpoint import load_checkpoint
 
     model = tiny_gpt2(width=32)
     with warnings.catch_warnings():

@@ -1,4 +1,4 @@
-"""Layers that read the raw inputs are evaluated by linearity (landscape.inputlayer): the same values as moving
+"""Layers that read the raw inputs are evaluated by linearity (landscape.problem.inputlayer): the same values as moving
 their weights, only for the layers where that is exact, and the model's own forward restored afterwards."""
 
 import numpy as np
@@ -9,7 +9,7 @@ from torch import nn
 
 from conftest import blobs
 from landscape import Problem
-from landscape.directions import random_directions
+from landscape.analyses.directions import random_directions
 
 COEFFS = np.array([[0.0, 0.0], [0.3, -0.2], [-1.0, 1.0], [0.0, 0.7], [0.5, 0.0]])
 

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from conftest import blobs, relu_mlp
-from landscape.connectivity import barrier, bezier_path, difference, fit_bezier, linear_path
+from landscape.analyses.connectivity import barrier, bezier_path, difference, fit_bezier, linear_path
 from landscape.errors import LandscapeError
-from landscape.matching import apply_permutation, permutation_spec, weight_matching
+from landscape.analyses.matching import apply_permutation, permutation_spec, weight_matching
 from landscape.problem import Problem
 from landscape_data.models import SmallCNN
 

@@ -18,7 +18,7 @@ import torch
 
 from conftest import cli, import_from
 from landscape.errors import LandscapeError
-from landscape.monitor import MEASURES, Monitor, log_spaced
+from landscape.analyses.monitor import MEASURES, Monitor, log_spaced
 from landscape.report.contents import RunContents, summary_rows
 
 NET = textwrap.dedent("""
@@ -167,7 +167,7 @@ def test_max_overhead_skips_checks_it_cannot_pay_for(net_module, tmp_path):
 
 def test_schedules():
     assert sorted(log_spaced(1000, per_decade=1)) == [0, 1, 10, 100, 1000]
-    from landscape.monitor import _due
+    from landscape.analyses.monitor import _due
 
     assert [s for s in range(12) if _due(5)(s)] == [0, 5, 10]
     assert [s for s in range(12) if _due({1, 2, 7})(s)] == [1, 2, 7]
@@ -226,7 +226,7 @@ CRASH = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, {d!r})
     import net
-    from landscape.monitor import Monitor
+    from landscape.analyses.monitor import Monitor
     torch.manual_seed(0)
     model = net.Net()
     X, y = torch.randn(64, 1, 6, 6), torch.randint(0, 3, (64,))
@@ -288,7 +288,7 @@ def _columns(path) -> set[str]:
 
 def test_a_lightning_run_writes_the_same_schema(net_module, tmp_path):
     pl = pytest.importorskip("lightning.pytorch")
-    from landscape.callbacks import lightning_callback
+    from landscape.analyses.callbacks import lightning_callback
 
     _, net = net_module
     X, y = data()
@@ -324,8 +324,8 @@ def test_a_lightning_run_writes_the_same_schema(net_module, tmp_path):
 def test_a_transformers_trainer_run_writes_the_same_schema(tmp_path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    from landscape.callbacks import hf_callback
-    from landscape.hf import tokens
+    from landscape.analyses.callbacks import hf_callback
+    from landscape.io.hf import tokens
 
     cfg = transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2)
     torch.manual_seed(0)
@@ -359,7 +359,7 @@ def test_a_transformers_trainer_run_writes_the_same_schema(tmp_path):
 DDP = textwrap.dedent("""
     import os, sys, torch
     import torch.distributed as dist
-    from landscape.monitor import Monitor
+    from landscape.analyses.monitor import Monitor
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     X, y = torch.randn(64, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (64,), generator=g)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import blobs, cli, flat_loss, relu_mlp
 from landscape import Problem
 from landscape.errors import LandscapeError
-from landscape.hessian import CurvatureSettings, analyze_curvature, class_members
+from landscape.analyses.hessian import CurvatureSettings, analyze_curvature, class_members
 from landscape.report.contents import RunContents, summary_rows
 
 

@@ -9,8 +9,8 @@ import torch
 from conftest import blobs, cli, relu_mlp
 from landscape.errors import LandscapeError
 from landscape.problem import Problem
-from landscape.scan import precision_error
-from landscape.slices import axis
+from landscape.analyses.scan import precision_error
+from landscape.analyses.slices import axis
 
 
 def problem(precision="full", dtype=torch.float32):
@@ -65,7 +65,7 @@ def test_scan_records_the_precision_and_its_error(tmp_path, mlp_ckpt):
 
 
 def test_memory_budget_sizes_blocks(mlp_ckpt):
-    from landscape.scan import ScanConfig, setup
+    from landscape.analyses.scan import ScanConfig, setup
 
     st = setup(ScanConfig(checkpoint=str(mlp_ckpt), memory_budget=1e5, strategy="inplace"))
     assert st.problem.memory_budget == 1e5

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from conftest import blobs, flat_loss, relu_mlp
 from landscape import Problem
-from landscape.directions import random_directions
+from landscape.analyses.directions import random_directions
 
 
 def flat(d, names):
@@ -108,7 +108,7 @@ def test_bn_recompute_matches_manual_estimate():
 
 
 def test_stacked_losses_match_functional_losses_near_a_minimum():
-    from landscape.losses import stacked_loss
+    from landscape.problem.losses import stacked_loss
 
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 10, (200,), generator=g)
@@ -134,7 +134,7 @@ def test_stacked_losses_match_functional_losses_near_a_minimum():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_stacked_cross_entropy_with_underflowing_exponentials_is_exact(dtype):
     """Far from a minimum the shifted logits go below -87, where exp is subnormal or zero: clamped, the same loss."""
-    from landscape.losses import stacked_loss
+    from landscape.problem.losses import stacked_loss
 
     g = torch.Generator().manual_seed(2)
     y = torch.randint(0, 10, (300,), generator=g)
@@ -151,7 +151,7 @@ def test_stacked_cross_entropy_with_underflowing_exponentials_is_exact(dtype):
 def test_stacked_accuracy_equals_argmax_with_ties_and_non_finite_logits(special):
     """Accuracy is read off the shifted logits; it must agree with ``argmax`` (first maximum wins) on ties, and
     with non-finite logits too."""
-    from landscape.losses import stacked_loss
+    from landscape.problem.losses import stacked_loss
 
     g = torch.Generator().manual_seed(1)
     y = torch.randint(0, 5, (300,), generator=g)

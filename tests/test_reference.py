@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from conftest import blobs, cli
 from landscape import Problem
-from landscape.curvature import CurvatureOperator
-from landscape.hessian import CurvatureSettings, analyze_curvature
-from landscape.reference import pyhessian_spectrum
+from landscape.problem.curvature import CurvatureOperator
+from landscape.analyses.hessian import CurvatureSettings, analyze_curvature
+from landscape.analyses.reference import pyhessian_spectrum
 
 
 def test_pyhessian_engine_matches_dense_spectrum_and_leaves_state_alone():

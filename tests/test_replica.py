@@ -1,5 +1,5 @@
-"""In-place evaluation on replicas (landscape.replica) and the output layer written into the stack
-(landscape.outputlayer): the same values as the plain path, wherever the model's shape allows the shortcut and
+"""In-place evaluation on replicas (landscape.problem.replica) and the output layer written into the stack
+(landscape.problem.outputlayer): the same values as the plain path, wherever the model's shape allows the shortcut and
 nowhere else; blocks shared out over threads give the values of one block at a time."""
 
 import time
@@ -12,9 +12,9 @@ from torch import nn
 
 from conftest import blobs, cli
 from landscape import Problem
-from landscape.directions import random_directions
+from landscape.analyses.directions import random_directions
 from landscape.errors import LandscapeError
-from landscape.slices import axis, compute_slice
+from landscape.analyses.slices import axis, compute_slice
 
 COEFFS = np.array([[0.0, 0.0], [0.3, -0.2], [-1.0, 1.0], [0.0, 0.7], [0.5, 0.0], [0.2, 0.9], [-0.4, -0.6]])
 

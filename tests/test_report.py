@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 
 from conftest import EXAMPLES, cli
-from landscape.coherence import CoherenceSettings
+from landscape.analyses.coherence import CoherenceSettings
 from landscape.errors import LandscapeError
-from landscape.hessian import CurvatureSettings
+from landscape.analyses.hessian import CurvatureSettings
 from landscape.report import render_report
 from landscape.report.contents import RunContents, summary_rows
 from landscape.report.figures import curve_figure, surface_figure
-from landscape.scan import ScanConfig, run_scan
-from landscape.sharpness import SharpnessSettings
+from landscape.analyses.scan import ScanConfig, run_scan
+from landscape.analyses.sharpness import SharpnessSettings
 
 # Every static figure a run file holding every section gets (slice names from the scan below).
 FULL_FIGURES = {

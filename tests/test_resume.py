@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 
 from conftest import cli
-from landscape.runfile import RunFile
+from landscape.io.runfile import RunFile
 
 # wall-clock facts, the HVP engine timed fastest and a slice's block of points sized by timing (under load two runs
 # pick different ones; the points' values are the same bits either way, which the datasets' comparison checks) differ
@@ -141,8 +141,8 @@ def test_resume_refuses_a_different_run(tmp_path, mlp_ckpt, cnn_ckpt):
 def test_resume_keeps_a_finished_curvature_result(tmp_path, mlp_ckpt, monkeypatch):
     """A scan stopped after its Hessian was written (e.g. during sharpness) does not compute it again on resume;
     other settings, or eigenvectors now asked for, do."""
-    import landscape.scan as scan
-    from landscape.hessian import CurvatureSettings
+    import landscape.analyses.scan as scan
+    from landscape.analyses.hessian import CurvatureSettings
 
     base = dict(checkpoint=str(mlp_ckpt), max_samples=64, output=str(tmp_path / "run.h5"), steps=(3,), resume=True)
     curv = CurvatureSettings(top_k=2, trace_matvecs=12, max_hvp=40)

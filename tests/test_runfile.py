@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from landscape import LandscapeError
-from landscape.runfile import RunFile, describe
+from landscape.io.runfile import RunFile, describe
 
 
 def make_slice(rf: RunFile, shape=(2, 3)):
@@ -74,7 +74,7 @@ def test_not_a_run_file(tmp_path):
 
 
 def test_import_loss_landscape_surface_non_square(tmp_path):
-    from landscape.importers import import_loss_landscape
+    from landscape.io.importers import import_loss_landscape
 
     src = tmp_path / "surf.h5"
     x, y = np.linspace(-1, 1, 4), np.linspace(-0.5, 0.5, 3)

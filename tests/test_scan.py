@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from landscape import LandscapeError
-from landscape.scan import ScanConfig, run_scan, setup
+from landscape.analyses.scan import ScanConfig, run_scan, setup
 
 
 def state(model):
@@ -87,8 +87,8 @@ def test_hessian_direction_slice_curvature_is_lambda_max(tmp_path, mlp_ckpt):
         assert g.attrs["kind"] == "hessian"
     assert sum(float((t ** 2).sum()) for t in d.values()) == pytest.approx(1.0, rel=1e-9)
     st = setup(cfg)
-    from landscape.curvature import CurvatureOperator
-    from landscape.lanczos import lanczos
+    from landscape.problem.curvature import CurvatureOperator
+    from landscape.linalg.lanczos import lanczos
 
     op = CurvatureOperator(st.problem)
     lam = lanczos(op, op.n, k=1).eigenvalues[0]

@@ -7,10 +7,10 @@ import torch
 
 from conftest import blobs
 from landscape import Problem
-from landscape.ascent import apgd, checkpoints
-from landscape.curvature import CurvatureOperator
-from landscape.lanczos import lanczos
-from landscape.sharpness import SharpnessSettings, batches, sharpness, work
+from landscape.linalg.ascent import apgd, checkpoints
+from landscape.problem.curvature import CurvatureOperator
+from landscape.linalg.lanczos import lanczos
+from landscape.analyses.sharpness import SharpnessSettings, batches, sharpness, work
 
 
 def half_mse(out, y):
@@ -194,8 +194,8 @@ def test_pacbayes_sigma_is_a_standard_deviation_that_moves_with_plain_rescaling(
     sigma = r.extra["sigma"][0]
     assert r.value[0] == pytest.approx(1 / sigma ** 2)
     # at sigma' the error moved by at most 0.1; at 1.5 sigma' (same seeded draws, sigma as a std) by more
-    from landscape.draws import normal
-    from landscape.sharpness import _Flat, _error
+    from landscape.linalg.draws import normal
+    from landscape.analyses.sharpness import _Flat, _error
 
     flat = _Flat(pb)
     z = [normal(flat.w.numel(), seed=0, stream=k) * flat.mask for k in range(10)]  # the measure's draws
@@ -214,7 +214,7 @@ def test_batches_are_disjoint_and_seeded():
 def test_run_file_layout_and_quadratic_prediction_from_the_stored_hessian(tmp_path):
     import h5py
 
-    from landscape.sharpness import same_settings, summary_from_group
+    from landscape.analyses.sharpness import same_settings, summary_from_group
 
     pb, X, _ = interpolating_regression()
     lam = np.linalg.eigvalsh(X.T @ X / len(X))[-1]

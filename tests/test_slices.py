@@ -5,8 +5,8 @@ import torch.nn.functional as F
 
 from conftest import blobs, relu_mlp
 from landscape import Problem
-from landscape.directions import random_directions
-from landscape.slices import axis, compute_slice, grid_coefficients, missing_blocks
+from landscape.analyses.directions import random_directions
+from landscape.analyses.slices import axis, compute_slice, grid_coefficients, missing_blocks
 
 
 def slice_of(net, X, y, norm, axes=(axis(-1, 1, 7), axis(-1, 1, 5))):

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from landscape.density import slq
-from landscape.lanczos import lanczos
-from landscape.trace import basis_deflated, hutchinson, hutchpp
+from landscape.linalg.density import slq
+from landscape.linalg.lanczos import lanczos
+from landscape.linalg.trace import basis_deflated, hutchinson, hutchpp
 
 
 def with_spectrum(ev, seed=0):

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from conftest import blobs, cli
 
 from landscape import Problem
-from landscape.data import digits, load_data
-from landscape.directions import random_directions
-from landscape.specs import Spec
-from landscape.stream import StreamedInputs
+from landscape.io.data import digits, load_data
+from landscape.analyses.directions import random_directions
+from landscape.io.specs import Spec
+from landscape.io.stream import StreamedInputs
 
 
 class CountingRows:
@@ -94,7 +94,7 @@ def test_streamed_files_give_the_same_data_and_hash(tmp_path, fmt):
 
 
 def test_auto_streams_only_what_would_not_fit(tmp_path, monkeypatch):
-    import landscape.data as data
+    import landscape.io.data as data
 
     path = tmp_path / "digits.h5"
     _write_digits(path, "h5")

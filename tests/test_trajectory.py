@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from landscape.problem import Problem
-from landscape.trajectory import Snapshot, analyze_trajectory, pca_path, threshold
+from landscape.analyses.trajectory import Snapshot, analyze_trajectory, pca_path, threshold
 
 X = torch.linspace(-1, 1, 20, dtype=torch.float64)[:, None]
 Y = (16 * X ** 5 - 20 * X ** 3 + 5 * X).squeeze(1)  # T_5, the Chebyshev polynomial

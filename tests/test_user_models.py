@@ -35,7 +35,7 @@ def user_dir(tmp_path):
     (d / "helpers.py").write_text("WIDTH = 16\n")
     (d / "net.py").write_text(NET)
     net = import_from(d, "net")
-    from landscape.data import digits
+    from landscape.io.data import digits
 
     X, y = digits("train")
     X, y = X[:300], y[:300]
@@ -197,8 +197,8 @@ BN_NET = textwrap.dedent("""
 
 
 def test_frozen_batchnorm_far_from_train_mode_is_flagged(tmp_path):
-    from landscape.data import digits
-    from landscape.specs import resolve
+    from landscape.io.data import digits
+    from landscape.io.specs import resolve
 
     (tmp_path / "m.py").write_text(BN_NET)
     torch.manual_seed(0)
@@ -243,7 +243,7 @@ def _vision(module):
 ])
 def test_vision_factories_where_they_import(tmp_path, spec, args, module):
     _vision(module)
-    from landscape.specs import Spec, call_spec, parse_kv
+    from landscape.io.specs import Spec, call_spec, parse_kv
 
     model = call_spec(Spec(spec, parse_kv(args)), what="model")
     torch.save(model.state_dict(), tmp_path / "v.pt")

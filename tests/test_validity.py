@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 from conftest import cli
 from landscape import Problem
-from landscape.hessian import CurvatureSettings, analyze_curvature
+from landscape.analyses.hessian import CurvatureSettings, analyze_curvature
 from landscape.report.contents import RunContents, summary_rows
-from landscape.validity import validity_radius
+from landscape.analyses.validity import validity_radius
 
 
 class Scalar(torch.nn.Module):

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-import landscape.vectors as vectors
-from landscape.density import slq
-from landscape.lanczos import lanczos, orthogonalize
-from landscape.trace import PROBE_BLOCK, basis_deflated, hutchpp, probe_block
-from landscape.vectors import ColumnStore, orthonormalize
+import landscape.linalg.vectors as vectors
+from landscape.linalg.density import slq
+from landscape.linalg.lanczos import lanczos, orthogonalize
+from landscape.linalg.trace import PROBE_BLOCK, basis_deflated, hutchpp, probe_block
+from landscape.linalg.vectors import ColumnStore, orthonormalize
 
 
 @pytest.fixture()
@@ -139,7 +139,7 @@ def test_curvature_operator_keeps_tensors_on_their_device():
 
     from conftest import blobs, relu_mlp
     from landscape import Problem
-    from landscape.curvature import CurvatureOperator
+    from landscape.problem.curvature import CurvatureOperator
 
     net, (X, y) = relu_mlp((4, 8, 3)), blobs(64)
     op = CurvatureOperator(Problem(net, X, y, F.cross_entropy))

@@ -41,7 +41,7 @@ def coherence(
     control is most telling early in training: at a checkpoint fitted to the real labels,
     shuffled labels have a large loss and large, aligned gradients.
     """
-    from landscape.coherence import CoherenceSettings
+    from landscape.analyses.coherence import CoherenceSettings
 
     with command_errors(run.debug):
         if control not in (None, "shuffled-labels"):

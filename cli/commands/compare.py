@@ -45,9 +45,9 @@ def compare(
     """Compare solutions post hoc: the same analysis on every model, a ranked metrics table, loss and error
     barriers along the straight line between each pair (optionally after weight matching), Bezier curves.
     """
-    from landscape.coherence import CoherenceSettings
-    from landscape.compare import ORDER_NOTE, CompareConfig, prepare_compare, run_compare
-    from landscape.hessian import CurvatureSettings
+    from landscape.analyses.coherence import CoherenceSettings
+    from landscape.analyses.compare import ORDER_NOTE, CompareConfig, prepare_compare, run_compare
+    from landscape.analyses.hessian import CurvatureSettings
 
     with command_errors(debug):
         scan_cfg = base_config(

@@ -70,7 +70,7 @@ def hessian(
     Results go to /hessian (or /ggn) of the run file, added to an existing one (replacing an
     earlier curvature group of the same kind).
     """
-    from landscape.hessian import CurvatureSettings
+    from landscape.analyses.hessian import CurvatureSettings
 
     with command_errors(run.debug):
         if engine not in ("landscape", "pyhessian"):

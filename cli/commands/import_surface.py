@@ -18,7 +18,7 @@ def import_surface(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Convert a loss-landscape surface file (\\[y, x] order) into a run file (\\[x, y] order)."""
-    from landscape.importers import import_loss_landscape
+    from landscape.io.importers import import_loss_landscape
 
     with command_errors(debug):
         path = import_loss_landscape(surface_file, output, name=name, overwrite=overwrite)

@@ -20,7 +20,7 @@ def inspect(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Print every attribute and scalar result of a run file."""
-    from landscape.runfile import describe
+    from landscape.io.runfile import describe
 
     with command_errors(debug):
         info = describe(run_file)

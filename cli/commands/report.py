@@ -31,7 +31,7 @@ def report_cmd(
     Needs neither the model nor the data: a report can be re-drawn anywhere the run file is.
     """
     from landscape.report import render_report
-    from landscape.runfile import writer_active
+    from landscape.io.runfile import writer_active
 
     with command_errors(debug):
         if writer_active(run_file):

@@ -69,9 +69,9 @@ def scan(
     trace, the default sharpness set and gradient coherence, written to reports/<name>/run.h5,
     with a report beside it (index.html, figures/*.png; --no-report skips it).
     """
-    from landscape.coherence import CoherenceSettings
-    from landscape.hessian import CurvatureSettings
-    from landscape.scan import estimate, setup
+    from landscape.analyses.coherence import CoherenceSettings
+    from landscape.analyses.hessian import CurvatureSettings
+    from landscape.analyses.scan import estimate, setup
 
     with command_errors(debug):
         if resume and overwrite:

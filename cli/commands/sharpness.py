@@ -46,7 +46,7 @@ def sharpness(
     one; a measure already there with the same settings is not recomputed. Sharpness
     tracks hyperparameters and predicts generalization only loosely: compare like with like.
     """
-    from landscape.sharpness import SharpnessSettings
+    from landscape.analyses.sharpness import SharpnessSettings
 
     with command_errors(run.debug):
         if measure:

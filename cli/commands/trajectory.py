@@ -35,7 +35,7 @@ def trajectory(
     """Training dynamics over checkpoints: the path in its PCA plane over the loss there, sharpness against the
     stability threshold 2/lr (momentum, Adam: preconditioned) with edge-of-stability flags, distances, norms.
     """
-    from landscape.trajectory import TrajectoryConfig, run_trajectory
+    from landscape.analyses.trajectory import TrajectoryConfig, run_trajectory
 
     with command_errors(debug):
         scan_cfg = base_config("", specs, None)

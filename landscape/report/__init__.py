@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import LandscapeError
-from ..runfile import replace_atomically
+from ..io.runfile import replace_atomically
 from .contents import RunContents
 
 #: Output formats ``render_report`` knows: static figure formats, and ``html`` for the interactive page.

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import h5py
 import numpy as np
 
-from ..runfile import decode_attr, from_link, open_run_file, read_attrs
+from ..io.runfile import decode_attr, from_link, open_run_file, read_attrs
 
 #: Curvature groups a report knows, in the order it shows them, with their titles.
 CURVATURE_GROUPS = {"hessian": "Hessian", "ggn": "Gauss-Newton", "hessian_pyhessian": "Hessian (PyHessian)"}
@@ -142,7 +142,7 @@ class TrajectoryData:
 
 #: Checks of a trajectory listed in the summary table (a long monitored run shows every k-th and the last).
 MAX_TRAJECTORY_ROWS = 24
-#: The series of a training monitor's ``/trajectory`` drawn against the step (landscape.monitor.COLUMNS).
+#: The series of a training monitor's ``/trajectory`` drawn against the step (landscape.analyses.monitor.COLUMNS).
 MONITOR_SERIES = ("loss", "heldout_loss", "grad_norm", "trace", "gsnr_mean", "m_coherence", "b_noise", "b_simple")
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
-from ..runfile import replace_atomically
+from ..io.runfile import replace_atomically
 from .contents import (CoherenceData, CompareData, CurvatureData, RunContents, SharpnessData, SliceData,
                        TrajectoryData, batch_size_series, spaced_labels, trace_items)
 

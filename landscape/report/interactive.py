@@ -21,7 +21,7 @@ import numpy as np
 from .contents import (CoherenceData, CompareData, CurvatureData, RunContents, SharpnessData, SliceData,
                        TrajectoryData, batch_size_series, provenance, settings, spaced_labels, summary_rows,
                        trace_items)
-from ..compare import ORDER_NOTE
+from ..analyses.compare import ORDER_NOTE
 from .figures import SHARPNESS_UNITS, axis_labels, rho_label, coherence_parts, finite_scores, log_spread, use_log
 
 #: plotly's toolbar: shown while the pointer is over a plot, without the selection tools a report has no use for

@@ -85,7 +85,7 @@ CASES: list[tuple[str, tuple[str, ...], str]] = [
 
 def make_files(tmp: Path) -> dict[str, str]:
     """The files the cases name, and an earlier run file ``run`` that no case may change."""
-    from landscape.scan import ScanConfig, run_scan
+    from landscape.analyses.scan import ScanConfig, run_scan
 
     tmp.mkdir(parents=True, exist_ok=True)
     f = {"dir": str(tmp)}

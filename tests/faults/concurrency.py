@@ -43,7 +43,7 @@ def read_while_writing(folder: Path) -> dict[str, Any]:
     """Read the run file of a running scan over and over through the API (``describe``), and once each through
     ``inspect --json``, ``report`` and a second ``scan`` on the same file; count what each read got."""
     from landscape.errors import LandscapeError
-    from landscape.runfile import describe
+    from landscape.io.runfile import describe
 
     out = folder / "run.h5"
     writer = scan(out, *ARGS)

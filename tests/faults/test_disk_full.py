@@ -14,7 +14,7 @@ from conftest import EXAMPLES, cli
 
 HOOK = """
 import errno, runpy, sys
-import landscape.runfile as rf
+import landscape.io.runfile as rf
 calls, real = [0], rf._fsync_path
 def fsync(path):
     calls[0] += 1

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 
 from conftest import blobs
 from landscape import Problem
-from landscape.coherence import CoherenceSettings, analyze_coherence
-from landscape.directions import random_directions
-from landscape.hessian import CurvatureSettings, analyze_curvature
-from landscape.sharpness import DEFAULT_SET, SharpnessSettings, sharpness
+from landscape.analyses.coherence import CoherenceSettings, analyze_coherence
+from landscape.analyses.directions import random_directions
+from landscape.analyses.hessian import CurvatureSettings, analyze_curvature
+from landscape.analyses.sharpness import DEFAULT_SET, SharpnessSettings, sharpness
 
 
 def users_model() -> torch.nn.Module:

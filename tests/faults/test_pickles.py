@@ -7,7 +7,7 @@ import pytest
 
 from conftest import cli
 from faults.pickles import carriers
-from landscape.checkpoint import load_checkpoint
+from landscape.io.checkpoint import load_checkpoint
 from landscape.errors import LandscapeError
 
 

@@ -1,0 +1,239 @@
+"""The ``--dry-run`` cost model: each phase's seconds and peak memory from products measured on the real model,
+data and batch size, and counts of what each algorithm does with them.
+
+A phase's time is ``sum over kinds of work (count x measured seconds of one)``: forward passes, gradients,
+Hessian-vector products, per-sample-gradient chunks, draws of P random numbers, elementwise operations on P-long
+vectors and the basis work of Lanczos and Hutch++ (:class:`VectorCosts`). The counts come from the algorithms
+(:func:`landscape.analyses.sharpness.work`, :func:`curvature_seconds`, :func:`coherence_cost`); searches whose length
+depends on the answer (PAC-Bayes's sigma, basin width) are counted at a typical length.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..runtime.blas import single_blas_thread
+from ..runtime.budget import PeakRSS
+from .coherence import (CoherenceSettings, GradientStats, accumulator_vectors, add_bytes_per_row, coordinate_ranges,
+                        random_batches, row_norms, sample_labels)
+from ..linalg.draws import normal, signs
+from .hessian import CurvatureSettings
+from ..linalg.lanczos import basis_size
+from ..problem.persample import chunk_size, iter_gradients, per_sample_gradients
+from ..problem.problem import Problem
+from .sharpness import SharpnessSettings, keeps_draws, work
+from ..io.stream import rows
+from ..linalg.trace import probe_block
+from ..linalg.vectors import BLOCK_ROWS, ColumnStore, vector_device
+
+
+def measured(pb: Problem, fn: Callable[[], Any], repeats: int = 1) -> tuple[float, int]:
+    """Mean seconds of ``repeats`` calls of ``fn`` after a first one (which warms up, and picks the HVP engine as a
+    run would) and the memory they added at their peak."""
+    cuda = pb.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(pb.device)
+        base = torch.cuda.memory_allocated(pb.device)
+        torch.cuda.reset_peak_memory_stats(pb.device)
+    with PeakRSS() as peak:
+        fn()
+        t = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        if cuda:
+            torch.cuda.synchronize(pb.device)
+        seconds = (time.perf_counter() - t) / repeats
+    extra = (torch.cuda.max_memory_allocated(pb.device) - base) if cuda else peak.peak - peak.start
+    return seconds, max(0, int(extra))
+
+
+@dataclass(frozen=True)
+class VectorCosts:
+    """Seconds of the vector work around each product, measured on a real :class:`ColumnStore` of the operator's
+    length: ``column`` for storing (or reading) one vector, ``pass_column`` for one column of a Gram-Schmidt sweep
+    (a projection and an update: :meth:`ColumnStore.project` plus :meth:`ColumnStore.subtract`),
+    ``first_column`` for storing one into fresh memory (page faults: each new basis pays it per column),
+    ``block`` per multiply-add of a pass of matrix products over a block (a Gram matrix ``V^T V`` of ``c``
+    columns costs ``c^2 n`` of them: measured at up to 9 columns, within 1.5x of 33 at 11M) and ``signs`` for
+    drawing ``n`` random signs (:func:`landscape.linalg.draws.signs`, where the store lives)."""
+
+    column: float
+    pass_column: float
+    first_column: float
+    block: float
+    signs: float
+
+    @staticmethod
+    def measure(n: int, budget: float, device: torch.device | None = None) -> "VectorCosts":
+        """On a store like the run's: on the host within ``budget`` (or on disk), or on ``device``."""
+        cols = 8 if device is not None else int(max(1, min(8, budget // (8 * n) - 1)))
+        store = ColumnStore(n, cols + 1, budget=budget, device=device)
+        w = store.native(np.ones(n))
+
+        def timed(fn: Callable[[], object]) -> float:
+            t = time.perf_counter()
+            fn()
+            if device is not None and device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return time.perf_counter() - t
+
+        with single_blas_thread():
+            # first touch of fresh memory, as a run's first pass over a new basis
+            first = timed(lambda: [store.set_column(i, w) for i in range(cols + 1)]) / (cols + 1)
+            column = timed(lambda: store.set_column(cols, w))
+            sweep = timed(lambda: store.subtract(w, store.project(w, cols), cols, project_after=True))
+            gram = timed(lambda: store.gram(cols + 1))
+        store.close()
+        draw = timed(lambda: signs(n, seed=0, device=device))
+        return VectorCosts(column=column, pass_column=sweep / cols, first_column=first,
+                           block=gram / ((cols + 1) ** 2 * n), signs=draw)
+
+
+def curvature_seconds(curv: CurvatureSettings, n: int, budget: float, product: float, vec: VectorCosts
+                       ) -> tuple[float, float]:
+    """(seconds, bytes of vectors held in memory) of a curvature analysis, from the time of one product (with its
+    conversions) and the measured vector costs.
+
+    Lanczos is counted at ``m + 5 k`` products per end of the spectrum (``m`` the basis size: 65 for the top 5;
+    measured: 25 on the shipped CNN, 81 on the ResNet-18 of the scale ladder), each storing a vector and sweeping
+    a basis about ``(m + k) / 2`` columns deep; the Lanczos-deflated trace at a third of the budget in products, its
+    probes drawn and swept over the top's basis (kept from its run) a block at a time: a pass's reading shared by
+    the block, its multiply-adds not; Hutch++ at its product budget, each storing
+    or reading a vector, plus ``3 k`` columns of signs drawn (``S`` once, ``G`` twice) and six ``k x k`` passes of matrix products over
+    its block (two Gram matrices, two transforms, ``Q^T G`` and ``G - Q C``); SLQ at ``probes x steps`` products
+    sweeping half its basis on average, a draw per probe."""
+    seconds = held = 0.0
+    top_vectors = 0  # the top eigenvectors' bytes in memory, beside which the deflated trace's probes are held
+    for k in (curv.top_k, curv.bottom_k):
+        if k:
+            m = basis_size(k, n, budget=budget)
+            steps = min(curv.max_hvp, m + 5 * k)
+            seconds += ((steps + k) * (product + vec.column) + steps * (m + k) / 2 * vec.pass_column
+                        + (m + 1) * vec.first_column)
+            basis = (m + 1) * n * 8
+            vectors = k * n * 8 if k * n * 8 <= budget - (basis if basis <= budget else 0) else 0
+            held = max(held, (basis if basis <= budget else BLOCK_ROWS * (m + 1) * 8) + vectors)
+            top_vectors = vectors if k == curv.top_k else top_vectors
+    if curv.trace:
+        k = max(1, curv.trace_matvecs // 3)
+        method = curv.trace_estimator
+        if method == "lanczos-deflated":  # k probes drawn and swept off the top's basis (held above) in blocks of p
+            m = basis_size(curv.top_k, n, budget=budget)
+            basis = (m + 1) * n * 8
+            p = probe_block(n, k, budget - (basis if basis <= budget else 0) - top_vectors)
+            seconds += k * (product + vec.signs + m * max(vec.pass_column / p, 3 * n * vec.block))
+            held += p * n * 8
+        else:
+            seconds += curv.trace_matvecs * (product + 2 * vec.column) + k * vec.first_column
+        if method == "hutch++":
+            seconds += 6 * k * k * n * vec.block + 3 * k * vec.signs
+            held = max(held, k * n * 8 if k * n * 8 <= budget else BLOCK_ROWS * k * 8)
+        elif method != "lanczos-deflated":
+            seconds += curv.trace_matvecs * vec.signs
+    if curv.density:
+        steps = curv.density_probes * curv.density_steps
+        seconds += (steps * (product + vec.column) + steps * curv.density_steps / 2 * vec.pass_column
+                    + curv.density_probes * vec.signs)
+    if curv.per_layer:
+        probes = 0 if not curv.trace else (
+            max(1, curv.trace_matvecs // 3) if curv.trace_estimator == "lanczos-deflated" else curv.trace_matvecs)
+        seconds += (14 + probes) * product  # per tensor, on slices of n
+    return seconds, held + 4 * n * 8  # + the vectors in flight (v, A v, conversions)
+
+
+def _seconds(fn: Callable[[], Any], device: torch.device, repeats: int = 3) -> float:
+    """Mean seconds of ``repeats`` calls of ``fn`` after a warm-up call (synchronized on a GPU)."""
+    fn()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - t) / repeats
+
+
+def sharpness_seconds(pb: Problem, measures: Sequence[SharpnessSettings], hvp_seconds: float,
+                      n_directions: int = 2) -> float:
+    """Seconds of the sharpness measures: each one's :func:`landscape.analyses.sharpness.work` priced at a loss evaluation
+    and a gradient measured at each batch size it uses, ``hvp_seconds`` per Hessian-vector product, and one draw
+    of P standard numbers and one elementwise operation on P-long vectors measured on the weights' device."""
+    nparam = pb.num_parameters
+    dtype = next(iter(pb.theta0.values())).dtype
+    kept = keeps_draws(max((s.draws for s in measures), default=0), nparam, dtype.itemsize, pb.memory_budget)
+    works = [work(s, pb.n, n_directions=n_directions, kept_draws=kept) for s in measures]
+    sizes = sorted({k for w in works for k in (*w.losses, *w.gradients)})
+    loss_s, grad_s = {}, {}
+    for k in sizes:
+        idx = torch.arange(k)
+        loss_s[k] = measured(pb, lambda: pb.loss(None, idx))[0]
+        if any(k in w.gradients for w in works):
+            grad_s[k] = measured(pb, lambda: pb.loss_and_gradient(None, idx))[0]
+    w0 = torch.zeros(nparam, dtype=dtype, device=pb.device)
+    z = normal(nparam, seed=0, stream=0, device=pb.device).to(dtype)
+    vector_s = _seconds(lambda: w0 + 0.5 * z, pb.device)
+    draw_s = _seconds(lambda: normal(nparam, seed=0, stream=1, device=pb.device), pb.device)
+    return sum(sum(c * loss_s[k] for k, c in w.losses.items()) + sum(c * grad_s[k] for k, c in w.gradients.items())
+               + w.hvps * hvp_seconds + w.draws * draw_s + w.vector_ops * vector_s for w in works)
+
+
+def _accumulation_seconds(g: torch.Tensor, labels: np.ndarray, batch_ids: dict[int, np.ndarray], width: int,
+                          where: torch.device | None) -> tuple[float, float, float]:
+    """Seconds to add the chunk ``g`` to accumulators ``width`` coordinates wide, to allocate them and to reduce
+    them, as :class:`GradientStats` on ``where`` does: measured on up to 1M coordinates and scaled to ``width``,
+    except the rows' norms, which are over all of a row's coordinates whatever the range."""
+    probe = min(width, 1 << 20)
+    dev = where or torch.device("cpu")
+    norm_s = _seconds(lambda: row_norms(g.to(dev)), dev)
+    t = time.perf_counter()
+    stats = GradientStats(g.shape[1], labels, batch_ids=batch_ids, coords=(0, probe), device=where)
+    alloc_s = (time.perf_counter() - t) * width / probe
+    add_s = _seconds(lambda: stats.add(0, g), dev, repeats=1)
+    reduce_s = _seconds(stats.reduced, dev, repeats=1) * width / probe
+    return norm_s + max(0.0, add_s - norm_s) * width / probe, alloc_s, reduce_s
+
+
+def coherence_cost(pb: Problem, co: CoherenceSettings, budget: float, hvp_seconds: float, pass_seconds: float
+                   ) -> tuple[float, int]:
+    """(seconds, bytes added at the peak) of the coherence analysis, as :func:`landscape.analyses.coherence.analyze_coherence`
+    runs it: for each coordinate range, fresh accumulators, every chunk's per-sample gradients (measured on a real
+    chunk) added to them (the rows' norms over all P coordinates, measured, plus the range's share, measured on up
+    to 1M coordinates and scaled), and the range's reduction; then ``noise_samples`` one-sample gradients and
+    Hessian-vector products for B_noise, EL2N and the model's passes (``pass_seconds`` each); twice with
+    ``control``."""
+    nparam = pb.num_parameters
+    labels = sample_labels(pb, pb.y)
+    n_classes = int(labels.max()) + 1
+    ids = random_batches(pb.n, co.batch_sizes, co.batch_repeats, co.seed)
+    vecs = accumulator_vectors(n_classes, ids, not co.sketch)
+    ranges = coordinate_ranges(co.sketch or nparam, vecs, budget / 2) if not co.sketch else [(0, co.sketch)]
+    width = max(hi - lo for lo, hi in ranges)
+    extra = add_bytes_per_row(width)
+    c = min(chunk_size(pb, budget / 2, extra), pb.n)  # as the run sizes its chunks
+    sample = rows(pb.X, 0, c)
+    chunk: list[torch.Tensor] = []
+
+    def one_chunk() -> None:  # the one before is freed first, as in the run, whose later chunks reuse its memory
+        chunk.clear()
+        chunk.append(next(iter_gradients(pb, sample, pb.y[:c], memory_budget=budget / 2,
+                                         extra_bytes_per_sample=extra))[1])
+
+    chunk_s, chunk_extra = measured(pb, one_chunk)
+    add_s, alloc_s, reduce_s = _accumulation_seconds(chunk.pop(), labels[:c], {b: a[:c] for b, a in ids.items()},
+                                                     width, vector_device(pb.device, width, vecs))
+    one_s = measured(pb, lambda: per_sample_gradients(pb, rows(pb.X, 0, 1), pb.y[:1]))[0]
+    host = np.ones(nparam)
+    host_op = _seconds(lambda: host - 0.5 * host, torch.device("cpu"))
+    noise = min(co.noise_samples, pb.n)
+    chunks = math.ceil(pb.n / c)
+    seconds = (len(ranges) * (alloc_s + reduce_s + chunks * (chunk_s + add_s))
+               + noise * (one_s + hvp_seconds + 4 * host_op) + (hvp_seconds if noise else 0.0) + 2 * pass_seconds)
+    return (1 + co.control) * seconds + pass_seconds, vecs * width * 8 + chunk_extra
+
+
+__all__ = ["VectorCosts", "measured", "curvature_seconds", "sharpness_seconds", "coherence_cost"]
