@@ -109,3 +109,38 @@ def test_the_package_root_keeps_its_names() -> None:
     with pytest.raises(AttributeError):
         landscape.no_such_module  # noqa: B018
 
+
+#: the size rule: a function's body (after its docstring) over this many lines, or a class over that many, needs a
+#: reason in its docstring, a paragraph starting "Length:"
+FUNCTION_LINES, CLASS_LINES = 60, 250
+
+
+def _too_long(source: str) -> list[str]:
+    """The functions and classes of ``source`` over the size rule without a ``Length:`` reason in their docstring."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue
+        doc = ast.get_docstring(node) or ""
+        body = node.body[1:] if doc and len(node.body) > 1 else node.body
+        lines = body[-1].end_lineno - body[0].lineno + 1
+        limit = CLASS_LINES if isinstance(node, ast.ClassDef) else FUNCTION_LINES
+        if lines > limit and "Length:" not in doc:
+            found.append(f"{node.name} (line {node.lineno}): {lines} lines")
+    return found
+
+
+CODE = LIBRARY + sorted((ROOT.parent / "cli").rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", CODE, ids=lambda p: str(p.relative_to(ROOT.parent)))
+def test_no_function_or_class_over_the_size_rule_without_a_reason(path: Path) -> None:
+    assert _too_long(path.read_text()) == []
+
+
+def test_the_size_rule_counts_bodies_and_reads_reasons() -> None:
+    long_body = "\n".join(f"    x{i} = {i}" for i in range(FUNCTION_LINES + 1))
+    assert _too_long(f"def f():\n    '''Short.'''\n{long_body}\n") == ["f (line 1): 61 lines"]
+    assert _too_long(f"def f():\n    '''Short.\n\n    Length: one loop.'''\n{long_body}\n") == []
+    fits = "\n".join(f"    x{i} = {i}" for i in range(FUNCTION_LINES))
+    assert _too_long(f"def f(\n    a,\n    b,\n):\n    '''A long docstring\n\n    over lines.'''\n{fits}\n") == []

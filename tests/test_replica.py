@@ -15,6 +15,7 @@ from landscape import Problem
 from landscape.analyses.directions import random_directions
 from landscape.errors import LandscapeError
 from landscape.analyses.slices import axis, compute_slice
+from landscape.problem.points import PointEvaluator
 
 COEFFS = np.array([[0.0, 0.0], [0.3, -0.2], [-1.0, 1.0], [0.0, 0.7], [0.5, 0.0], [0.2, 0.9], [-0.4, -0.6]])
 
@@ -97,7 +98,8 @@ def test_output_layer_is_not_used_for_losses_that_reduce_row_major():
     dirs = random_directions(on.theta0, 2, seed=0)
     np.testing.assert_allclose(on.evaluate_points(COEFFS, dirs)["loss"], off.evaluate_points(COEFFS, dirs)["loss"],
                                rtol=1e-12)
-    assert on._replicas[0]._stacks and all(b.shape[-1] == 2 for b in on._replicas[0]._stacks.values())  # (K, n, 2)
+    stacks = on.points._replicas[0]._stacks
+    assert stacks and all(b.shape[-1] == 2 for b in stacks.values())  # (K, n, 2)
 
 
 def bn_net():
@@ -115,7 +117,7 @@ def test_blocks_on_concurrent_replicas_equal_one_block_at_a_time(bn):
     threads = torch.get_num_threads()
     a, b = one.evaluate_points(COEFFS, dirs), two.evaluate_points(COEFFS, dirs)
     assert torch.get_num_threads() == threads  # the caller's setting is back
-    assert len(two._replicas) == 3 and two.workers == 3
+    assert len(two.points._replicas) == 3 and two.workers == 3
     for k in a:
         np.testing.assert_allclose(b[k], a[k], rtol=1e-12, err_msg=k)
     # a block's values do not depend on how the blocks are grouped or which replica takes them
@@ -136,12 +138,12 @@ def test_an_error_on_a_replica_reaches_the_caller():
     def boom(m, args, out):
         raise RuntimeError("replica failed")
 
-    pb._replicas[1].model[3].register_forward_hook(boom)
+    pb.points._replicas[1].model[3].register_forward_hook(boom)
     threads = torch.get_num_threads()
     with pytest.raises(RuntimeError, match="replica failed"):
         pb.evaluate_points(COEFFS, dirs)
     assert torch.get_num_threads() == threads
-    for r in pb._replicas:
+    for r in pb.points._replicas:
         assert all("forward" not in vars(m) for m in r.model.modules())
 
 
@@ -183,7 +185,7 @@ def test_blocks_timed_for_the_workers_choice_are_kept_with_the_values_of_a_plain
     dirs = random_directions(dict(net.named_parameters()), 2, seed=3)
     axes = (axis(-1, 1, 20), axis(-1, 1, 16))  # 320 points: 40 blocks of 8, ten times the 4 on replicas
     threads = torch.get_num_threads()
-    plain = Problem.evaluate_blocks
+    plain = PointEvaluator.evaluate_blocks
 
     def lagging(self, blocks, directions, **kw):  # the setting that should lose sleeps
         calls.append(self.workers)
@@ -200,9 +202,9 @@ def test_blocks_timed_for_the_workers_choice_are_kept_with_the_values_of_a_plain
         compute_slice(small, dirs, (axis(-1, 1, 16), axis(-1, 1, 13)))  # 26 blocks: too few for the timing
         assert small.workers == 1 and not any(k.startswith("inplace x") for k in small.strategy_timings)
         auto = problem(net, X, y, max_block=8)
-        monkeypatch.setattr(Problem, "evaluate_blocks", lagging)
+        monkeypatch.setattr(PointEvaluator, "evaluate_blocks", lagging)
         got = compute_slice(auto, dirs, axes, on_block=lambda idx, vals: seen.append(int(idx[0])))
-        monkeypatch.setattr(Problem, "evaluate_blocks", plain)
+        monkeypatch.setattr(PointEvaluator, "evaluate_blocks", plain)
         assert auto.workers == 3 - slower and auto.block == 8
         # block 0 on all threads, then 1-4 on two replicas (their first round a warm-up, enough when 2x slower):
         # the winner's are journaled first

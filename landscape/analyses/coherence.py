@@ -392,6 +392,12 @@ def _one_gradient(problem: Problem, y: torch.Tensor, i: int, method: str) -> np.
 
 def _analyze(problem: Problem, s: CoherenceSettings, y: torch.Tensor,
              progress: Callable[[str, int, int], None] | None, label: str) -> CoherenceResult:
+    """Every coherence statistic of ``problem`` with labels ``y`` from one pass over the per-sample gradients
+    (exact, chunked to the budget, or sketched), then ``B_noise`` by Hessian-vector products on ``noise_samples``
+    samples.
+
+    Length: the single pass accumulates all statistics chunk by chunk (sums, per-class sums, squared norms, the
+    kept samples' gradients), which is what makes it one pass; each statistic's formula is a helper."""
     t0 = time.perf_counter()
     n = problem.n
     labels = sample_labels(problem, y)

@@ -164,12 +164,7 @@ class CurvatureResult:
                      "settings": asdict(s), "summary": self.summary()}.items():
             g.attrs[k] = encode_attr(v)
         if self.top is not None:
-            g.create_dataset("eigenvalues", data=self.top.eigenvalues)
-            g.create_dataset("residuals", data=self.top.residuals)
-            g.create_dataset("converged", data=self.top.converged)
-            if self.top.noise is not None:
-                g.create_dataset("residual_noise", data=self.top.noise)
-            g.attrs["n_hvp_top"] = self.top.n_matvec
+            _write_pairs(g, self.top, "", "top")
             g.attrs["lanczos_basis"] = self.top.basis
             if eigenvector_params is not None:
                 for i in range(self.top.eigenvectors.shape[1]):
@@ -177,32 +172,16 @@ class CurvatureResult:
                     for pname, arr in eigenvector_params(self.top.eigenvectors[:, i]).items():
                         vg.create_dataset(link_name(pname), data=arr)
         if self.bottom is not None:
-            g.create_dataset("bottom_eigenvalues", data=self.bottom.eigenvalues)
-            g.create_dataset("bottom_residuals", data=self.bottom.residuals)
-            g.create_dataset("bottom_converged", data=self.bottom.converged)
-            if self.bottom.noise is not None:
-                g.create_dataset("bottom_residual_noise", data=self.bottom.noise)
-            g.attrs["n_hvp_bottom"] = self.bottom.n_matvec
+            _write_pairs(g, self.bottom, "bottom_", "bottom")
         if self.trace is not None:
             t = g.create_group("trace")
-            attrs = {"estimate": self.trace.estimate, "stderr": self.trace.stderr,
-                     "n_matvec": self.trace.n_matvec, "method": self.trace.method}
+            t.attrs.update({"estimate": self.trace.estimate, "stderr": self.trace.stderr,
+                            "n_matvec": self.trace.n_matvec, "method": self.trace.method})
             if s.engine == "pyhessian":
-                attrs["tol"] = PYHESSIAN_TRACE_TOL
-            for k, v in attrs.items():
-                t.attrs[k] = v
+                t.attrs["tol"] = PYHESSIAN_TRACE_TOL
             t.create_dataset("samples", data=self.trace.samples)
         if self.density is not None:
-            d = g.create_group("density")
-            grid, values = self.density.evaluate()
-            d.create_dataset("nodes", data=self.density.nodes)
-            d.create_dataset("weights", data=self.density.weights)
-            d.create_dataset("grid", data=grid)
-            d.create_dataset("values", data=values)
-            d.attrs["sigma2"] = self.density.default_sigma2()
-            d.attrs["negative_mass"] = self.density.negative_mass
-            d.attrs["negative_mass_stderr"] = self.density.negative_mass_stderr
-            d.attrs["n_matvec"] = self.density.n_matvec
+            self.density.write(g.create_group("density"))
         for layer, res in self.per_layer.items():
             res.write(g.require_group("per_layer"), link_name(layer))
         if self.validity is not None:
@@ -214,6 +193,16 @@ class CurvatureResult:
         if self.batch_sizes is not None:
             self.batch_sizes.write(g)
         return g
+
+
+def _write_pairs(g: h5py.Group, pairs: Eigenpairs, prefix: str, which: str) -> None:
+    """``pairs``' eigenvalues, residuals, convergence flags and residual noise (when measured) as datasets named with
+    ``prefix``, and their product count as the attribute ``n_hvp_<which>``."""
+    for key, data in (("eigenvalues", pairs.eigenvalues), ("residuals", pairs.residuals),
+                      ("converged", pairs.converged), ("residual_noise", pairs.noise)):
+        if data is not None:
+            g.create_dataset(prefix + key, data=data)
+    g.attrs[f"n_hvp_{which}"] = pairs.n_matvec
 
 
 def stored_summary(group: h5py.Group, settings: CurvatureSettings, *, eigenvectors: bool = False
@@ -336,17 +325,23 @@ def _analyze(problem: Problem, s: CurvatureSettings, params: list[str] | None,
     validity = None
     if s.validity:
         note("validity radius of the quadratic model")
-        dirs = [(f"top-{i + 1}", op.to_params(top.eigenvectors[:, i])) for i in range(top.eigenvectors.shape[1])] \
-            if top is not None else []
-        if bottom is not None:
-            dirs.append(("bottom-1", op.to_params(bottom.eigenvectors[:, 0])))
-        rand = random_directions({n: problem.theta0[n] for n in select_parameters(problem.names, params)},
-                                 s.validity_random, seed=s.seed) if s.validity_random else []
-        dirs += [(f"random-{j + 1}", _full(problem, d)) for j, d in enumerate(rand)]  # eigenvectors are full already
-        validity = analyze_validity(problem, dirs)
+        validity = analyze_validity(problem, _validity_directions(problem, op, s, params, top, bottom))
     return CurvatureResult(settings=s, n_parameters=op.n, top=top, bottom=bottom, trace=trace, density=density,
                            n_matvec=op.n_matvec, hvp_mode=problem.hvp_engine,
                            dtype=str(problem.dtype).replace("torch.", ""), validity=validity)
+
+
+def _validity_directions(problem: Problem, op: CurvatureOperator, s: CurvatureSettings, params: list[str] | None,
+                         top: Eigenpairs | None, bottom: Eigenpairs | None) -> list[tuple[str, dict[str, Any]]]:
+    """The named directions ``--validity`` probes: each top eigenvector, the bottom one, and ``validity_random``
+    random filter-normalized directions over the selected parameters."""
+    dirs = [(f"top-{i + 1}", op.to_params(top.eigenvectors[:, i])) for i in range(top.eigenvectors.shape[1])] \
+        if top is not None else []
+    if bottom is not None:
+        dirs.append(("bottom-1", op.to_params(bottom.eigenvectors[:, 0])))
+    rand = random_directions({n: problem.theta0[n] for n in select_parameters(problem.names, params)},
+                             s.validity_random, seed=s.seed) if s.validity_random else []
+    return dirs + [(f"random-{j + 1}", _full(problem, d)) for j, d in enumerate(rand)]  # eigenvectors are full
 
 
 def _full(problem: Problem, d: Mapping[str, Any]) -> dict[str, Any]:

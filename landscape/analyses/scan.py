@@ -541,7 +541,6 @@ def run_scan(config: ScanConfig, *, progress: ProgressFn | None = None,
     path = config.run_path()
     mode = "overwrite" if config.overwrite else ("resume" if config.resume else "create")
     prov = provenance(config, st)
-    results: list[SliceResult] = []
     if "LANDSCAPE_SPILL_DIR" not in os.environ:  # vectors beyond the budget spill beside the run file
         make_parent(path)
         vectors.SPILL_DIR = str(path.parent)
@@ -555,53 +554,7 @@ def run_scan(config: ScanConfig, *, progress: ProgressFn | None = None,
         rf = comm.from_writer(open_run, share=False)  # None on the other ranks: they never touch the file
         existing = comm.from_writer(lambda: _read_existing(rf, prov, plan, path, st.data.indices))
         keys = ["loss"] + (["accuracy"] if pb.classification else []) + sorted(pb.metrics)
-        for s in plan:
-            t0 = time.perf_counter()
-            if s.name in existing:
-                attrs, dirs, done, axes = existing[s.name]
-                want = _slice_attrs(s, attrs["strategy"], attrs["block"], config)
-                diff = [k for k in want if attrs.get(k, SLICE_ATTR_DEFAULTS.get(k)) != want[k]]
-                if diff or not all(np.array_equal(a, b) for a, b in zip(axes, s.axes)):
-                    raise LandscapeError(f"cannot resume slice {s.name!r} of {path}: its settings differ "
-                                         f"({', '.join(diff) or 'grid'})",
-                                         hint="use --overwrite, another -o, or --name for a new slice")
-                if dirs is None:  # recomputed from the recipe, and checked
-                    dirs = comm.broadcast(make_directions(s, st, config) if comm.is_writer else None)
-                    if directions_sha256(dirs) != attrs.get("directions_sha256"):
-                        raise LandscapeError(f"cannot resume slice {s.name!r} of {path}: its directions, recomputed "
-                                             "from their seed, differ from the stored hash (another torch version?)",
-                                             hint="use --overwrite, or --name for a new slice")
-                pb.strategy, pb.block, pb.workers = attrs["strategy"], int(attrs["block"]), int(attrs.get("workers", 1))
-                # as it was computed (older files: without these shortcuts), so the same bits
-                pb.linear_inputs, pb.direct_output = "input_layers" in attrs, "output_layer" in attrs
-                block, ready = pb.block, {}
-            else:
-                dirs = comm.broadcast(make_directions(s, st, config) if comm.is_writer or s.kind.startswith("hessian")
-                                      else None)
-                pb.linear_inputs = pb.direct_output = True
-                done = np.zeros(tuple(len(a) for a in s.axes), dtype=bool)
-                # timed on the slice's own first blocks: their values are kept (ready) and journaled first
-                ready = pb.choose_strategy_for([pb.as_list(d) for d in dirs], block_points(s.axes, done))
-                strategy, block = pb.strategy, pb.block
-                attrs = {**_slice_attrs(s, strategy, block, config), "input_layers": ",".join(pb.linear_input_layers),
-                         "output_layer": pb.direct_output_layer if strategy == "inplace" else "", "workers": pb.workers}
-                store = s.kind.startswith("hessian") or keeps_vectors(config, pb.num_parameters)
-                comm.from_writer(lambda: _new_slice(rf, s, dirs, keys, attrs, pb, store), share=False)
-            total = done.size
-            n_done = int(done.sum())
-            todo = sum(len(b) for b in missing_blocks(done, block))
-            if progress:
-                progress(s.name, total - todo, total)
-
-            def on_block(idx: np.ndarray, vals: Mapping[str, np.ndarray], _name: str = s.name) -> None:
-                nonlocal n_done
-                rf.append(_name, idx, vals)
-                n_done += len(idx)
-                if progress:
-                    progress(_name, min(n_done, total), total)
-
-            compute_slice(pb, dirs, s.axes, done=done, block=block, on_block=on_block, ready=ready)
-            results.append(comm.from_writer(lambda: _summarize(rf, s, todo, time.perf_counter() - t0)))
+        results = [_scan_slice(s, st, config, rf, existing, keys, progress) for s in plan]
         vectors_kept = keeps_vectors(config, pb.num_parameters)
         curvature, curvature_summary = None, None
         if config.curvature is not None:  # on resume, a finished result for the same settings is kept as it is
@@ -615,6 +568,61 @@ def run_scan(config: ScanConfig, *, progress: ProgressFn | None = None,
         coherence = _run_coherence(rf, config, st, progress) if config.coherence is not None else None
     return ScanSummary(str(path), config.checkpoint, pb.num_parameters, pb.n, pb.strategy, tuple(results),
                        curvature_summary, tuple(sharp), coherence)
+
+
+def _scan_slice(s: SliceSettings, st: Setup, config: ScanConfig, rf: RunFile | None, existing: Mapping[str, Any],
+                keys: Sequence[str], progress: ProgressFn | None) -> SliceResult:
+    """Compute one planned slice into the run file: a new one (directions made, the evaluation strategy timed on
+    its first blocks), or the missing points of one the file already holds, with the settings it was computed with
+    (checked against ``s``) so that a resumed slice has the same bits."""
+    pb, path = st.problem, config.run_path()
+    comm = pb.comm
+    t0 = time.perf_counter()
+    if s.name in existing:
+        attrs, dirs, done, axes = existing[s.name]
+        want = _slice_attrs(s, attrs["strategy"], attrs["block"], config)
+        diff = [k for k in want if attrs.get(k, SLICE_ATTR_DEFAULTS.get(k)) != want[k]]
+        if diff or not all(np.array_equal(a, b) for a, b in zip(axes, s.axes)):
+            raise LandscapeError(f"cannot resume slice {s.name!r} of {path}: its settings differ "
+                                 f"({', '.join(diff) or 'grid'})",
+                                 hint="use --overwrite, another -o, or --name for a new slice")
+        if dirs is None:  # recomputed from the recipe, and checked
+            dirs = comm.broadcast(make_directions(s, st, config) if comm.is_writer else None)
+            if directions_sha256(dirs) != attrs.get("directions_sha256"):
+                raise LandscapeError(f"cannot resume slice {s.name!r} of {path}: its directions, recomputed "
+                                     "from their seed, differ from the stored hash (another torch version?)",
+                                     hint="use --overwrite, or --name for a new slice")
+        pb.strategy, pb.block, pb.workers = attrs["strategy"], int(attrs["block"]), int(attrs.get("workers", 1))
+        # as it was computed (older files: without these shortcuts), so the same bits
+        pb.linear_inputs, pb.direct_output = "input_layers" in attrs, "output_layer" in attrs
+        block, ready = pb.block, {}
+    else:
+        dirs = comm.broadcast(make_directions(s, st, config) if comm.is_writer or s.kind.startswith("hessian")
+                              else None)
+        pb.linear_inputs = pb.direct_output = True
+        done = np.zeros(tuple(len(a) for a in s.axes), dtype=bool)
+        # timed on the slice's own first blocks: their values are kept (ready) and journaled first
+        ready = pb.choose_strategy_for([pb.as_list(d) for d in dirs], block_points(s.axes, done))
+        strategy, block = pb.strategy, pb.block
+        attrs = {**_slice_attrs(s, strategy, block, config), "input_layers": ",".join(pb.linear_input_layers),
+                 "output_layer": pb.direct_output_layer if strategy == "inplace" else "", "workers": pb.workers}
+        store = s.kind.startswith("hessian") or keeps_vectors(config, pb.num_parameters)
+        comm.from_writer(lambda: _new_slice(rf, s, dirs, keys, attrs, pb, store), share=False)
+    total = done.size
+    n_done = int(done.sum())
+    todo = sum(len(b) for b in missing_blocks(done, block))
+    if progress:
+        progress(s.name, total - todo, total)
+
+    def on_block(idx: np.ndarray, vals: Mapping[str, np.ndarray], _name: str = s.name) -> None:
+        nonlocal n_done
+        rf.append(_name, idx, vals)
+        n_done += len(idx)
+        if progress:
+            progress(_name, min(n_done, total), total)
+
+    compute_slice(pb, dirs, s.axes, done=done, block=block, on_block=on_block, ready=ready)
+    return comm.from_writer(lambda: _summarize(rf, s, todo, time.perf_counter() - t0))
 
 
 def _stored_curvature(rf: RunFile, settings: CurvatureSettings, vectors_kept: bool) -> dict[str, Any] | None:

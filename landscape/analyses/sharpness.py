@@ -235,6 +235,122 @@ def _mean_stderr(x: np.ndarray) -> tuple[float, float]:
     return float(np.mean(x)), float(np.std(x, ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
 
 
+class _Run:
+    """The state one :func:`sharpness` call shares across its ``rho``: the problem's parameters as flat vectors and
+    the perturbation scale ``c``, the batches with their losses at ``w``, the count of loss and gradient
+    evaluations, the noise draws (numbered across the call: draw ``k`` is stream ``k`` of the seed), the values a
+    measure reports beside its rows, and progress."""
+
+    def __init__(self, problem: Problem, s: SharpnessSettings, directions: Sequence[Mapping[str, torch.Tensor]],
+                 progress: Callable[[int, int], None] | None) -> None:
+        self.problem, self.s, self.progress = problem, s, progress
+        self.flat = _Flat(problem, s.parameters)
+        self.c = self.flat.scale(s)
+        self.evals = [0]
+        self.drawn = 0
+        self.done = 0
+        self.extra: dict[str, list] = {}
+        self.directions = [self.flat.vector(d).to(self.flat.w) for d in directions]
+        self.batches = batches(problem.n, s.m, s.seed)
+        self.zero = torch.zeros_like(self.flat.w)
+        self.base = [self.loss(b, self.zero) for b in self.batches]
+        self.full_loss = float(np.mean(self.base))
+        per_batch = s.measure in ("worst-case", "average-case", "sam", "asam")
+        self.units = len(s.rho) * (len(self.batches) if per_batch else 1)
+
+    def at(self, delta: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.flat.params(self.flat.w + delta)
+
+    def loss_grad(self, idx: torch.Tensor | None) -> Callable[[torch.Tensor], tuple[float, torch.Tensor]]:
+        """``delta -> (L_S(w + delta), its gradient in delta)`` on the samples ``idx``, counted."""
+        def f(delta: torch.Tensor) -> tuple[float, torch.Tensor]:
+            self.evals[0] += 1
+            val, g = self.problem.loss_and_gradient(self.at(delta), idx)
+            return val, self.flat.vector(g)
+        return f
+
+    def loss(self, idx: torch.Tensor | None, delta: torch.Tensor) -> float:
+        """``L_S(w + delta)`` on the samples ``idx`` (all when None), counted."""
+        self.evals[0] += 1
+        return self.problem.loss(self.at(delta), idx)
+
+    def noise(self, draws: int) -> Iterator[torch.Tensor]:
+        """``draws`` standard draws (Gaussian for l2, uniform on [-1, 1] for linf), one at a time on the weights'
+        device (:mod:`landscape.linalg.draws`, never ``draws x P`` at once)."""
+        w = self.flat.w
+        for _ in range(draws):
+            z = (uniform(w.numel(), seed=self.s.seed, stream=self.drawn, device=w.device) * 2 - 1
+                 if self.s.norm == "linf" else normal(w.numel(), seed=self.s.seed, stream=self.drawn, device=w.device))
+            self.drawn += 1
+            yield z.to(w.dtype)
+
+    def tick(self) -> None:
+        self.done += 1
+        if self.progress:
+            self.progress(self.done, self.units)
+
+
+def _worst_case(r: _Run, rho: float) -> list[float]:
+    row = []
+    for b, (idx, l0) in enumerate(zip(r.batches, r.base)):
+        row.append(apgd(r.loss_grad(idx), r.c, rho, norm=r.s.norm, steps=r.s.steps, seed=r.s.seed + b).value - l0)
+        r.tick()
+    return row
+
+
+def _average_case(r: _Run, rho: float) -> list[float]:
+    row: list[float] = []
+    for idx, l0 in zip(r.batches, r.base):
+        row.extend(r.loss(idx, rho * r.c * z) - l0 for z in r.noise(r.s.draws))
+        r.tick()
+    return row
+
+
+def _one_step(r: _Run, rho: float) -> list[float]:
+    """SAM and ASAM: ``delta = rho c^2 g / ||c g||`` (``c = 1`` for SAM, ``|w| + eta`` for ASAM)."""
+    row = []
+    for idx, l0 in zip(r.batches, r.base):
+        g = r.loss_grad(idx)(r.zero)[1]
+        delta = rho * r.c * r.c * g / (float(torch.linalg.vector_norm(r.c * g)) + 1e-12)
+        row.append(r.loss(idx, delta) - l0)
+        r.tick()
+    return row
+
+
+def _keskar(r: _Run, rho: float) -> list[float]:
+    best = apgd(r.loss_grad(r.batches[0]), r.c, rho, norm="linf", steps=r.s.steps, seed=r.s.seed).value
+    r.tick()
+    return [100.0 * (best - r.full_loss) / (1.0 + r.full_loss)]
+
+
+def _pacbayes(r: _Run, rho: float) -> list[float]:
+    sigma, dev = _pacbayes_sigma(r.problem, r.flat, r.s, rho, r.evals)
+    r.extra.setdefault("sigma", []).append(sigma)
+    r.extra.setdefault("deviation", []).append(dev)
+    r.tick()
+    return [1.0 / sigma ** 2]
+
+
+def _first_order(r: _Run, rho: float) -> list[float]:
+    res = apgd(_gradient_norm(r.problem, r.flat, r.c, r.evals), r.c, rho, norm="l2", steps=r.s.steps, seed=r.s.seed)
+    r.tick()
+    return [res.value]
+
+
+def _basin_width(r: _Run, rho: float) -> list[float]:
+    dists = [[_first_crossing(lambda t: r.loss(None, t * sign * d), r.full_loss, rho) for sign in (1.0, -1.0)]
+             for d in r.directions]
+    r.extra.setdefault("distance", []).append(dists)
+    r.tick()
+    return list(np.ravel(dists))
+
+
+#: each measure's row of values at one ``rho`` (one per batch, draw, direction, or a single value)
+_ROWS: dict[str, Callable[[_Run, float], list[float]]] = {
+    "worst-case": _worst_case, "average-case": _average_case, "sam": _one_step, "asam": _one_step,
+    "keskar": _keskar, "pacbayes": _pacbayes, "first-order": _first_order, "basin-width": _basin_width}
+
+
 def sharpness(problem: Problem, settings: SharpnessSettings, *,
               directions: Sequence[Mapping[str, torch.Tensor]] | None = None,
               progress: Callable[[int, int], None] | None = None) -> SharpnessResult:
@@ -244,106 +360,22 @@ def sharpness(problem: Problem, settings: SharpnessSettings, *,
     is called after each unit of work.
     """
     s = settings.resolved()
-    flat = _Flat(problem, s.parameters)
-    c = flat.scale(s)
-    t0 = time.perf_counter()
-    evals = [0]
-
-    def at(delta: torch.Tensor) -> dict[str, torch.Tensor]:
-        return flat.params(flat.w + delta)
-
-    def loss_grad(idx: torch.Tensor) -> Callable[[torch.Tensor], tuple[float, torch.Tensor]]:
-        def f(delta: torch.Tensor) -> tuple[float, torch.Tensor]:
-            evals[0] += 1
-            val, g = problem.loss_and_gradient(at(delta), idx)
-            return val, flat.vector(g)
-        return f
-
-    def loss(idx: torch.Tensor | None, delta: torch.Tensor) -> float:
-        evals[0] += 1
-        return problem.loss(at(delta), idx)
-
     if s.measure == "basin-width" and not directions:
         raise LandscapeError("basin-width needs directions", hint="run it on a run file with slices, or "
                              "let landscape draw random filter-normalized ones")
-    flat_dirs = [flat.vector(d).to(flat.w) for d in directions or ()] if s.measure == "basin-width" else []
-    batch_list = batches(problem.n, s.m, s.seed)
-    m = len(batch_list[0])
-    n_used = m * len(batch_list)
-    zero = torch.zeros_like(flat.w)
-    base = [loss(b, zero) for b in batch_list]
-    full_loss = float(np.mean(base))
-    drawn = 0  # average-case draws so far: draw k is stream k of the seed
-    extra: dict[str, list] = {}
-    rows: list[np.ndarray] = []
-    units = len(s.rho) * (len(batch_list) if s.measure in ("worst-case", "average-case", "sam", "asam") else 1)
-    done = 0
-
-    def tick() -> None:
-        nonlocal done
-        done += 1
-        if progress:
-            progress(done, units)
-
-    def noise(draws: int) -> Iterator[torch.Tensor]:
-        """``draws`` standard draws (Gaussian for l2, uniform on [-1, 1] for linf), one at a time on the weights'
-        device (:mod:`landscape.linalg.draws`, never ``draws x P`` at once)."""
-        nonlocal drawn
-        for _ in range(draws):
-            z = (uniform(flat.w.numel(), seed=s.seed, stream=drawn, device=flat.w.device) * 2 - 1
-                 if s.norm == "linf" else normal(flat.w.numel(), seed=s.seed, stream=drawn, device=flat.w.device))
-            drawn += 1
-            yield z.to(flat.w.dtype)
-
-    for rho in s.rho:
-        if s.measure == "worst-case":
-            row = []
-            for b, (idx, l0) in enumerate(zip(batch_list, base)):
-                row.append(apgd(loss_grad(idx), c, rho, norm=s.norm, steps=s.steps, seed=s.seed + b).value - l0)
-                tick()
-        elif s.measure == "average-case":
-            row = []
-            for idx, l0 in zip(batch_list, base):
-                row.extend(loss(idx, rho * c * z) - l0 for z in noise(s.draws))
-                tick()
-        elif s.measure in ("sam", "asam"):
-            row = []
-            for idx, l0 in zip(batch_list, base):
-                g = loss_grad(idx)(zero)[1]
-                delta = rho * c * c * g / (float(torch.linalg.vector_norm(c * g)) + 1e-12)
-                row.append(loss(idx, delta) - l0)
-                tick()
-        elif s.measure == "keskar":
-            best = apgd(loss_grad(batch_list[0]), c, rho, norm="linf", steps=s.steps, seed=s.seed).value
-            row = [100.0 * (best - full_loss) / (1.0 + full_loss)]
-            tick()
-        elif s.measure == "pacbayes":
-            sigma, dev = _pacbayes_sigma(problem, flat, s, rho, evals)
-            row = [1.0 / sigma ** 2]
-            extra.setdefault("sigma", []).append(sigma)
-            extra.setdefault("deviation", []).append(dev)
-            tick()
-        elif s.measure == "first-order":
-            res = apgd(_gradient_norm(problem, flat, c, evals), c, rho, norm="l2", steps=s.steps, seed=s.seed)
-            row = [res.value]
-            tick()
-        else:  # basin-width
-            dists = [[_first_crossing(lambda t: loss(None, t * sign * d), full_loss, rho) for sign in (1.0, -1.0)]
-                     for d in flat_dirs]
-            extra.setdefault("distance", []).append(dists)
-            row = list(np.ravel(dists))
-            tick()
-        rows.append(np.asarray(row, dtype=np.float64))
+    t0 = time.perf_counter()
+    run = _Run(problem, s, (directions or ()) if s.measure == "basin-width" else (), progress)
+    rows = [np.asarray(_ROWS[s.measure](run, rho), dtype=np.float64) for rho in s.rho]
     stats = [_mean_stderr(r) for r in rows]
-    width = max(len(r) for r in rows)
-    samples = np.full((len(rows), width), np.nan)
+    samples = np.full((len(rows), max(len(r) for r in rows)), np.nan)
     for i, r in enumerate(rows):
         samples[i, :len(r)] = r
+    m = len(run.batches[0])
     return SharpnessResult(
         settings=s, rho=np.asarray(s.rho, dtype=np.float64), value=np.array([v for v, _ in stats]),
-        stderr=np.array([e for _, e in stats]), samples=samples, m=m, n_samples=n_used, loss=full_loss,
-        n_evals=evals[0], seconds=time.perf_counter() - t0,
-        extra={k: np.asarray(v, dtype=np.float64) for k, v in extra.items()})
+        stderr=np.array([e for _, e in stats]), samples=samples, m=m, n_samples=m * len(run.batches),
+        loss=run.full_loss, n_evals=run.evals[0], seconds=time.perf_counter() - t0,
+        extra={k: np.asarray(v, dtype=np.float64) for k, v in run.extra.items()})
 
 
 #: Vector operations on P numbers around each ascent step (scaling, step direction, projection, momentum, the

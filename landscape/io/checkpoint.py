@@ -226,6 +226,18 @@ def load_checkpoint(path: str | Path, *, state_key: str | None = None, trust_pic
     manifest = obj.get(MANIFEST_KEY) if isinstance(obj.get(MANIFEST_KEY), Mapping) else None
     fmt = "landscape" if manifest else ("lightning" if any("lightning" in str(k) for k in obj) else "training")
 
+    found, key, module = _find_state_dict(obj, state_key, path)
+    opt, opt_state, step = _optimizer_and_step(obj, manifest)
+    return Checkpoint(format=fmt, state_dict=dict(found), state_key=key, manifest=manifest,
+                      optimizer=opt, step=step, module=module,
+                      optimizer_state=opt_state if optimizer_state and isinstance(opt_state, Mapping) else None,
+                      **common)
+
+
+def _find_state_dict(obj: Mapping[str, Any], state_key: str | None, path: Path
+                     ) -> tuple[Mapping[str, torch.Tensor], str | None, torch.nn.Module | None]:
+    """The state dict inside a training-checkpoint dict: under ``state_key`` (dotted), else under the first of
+    :data:`STATE_KEYS` that holds one (or a pickled module, whose state dict it is); with its key and the module."""
     module = None
     if state_key is not None:
         found, key = _get_dotted(obj, state_key), state_key
@@ -248,6 +260,13 @@ def load_checkpoint(path: str | Path, *, state_key: str | None = None, trust_pic
             hint=f"pass --state-key KEY; top-level keys are: {_keys_preview(obj)}",
         )
 
+    return found, key, module
+
+
+def _optimizer_and_step(obj: Mapping[str, Any], manifest: Mapping[str, Any] | None
+                        ) -> tuple[dict[str, Any] | None, Any, int | None]:
+    """The optimizer's hyperparameters (:func:`optimizer_info`) and state dict, and the training step, from a
+    checkpoint dict (its manifest first)."""
     opt = opt_state = None
     man_opt = manifest.get("optimizer") if manifest else None
     for k in OPTIMIZER_KEYS:
@@ -264,10 +283,7 @@ def load_checkpoint(path: str | Path, *, state_key: str | None = None, trust_pic
             if isinstance(obj.get(k), int):
                 step = obj[k]
                 break
-    return Checkpoint(format=fmt, state_dict=dict(found), state_key=key, manifest=manifest,
-                      optimizer=opt, step=step, module=module,
-                      optimizer_state=opt_state if optimizer_state and isinstance(opt_state, Mapping) else None,
-                      **common)
+    return opt, opt_state, step
 
 
 def _keys_preview(obj: Mapping[str, Any], n: int = 8) -> str:

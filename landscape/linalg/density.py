@@ -12,7 +12,7 @@ broadening can be drawn later. PyHessian's defaults: ``steps = 100``, ``n_probes
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -82,6 +82,16 @@ class SpectralDensity:
         phi /= np.sqrt(2 * np.pi * sigma2)
         mass = np.trapezoid(phi, grid) if len(grid) > 1 else 1.0
         return grid, phi / mass if mass > 0 else phi
+
+    def write(self, group: Any) -> None:
+        """Into ``group`` (an h5py group of the run file): the quadrature (``nodes``, ``weights``), the broadened
+        density on its default grid (``grid``, ``values``), ``sigma2``, the negative mass with its standard error and
+        the product count as attributes."""
+        grid, values = self.evaluate()
+        for key, data in (("nodes", self.nodes), ("weights", self.weights), ("grid", grid), ("values", values)):
+            group.create_dataset(key, data=data)
+        group.attrs.update({"sigma2": self.default_sigma2(), "negative_mass": self.negative_mass,
+                            "negative_mass_stderr": self.negative_mass_stderr, "n_matvec": self.n_matvec})
 
 
 @single_blas_thread()

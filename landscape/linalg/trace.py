@@ -62,20 +62,37 @@ def hutchinson(matvec: Matvec, n: int, *, max_matvec: int = 100, stderr_target: 
     if deflate is not None:
         vals, Q = deflate
         base = float(np.sum(vals))
-    samples: list[float] = []
-    while len(samples) < max_matvec:
+
+    def quadratic(_: int) -> float:
         z = _rademacher(rng, n)
         if Q is not None:
             z = z - Q @ (Q.T @ z)
-        samples.append(float(z @ np.asarray(matvec(z), dtype=np.float64)))
-        s = len(samples)
-        if stderr_target is not None and s >= min_probes:
-            if np.std(samples, ddof=1) / np.sqrt(s) <= stderr_target:
-                break
-    arr = np.asarray(samples)
-    stderr = float(np.std(arr, ddof=1) / np.sqrt(len(arr))) if len(arr) > 1 else float("inf")
+        return float(z @ np.asarray(matvec(z), dtype=np.float64))
+
+    arr, stderr = _probe(quadratic, max_matvec, stderr_target, min_probes)
     return TraceEstimate(estimate=base + float(arr.mean()), stderr=stderr, n_matvec=len(arr),
                          method="hutchinson" + ("-deflated" if Q is not None else ""), samples=arr)
+
+
+def _probe(quadratic: Callable[[int], float], probes: int, stderr_target: float | None, min_probes: int
+           ) -> tuple[np.ndarray, float]:
+    """``quadratic(i)`` (probe ``i``'s ``z^T A z``) for ``i = 0, 1, ...``, at most ``probes`` of them, stopped once
+    the standard error of their mean ``std / sqrt(i + 1)`` is at most ``stderr_target`` (after ``min_probes``): the
+    samples and that standard error (inf for a single sample).
+
+    >>> _probe(lambda i: float(i % 2), 100, 0.2, 10)[0].size  # stderr of 0, 1, 0, 1, ... falls below 0.2 at 10
+    10
+    """
+    samples = np.empty(probes)
+    used = probes
+    for i in range(probes):
+        samples[i] = quadratic(i)
+        if stderr_target is not None and i + 1 >= min_probes \
+                and np.std(samples[:i + 1], ddof=1) / np.sqrt(i + 1) <= stderr_target:
+            used = i + 1
+            break
+    samples = samples[:used]
+    return samples, float(np.std(samples, ddof=1) / np.sqrt(used)) if used > 1 else float("inf")
 
 
 def _sign_column(seed: int, i: int, n: int, device: torch.device | None) -> torch.Tensor:
@@ -125,18 +142,14 @@ def hutchpp(matvec: Matvec, n: int, *, max_matvec: int = 99, seed: int = 0, budg
         Ct += _sign_rows(seed, k, a, b, block.device) @ tensor_of(block.read(a, b, r)).T
     for a, b in block.blocks():  # P G, written over Q row block by row block
         block.write(a, _sign_rows(seed, k, a, b, block.device).sub_(Ct @ tensor_of(block.read(a, b, r))))
-    samples = np.empty(k)
-    used = k
-    for i in range(k):
+
+    def quadratic(i: int) -> float:
         g = block.column(i)
-        samples[i] = float(g @ product(matvec, g))
-        if stderr_target is not None and i + 1 >= min_probes \
-                and np.std(samples[:i + 1], ddof=1) / np.sqrt(i + 1) <= stderr_target:
-            used = i + 1
-            break
-    samples = samples[:used]
+        return float(g @ product(matvec, g))
+
+    samples, stderr = _probe(quadratic, k, stderr_target, min_probes)
+    used = len(samples)
     block.close()
-    stderr = float(np.std(samples, ddof=1) / np.sqrt(used)) if used > 1 else float("inf")
     return TraceEstimate(estimate=low_rank + float(samples.mean()), stderr=stderr, n_matvec=k + r + used,
                          method="hutch++", samples=samples, storage=block.storage)
 
@@ -185,21 +198,18 @@ def basis_deflated(matvec: Matvec, basis: KrylovBasis, *, probes: int = 33, seed
     else:
         room = budget - (0 if store.on_disk else store.nbytes)
     block = probe_block(store.n, probes, room)
-    samples = np.empty(probes)
-    used = probes
-    for i in range(probes):
+    Z = None
+
+    def quadratic(i: int) -> float:
+        nonlocal Z
         if i % block == 0:  # the next block of probes, projected off V together
             Z = store.native(sign_columns(store.n, seed=seed, streams=[2 * j + 1 for j in
                                                                         range(i, min(probes, i + block))],
                                           device=store.device))
             Z, _ = orthogonalize(store, Z, basis.cols)
         z = Z[i % block]
-        samples[i] = float(z @ product(matvec, z))
-        if stderr_target is not None and i + 1 >= min_probes \
-                and np.std(samples[:i + 1], ddof=1) / np.sqrt(i + 1) <= stderr_target:
-            used = i + 1
-            break
-    samples = samples[:used]
-    stderr = float(np.std(samples, ddof=1) / np.sqrt(used)) if used > 1 else float("inf")
-    return TraceEstimate(estimate=basis.projected_trace + float(samples.mean()), stderr=stderr, n_matvec=used,
+        return float(z @ product(matvec, z))
+
+    samples, stderr = _probe(quadratic, probes, stderr_target, min_probes)
+    return TraceEstimate(estimate=basis.projected_trace + float(samples.mean()), stderr=stderr, n_matvec=len(samples),
                          method="lanczos-deflated", samples=samples, storage=store.storage)

@@ -15,11 +15,13 @@ stack of the block's outputs (:mod:`landscape.problem.outputlayer`), where the l
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
+from ..errors import LandscapeError
 from .inputlayer import InputLayers
 from .losses import LossFn, class_major
 from .outputlayer import OutputLayer
@@ -145,3 +147,38 @@ class Replica:
         buf = self._buffer(chunk, (len(outs), *outs[0].shape))
         torch.stack(list(outs), out=buf)
         return buf
+
+
+def recompute_batches(model: nn.Module, X: torch.Tensor, batches: int, size: int, seed: int) -> list[torch.Tensor]:
+    """The fixed seeded batches of ``X`` that ``--bn recompute`` re-estimates the BatchNorm statistics on at every
+    point; ``model``'s BatchNorm layers are set to a cumulative average (the exact mean over those batches)."""
+    bn_modules = [m for m in model.modules() if isinstance(m, BN_TYPES)]
+    if not bn_modules:
+        raise LandscapeError("--bn recompute was asked for, but the model has no BatchNorm layer",
+                             hint="drop --bn recompute")
+    for m in bn_modules:
+        m.momentum = None
+    n = X.shape[0]
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(X.device)
+    size = min(size, n)
+    return [X[perm[s:s + size]] for s in range(0, min(batches * size, n), size)]
+
+
+def batchnorm_check(model: nn.Module, state: dict[str, torch.Tensor], loss: LossFn, x: torch.Tensor,
+                    y: torch.Tensor) -> tuple[float, float] | None:
+    """``(eval-mode loss, train-mode loss)`` of ``model`` at ``state`` (parameters and buffers) on ``x``, or None for
+    a model without BatchNorm: the checkpoint's running statistics against the batch's own (what training saw). Far
+    apart, frozen statistics evaluate a point the user did not mean (a briefly trained net, running averages still
+    near their initial values): ``--bn recompute`` re-estimates them. Works on a copy; other random layers
+    (dropout) stay in eval mode."""
+    if not any(isinstance(m, BN_TYPES) for m in model.modules()):
+        return None
+    probe = copy.deepcopy(model)
+    with torch.no_grad():
+        probe.load_state_dict(state, strict=False)
+        frozen = float(loss(probe(x), y))
+        for m in probe.modules():
+            if isinstance(m, BN_TYPES):
+                m.train()
+        batch = float(loss(probe(x), y))
+    return frozen, batch

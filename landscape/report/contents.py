@@ -280,7 +280,10 @@ _COHERENCE_SCALARS = ("m_coherence", "alpha", "gradient_diversity", "gradient_no
 
 
 def summary_rows(run: RunContents) -> list[Row]:
-    """Every scalar result of the run, with its standard error where the file holds one."""
+    """Every scalar result of the run, with its standard error where the file holds one.
+
+    Length: one flat list of rows, section by section in the order the table shows them (slices, curvature,
+    sharpness, coherence, comparison, trajectory); the larger sections are helpers already."""
     rows: list[Row] = []
     for s in run.slices:
         a = s.attrs

@@ -115,6 +115,11 @@ def _settings(attrs: dict[str, Any] | Any) -> str:
 
 
 def _slice_panels(page: _Page, run: RunContents, s: SliceData) -> str:
+    """The HTML of one slice's panels: a 1D slice's loss and accuracy curve, or a 2D slice's loss surface and
+    contours (the checkpoint starred) and a panel for each other value (accuracy, metrics).
+
+    Length: plotly figure specifications, a dict literal a panel, written out so that each reads as the figure it
+    draws."""
     xl, yl = axis_labels(s)
     loss = s.masked("loss")
     acc = s.masked("accuracy") if "accuracy" in s.values else None
@@ -192,6 +197,11 @@ def _slice_panels(page: _Page, run: RunContents, s: SliceData) -> str:
 
 
 def _curvature_panels(page: _Page, c: CurvatureData) -> str:
+    """The HTML of one curvature group's panels: top and bottom eigenvalues with residual bars, the spectral density,
+    mini-batch against full-data extreme eigenvalues, and each class's spectral density.
+
+    Length: plotly figure specifications, a dict literal a panel, written out so that each reads as the figure it
+    draws."""
     out = f"<h3>{esc(c.title)} <small>({esc(c.attrs.get('n_parameters', '?'))} parameters, " \
           f"{esc(c.attrs.get('n_hvp', '?'))} products)</small></h3><div class=\"row\">"
     for p, label in (("", "top"), ("bottom_", "bottom")):
