@@ -165,13 +165,17 @@ def run_and_print(config: Any, st: Any, json_out: bool, *, report: Optional[bool
 def run_analysis(checkpoint: str, specs: SpecOptions, run: RunOptions, **analysis: Any) -> Any:
     """Load the checkpoint, run one analysis command's ``analysis`` (a ScanConfig field, e.g.
     ``curvature=settings``) into the run file without slices, and print its summary; the summary."""
-    from landscape.analyses.scan import setup
-
     config = base_config(checkpoint, specs, run.output, slices=False, resume=True, stream=run.stream,
                          save_vectors=run.save_vectors, **analysis)
+    return run_and_print(config, load(config), run.json_out, report=None)
+
+
+def load(config: Any) -> Any:
+    """The checkpoint, model, data and Problem of ``config`` (``landscape.analyses.scan.setup``), under a spinner."""
+    from landscape.analyses.scan import setup
+
     with err_console.status("loading checkpoint, model and data", spinner="dots"):
-        st = setup(config)
-    return run_and_print(config, st, run.json_out, report=None)
+        return setup(config)
 
 
 def default_sharpness(seed: int, **common: Any) -> tuple[Any, ...]:

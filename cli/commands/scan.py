@@ -10,10 +10,10 @@ from rich.table import Table
 
 from landscape.errors import LandscapeError
 
-from ..app import app, command_errors, err_console, out_console
+from ..app import app, command_errors, out_console
 from ..options import (CheckpointArg, DebugOpt, JsonOpt, MetricOpt, OutputOpt, SaveVectorsOpt, SpecOptions, StreamOpt,
                        parse_range, parse_steps, parse_workers, spec_options)
-from ..running import base_config, default_sharpness, run_and_print
+from ..running import base_config, default_sharpness, load, run_and_print
 
 
 @app.command(epilog="Examples:\n\n"
@@ -71,7 +71,7 @@ def scan(
     """
     from landscape.analyses.coherence import CoherenceSettings
     from landscape.analyses.hessian import CurvatureSettings
-    from landscape.analyses.scan import estimate, setup
+    from landscape.analyses.scan import estimate
 
     with command_errors(debug):
         if resume and overwrite:
@@ -87,8 +87,7 @@ def scan(
             curvature=CurvatureSettings(seed=specs.seed) if hessian else None,
             sharpness=default_sharpness(specs.seed) if sharpness else (),
             coherence=CoherenceSettings(noise_samples=16, seed=specs.seed) if coherence else None)
-        with err_console.status("loading checkpoint, model and data", spinner="dots"):
-            st = setup(config)
+        st = load(config)
         if dry_run:
             est = estimate(config, st)
             if json_out:
