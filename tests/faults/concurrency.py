@@ -8,6 +8,7 @@ writer is refused with one line and exit 2; the scan finishes unharmed."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -41,7 +42,9 @@ def snapshot_problem(path: Path) -> str | None:
 
 def read_while_writing(folder: Path) -> dict[str, Any]:
     """Read the run file of a running scan over and over through the API (``describe``), and once each through
-    ``inspect --json``, ``report`` and a second ``scan`` on the same file; count what each read got."""
+    ``inspect --json``, ``report`` and a second ``scan`` on the same file; count what each read got. The writer is
+    paused (SIGSTOP) mid-slice while those three commands run, so they meet it holding its lock however slow the
+    machine is (CI once saw the scan finish before the second writer had imported torch)."""
     from landscape.errors import LandscapeError
     from landscape.io.runfile import describe
 
@@ -66,13 +69,16 @@ def read_while_writing(folder: Path) -> dict[str, Any]:
         with h5py.File(out, "r") as f:
             partial = any(0 < g["done"][()].sum() < g["done"].size for g in f.get("slices", {}).values())
         r["partial"] += partial
-        if partial and "report" not in r:  # mid-slice: the commands read while the points go on
-            rep = _cli("report", str(out), "-o", str(folder / "report"), "--format", "html")
-            ins = _cli("inspect", str(out), "--json")
+        if partial and "report" not in r:  # mid-slice: the three commands run while the writer holds its lock
+            os.kill(writer.pid, signal.SIGSTOP)  # paused, not finished: a slow machine must not let it end first
+            try:
+                rep = _cli("report", str(out), "-o", str(folder / "report"), "--format", "html")
+                ins = _cli("inspect", str(out), "--json")
+                res = _cli("scan", CKPT, "-o", str(out), "--resume", *ARGS)
+            finally:
+                os.kill(writer.pid, signal.SIGCONT)
             r["report"] = (rep.returncode, rep.stderr.strip())
             r["inspect"] = (ins.returncode, ins.stdout)
-        elif info["in_progress"] and "report" in r and "second_writer" not in r:
-            res = _cli("scan", CKPT, "-o", str(out), "--resume", *ARGS)
             r["second_writer"] = (res.returncode, res.stderr.strip())
     _, err = writer.communicate()
     r["writer_exit"], r["writer_stderr"] = writer.returncode, err[-2000:]
