@@ -3,6 +3,7 @@
     python benchmarks/bench_scale.py [--threads 2] [--models mlp,resnet18,gpt2_25m,wide_mlp] [--samples 32]
                                      [--steps 11] [--memory-budget auto] [--no-pyhessian] [--no-side-by-side] [--out /tmp/bench_scale]
                                      [--device cuda] [--precisions full,bf16] [--context 64] [--deadline SECONDS]
+    python benchmarks/bench_scale.py --growth | --hutchpp [--samples 256]
 
 Models from ``benchmarks/scale_models.py`` (built in code, no downloads): an MLP (~1e5 parameters), ResNet-18 (11.2M,
 10 classes), a GPT-2-style transformer (27M, from a ``transformers`` config) and a wide MLP (90M). Inputs are
@@ -18,8 +19,9 @@ On a GPU (``--device cuda``): one scan and its dry run per entry of ``--precisio
 forward passes, products stay float32: after the first, only the slice is scanned), and the side-by-side process also times a short Lanczos run with its basis
 on the host against one on the GPU, and a Hessian-vector product under bf16 autocast against float32 with its
 error. ``--deadline`` skips what would start after that many seconds (each result is printed as it comes).
-``--growth``: only the time per product over an MLP family (1e5 to 9e7 parameters, 8 to 64 samples) and its fit to
-a line in parameters x samples.
+``--hutchpp``: only Hutch++'s time against that of its plain products on ResNet-18 (``--samples``), with its block in
+float64 and in float32. ``--growth``: only the time per product over an MLP family (1.6e5 to 9e7 parameters, 8 to 512 samples each) and its
+fits to a line in parameters x samples and to one in parameters and parameters x samples.
 
 Output: markdown tables for RESULTS.md.
 """
@@ -50,7 +52,7 @@ from landscape import Problem
 from landscape.runtime.budget import auto_budget
 from landscape.problem.curvature import CurvatureOperator
 from landscape.linalg.lanczos import lanczos
-from landscape.linalg.trace import hutchpp
+from landscape.linalg.trace import hutchpp, sketch_dtype
 from landscape.linalg.vectors import native, vector_device
 dev = torch.device({device!r})
 sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
@@ -83,7 +85,7 @@ for tol in (1e-3, 1e-6):
     out[f"ours_eig_s_tol{{tol:g}}"], out[f"ours_eig_hvp_tol{{tol:g}}"] = clock() - t, r.n_matvec
     out[f"ours_eigenvalues_tol{{tol:g}}"] = r.eigenvalues.tolist()
     print(json.dumps(out), flush=True)
-t = clock(); tr = hutchpp(op, op.n, max_matvec=99, budget=pb.memory_budget, device=vdev)
+t = clock(); tr = hutchpp(op, op.n, max_matvec=99, budget=pb.memory_budget, device=vdev, dtype=sketch_dtype(pb.dtype))
 out["ours_trace_s"], out["ours_trace"], out["ours_trace_stderr"] = clock() - t, tr.estimate, tr.stderr
 out["ours_trace_hvp"] = tr.n_matvec
 print(json.dumps(out), flush=True)
@@ -163,55 +165,120 @@ def prepare(name: str, n: int, folder: Path, context: int) -> tuple[list[str], P
     return args, folder / "ckpt.pt", folder / "data.pt"
 
 
-def growth(threads: int, repeats: int = 2) -> list[dict]:
-    """Seconds per Hessian-vector product of the curvature operator (conversions included) over MLPs of the ladder's
-    family (3x32x32 inputs, four hidden layers) from 1e5 to 9e7 parameters and 8 to 64 samples, with the least-squares
-    line ``t = a + b P N`` and each point's relative deviation from it."""
+def growth(threads: int, repeats: int = 5, widths: tuple[int, ...] = (48, 512, 1600, 3000, 5000),
+           samples: tuple[int, ...] = (8, 32, 128, 512)) -> list[dict]:
+    """Seconds per Hessian-vector product of the curvature operator (its float64 conversions included) over MLPs of
+    the ladder's family (3x32x32 inputs, four hidden layers of each of ``widths``: 1.6e5 to 9e7 parameters) on each
+    of ``samples``, the best of ``repeats`` after two warm-ups (this VM's noise only ever adds time; ``spread`` is
+    the slowest over the best), inside the allocator hold every CLI command runs in
+    (:func:`landscape.runtime.allocator.reuse_freed_memory`); then the fits of :func:`fit_growth`."""
     import numpy as np
 
     from landscape import Problem
     from landscape.problem.curvature import CurvatureOperator
+    from landscape.runtime.allocator import reuse_freed_memory
 
     torch.set_num_threads(threads)
     out = []
-    for width, n in ((48, 32), (512, 32), (1600, 32), (3000, 32), (5000, 8), (5000, 16), (5000, 32), (1600, 64),
-                     (512, 64)):
-        torch.manual_seed(0)
-        model = scale_models.mlp(width=width, depth=4)
-        pb = Problem(model, torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,)), torch.nn.functional.cross_entropy)
-        op = CurvatureOperator(pb)
-        v = np.random.default_rng(0).standard_normal(op.n)
-        op(v)
-        best = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            op(v)
-            best = min(best, time.perf_counter() - t)
-        out.append({"width": width, "samples": n, "parameters": op.n, "hvp_s": best})
-        print(json.dumps(out[-1]), flush=True)
-        del pb, op, model
+    with reuse_freed_memory():
+        for width in widths:
+            torch.manual_seed(0)
+            model = scale_models.mlp(width=width, depth=4)
+            for n in samples:
+                pb = Problem(model, torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,)),
+                             torch.nn.functional.cross_entropy)
+                op = CurvatureOperator(pb)
+                v = np.random.default_rng(0).standard_normal(op.n)
+                op(v), op(v)
+                times = []
+                for _ in range(repeats):
+                    t = time.perf_counter()
+                    op(v)
+                    times.append(time.perf_counter() - t)
+                out.append({"width": width, "samples": n, "parameters": op.n, "hvp_s": min(times),
+                            "spread": max(times) / min(times) - 1})
+                print(json.dumps(out[-1]), flush=True)
+                del pb, op, v
+            del model
     fit_growth(out)
     return out
 
 
 def fit_growth(out: list[dict]) -> None:
-    """The line ``t = a + b P N`` fitted to the products' times by least squares on relative errors, each point's
-    deviation from it, and the time per parameter; printed as a markdown table."""
+    """Two fits to the products' times by least squares on relative errors, printed with each point's deviation as
+    a markdown table: the issue's line ``t = a + b P N``, and ``t = a + b P + c P N`` (non-negative coefficients),
+    which adds the product's passes over the parameters (weights, gradients, tangents, the float64 vectors in and
+    out: a cost per parameter whatever the samples) to its arithmetic per parameter and sample."""
+    import numpy as np
+    from scipy.optimize import nnls
+
+    p = np.array([r["parameters"] for r in out], dtype=float)
+    pn = p * np.array([r["samples"] for r in out])
+    t = np.array([r["hvp_s"] for r in out])
+    line, *_ = np.linalg.lstsq(np.column_stack([np.ones_like(t), pn]) / t[:, None], np.ones_like(t), rcond=None)
+    two, _ = nnls(np.column_stack([np.ones_like(t), p, pn]) / t[:, None], np.ones_like(t))
+    for r, fit1, fit2 in zip(out, line[0] + line[1] * pn, two[0] + two[1] * p + two[2] * pn):
+        r["line_s"], r["two_s"] = float(fit1), float(fit2)
+    dev1 = t / np.array([r["line_s"] for r in out]) - 1
+    dev2 = t / np.array([r["two_s"] for r in out]) - 1
+    print(f"\nt = {line[0]:.4g} s + {line[1] * 1e12:.4g} ps x P x N: largest deviation {np.abs(dev1).max():.1%}")
+    print(f"t = {two[0]:.4g} s + {two[1] * 1e9:.4g} ns x P + {two[2] * 1e12:.4g} ps x P x N: largest deviation "
+          f"{np.abs(dev2).max():.1%}")
+    print("\n| width | parameters | samples | HVP s | spread | ns per parameter | a + b P N | deviation "
+          "| a + b P + c P N | deviation |\n|---|---|---|---|---|---|---|---|---|---|")
+    for r, d1, d2 in zip(out, dev1, dev2):
+        print(f"| {r['width']} | {r['parameters']:,} | {r['samples']} | {r['hvp_s']:.4f} | {r['spread']:.0%} | "
+              f"{r['hvp_s'] / r['parameters'] * 1e9:.1f} | {r['line_s']:.4f} | {d1:+.1%} | {r['two_s']:.4f} | "
+              f"{d2:+.1%} |")
+
+
+def hutchpp_overhead(threads: int, samples: int, folder: Path, rounds: int = 1) -> None:
+    """Hutch++ (99 products) against the time of its own products, on the ladder's ResNet-18 in one process inside
+    the CLI's allocator hold, as ``landscape hessian --trace-method hutch++`` runs it: the products are timed where
+    Hutch++ calls them, so the ratio does not depend on this VM's drift between runs (2x within a session), and 33
+    plain products (four float64 vectors in turn) come first for reference. Each round runs Hutch++ with its block
+    in float64 and in float32 (:func:`landscape.linalg.trace.sketch_dtype`), alternating which goes first."""
     import numpy as np
 
-    x = np.array([r["parameters"] * r["samples"] for r in out], dtype=float)
-    t = np.array([r["hvp_s"] for r in out])
-    A = np.column_stack([np.ones_like(x), x])
-    (a, b), *_ = np.linalg.lstsq(A / t[:, None], np.ones_like(t), rcond=None)
-    for r, xi, ti in zip(out, x, t):
-        r["fit_s"] = a + b * xi
-        r["deviation"] = ti / r["fit_s"] - 1
-    print(f"\nt = {a:.4g} s + {b:.4g} s x P x N; largest deviation {max(abs(r['deviation']) for r in out):.1%}")
-    print("\n| width | parameters | samples | HVP s | ns per parameter | line s | deviation |\n"
-          "|---|---|---|---|---|---|---|")
-    for r in out:
-        print(f"| {r['width']} | {r['parameters']:,} | {r['samples']} | {r['hvp_s']:.4f} | "
-              f"{r['hvp_s'] / r['parameters'] * 1e9:.1f} | {r['fit_s']:.4f} | {r['deviation']:+.1%} |")
+    from landscape.analyses.scan import ScanConfig, setup
+    from landscape.io.specs import Spec
+    from landscape.linalg.trace import hutchpp
+    from landscape.linalg.vectors import product
+    from landscape.problem.curvature import CurvatureOperator
+    from landscape.runtime.allocator import reuse_freed_memory
+
+    torch.set_num_threads(threads)
+    _, ck, data = prepare("resnet18", samples, folder, 0)
+    with reuse_freed_memory():
+        st = setup(ScanConfig(checkpoint=str(ck), model=Spec(f"{HERE / 'scale_models.py'}:resnet18"),
+                              data=Spec(str(data))))
+        pb = st.problem
+        op = CurvatureOperator(pb)
+        vs = [np.random.default_rng(i).standard_normal(op.n) for i in range(4)]
+        product(op, vs[0]), product(op, vs[1])
+        spent = [0.0]
+
+        def timed(v: np.ndarray) -> np.ndarray:
+            t = time.perf_counter()
+            w = op(v)
+            spent[0] += time.perf_counter() - t
+            return w
+
+        print("| round | plain product s | block | Hutch++ s | its products s | its own s | Hutch++ / its products "
+              "| estimate ± stderr |\n|---|---|---|---|---|---|---|---|")
+        for r in range(rounds):
+            t = time.perf_counter()
+            for i in range(33):
+                product(op, vs[i % 4])
+            plain = (time.perf_counter() - t) / 33
+            for dtype in (np.float64, np.float32)[::1 if r % 2 == 0 else -1]:
+                spent[0] = 0.0
+                t = time.perf_counter()
+                tr = hutchpp(timed, op.n, max_matvec=99, budget=pb.memory_budget, dtype=dtype)
+                took = time.perf_counter() - t
+                print(f"| {r + 1} | {plain:.3f} | {tr.vector_dtype} | {took:.1f} | {spent[0]:.1f} ({tr.n_matvec}) | "
+                      f"{took - spent[0]:.1f} | {took / spent[0]:.3f} | {tr.estimate:.6f} ± {tr.stderr:.4f} |",
+                      flush=True)
 
 
 def main() -> None:
@@ -229,10 +296,15 @@ def main() -> None:
     ap.add_argument("--no-side-by-side", action="store_true", help="no side-by-side process at all")
     ap.add_argument("--skip-scan", action="store_true", help="only the dry run and the hessian command")
     ap.add_argument("--growth", action="store_true", help="only the per-product growth over an MLP family")
+    ap.add_argument("--hutchpp", action="store_true",
+                    help="only Hutch++ against its plain products on ResNet-18 (float64 and float32 blocks)")
     ap.add_argument("--out", default=tempfile.mkdtemp(prefix="bench_scale_"))
     a = ap.parse_args()
     if a.growth:
         growth(a.threads)
+        return
+    if a.hutchpp:
+        hutchpp_overhead(a.threads, a.samples, Path(a.out) / "resnet18")
         return
     t0 = time.perf_counter()
 

@@ -121,11 +121,33 @@ def test_default_trace_reuses_the_top_eigenvalues_lanczos_basis():
     assert auto.trace.method == "lanczos-deflated" and auto.trace.n_matvec == 33 and auto.top.krylov is None
     assert abs(auto.trace.estimate - exact) <= 4 * auto.trace.stderr
     assert hpp.trace.method == alone.trace.method == "hutch++" and hpp.n_matvec - auto.n_matvec == 99 - 33
+    assert hpp.trace.vector_dtype == auto.trace.vector_dtype == "float64"  # float64 products: a float64 block
     np.testing.assert_allclose(auto.top.eigenvalues, hpp.top.eigenvalues, rtol=1e-12)
     with pytest.raises(LandscapeError, match="deflates by the top eigenvectors"):
         CurvatureSettings(top_k=0, trace_method="lanczos-deflated")
     with pytest.raises(LandscapeError, match="unknown"):
         CurvatureSettings(trace_method="hutch+")
+
+
+def test_hutchpp_of_a_float32_model_keeps_a_float32_block(tmp_path):
+    """A float32 model's Hutch++ stores its block as float32 (trace.sketch_dtype) and says so in the run file; the
+    estimate is the float64 model's to float32 rounding of the products, and within its error bars of the dense
+    Hessian's trace."""
+    import h5py
+
+    from landscape.analyses.hessian import CurvatureSettings, analyze_curvature
+
+    net, X, y = small_cnn()
+    exact = np.trace(autograd_hessian(net, X, y))
+    settings = CurvatureSettings(top_k=0, trace_method="hutch++")
+    wide = analyze_curvature(Problem(net, X, y, F.cross_entropy), settings)
+    narrow = analyze_curvature(Problem(net.float(), X.float(), y, F.cross_entropy), settings)
+    assert (wide.trace.vector_dtype, narrow.trace.vector_dtype) == ("float64", "float32")
+    assert abs(narrow.trace.estimate - wide.trace.estimate) < 1e-4 * abs(wide.trace.estimate)
+    assert abs(narrow.trace.estimate - exact) <= 4 * narrow.trace.stderr
+    with h5py.File(tmp_path / "run.h5", "w") as f:
+        narrow.write(f)
+        assert f["hessian/trace"].attrs["vector_dtype"] == "float32"
 
 
 def test_the_deflated_trace_holds_its_probes_beside_the_eigenvectors(monkeypatch):

@@ -40,6 +40,48 @@ def test_store_round_trips_and_leaves_no_file(small_blocks):
     assert list(small_blocks.iterdir()) == []  # unlinked at once: nothing to clean up after a kill
 
 
+@pytest.mark.parametrize("where", ["memory", "disk", "device"])
+def test_float32_store_keeps_float32_and_reads_float64(small_blocks, monkeypatch, where):
+    """A float32 store takes half the bytes, holds each number rounded to float32 and hands back float64 (blocks,
+    columns, passes), in memory, on disk and on a torch device alike; SVQB on it still finds the rank."""
+    monkeypatch.setattr(vectors, "DEVICE_BLOCK_ROWS", 64)
+    kw = {"budget": 0} if where == "disk" else {"device": "cpu"} if where == "device" else {}
+    s = ColumnStore(200, 5, dtype=np.float32, **kw)
+    assert s.storage == ("disk" if where == "disk" else "memory") and s.nbytes == ColumnStore(200, 5).nbytes // 2
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 3))
+    for i in range(3):
+        s.set_column(i, s.native(x[:, i]))
+    rounded = x.astype(np.float32).astype(np.float64)
+    block, column = vectors.host(s.read(64, 128, 3)), vectors.host(s.column(2))
+    assert block.dtype == column.dtype == np.float64 and not np.array_equal(rounded, x)
+    assert np.array_equal(block, rounded[64:128].T) and np.array_equal(column, rounded[:, 2])
+    np.testing.assert_allclose(s.gram(3), rounded.T @ rounded, rtol=1e-12)
+    s.write(64, s.native(np.full((2, 64), 1 / 3)), col0=3)  # a block written: rounded too
+    assert vectors.host(s.read(64, 128, 5))[3:, 0].tolist() == [float(np.float32(1 / 3))] * 2
+    B = rng.standard_normal((200, 4)) * [1e-3, 1.0, 1e3, 1.0]
+    for i, col in enumerate(np.column_stack([B, B[:, 0] + B[:, 2]]).T):
+        s.set_column(i, s.native(col))
+    r = orthonormalize(s, 5)
+    Q = np.asarray(s.combine(np.eye(5)[:, :r]))
+    assert r == 4 and np.abs(Q.T @ Q - np.eye(4)).max() < 1e-6  # orthonormal to float32's rounding
+
+
+def test_hutchpp_with_a_float32_block_equals_the_float64_one(small_blocks):
+    """The block stored as float32 (what float32 products get: trace.sketch_dtype) moves the estimate by float32
+    rounding only, the same in memory and on disk; recorded as the estimate's vector_dtype."""
+    A, lam = _operator(seed=1)
+    ref = hutchpp(lambda v: A @ v, 300, max_matvec=60, seed=3)
+    mem, disk = (hutchpp(lambda v: A @ v, 300, max_matvec=60, seed=3, budget=b, dtype=np.float32)
+                 for b in (float("inf"), 0))
+    assert (ref.vector_dtype, mem.vector_dtype, disk.storage) == ("float64", "float32", "disk")
+    assert mem.estimate == disk.estimate and mem.n_matvec == ref.n_matvec == 60
+    scale = np.abs(lam).sum()
+    assert 0 < abs(mem.estimate - ref.estimate) < 1e-6 * scale and abs(mem.stderr - ref.stderr) < 1e-6 * scale
+    low = np.diag(np.r_[np.arange(1.0, 21.0), np.zeros(280)])  # rank 20 <= m/3: exact up to float32 rounding
+    assert abs(hutchpp(lambda v: low @ v, 300, max_matvec=60, dtype=np.float32).estimate - 210.0) < 1e-5
+
+
 def test_lanczos_on_disk_equals_in_memory_and_the_dense_answer(small_blocks):
     A, lam = _operator()
     mem = lanczos(lambda v: A @ v, 300, k=4, tol=1e-10, max_basis=12)  # restarts, several blocks

@@ -95,8 +95,8 @@ class VectorCosts:
                            block=gram / ((cols + 1) ** 2 * n), signs=draw)
 
 
-def curvature_seconds(curv: CurvatureSettings, n: int, budget: float, product: float, vec: VectorCosts
-                       ) -> tuple[float, float]:
+def curvature_seconds(curv: CurvatureSettings, n: int, budget: float, product: float, vec: VectorCosts,
+                      sketch_bytes: int = 8) -> tuple[float, float]:
     """(seconds, bytes of vectors held in memory) of a curvature analysis, from the time of one product (with its
     conversions) and the measured vector costs.
 
@@ -106,7 +106,8 @@ def curvature_seconds(curv: CurvatureSettings, n: int, budget: float, product: f
     probes drawn and swept over the top's basis (kept from its run) a block at a time: a pass's reading shared by
     the block, its multiply-adds not; Hutch++ at its product budget, each storing
     or reading a vector, plus ``3 k`` columns of signs drawn (``S`` once, ``G`` twice) and six ``k x k`` passes of matrix products over
-    its block (two Gram matrices, two transforms, ``Q^T G`` and ``G - Q C``); SLQ at ``probes x steps`` products
+    its block (two Gram matrices, two transforms, ``Q^T G`` and ``G - Q C``), the block's first touch and bytes
+    at ``sketch_bytes`` a number (:func:`landscape.linalg.trace.sketch_dtype`); SLQ at ``probes x steps`` products
     sweeping half its basis on average, a draw per probe."""
     seconds = held = 0.0
     top_vectors = 0  # the top eigenvectors' bytes in memory, beside which the deflated trace's probes are held
@@ -130,10 +131,12 @@ def curvature_seconds(curv: CurvatureSettings, n: int, budget: float, product: f
             seconds += k * (product + vec.signs + m * max(vec.pass_column / p, 3 * n * vec.block))
             held += p * n * 8
         else:
-            seconds += curv.trace_matvecs * (product + 2 * vec.column) + k * vec.first_column
+            seconds += curv.trace_matvecs * (product + 2 * vec.column) + k * vec.first_column * (
+                sketch_bytes / 8 if method == "hutch++" else 1)
         if method == "hutch++":
             seconds += 6 * k * k * n * vec.block + 3 * k * vec.signs
-            held = max(held, k * n * 8 if k * n * 8 <= budget else BLOCK_ROWS * k * 8)
+            block = k * n * sketch_bytes
+            held = max(held, block if block <= budget else BLOCK_ROWS * k * sketch_bytes)
         elif method != "lanczos-deflated":
             seconds += curv.trace_matvecs * vec.signs
     if curv.density:

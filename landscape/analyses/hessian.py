@@ -24,7 +24,7 @@ from ..linalg.lanczos import Eigenpairs, basis_device, lanczos
 from ..problem.problem import Problem
 from .reference import PYHESSIAN_TRACE_TOL, pyhessian_spectrum
 from ..io.runfile import decode_attr, encode_attr, link_name, read_attrs
-from ..linalg.trace import TraceEstimate, basis_deflated, hutchinson, hutchpp
+from ..linalg.trace import TraceEstimate, basis_deflated, hutchinson, hutchpp, sketch_dtype
 from .validity import ValidityResult, analyze_validity
 from ..linalg.vectors import vector_device
 
@@ -176,7 +176,8 @@ class CurvatureResult:
         if self.trace is not None:
             t = g.create_group("trace")
             t.attrs.update({"estimate": self.trace.estimate, "stderr": self.trace.stderr,
-                            "n_matvec": self.trace.n_matvec, "method": self.trace.method})
+                            "n_matvec": self.trace.n_matvec, "method": self.trace.method,
+                            "vector_dtype": self.trace.vector_dtype})
             if s.engine == "pyhessian":
                 t.attrs["tol"] = PYHESSIAN_TRACE_TOL
             t.create_dataset("samples", data=self.trace.samples)
@@ -311,7 +312,8 @@ def _analyze(problem: Problem, s: CurvatureSettings, params: list[str] | None,
     if method == "hutch++":
         note("trace")
         trace = hutchpp(op, op.n, max_matvec=s.trace_matvecs, seed=s.seed, budget=budget, stderr_target=s.trace_stderr,
-                        device=vector_device(problem.device, op.n, max(1, s.trace_matvecs // 3)))
+                        device=vector_device(problem.device, op.n, max(1, s.trace_matvecs // 3)),
+                        dtype=sketch_dtype(problem.dtype))
     elif method in ("hutchinson", "hutchinson-deflated"):
         note("trace")
         deflate = (top.eigenvalues, top.eigenvectors) if (method == "hutchinson-deflated" and top) else None

@@ -55,7 +55,7 @@ from ..errors import LandscapeError
 from ..problem.losses import LossFn, resolve_loss
 from ..problem.problem import Params, Problem, check_hvp_mode
 from ..io.runfile import RunFile, encode_attr, from_link, link_name
-from ..linalg.trace import hutchpp
+from ..linalg.trace import hutchpp, sketch_dtype
 from .trajectory import (EOS_RATIO, MIXED_GROUPS, THRESHOLD_KEYS, mixed_groups, preconditioner, sharpness_pair,
                          threshold)
 
@@ -395,7 +395,7 @@ class Monitor:
         if m == "trace":
             op = CurvatureOperator(pb)
             est = hutchpp(op.matvec, op.n, max_matvec=self.trace_matvecs, seed=self.seed,
-                          budget=self.memory_budget)
+                          budget=self.memory_budget, dtype=sketch_dtype(pb.dtype))
             return {"trace": est.estimate, "trace_stderr": est.stderr}
         if m == "grad_norm":
             loss, g = pb.loss_and_gradient()

@@ -45,6 +45,7 @@ from ..errors import LandscapeError
 from .hessian import CurvatureSettings, analyze_curvature, stored_summary
 from ..io.hf import IGNORE_INDEX
 from ..linalg.lanczos import basis_device, lanczos
+from ..linalg.trace import sketch_dtype
 from ..problem.losses import default_loss_name, resolve_loss
 from ..problem.problem import Problem, check_hvp_mode
 from ..io.stream import StreamedInputs
@@ -813,7 +814,8 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
         hvp_s, hvp_extra = measured(pb, lambda: op.matvec(next(fresh)), repeats=3)
     if curv is not None:
         seconds, held = curvature_seconds(curv, nparam, budget if vec_device is None else float("inf"), hvp_s,
-                                           VectorCosts.measure(nparam, budget, vec_device))
+                                           VectorCosts.measure(nparam, budget, vec_device),
+                                           sketch_dtype(pb.dtype).itemsize)
         phases["hessian"] = {"seconds": seconds, "peak_bytes": base + hvp_extra + held}
     if config.sharpness:
         phases["sharpness"] = {"seconds": sharpness_seconds(pb, config.sharpness, hvp_s),

@@ -17,7 +17,7 @@ mean's change, which stops after two probes and fails for negative traces (PyHes
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -41,6 +41,20 @@ class TraceEstimate:
     samples: np.ndarray
     #: where Hutch++ kept its block: ``memory`` or ``disk`` (:class:`landscape.linalg.vectors.ColumnStore`)
     storage: str = "memory"
+    #: what Hutch++'s block was stored as (:func:`sketch_dtype`); every other estimator's vectors are float64
+    vector_dtype: str = "float64"
+
+
+def sketch_dtype(products: torch.dtype) -> np.dtype:
+    """What :func:`hutchpp` stores its block as for products made in ``products``: float64 for float64 ones (the
+    tests' exact checks), float32 otherwise. A float32 product is exact to about 1e-7 of its size, so storing its
+    result in float32 adds rounding of the same size, far below any trace's standard error, while halving the
+    block's memory and its reading (every pass over it still computes in float64).
+
+    >>> sketch_dtype(torch.float64), sketch_dtype(torch.float32), sketch_dtype(torch.bfloat16)
+    (dtype('float64'), dtype('float32'), dtype('float32'))
+    """
+    return np.dtype(np.float64 if products == torch.float64 else np.float32)
 
 
 def _rademacher(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -109,13 +123,14 @@ def _sign_rows(seed: int, k: int, a: int, b: int, device: torch.device | None) -
 @single_blas_thread()
 def hutchpp(matvec: Matvec, n: int, *, max_matvec: int = 99, seed: int = 0, budget: float = float("inf"),
             stderr_target: float | None = None, min_probes: int = 10,
-            device: torch.device | str | None = None) -> TraceEstimate:
+            device: torch.device | str | None = None, dtype: Any = np.float64) -> TraceEstimate:
     """Hutch++ estimate of ``tr(A)`` with ``max_matvec`` matvecs (a third each for sketch, projection, residual).
 
     With ``stderr_target`` the residual probes stop once their standard error is below it (after ``min_probes``).
 
     The standard error is that of the Hutchinson part on the deflated remainder (the low-rank part is exact).
-    Memory: one ``(n, m/3)`` float64 block (within ``budget`` bytes, else on disk: :class:`ColumnStore`), ``A S``,
+    Memory: one ``(n, m/3)`` block of ``dtype`` (:func:`sketch_dtype`: float32 for float32 products, half the
+    bytes and the reading of float64; within ``budget`` bytes, else on disk: :class:`ColumnStore`), ``A S``,
     orthonormalized in place into ``Q`` by SVQB (:func:`landscape.linalg.vectors.orthonormalize`), then overwritten by
     ``P G = G - Q (Q^T G)``; the signs ``S`` and ``G`` are never held whole: a column of ``S`` and a row block of
     ``G`` are drawn when needed by the counter-based :func:`landscape.linalg.draws.signs` (one bit of a hash per sign, on
@@ -132,7 +147,7 @@ def hutchpp(matvec: Matvec, n: int, *, max_matvec: int = 99, seed: int = 0, budg
     465.0
     """
     k = max(1, max_matvec // 3)
-    block = ColumnStore(n, k, budget=budget, device=device)
+    block = ColumnStore(n, k, budget=budget, device=device, dtype=dtype)
     for i in range(k):
         block.set_column(i, product(matvec, block.native(_sign_column(seed, i, n, block.device))))
     r = orthonormalize(block, k)
@@ -151,7 +166,7 @@ def hutchpp(matvec: Matvec, n: int, *, max_matvec: int = 99, seed: int = 0, budg
     used = len(samples)
     block.close()
     return TraceEstimate(estimate=low_rank + float(samples.mean()), stderr=stderr, n_matvec=k + r + used,
-                         method="hutch++", samples=samples, storage=block.storage)
+                         method="hutch++", samples=samples, storage=block.storage, vector_dtype=block.dtype.name)
 
 
 #: probes :func:`basis_deflated` projects off the basis in the same passes (at most): two passes over the basis

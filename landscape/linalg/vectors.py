@@ -1,9 +1,9 @@
-"""Blocks of long float64 vectors (Krylov bases, sketches, eigenvectors) kept within a memory budget.
+"""Blocks of long vectors (Krylov bases, sketches, eigenvectors) kept within a memory budget, worked on in float64.
 
-A :class:`ColumnStore` holds ``k`` columns of length ``n``: in memory when ``n k`` float64 numbers fit
-``budget`` bytes, otherwise in an unlinked scratch file that is read and written a row block at a time (one
-block is at most :data:`BLOCK_ROWS` rows of every column, contiguous, so its buffer is ``BLOCK_ROWS x k x 8``
-bytes: 21 MB for 40 columns). Every algorithm over a store (:mod:`landscape.linalg.lanczos`, :mod:`landscape.linalg.trace`)
+A :class:`ColumnStore` holds ``k`` columns of length ``n`` (float64, or float32 for Hutch++'s sketch of float32
+products): in memory when ``n k`` numbers fit ``budget`` bytes, otherwise in an unlinked scratch file that is read
+and written a row block at a time (one block is at most :data:`BLOCK_ROWS` rows of every column, contiguous, so its
+buffer is ``BLOCK_ROWS x k x 8`` bytes in float64: 21 MB for 40 columns). Every algorithm over a store (:mod:`landscape.linalg.lanczos`, :mod:`landscape.linalg.trace`)
 walks it by the same row blocks in both places, so a basis on disk gives the same bits as one in memory; only the
 time differs (reads from the page cache or the disk instead of RAM).
 
@@ -126,8 +126,9 @@ def product(matvec: Any, v: Vector) -> Vector:
 
 
 class ColumnStore:
-    """``k`` float64 columns of length ``n``, in memory or (``on_disk``) in a scratch file, or in the memory of a
-    torch ``device``.
+    """``k`` columns of length ``n``, in memory or (``on_disk``) in a scratch file, or in the memory of a torch
+    ``device``, stored as ``dtype`` (float64, or float32 for a block whose precision the products bound anyway:
+    half the memory and the reading); every read and pass is float64 whatever the storage.
 
     Laid out by row blocks: block ``b`` holds rows ``b B : (b + 1) B`` of every column as one contiguous
     ``(k, B)`` array (``B`` = :data:`BLOCK_ROWS`), so that a pass reads each block once, contiguously, and a
@@ -136,31 +137,38 @@ class ColumnStore:
     >>> s = ColumnStore(5, 2, budget=0)  # nothing fits: on disk
     >>> s.on_disk, s.set_column(1, np.arange(5.0)), s.column(1).tolist()
     (True, None, [0.0, 1.0, 2.0, 3.0, 4.0])
+    >>> h = ColumnStore(3, 1, dtype=np.float32); h.set_column(0, [1 / 3, 1.0, 2.0]); h.nbytes, float(h.column(0)[0])
+    (12, 0.3333333432674408)
     """
 
     def __init__(self, n: int, k: int, *, budget: float = float("inf"),
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, dtype: Any = np.float64) -> None:
         self.n, self.k = int(n), int(k)
         self.device = None if device is None else torch.device(device)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float64, np.float32):
+            raise ValueError(f"a store holds float64 or float32, not {self.dtype}")
         self.rows, self.n_blocks = self.layout(self.n, self.device)
-        self.nbytes = self.n_blocks * self.k * self.rows * 8
+        self.nbytes = self.n_blocks * self.k * self.rows * self.dtype.itemsize
         self.on_disk = self.device is None and self.nbytes > budget
         self._fd: int | None = None
         self._array: Any = None
         if self.device is not None:
-            self._array = torch.zeros((self.n_blocks, self.k, self.rows), dtype=torch.float64, device=self.device)
+            self._array = torch.zeros((self.n_blocks, self.k, self.rows), device=self.device,
+                                      dtype=torch.float64 if self.dtype == np.float64 else torch.float32)
         elif self.on_disk:
             check_disk(spill_dir(), self.nbytes, f"a block of {self.k} vectors of {self.n:,} numbers")
-            fd, path = tempfile.mkstemp(prefix="landscape-", suffix=".f64", dir=spill_dir())
+            fd, path = tempfile.mkstemp(prefix="landscape-", suffix=f".f{8 * self.dtype.itemsize}", dir=spill_dir())
             os.unlink(path)
             os.ftruncate(fd, self.nbytes)
             self._fd = fd
         else:
-            self._array = np.zeros((self.n_blocks, self.k, self.rows))
+            self._array = np.zeros((self.n_blocks, self.k, self.rows), dtype=self.dtype)
 
     @staticmethod
     def layout(n: int, device: torch.device | None = None) -> tuple[int, int]:
-        """(rows per block, blocks) of a store of length ``n``: ``k`` columns take ``8 k rows blocks`` bytes."""
+        """(rows per block, blocks) of a store of length ``n``: ``k`` float64 columns take ``8 k rows blocks``
+        bytes."""
         rows = min(BLOCK_ROWS if device is None else DEVICE_BLOCK_ROWS, max(int(n), 1))
         return rows, -(-int(n) // rows)
 
@@ -198,17 +206,23 @@ class ColumnStore:
             yield a, min(self.n, a + self.rows)
 
     def _offset(self, block: int, col: int) -> int:
-        return ((block * self.k + col) * self.rows) * 8
+        return ((block * self.k + col) * self.rows) * self.dtype.itemsize
 
     def read(self, a: int, b: int, cols: int) -> Vector:
-        """The ``(cols, b - a)`` block of rows ``a:b`` (``a`` a block start) of the first ``cols`` columns, rows of
-        the result being columns of the store (a view in memory, a fresh array from disk)."""
+        """The ``(cols, b - a)`` float64 block of rows ``a:b`` (``a`` a block start) of the first ``cols`` columns,
+        rows of the result being columns of the store (a view of a float64 store in memory, else a fresh array:
+        a float32 block is widened on torch's threads, a row block at a time, while it is in cache)."""
         blk = a // self.rows
         if self._array is not None:
-            return self._array[blk, :cols, :b - a]
-        out = np.empty((cols, self.rows))
-        os.preadv(self._fd, [memoryview(out)], self._offset(blk, 0))
-        return out[:, :b - a]
+            out = self._array[blk, :cols, :b - a]
+        else:
+            out = np.empty((cols, self.rows), dtype=self.dtype)
+            os.preadv(self._fd, [memoryview(out)], self._offset(blk, 0))
+            out = out[:, :b - a]
+        if self.dtype == np.float64:
+            return out
+        wide = tensor_of(out).double()
+        return wide if self.device is not None else wide.numpy()
 
     def write(self, a: int, block: Vector, col0: int = 0) -> None:
         """Columns ``col0:col0 + len(block)`` of rows ``a:a + block.shape[1]`` (``a`` a block start); ``block`` a
@@ -220,19 +234,23 @@ class ColumnStore:
             self._array[blk, col0:col0 + len(block), :block.shape[1]] = block
             return
         if block.shape[1] < self.rows:
-            full = np.zeros((len(block), self.rows))
+            full = np.zeros((len(block), self.rows), dtype=self.dtype)
             full[:, :block.shape[1]] = block
             block = full
-        os.pwrite(self._fd, np.ascontiguousarray(block).data, self._offset(blk, col0))
+        os.pwrite(self._fd, np.ascontiguousarray(block, dtype=self.dtype).data, self._offset(blk, col0))
 
     def column(self, i: int) -> Vector:
         """Column ``i`` as a new contiguous vector of this store's kind."""
         out = self._empty(self.n)
+        narrow = None if self._array is not None or self.dtype == np.float64 else np.empty(self.rows, self.dtype)
         for a, b in self.blocks():
             if self._array is not None:
                 out[a:b] = self._array[a // self.rows, i, :b - a]
-            else:
+            elif narrow is None:
                 os.preadv(self._fd, [memoryview(out[a:b])], self._offset(a // self.rows, i))
+            else:
+                os.preadv(self._fd, [memoryview(narrow[:b - a])], self._offset(a // self.rows, i))
+                out[a:b] = narrow[:b - a]
         return out
 
     def set_column(self, i: int, v: Vector) -> None:
@@ -241,7 +259,8 @@ class ColumnStore:
             if self._array is not None:
                 self._array[a // self.rows, i, :b - a] = v[a:b]
             else:
-                os.pwrite(self._fd, v[a:b].data, self._offset(a // self.rows, i))
+                os.pwrite(self._fd, np.ascontiguousarray(v[a:b], dtype=self.dtype).data,
+                          self._offset(a // self.rows, i))
 
     # ------------------------------------------------------------------ passes over the first ``cols`` columns
     # (small results come back as numpy arrays; the long vector ``w`` is of this store's kind)
