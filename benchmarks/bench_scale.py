@@ -189,7 +189,8 @@ def growth(threads: int, repeats: int = 5, widths: tuple[int, ...] = (48, 512, 1
                              torch.nn.functional.cross_entropy)
                 op = CurvatureOperator(pb)
                 v = np.random.default_rng(0).standard_normal(op.n)
-                op(v), op(v)
+                for _ in range(2):  # warm-ups
+                    op(v)
                 times = []
                 for _ in range(repeats):
                     t = time.perf_counter()
@@ -255,7 +256,8 @@ def hutchpp_overhead(threads: int, samples: int, folder: Path, rounds: int = 1) 
         pb = st.problem
         op = CurvatureOperator(pb)
         vs = [np.random.default_rng(i).standard_normal(op.n) for i in range(4)]
-        product(op, vs[0]), product(op, vs[1])
+        for v in vs[:2]:  # warm-ups
+            product(op, v)
         spent = [0.0]
 
         def timed(v: np.ndarray) -> np.ndarray:
