@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from landscape.runtime.allocator import _glibc, reuse_freed_memory
+from landscape.runtime.budget import AddedMemory, PeakRSS
 
 pytestmark = pytest.mark.skipif(_glibc() is None, reason="the C library here is not glibc")
 
@@ -53,3 +54,19 @@ def test_a_freed_block_stays_for_the_next_inside_and_goes_back_on_leaving():
         del b
     assert held - before > 3 * BIG
     assert resident() - before < BIG  # leaving trims it
+
+
+def test_added_memory_counts_a_block_that_reuses_freed_memory():
+    """Inside the hold, a block that reuses memory freed before it adds no resident memory (what the dry run used
+    to measure as its need); AddedMemory hands the free pages back first and counts what the block touches."""
+    with reuse_freed_memory():
+        a = np.ones(4 * BIG // 8)
+        del a
+        with PeakRSS() as seen:
+            b = np.ones(4 * BIG // 8)
+            del b
+        with AddedMemory(None) as added:
+            c = np.ones(4 * BIG // 8)
+            del c
+    assert seen.peak - seen.start < BIG // 2  # the trap: 256 MiB used, nothing added
+    assert added.bytes > 3 * BIG

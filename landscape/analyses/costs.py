@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..runtime.blas import single_blas_thread
-from ..runtime.budget import PeakRSS
+from ..runtime.budget import AddedMemory
 from .coherence import (CoherenceSettings, GradientStats, accumulator_vectors, add_bytes_per_row, coordinate_ranges,
                         random_batches, row_norms, sample_labels)
 from ..linalg.draws import normal, signs
@@ -35,22 +35,18 @@ from ..linalg.vectors import BLOCK_ROWS, ColumnStore, vector_device
 
 def measured(pb: Problem, fn: Callable[[], Any], repeats: int = 1) -> tuple[float, int]:
     """Mean seconds of ``repeats`` calls of ``fn`` after a first one (which warms up, and picks the HVP engine as a
-    run would) and the memory they added at their peak."""
-    cuda = pb.device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(pb.device)
-        base = torch.cuda.memory_allocated(pb.device)
-        torch.cuda.reset_peak_memory_stats(pb.device)
-    with PeakRSS() as peak:
+    run would) and the memory they added at their peak, the first call's included (:class:`AddedMemory`: on the
+    host, counted from a heap whose free pages were handed back, so that memory an earlier measurement freed is
+    not reused unseen)."""
+    with AddedMemory(pb.device) as added:
         fn()
         t = time.perf_counter()
         for _ in range(repeats):
             fn()
-        if cuda:
+        if pb.device.type == "cuda":
             torch.cuda.synchronize(pb.device)
         seconds = (time.perf_counter() - t) / repeats
-    extra = (torch.cuda.max_memory_allocated(pb.device) - base) if cuda else peak.peak - peak.start
-    return seconds, max(0, int(extra))
+    return seconds, added.bytes
 
 
 @dataclass(frozen=True)

@@ -797,8 +797,9 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
     per_pass = pb.strategy_timings["inplace"] if pb.workers > 1 else per_point
     chunks = math.ceil(pb.n / pb.batch_size)
     if plan:
+        # the strategy's trials are the slice phase's first work (vmap's hold several points' activations at once)
         phases["slices"] = {"seconds": per_point * points / pb.comm.world,
-                            "peak_bytes": base + slice_extra + 2 * pb.parameter_bytes}
+                            "peak_bytes": base + max(slice_extra, pb.strategy_memory) + 2 * pb.parameter_bytes}
     grad_s, grad_extra = measured(pb, pb.gradient)
     curv = config.curvature
     hvp_s = hvp_extra = 0.0

@@ -77,6 +77,7 @@ class PointEvaluator:
         self._workers_setting = workers
         self.workers = 1 if workers == "auto" else workers
         self.strategy_timings: dict[str, float] = {}
+        self.strategy_memory = 0  # bytes the strategy's trials added at their peak (landscape.problem.strategy)
         self._flat_dirs: tuple[Versions, list[torch.Tensor]] = ([], [])
         self._replicas = [self._replica(problem._model)]
         self._pool: tuple[ThreadPoolExecutor, int] | None = None

@@ -167,6 +167,7 @@ class Problem:
     linear_inputs = _Delegated("points")
     direct_output = _Delegated("points")
     strategy_timings = _Delegated("points")
+    strategy_memory = _Delegated("points")
     linear_input_layers = _Delegated("points")
     direct_output_layer = _Delegated("points")
     #: time the strategies (on a slice's own first blocks, whose values come back) and keep the fastest:

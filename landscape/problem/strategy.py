@@ -1,11 +1,13 @@
 """How a Problem evaluates slice points, chosen by timing: the strategy (``inplace`` or ``vmap``), the block size and
 the number of concurrent replicas, measured on the actual model and data.
 
-With ``strategy="auto"``, ``inplace`` and ``vmap`` are both timed on a block of 8 points, and ``vmap`` also on the
-largest block that fits ``memory_budget`` bytes of stacked outputs (at most ``max_block``) when it is within 1.5x of
+With ``strategy="auto"``, ``inplace`` and ``vmap`` are both timed on a block of 8 points (``vmap`` on fewer when the
+memory budget does not hold 8 points' activations), and ``vmap`` also on the largest block of about
+``block_seconds`` of work whose activations fit ``memory_budget`` (at most ``max_block``) when it is within 1.5x of
 in-place: batching gains grow with the block on a GPU. ``vmap`` is kept when it is at least 20% faster per point (it
 is dropped when it cannot trace the model or runs out of memory), with the block size it was fastest at. For
-``inplace`` the block is what fits the memory budget and about ``block_seconds`` of work.
+``inplace`` the block is what fits the memory budget and about ``block_seconds`` of work. The most memory a trial
+added is kept as ``strategy_memory`` (the dry run's slice phase counts it).
 
 On a CPU with ``workers="auto"``, in-place blocks are then also timed ``torch.get_num_threads()`` at a time on as
 many concurrent replicas of the model, one intra-op thread each (:mod:`landscape.problem.replica`), against one block
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 
 from ..io.stream import StreamedInputs
+from ..runtime.budget import AddedMemory
 
 if TYPE_CHECKING:
     from .points import PointEvaluator
@@ -31,13 +34,15 @@ if TYPE_CHECKING:
 #: a slice's own blocks are timed on N replicas (2 rounds of N blocks, N threads) only when it has this many times
 #: those 2N blocks: the replicas, should they lose, then run at most a tenth of the slice
 WORKERS_TIMING_SHARE = 10
+#: a trial stops repeating its timed calls once they have taken this many seconds (:func:`_per_point`)
+TIMING_SECONDS = 1.0
 Values = dict[int, dict[str, np.ndarray]]
 
 
 def choose(ev: "PointEvaluator", dirs: Sequence[list[torch.Tensor]] | None,
            blocks: Callable[[int], Sequence[np.ndarray]] | None, *, repeats: int = 3) -> Values:
-    """Set ``ev``'s strategy, block, workers and ``strategy_timings`` by timing them (see the module's docstring),
-    and return the values of the points this evaluated as the chosen settings will.
+    """Set ``ev``'s strategy, block, workers, ``strategy_timings`` and ``strategy_memory`` by timing them (see the
+    module's docstring), and return the values of the points this evaluated as the chosen settings will.
 
     ``blocks(block)`` gives the blocks to time the replicas on: a slice passes its own blocks (see
     :func:`landscape.analyses.slices.block_points`), so that the timing is not wasted work, and the values of those
@@ -55,7 +60,7 @@ def choose(ev: "PointEvaluator", dirs: Sequence[list[torch.Tensor]] | None,
     out_bytes = first.numel() * first.element_size() * pb.n / (e - s)
     mem_block = int(max(1, min(ev.max_block, pb.memory_budget // max(out_bytes, 1))))
     candidates = ["inplace", "vmap"] if ev.strategy == "auto" else [ev.strategy]
-    timings, vmap_block = _time_strategies(ev, dirs, candidates, mem_block, repeats)
+    timings, vmap_block, ev.strategy_memory = _time_strategies(ev, dirs, candidates, mem_block, repeats)
     # in-place is timed on a trial block smaller than the one it then runs, which favours vmap; vmap has to
     # win clearly (20%) so that timing noise does not pick the slower strategy
     ev.strategy = "vmap" if timings.get("vmap", float("inf")) < 0.8 * timings.get("inplace", float("inf")) \
@@ -85,52 +90,76 @@ def choose(ev: "PointEvaluator", dirs: Sequence[list[torch.Tensor]] | None,
 
 
 def _time_strategies(ev: "PointEvaluator", dirs: Sequence[list[torch.Tensor]], candidates: Sequence[str],
-                     mem_block: int, repeats: int) -> tuple[dict[str, float], int]:
-    """Seconds per point of each candidate strategy on a trial block (of at most 8 points), and the block ``vmap``
-    was fastest at: vmap's cost per point falls with the block on a GPU (4x from 8 to 32 points on an H100,
-    RESULTS.md), so when it is within reach at the trial block it is timed at the largest block the memory budget
-    allows too."""
+                     mem_block: int, repeats: int) -> tuple[dict[str, float], int, int]:
+    """Seconds per point of each candidate strategy on a trial block (of at most 8 points), the block ``vmap`` was
+    fastest at, and the most memory a trial added (:class:`landscape.runtime.budget.AddedMemory`).
+
+    ``vmap`` holds the activations of all its points at once: under ``auto`` its trial block is at most as many
+    points as the memory budget holds of what the in-place trial added (one point's activations at a time), and it
+    is not tried when that is under two. Its cost per point falls with the block on a GPU (4x from 8 to 32 points
+    on an H100, RESULTS.md), so when it is within 1.5x of in-place at the trial block it is timed again at the
+    largest block that is about ``block_seconds`` of work (as an in-place block is) and fits the budget at the
+    memory per point its trial took. (Without those two bounds it was timed at 32 points on a ResNet-18 with 256
+    samples whenever the VM's noise put it within 1.5x: 5.4 GB and ~20 s of the slice phase, or neither.)"""
+    budget = ev.problem.memory_budget
     trial = max(1, min(mem_block, 8))
+    timings: dict[str, float] = {}
+    added: dict[str, int] = {}
 
     def timed(name: str, k: int, beat: float = float("inf")) -> float:
         try:
-            return _per_point(ev, ev._evaluate_vmap if name == "vmap" else ev.evaluate_inplace, dirs, k, repeats,
-                              beat)
+            seconds, added[name] = _per_point(ev, ev._evaluate_vmap if name == "vmap" else ev.evaluate_inplace, dirs,
+                                              k, repeats, beat)
         except Exception:  # vmap cannot run this model (or not this block): not an error, not a candidate
             if ev.strategy != "auto":
                 raise
             return float("inf")
+        return seconds
 
-    timings: dict[str, float] = {}
-    for name in candidates:
-        timings[name] = timed(name, trial, min(timings.values(), default=float("inf")))
     vmap_block = trial
-    if "vmap" in timings and mem_block > trial and timings["vmap"] < 1.5 * timings.get("inplace", float("inf")):
-        big = timed("vmap", mem_block)
-        if big < timings["vmap"]:
-            timings["vmap"], vmap_block = big, mem_block
-    return timings, vmap_block
+    for name in candidates:
+        if name == "vmap" and "inplace" in added:
+            vmap_block = int(min(trial, budget // max(added["inplace"], 1)))
+            if vmap_block < 2:
+                timings[name] = float("inf")
+                continue
+        timings[name] = timed(name, trial if name == "inplace" else vmap_block,
+                              min(timings.values(), default=float("inf")))
+    peak = max(added.values(), default=0)
+    if "vmap" in added and timings["vmap"] < 1.5 * timings.get("inplace", float("inf")):
+        per_point = added["vmap"] / vmap_block
+        big = int(min(mem_block, ev.block_seconds // timings["vmap"], budget // max(per_point, 1)))
+        if big > vmap_block:
+            seconds = timed("vmap", big, timings.get("inplace", float("inf")))
+            peak = max(peak, added["vmap"])
+            if seconds < timings["vmap"]:
+                timings["vmap"], vmap_block = seconds, big
+    return timings, vmap_block, peak
 
 
 def _per_point(ev: "PointEvaluator", fn: Callable[..., object], dirs: Sequence[list[torch.Tensor]], k: int,
-               repeats: int, beat: float) -> float:
+               repeats: int, beat: float) -> tuple[float, int]:
     """Best of ``repeats`` timings of ``fn`` on ``k`` points, per point, after a warm-up (of one point on a CPU,
-    where nothing depends on the block's shape); stops early once the best is over 1.5x ``beat`` (a candidate that
-    clearly loses needs no precise time)."""
+    where nothing depends on the block's shape), and the memory the calls added at their peak. Stops early once
+    the best is over 1.5x ``beat`` (a candidate that clearly loses needs no precise time) or once the timed calls
+    have taken :data:`TIMING_SECONDS` (a longer call's time is not made more precise by repeats than the 20% a
+    choice needs; three repeats of an 8-point ResNet-18 block were 4 s of a 15 s slice)."""
     pb = ev.problem
     coeffs = np.linspace(-0.1, 0.1, k * len(dirs)).reshape(k, len(dirs))
     cuda = pb.device.type == "cuda"
-    fn(coeffs if cuda else coeffs[:1], dirs, precision=pb.precision)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn(coeffs, dirs, precision=pb.precision)
-        if cuda:
-            torch.cuda.synchronize(pb.device)
-        best = min(best, time.perf_counter() - t)
-        if best / k > 1.5 * beat:
-            break
-    return best / k
+    best, spent = float("inf"), 0.0
+    with AddedMemory(pb.device) as added:
+        fn(coeffs if cuda else coeffs[:1], dirs, precision=pb.precision)  # warm-up
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn(coeffs, dirs, precision=pb.precision)
+            if cuda:
+                torch.cuda.synchronize(pb.device)
+            t = time.perf_counter() - t
+            best, spent = min(best, t), spent + t
+            if best / k > 1.5 * beat or spent >= TIMING_SECONDS:
+                break
+    return best / k, added.bytes
 
 
 def settle_workers(ev: "PointEvaluator", blocks: Sequence[np.ndarray], dirs: Sequence[list[torch.Tensor]],

@@ -48,6 +48,15 @@ def _glibc() -> ctypes.CDLL | None:
     return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the kernel now (glibc's ``malloc_trim(0)``; elsewhere nothing), so that
+    the resident memory a block of work adds after it is the memory that work needs, not what is left once it has
+    reused what earlier work freed (:class:`landscape.runtime.budget.AddedMemory`)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 @contextmanager
 def reuse_freed_memory() -> Iterator[None]:
     """Large allocations from the heap inside the block, the heap trimmed after it (see the module docstring)."""
@@ -67,5 +76,5 @@ def reuse_freed_memory() -> Iterator[None]:
         if _depth == 0:
             libc.mallopt(M_MMAP_MAX, MMAP_MAX_DEFAULT)
             libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_DEFAULT)
-            libc.malloc_trim(0)
+            release_freed_memory()
 
