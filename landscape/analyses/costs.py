@@ -57,7 +57,10 @@ class VectorCosts:
     ``first_column`` for storing one into fresh memory (page faults: each new basis pays it per column),
     ``block`` per multiply-add of a pass of matrix products over a block (a Gram matrix ``V^T V`` of ``c``
     columns costs ``c^2 n`` of them: measured at up to 9 columns, within 1.5x of 33 at 11M) and ``signs`` for
-    drawing ``n`` random signs (:func:`landscape.linalg.draws.signs`, where the store lives)."""
+    drawing ``n`` random signs (:func:`landscape.linalg.draws.signs`, where the store lives). Each but the first
+    touch is the median of three (:func:`_seconds`): a Lanczos run multiplies ``pass_column`` by about ``m^2 / 2``
+    (1,500 for the top 5), so that a single timing the VM's noise caught would move the whole prediction (one dry
+    run put a ResNet-18's Hessian phase at 289 s where three others said 101-106 s and the run took 129 s)."""
 
     column: float
     pass_column: float
@@ -71,22 +74,20 @@ class VectorCosts:
         cols = 8 if device is not None else int(max(1, min(8, budget // (8 * n) - 1)))
         store = ColumnStore(n, cols + 1, budget=budget, device=device)
         w = store.native(np.ones(n))
-
-        def timed(fn: Callable[[], object]) -> float:
-            t = time.perf_counter()
-            fn()
-            if device is not None and device.type == "cuda":
-                torch.cuda.synchronize(device)
-            return time.perf_counter() - t
-
+        where = device or torch.device("cpu")
         with single_blas_thread():
-            # first touch of fresh memory, as a run's first pass over a new basis
-            first = timed(lambda: [store.set_column(i, w) for i in range(cols + 1)]) / (cols + 1)
-            column = timed(lambda: store.set_column(cols, w))
-            sweep = timed(lambda: store.subtract(w, store.project(w, cols), cols, project_after=True))
-            gram = timed(lambda: store.gram(cols + 1))
+            # first touch of fresh memory, as a run's first pass over a new basis (once: then it is not fresh)
+            t = time.perf_counter()
+            for i in range(cols + 1):
+                store.set_column(i, w)
+            if where.type == "cuda":
+                torch.cuda.synchronize(where)
+            first = (time.perf_counter() - t) / (cols + 1)
+            column = _seconds(lambda: store.set_column(cols, w), where)
+            sweep = _seconds(lambda: store.subtract(w, store.project(w, cols), cols, project_after=True), where)
+            gram = _seconds(lambda: store.gram(cols + 1), where)
         store.close()
-        draw = timed(lambda: signs(n, seed=0, device=device))
+        draw = _seconds(lambda: signs(n, seed=0, device=device), where)
         return VectorCosts(column=column, pass_column=sweep / cols, first_column=first,
                            block=gram / ((cols + 1) ** 2 * n), signs=draw)
 
@@ -147,14 +148,19 @@ def curvature_seconds(curv: CurvatureSettings, n: int, budget: float, product: f
 
 
 def _seconds(fn: Callable[[], Any], device: torch.device, repeats: int = 3) -> float:
-    """Mean seconds of ``repeats`` calls of ``fn`` after a warm-up call (synchronized on a GPU)."""
+    """Median seconds of ``repeats`` calls of ``fn`` after a warm-up call (each synchronized on a GPU): the cost
+    model multiplies some of these by hundreds (a Lanczos run's sweeps; the accumulation of per-sample gradients,
+    timed over 1M coordinates and scaled to P and to every chunk), so one call the VM's noise caught must not set
+    them."""
     fn()
-    t = time.perf_counter()
+    times = []
     for _ in range(repeats):
+        t = time.perf_counter()
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - t) / repeats
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
 
 
 def sharpness_seconds(pb: Problem, measures: Sequence[SharpnessSettings], hvp_seconds: float,
@@ -192,8 +198,8 @@ def _accumulation_seconds(g: torch.Tensor, labels: np.ndarray, batch_ids: dict[i
     t = time.perf_counter()
     stats = GradientStats(g.shape[1], labels, batch_ids=batch_ids, coords=(0, probe), device=where)
     alloc_s = (time.perf_counter() - t) * width / probe
-    add_s = _seconds(lambda: stats.add(0, g), dev, repeats=1)
-    reduce_s = _seconds(stats.reduced, dev, repeats=1) * width / probe
+    add_s = _seconds(lambda: stats.add(0, g), dev)
+    reduce_s = _seconds(stats.reduced, dev) * width / probe
     return norm_s + max(0.0, add_s - norm_s) * width / probe, alloc_s, reduce_s
 
 

@@ -788,7 +788,10 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
     points = sum(math.prod(len(a) for a in s.axes) for s in plan)
     dirs = random_directions(pb.theta0, 2, seed=config.seed, norm=config.norm, ignore=config.ignore)
     lists = [pb.as_list(d) for d in dirs]
-    strategy = pb.choose_strategy(lists)
+    # timed as the run times it: on the first slice's own blocks, replicas only when it has enough of them
+    first = block_points(plan[0].axes, np.zeros(tuple(len(a) for a in plan[0].axes), dtype=bool)) if plan else None
+    pb.choose_strategy_for(lists, first)
+    strategy = pb.strategy
     n = pb.block * pb.workers  # a round of blocks, as the slice evaluates them
     coeffs = np.linspace(-0.5, 0.5, 2 * n).reshape(n, 2)
     seconds, slice_extra = measured(pb, lambda: pb.evaluate_points(coeffs, lists))
