@@ -128,7 +128,7 @@ def _time_strategies(ev: "PointEvaluator", dirs: Sequence[list[torch.Tensor]], c
     peak = max(added.values(), default=0)
     if "vmap" in added and timings["vmap"] < 1.5 * timings.get("inplace", float("inf")):
         per_point = added["vmap"] / vmap_block
-        big = int(min(mem_block, ev.block_seconds // timings["vmap"], budget // max(per_point, 1)))
+        big = int(min(mem_block, ev.block_seconds // max(timings["vmap"], 1e-9), budget // max(per_point, 1)))
         if big > vmap_block:
             seconds = timed("vmap", big, timings.get("inplace", float("inf")))
             peak = max(peak, added["vmap"])
