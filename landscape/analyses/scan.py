@@ -772,12 +772,31 @@ class Estimate:
                 "total_seconds": self.total_seconds}
 
 
+def _slice_costs(pb: Problem, config: ScanConfig, plan: list[SliceSettings]) -> tuple[float, int]:
+    """Seconds per slice point and the memory the slice phase adds at its peak. The strategy is timed as the run
+    times it, on the first slice's own blocks (replicas only when it has enough of them), then a round of blocks is
+    measured with the setting it chose. The strategy's trials are the phase's first work (vmap's hold several points'
+    activations at once), and the directions are held in float64 and in the model's dtype (ResNet-18: 256 MiB, not
+    2 x its 43 MiB of parameters)."""
+    dirs = random_directions(pb.theta0, 2, seed=config.seed, norm=config.norm, ignore=config.ignore)
+    lists = [pb.as_list(d) for d in dirs]
+    first = block_points(plan[0].axes, np.zeros(tuple(len(a) for a in plan[0].axes), dtype=bool)) if plan else None
+    pb.choose_strategy_for(lists, first)
+    n = pb.block * pb.workers  # a round of blocks, as the slice evaluates them
+    coeffs = np.linspace(-0.5, 0.5, 2 * n).reshape(n, 2)
+    seconds, extra = measured(pb, lambda: pb.evaluate_points(coeffs, lists))
+    tensors = {t.data_ptr(): t for t in [*(t for d in dirs for t in d.values()), *(t for a in lists for t in a)]}
+    held = sum(t.numel() * t.element_size() for t in tensors.values())
+    return seconds / n, max(extra, pb.strategy_memory) + held
+
+
 def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
     """Predict each phase's time and peak memory from products measured on the real model, data and batch size:
     a block of slice points, a gradient, Hessian-vector products (the engine picked as the run will) and a chunk of
     per-sample gradients with its accumulation, each timed after a warm-up call, with the memory it added at its
-    peak (:func:`_measured`); the vector work of Lanczos and Hutch++ from :class:`VectorCosts`
-    (:func:`_curvature_seconds`)."""
+    peak (:func:`landscape.analyses.costs.measured`); the vector work of Lanczos and Hutch++ from
+    :class:`~landscape.analyses.costs.VectorCosts` (:func:`~landscape.analyses.costs.curvature_seconds`); the slice
+    phase from :func:`_slice_costs`."""
     st = prepared or setup(config)
     pb = st.problem
     cuda = pb.device.type == "cuda"
@@ -786,26 +805,12 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
     phases: dict[str, dict[str, float]] = {"startup": {"seconds": process_seconds(), "peak_bytes": base}}
     plan = plan_slices(config)
     points = sum(math.prod(len(a) for a in s.axes) for s in plan)
-    dirs = random_directions(pb.theta0, 2, seed=config.seed, norm=config.norm, ignore=config.ignore)
-    lists = [pb.as_list(d) for d in dirs]
-    # timed as the run times it: on the first slice's own blocks, replicas only when it has enough of them
-    first = block_points(plan[0].axes, np.zeros(tuple(len(a) for a in plan[0].axes), dtype=bool)) if plan else None
-    pb.choose_strategy_for(lists, first)
-    strategy = pb.strategy
-    n = pb.block * pb.workers  # a round of blocks, as the slice evaluates them
-    coeffs = np.linspace(-0.5, 0.5, 2 * n).reshape(n, 2)
-    seconds, slice_extra = measured(pb, lambda: pb.evaluate_points(coeffs, lists))
-    per_point = seconds / n
+    per_point, slice_bytes = _slice_costs(pb, config, plan)
     # gradients and HVPs run one at a time on all threads: a forward pass there costs what one in-place point does
     per_pass = pb.strategy_timings["inplace"] if pb.workers > 1 else per_point
     chunks = math.ceil(pb.n / pb.batch_size)
     if plan:
-        # the strategy's trials are the slice phase's first work (vmap's hold several points' activations at once);
-        # the directions are held in float64 and in the model's dtype (ResNet-18: 256 MiB, not 2 x its 43 MiB)
-        tensors = {t.data_ptr(): t for t in [*(t for d in dirs for t in d.values()), *(t for a in lists for t in a)]}
-        held = sum(t.numel() * t.element_size() for t in tensors.values())
-        phases["slices"] = {"seconds": per_point * points / pb.comm.world,
-                            "peak_bytes": base + max(slice_extra, pb.strategy_memory) + held}
+        phases["slices"] = {"seconds": per_point * points / pb.comm.world, "peak_bytes": base + slice_bytes}
     grad_s, grad_extra = measured(pb, pb.gradient)
     curv = config.curvature
     hvp_s = hvp_extra = 0.0
@@ -832,7 +837,7 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
         phases["coherence"] = {"seconds": seconds, "peak_bytes": base + max(extra, hvp_extra) + 4 * nparam * 8}
     peak = max((p["peak_bytes"] for p in phases.values()), default=base)
     return Estimate(points=points, forward_passes=points * chunks, seconds_per_point=per_point,
-                    seconds=phases.get("slices", {}).get("seconds", 0.0), strategy=strategy, workers=pb.workers,
+                    seconds=phases.get("slices", {}).get("seconds", 0.0), strategy=pb.strategy, workers=pb.workers,
                     memory_bytes=int(peak),
                     memory_note=("peak CUDA memory" if cuda else "peak resident memory") + " of the costliest phase, "
                                 "from products measured on the real batch",
