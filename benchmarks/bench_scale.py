@@ -20,8 +20,8 @@ forward passes, products stay float32: after the first, only the slice is scanne
 on the host against one on the GPU, and a Hessian-vector product under bf16 autocast against float32 with its
 error. ``--deadline`` skips what would start after that many seconds (each result is printed as it comes).
 ``--hutchpp``: only Hutch++'s time against that of its plain products on ResNet-18 (``--samples``), with its block in
-float64 and in float32. ``--growth``: only the time per product over an MLP family (1.6e5 to 9e7 parameters, 8 to 512 samples each) and its
-fits to a line in parameters x samples and to one in parameters and parameters x samples.
+float64 and in float32. ``--growth``: only the time per product over an MLP family (1.6e5 to 9e7 parameters, 8 to
+512 samples each) and its fits to a line in parameters x samples and to one in parameters and parameters x samples.
 
 Output: markdown tables for RESULTS.md.
 """

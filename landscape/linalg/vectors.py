@@ -3,9 +3,10 @@
 A :class:`ColumnStore` holds ``k`` columns of length ``n`` (float64, or float32 for Hutch++'s sketch of float32
 products): in memory when ``n k`` numbers fit ``budget`` bytes, otherwise in an unlinked scratch file that is read
 and written a row block at a time (one block is at most :data:`BLOCK_ROWS` rows of every column, contiguous, so its
-buffer is ``BLOCK_ROWS x k x 8`` bytes in float64: 21 MB for 40 columns). Every algorithm over a store (:mod:`landscape.linalg.lanczos`, :mod:`landscape.linalg.trace`)
-walks it by the same row blocks in both places, so a basis on disk gives the same bits as one in memory; only the
-time differs (reads from the page cache or the disk instead of RAM).
+buffer is ``BLOCK_ROWS x k x 8`` bytes in float64: 21 MB for 40 columns). Every algorithm over a store
+(:mod:`landscape.linalg.lanczos`, :mod:`landscape.linalg.trace`) walks it by the same row blocks in both places, so a
+basis on disk gives the same bits as one in memory; only the time differs (reads from the page cache or the disk
+instead of RAM).
 
 With ``device`` (a torch device), the columns are float64 tensors in that device's memory instead, and the
 algorithms' long vectors are tensors there too (:func:`native`): on a GPU, a pass over a basis of 40 vectors of

@@ -143,7 +143,8 @@ def _per_point(ev: "PointEvaluator", fn: Callable[..., object], dirs: Sequence[l
     where nothing depends on the block's shape), and the memory the calls added at their peak. Stops early once
     the best is over 1.5x ``beat`` (a candidate that clearly loses needs no precise time) or once the timed calls
     have taken :data:`TIMING_SECONDS` (a longer call's time is not made more precise by repeats than the 20% a
-    choice needs; three repeats of an 8-point ResNet-18 block were 4 s of a 15 s slice)."""
+    choice needs; ResNet-18's in-place trial on 256 samples took 2.3 s with three repeats of 8 points, 1.9 s with
+    two, of a 16 s slice)."""
     pb = ev.problem
     coeffs = np.linspace(-0.1, 0.1, k * len(dirs)).reshape(k, len(dirs))
     cuda = pb.device.type == "cuda"
