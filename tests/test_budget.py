@@ -76,6 +76,34 @@ def test_hessian_with_a_budget_too_small_for_its_basis_spills_and_agrees(tmp_pat
         assert a["hessian/trace"].attrs["estimate"] == pytest.approx(b["hessian/trace"].attrs["estimate"], rel=1e-10)
 
 
+def test_the_graph_engines_graph_counts_against_the_budget(tmp_path):
+    """The Lanczos basis is sized to the budget less the gradient graph the graph engine keeps, and the run file
+    records what that graph held; the eigenvalue is the same as with the whole budget."""
+    import torch.nn.functional as F
+
+    from conftest import blobs, relu_mlp
+    from landscape import Problem
+    from landscape.analyses.hessian import CurvatureSettings, analyze_curvature
+    from landscape.linalg.lanczos import basis_size
+
+    net, (X, y) = relu_mlp((4, 256, 3)), blobs(400)
+    settings = CurvatureSettings(top_k=1, trace=False)
+    probe = Problem(net, X, y, F.cross_entropy, hvp_mode="graph")
+    probe.settle_hvp()  # builds the graph
+    graph, n = probe.products.graph_bytes, probe.num_parameters
+    budget = 30 * 8 * n + graph  # 40 vectors fit the budget, 27 fit what the graph leaves of it
+    assert basis_size(1, n, budget=budget) == 40 and basis_size(1, n, budget=budget - graph) == 27
+    pb = Problem(net, X, y, F.cross_entropy, hvp_mode="graph", memory_budget=budget)
+    res = analyze_curvature(pb, settings)
+    assert res.hvp_held_bytes == graph and res.top.basis == 27
+    with h5py.File(tmp_path / "r.h5", "w") as f:
+        assert res.write(f).attrs["hvp_held_bytes"] == graph
+    functional = analyze_curvature(Problem(net, X, y, F.cross_entropy, hvp_mode="forward-over-reverse",
+                                           memory_budget=budget), settings)
+    assert functional.hvp_held_bytes == 0 and functional.top.basis == 40
+    assert res.top.eigenvalues[0] == pytest.approx(functional.top.eigenvalues[0], rel=1e-9)
+
+
 MID_MODEL = """
 import torch
 def net():

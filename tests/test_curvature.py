@@ -151,8 +151,8 @@ def test_hutchpp_of_a_float32_model_keeps_a_float32_block(tmp_path):
 
 
 def test_the_deflated_trace_holds_its_probes_beside_the_eigenvectors(monkeypatch):
-    """The trace's probe block gets what the budget leaves beside the basis and the top eigenvectors in memory,
-    not the room the eigenvectors already took."""
+    """The trace's probe block gets what the budget leaves beside the basis and the top eigenvectors in memory
+    (and the HVP engine's graph, if it keeps one), not the room the eigenvectors already took."""
     import landscape.analyses.hessian as hessian
 
     seen = {}
@@ -167,4 +167,4 @@ def test_the_deflated_trace_holds_its_probes_beside_the_eigenvectors(monkeypatch
     pb = Problem(net, X, y, F.cross_entropy, memory_budget=2**30)
     res = hessian.analyze_curvature(pb, hessian.CurvatureSettings(top_k=3, tol=1e-6))
     assert isinstance(res.top.eigenvectors, np.ndarray) and not isinstance(res.top.eigenvectors, np.memmap)
-    assert seen["budget"] == 2**30 - res.top.eigenvectors.nbytes
+    assert seen["budget"] == 2**30 - res.hvp_held_bytes - res.top.eigenvectors.nbytes

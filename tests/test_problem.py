@@ -44,6 +44,45 @@ def test_every_hvp_engine_matches_the_dense_hessian(mode):
     assert mode == "auto" or pb.hvp_engine == mode
 
 
+def test_graph_bytes_are_the_leaves_gradient_and_per_sample_activations():
+    """What the graph engine holds grows by the same bytes with every sample (the tensors autograd saved for a
+    sample: at least the hidden layer's activations) above a constant of about the leaves and the gradient."""
+    net, width = relu_mlp((4, 256, 3)), 256
+    held = {}
+    for n in (20, 40, 80):
+        X, y = blobs(n)
+        pb = Problem(net, X, y, F.cross_entropy, hvp_mode="graph")
+        pb.hvp({k: torch.ones_like(t) for k, t in pb.theta0.items()})
+        assert pb.products.held_bytes == pb.products.graph_bytes > 0
+        held[n] = pb.products.graph_bytes
+    per_sample = (held[40] - held[20]) / 20
+    assert (held[80] - held[40]) / 40 == pytest.approx(per_sample, rel=0.05)
+    assert per_sample >= width * 8  # at least the hidden activations (float64)
+    assert 2 * pb.parameter_bytes <= held[20] - 20 * per_sample <= 3 * pb.parameter_bytes
+
+
+def test_auto_keeps_the_graph_only_when_it_fits_half_the_budget():
+    net, (X, y) = relu_mlp((4, 64, 3)), blobs(45)
+    H, _ = dense_hessian(net, X, y)
+    v = {n: torch.randn(p.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+         for n, p in net.named_parameters()}
+    graph = Problem(net, X, y, F.cross_entropy, batch_size=15, hvp_mode="graph")  # three chunks
+    graph.hvp(v)
+    size = graph.products.graph_bytes
+    for budget, kept in ((1.2 * size, False), (4 * size, True)):
+        pb = Problem(net, X, y, F.cross_entropy, batch_size=15, memory_budget=budget)
+        torch.testing.assert_close(flat(pb.hvp(v), pb.names), H @ flat(v, pb.names), rtol=1e-10, atol=1e-12)
+        # refused after its first chunk, from that chunk's bytes times three: about the whole graph's
+        assert pb.products.graph_bytes == pytest.approx(size, rel=0.1)
+        assert (pb.hvp_timings is not None and "graph" in pb.hvp_timings) == kept
+        assert pb.products.held_bytes == (size if pb.hvp_engine == "graph" else 0)
+        assert pb.budget_left() == budget - pb.products.held_bytes
+    settled = Problem(net, X, y, F.cross_entropy, batch_size=15, memory_budget=4 * size)
+    assert settled.hvp_mode == "auto"
+    settled.settle_hvp()
+    assert settled.hvp_mode in ("graph", "functional") and settled.hvp_timings is not None
+
+
 def test_inplace_and_vmap_strategies_agree():
     net, (X, y) = relu_mlp(), blobs(50)
     dirs = random_directions({n: p for n, p in net.named_parameters()}, 2, seed=1)

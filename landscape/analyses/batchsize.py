@@ -139,7 +139,7 @@ def analyze_batch_sizes(problem: Problem, sizes: Sequence[int], *, draws: int = 
             op = CurvatureOperator(problem.subset(batch_indices(n, int(b), j, seed)), kind=kind, parameters=parameters)
             for which, vals, ok in (("LA", top, top_ok), ("SA", bottom, bottom_ok)):
                 r = lanczos(op, op.n, k=1, which=which, tol=tol, seed=seed, max_matvec=max_hvp,
-                            budget=problem.memory_budget, device=basis_device(problem.device, 1, op.n))
+                            budget=problem.budget_left(), device=basis_device(problem.device, 1, op.n))
                 vals[i, j], ok[i, j] = r.eigenvalues[0], r.converged[0]
             products += op.n_matvec
     return BatchSizeResult(sizes=sizes, top=top, bottom=bottom, top_converged=top_ok, bottom_converged=bottom_ok,

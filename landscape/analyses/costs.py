@@ -170,7 +170,7 @@ def sharpness_seconds(pb: Problem, measures: Sequence[SharpnessSettings], hvp_se
     of P standard numbers and one elementwise operation on P-long vectors measured on the weights' device."""
     nparam = pb.num_parameters
     dtype = next(iter(pb.theta0.values())).dtype
-    kept = keeps_draws(max((s.draws for s in measures), default=0), nparam, dtype.itemsize, pb.memory_budget)
+    kept = keeps_draws(max((s.draws for s in measures), default=0), nparam, dtype.itemsize, pb.budget_left())
     works = [work(s, pb.n, n_directions=n_directions, kept_draws=kept) for s in measures]
     sizes = sorted({k for w in works for k in (*w.losses, *w.gradients)})
     loss_s, grad_s = {}, {}

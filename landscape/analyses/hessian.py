@@ -106,6 +106,9 @@ class CurvatureResult:
     n_matvec: int
     hvp_mode: str
     dtype: str
+    #: bytes the HVP engine held between products (the graph engine's gradient graph; 0 for torch.func's), which
+    #: the vectors' budget left out (:meth:`Products.budget_left <landscape.problem.products.Products.budget_left>`)
+    hvp_held_bytes: int = 0
     per_layer: Mapping[str, "CurvatureResult"] = field(default_factory=dict)
     validity: ValidityResult | None = None
     per_class: Mapping[str, "CurvatureResult"] = field(default_factory=dict)
@@ -160,7 +163,7 @@ class CurvatureResult:
                      "trace_method": self.trace.method if self.trace is not None else s.trace_method,
                      "trace_stderr_target": s.trace_stderr if s.trace_stderr is not None else float("nan"),
                      "seed": s.seed, "parameters": list(s.parameters), "hvp_mode": self.hvp_mode, "engine": s.engine,
-                     "dtype": self.dtype, "vector_storage": self.vector_storage,
+                     "hvp_held_bytes": self.hvp_held_bytes, "dtype": self.dtype, "vector_storage": self.vector_storage,
                      "settings": asdict(s), "summary": self.summary()}.items():
             g.attrs[k] = encode_attr(v)
         if self.top is not None:
@@ -288,7 +291,7 @@ def _analyze(problem: Problem, s: CurvatureSettings, params: list[str] | None,
         return CurvatureResult(settings=s, n_parameters=op.n, top=top, bottom=None, trace=trace, density=None,
                                n_matvec=n_hvp, hvp_mode="pyhessian", dtype=str(problem.dtype).replace("torch.", ""))
     top = bottom = None
-    budget = problem.memory_budget
+    budget = op.budget()  # the budget less the graph the HVP engine keeps, if it keeps one
 
     trace = None
     method = s.trace_estimator if s.trace else None
@@ -330,7 +333,8 @@ def _analyze(problem: Problem, s: CurvatureSettings, params: list[str] | None,
         validity = analyze_validity(problem, _validity_directions(problem, op, s, params, top, bottom))
     return CurvatureResult(settings=s, n_parameters=op.n, top=top, bottom=bottom, trace=trace, density=density,
                            n_matvec=op.n_matvec, hvp_mode=problem.hvp_engine,
-                           dtype=str(problem.dtype).replace("torch.", ""), validity=validity)
+                           hvp_held_bytes=problem.products.held_bytes, dtype=str(problem.dtype).replace("torch.", ""),
+                           validity=validity)
 
 
 def _validity_directions(problem: Problem, op: CurvatureOperator, s: CurvatureSettings, params: list[str] | None,

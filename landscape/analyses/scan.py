@@ -391,10 +391,11 @@ def hessian_directions(pb: Problem, dims: int, *, bottom: bool, seed: int = 0) -
     op = CurvatureOperator(pb)
     k = 1 if bottom else dims
     device = basis_device(pb.device, k, op.n)
-    top = lanczos(op, op.n, k=k, which="LA", seed=seed, budget=pb.memory_budget, device=device)
+    budget = op.budget()
+    top = lanczos(op, op.n, k=k, which="LA", seed=seed, budget=budget, device=device)
     vecs = [top.eigenvectors[:, i] for i in range(top.eigenvectors.shape[1])]
     if bottom and dims == 2:
-        vecs.append(lanczos(op, op.n, k=1, which="SA", seed=seed + 1, budget=pb.memory_budget,
+        vecs.append(lanczos(op, op.n, k=1, which="SA", seed=seed + 1, budget=budget,
                             device=device).eigenvectors[:, 0])
     return [{n: t.detach().cpu().double() for n, t in op.to_params(v).items()} for v in vecs]
 
@@ -674,7 +675,7 @@ def _run_coherence(rf: RunFile | None, config: ScanConfig, st: Setup, progress: 
     kept = comm.from_writer(stored)
     if kept is not None:
         return kept
-    settings = replace(settings, memory_budget=st.problem.memory_budget)
+    settings = replace(settings, memory_budget=st.problem.budget_left())
     res = analyze_coherence(st.problem, settings, sample_index=st.data.indices, progress=progress)
     if not keeps_vectors(config, st.problem.num_parameters):
         res = replace(res, gsnr={})
@@ -815,7 +816,6 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
     curv = config.curvature
     hvp_s = hvp_extra = 0.0
     nparam = pb.num_parameters
-    budget = pb.memory_budget
     # the curvature's long vectors: on the GPU that runs the products when they fit there, as the run places them
     vec_device = basis_device(pb.device, max(curv.top_k, curv.bottom_k, 1), nparam) if curv is not None else None
     if curv is not None or config.sharpness or config.coherence is not None:
@@ -824,6 +824,7 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
         # a new vector each time, as in a run (the same one again measured 1.2-1.3x faster at 11M parameters)
         fresh = itertools.cycle([v, -v, 0.5 * v, 2.0 * v])
         hvp_s, hvp_extra = measured(pb, lambda: op.matvec(next(fresh)), repeats=3)
+    budget = pb.budget_left()  # what the run's analyses size their vectors by, beside the HVP engine's graph
     if curv is not None:
         seconds, held = curvature_seconds(curv, nparam, budget if vec_device is None else float("inf"), hvp_s,
                                            VectorCosts.measure(nparam, budget, vec_device),
@@ -845,7 +846,7 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
                     curvature_seconds=phases.get("hessian", {}).get("seconds", 0.0),
                     sharpness_seconds=phases.get("sharpness", {}).get("seconds", 0.0),
                     coherence_seconds=phases.get("coherence", {}).get("seconds", 0.0),
-                    memory_budget=budget, phases=phases)
+                    memory_budget=pb.memory_budget, phases=phases)
 
 
 __all__ = ["ScanConfig", "ScanSummary", "SliceResult", "Setup", "Estimate", "setup", "run_scan", "estimate",

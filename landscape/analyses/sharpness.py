@@ -462,7 +462,7 @@ def _pacbayes_sigma(problem: Problem, flat: _Flat, s: SharpnessSettings, target:
 
     # the draws x P numbers are kept when they fit half the memory budget, else drawn again at every sigma
     kept = ([draw(k) for k in range(s.draws)]
-            if keeps_draws(s.draws, flat.w.numel(), flat.w.element_size(), problem.memory_budget) else None)
+            if keeps_draws(s.draws, flat.w.numel(), flat.w.element_size(), problem.budget_left()) else None)
 
     def z(k: int) -> torch.Tensor:
         return kept[k] if kept is not None else draw(k)

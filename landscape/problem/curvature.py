@@ -78,3 +78,12 @@ class CurvatureOperator:
         return self.to_vector(fn(v, self.point), device)
 
     __call__ = matvec
+
+    def budget(self) -> float:
+        """What the vectors of an algorithm over this operator may hold: the Problem's memory budget less what its
+        HVP engine holds between products (:meth:`~landscape.problem.products.Products.budget_left`), the engine
+        picked first (:meth:`~landscape.problem.products.Products.settle`) when this is the Hessian at theta0, whose
+        products may keep a graph."""
+        if self.kind == "hessian" and self.point is None:
+            self.problem.settle_hvp()
+        return self.problem.budget_left()

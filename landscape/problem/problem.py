@@ -176,11 +176,13 @@ class Problem:
     hvp_mode = _Delegated("products", "mode")
     hvp_timings = _Delegated("products", "timings")
     graph_chunks = _Delegated("products")
+    budget_left = _Delegated("products")  # the budget less the HVP engine's graph (Products.budget_left, .settle)
+    settle_hvp = _Delegated("products", "settle")
 
     # ------------------------------------------------------------------ basics
     def subset(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> "Problem":
         """The same model (at ``theta0``), loss, metrics and settings on the samples ``indices`` only: the loss
-        restricted to a class or a mini-batch, for per-class and mini-batch curvature."""
+        restricted to a class or a mini-batch, for per-class and mini-batch curvature, within ``budget_left()``."""
         if isinstance(self.X, StreamedInputs):
             raise LandscapeError("per-class and mini-batch curvature need the inputs in memory",
                                  hint="use --stream off (and --max-samples to fit)")
@@ -189,7 +191,7 @@ class Problem:
         mode = {"graph": "graph", "functional": self.products.functional_mode}.get(self.hvp_mode, "auto")
         return Problem(self._model, self.X[idx], self.y[idx], self.loss_fn, metrics=self.metrics,
                        classification=self.classification, device=self.device, dtype=self.dtype,
-                       batch_size=self.batch_size, bn=self.bn, memory_budget=self.memory_budget, comm=self.comm,
+                       batch_size=self.batch_size, bn=self.bn, memory_budget=self.budget_left(), comm=self.comm,
                        precision=self.precision, linear_inputs=self.linear_inputs, direct_output=self.direct_output,
                        hvp_mode=mode)
 

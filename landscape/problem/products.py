@@ -4,13 +4,16 @@
 ``graph``, double backward through a gradient graph kept at ``theta0`` (Pearlmutter 1994; PyHessian's way: one
 backward pass a product, for evaluation sets of at most ``graph_chunks`` chunks); ``forward-over-reverse`` (``jvp``
 of ``grad``, torch.func) and ``reverse-over-reverse`` (``vjp`` of ``grad``), chunked, at any point. ``auto`` times
-``graph`` against torch.func's at the first product at ``theta0`` and keeps the faster. The generalized
-Gauss-Newton product ``G v = (1/n) sum_i J_i^T (d^2 l / dz^2) J_i v`` (Schraudolph 2002) goes through the same
-chunks. Under ``torchrun`` every product is data-parallel: each rank's shard, added by an all-reduce.
+``graph`` against torch.func's at the first product at ``theta0`` and keeps the faster, the graph only when it holds
+at most half the memory budget between products (what it holds counts against the budget:
+:meth:`Products.budget_left`). The generalized Gauss-Newton product ``G v = (1/n) sum_i J_i^T (d^2 l / dz^2) J_i v``
+(Schraudolph 2002) goes through the same chunks. Under ``torchrun`` every product is data-parallel: each rank's
+shard, added by an all-reduce.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from typing import TYPE_CHECKING, Callable, Mapping
 
@@ -48,6 +51,31 @@ class Products:
         self.grad_graph: tuple[list[torch.Tensor], tuple[torch.Tensor, ...], torch.Tensor] | None = None
         self.graph_chunks = graph_chunks
         self.timings: dict[str, float] | None = None
+        #: bytes the graph engine's gradient graph holds between products (:meth:`_build_graph`); under ``auto``
+        #: a graph refused for its size keeps the bytes it was projected to hold
+        self.graph_bytes = 0
+
+    @property
+    def held_bytes(self) -> int:
+        """Memory this engine holds between products: the gradient graph while the graph engine keeps one."""
+        return self.graph_bytes if self.grad_graph is not None else 0
+
+    def budget_left(self) -> float:
+        """The Problem's memory budget less what this engine holds between products (:attr:`held_bytes`): what an
+        analysis may fill with its own vectors and chunks. Analyses that make products call :meth:`settle` first."""
+        return max(0.0, self.problem.memory_budget - self.held_bytes)
+
+    def settle(self) -> None:
+        """Pick the engine now if ``auto`` has not yet (one product of a seeded random vector at theta0, its result
+        dropped), or build the graph engine's graph, so that what it holds between products (:attr:`held_bytes`)
+        is known before an analysis sizes its vectors to the budget
+        (:meth:`budget_left`)."""
+        if self.mode == "graph" and self.grad_graph is None:
+            self._build_graph()
+        elif self.mode == "auto":
+            gen = torch.Generator(device=self.problem.device).manual_seed(0)
+            self.hvp({n: torch.randn(t.shape, generator=gen, device=t.device, dtype=t.dtype)
+                      for n, t in self.problem.theta0.items()})
 
     @property
     def engine(self) -> str:
@@ -84,15 +112,47 @@ class Products:
 
         return self.chunked(product, v, params)
 
+    def _build_graph(self, limit: float = math.inf) -> bool:
+        """Build the gradient graph at theta0 a chunk at a time and count what it holds between products
+        (:attr:`graph_bytes`): the leaves and the gradient, and every tensor autograd saved for the backward passes
+        (counted by storage as it is saved), less the inputs and buffers the Problem holds anyway. After the first
+        chunk, when the whole graph would hold more than ``limit`` (that chunk's saved tensors once per chunk),
+        stop and return False: nothing is kept (rank 0's verdict on every rank)."""
+        pb = self.problem
+        held_anyway = {t.untyped_storage().data_ptr() for t in (pb.X, *pb.buffers.values())
+                       if isinstance(t, torch.Tensor)}
+        saved: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        leaves = {n: t.detach().clone().requires_grad_(True) for n, t in pb.theta0.items()}
+        own = held_anyway | {t.untyped_storage().data_ptr() for t in leaves.values()}
+        fixed = 2 * pb.parameter_bytes  # the leaves and the gradient
+        grads: tuple[torch.Tensor, ...] = ()
+        value = torch.zeros((), dtype=pb.dtype, device=pb.device)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            for i, (s, e) in enumerate(pb._grad_chunks):
+                loss = pb._chunk_loss(leaves, pb.X[s:e], pb.y[s:e]) * ((e - s) / pb.n)
+                g = torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
+                grads = tuple(a + b for a, b in zip(grads, g)) if grads else g
+                value = value + loss.detach()
+                self.graph_bytes = fixed + sum(b for p, b in saved.items() if p not in own)
+                if i == 0 and math.isfinite(limit):
+                    projected = fixed + (self.graph_bytes - fixed) * len(pb._grad_chunks)
+                    if not pb.comm.broadcast(projected <= limit):
+                        self.graph_bytes = projected
+                        return False
+        self.grad_graph = (list(leaves.values()), grads, value)
+        return True
+
     def _graph_hvp(self, v: Mapping[str, torch.Tensor]) -> Params:
         """Double backward through the gradient graph at theta0, built once (Pearlmutter 1994; PyHessian's way):
         each product is one backward pass instead of a forward and two backward passes."""
         pb = self.problem
         if self.grad_graph is None:
-            leaves = {n: t.detach().clone().requires_grad_(True) for n, t in pb.theta0.items()}
-            total = sum(pb._chunk_loss(leaves, pb.X[s:e], pb.y[s:e]) * ((e - s) / pb.n) for s, e in pb._grad_chunks)
-            grads = torch.autograd.grad(total, list(leaves.values()), create_graph=True)
-            self.grad_graph = (list(leaves.values()), grads, total.detach())
+            self._build_graph()
         leaves, grads, _ = self.grad_graph
         hv = torch.autograd.grad(grads, leaves, grad_outputs=[v[n].to(pb.device, pb.dtype) for n in pb.names],
                                  retain_graph=True)
@@ -105,25 +165,32 @@ class Products:
 
         Engines (:attr:`mode`): ``graph`` (double backward through a gradient graph kept at theta0, for
         evaluation sets of at most ``graph_chunks`` chunks), ``forward-over-reverse`` and ``reverse-over-reverse``
-        (torch.func, chunked, any point). ``auto`` times the candidates on the first product at theta0 and keeps
-        the fastest.
+        (torch.func, chunked, any point). ``auto`` picks one at the first product at theta0 (:meth:`_choose`).
         """
         if params is not None or self.mode == "functional":
             return self._functional_hvp(v, params)
         if self.mode == "graph":
             return self._graph_hvp(v)
-        if len(self.problem._grad_chunks) > self.graph_chunks:
+        return self._choose(v)
+
+    def _choose(self, v: Mapping[str, torch.Tensor]) -> Params:
+        """``auto``'s choice: the graph engine is a candidate for evaluation sets of at most ``graph_chunks``
+        chunks whose graph holds at most half the memory budget (:meth:`_build_graph`; a bigger one would leave
+        the analyses too little of it, and torch.func's engines hold nothing between products); each candidate
+        is timed after a warm-up and the faster kept (rank 0's choice on every rank, so that all run the same
+        engine and get the same bits)."""
+        pb = self.problem
+        if len(pb._grad_chunks) > self.graph_chunks or not self._build_graph(pb.memory_budget / 2):
             self.mode = "functional"
             return self._functional_hvp(v, None)
         timings = {}
         out: Params = {}
         for mode, fn in (("graph", lambda: self._graph_hvp(v)), ("functional", lambda: self._functional_hvp(v, None))):
-            fn()  # warm-up (and, for graph, building it)
+            fn()  # warm-up
             t = time.perf_counter()
             out = fn()
             timings[mode] = time.perf_counter() - t
-        # rank 0's choice, so that every rank runs the same engine and gets the same bits
-        self.mode = self.problem.comm.broadcast("graph" if timings["graph"] <= timings["functional"] else "functional")
+        self.mode = pb.comm.broadcast("graph" if timings["graph"] <= timings["functional"] else "functional")
         if self.mode != "graph":
             self.grad_graph = None
         self.timings = timings
