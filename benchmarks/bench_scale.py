@@ -3,7 +3,7 @@
     python benchmarks/bench_scale.py [--threads 2] [--models mlp,resnet18,gpt2_25m,wide_mlp] [--samples 32]
                                      [--steps 11] [--memory-budget auto] [--no-pyhessian] [--no-side-by-side] [--out /tmp/bench_scale]
                                      [--device cuda] [--precisions full,bf16] [--context 64] [--deadline SECONDS]
-    python benchmarks/bench_scale.py --growth | --hutchpp [--samples 256]
+    python benchmarks/bench_scale.py --growth | --hutchpp [--samples 256] | --engines
 
 Models from ``benchmarks/scale_models.py`` (built in code, no downloads): an MLP (~1e5 parameters), ResNet-18 (11.2M,
 10 classes), a GPT-2-style transformer (27M, from a ``transformers`` config) and a wide MLP (90M). Inputs are
@@ -22,6 +22,7 @@ error. ``--deadline`` skips what would start after that many seconds (each resul
 ``--hutchpp``: only Hutch++'s time against that of its plain products on ResNet-18 (``--samples``), with its block in
 float64 and in float32. ``--growth``: only the time per product over an MLP family (1.6e5 to 9e7 parameters, 8 to
 512 samples each) and its fits to a line in parameters x samples and to one in parameters and parameters x samples.
+``--engines``: only ``--hvp auto``'s choice of engine on ResNet-18 at 64, 256 and 512 samples (:func:`engine_choice`).
 
 Output: markdown tables for RESULTS.md.
 """
@@ -283,6 +284,46 @@ def hutchpp_overhead(threads: int, samples: int, folder: Path, rounds: int = 1) 
                       flush=True)
 
 
+def engine_choice(threads: int, sample_counts: tuple[int, ...], folder: Path) -> None:
+    """``--hvp auto``'s choice on the ladder's ResNet-18 at each of ``sample_counts`` samples, in one process inside
+    the CLI's allocator hold, at the ``auto`` budget and at one a little under twice the graph's bytes (where the
+    graph is refused): the bytes the graph engine's graph was counted to hold, the resident memory the choice left
+    (heap trimmed), each candidate's seconds a product and the memory it needed, and the engines kept."""
+    from landscape.analyses.scan import ScanConfig, setup
+    from landscape.io.specs import Spec
+    from landscape.problem.curvature import CurvatureOperator
+    from landscape.runtime.allocator import release_freed_memory, reuse_freed_memory
+    from landscape.runtime.budget import rss
+
+    torch.set_num_threads(threads)
+    mib = 2**20
+    print("| samples | budget MiB | graph MiB counted | kept after the choice MiB | graph s / MiB "
+          "| forward-over-reverse s / MiB | reverse-over-reverse s / MiB | picked | torch.func elsewhere | choice s |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
+    for n in sample_counts:
+        _, ck, data = prepare("resnet18", n, folder / f"resnet18_{n}", 0)
+        budget = None
+        for _ in range(2):
+            with reuse_freed_memory():
+                st = setup(ScanConfig(checkpoint=str(ck), model=Spec(f"{HERE / 'scale_models.py'}:resnet18"),
+                                      data=Spec(str(data)), memory_budget=budget, output=str(folder / "x.h5")))
+                pb = st.problem
+                release_freed_memory()
+                before, t = rss(), time.perf_counter()
+                CurvatureOperator(pb).budget()
+                took = time.perf_counter() - t
+                release_freed_memory()
+                kept = rss() - before
+                cells = [f"{pb.hvp_timings[e]:.2f} / {pb.products.footprints[e] / mib:,.0f}"
+                         if e in pb.hvp_timings else "(refused)"
+                         for e in ("graph", "forward-over-reverse", "reverse-over-reverse")]
+                print(f"| {n} | {pb.memory_budget / mib:,.0f} | {pb.products.graph_bytes / mib:,.0f} "
+                      f"| {kept / mib:,.0f} | {' | '.join(cells)} | {pb.hvp_engine} | {pb.products.functional_mode} "
+                      f"| {took:.1f} |", flush=True)
+                budget = 1.9 * pb.products.graph_bytes
+                del st, pb
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -300,8 +341,13 @@ def main() -> None:
     ap.add_argument("--growth", action="store_true", help="only the per-product growth over an MLP family")
     ap.add_argument("--hutchpp", action="store_true",
                     help="only Hutch++ against its plain products on ResNet-18 (float64 and float32 blocks)")
+    ap.add_argument("--engines", action="store_true",
+                    help="only --hvp auto's choice on ResNet-18 at 64, 256 and 512 samples (seconds and memory)")
     ap.add_argument("--out", default=tempfile.mkdtemp(prefix="bench_scale_"))
     a = ap.parse_args()
+    if a.engines:
+        engine_choice(a.threads, (64, 256, 512), Path(a.out))
+        return
     if a.growth:
         growth(a.threads)
         return

@@ -104,6 +104,7 @@ def test_recorded_hvp_engine_follows_the_fallback():
     pb = Problem(torch.nn.Linear(4, 2).double(), X, Y, F.mse_loss, batch_size=10)  # 6 chunks: no graph engine
     pb.hvp({n: torch.ones_like(t) for n, t in pb.theta0.items()})
     assert pb.hvp_engine == "reverse-over-reverse"
+    assert set(pb.hvp_timings) == {"reverse-over-reverse"}  # the candidate that fell back is left out
 
 
 def test_default_trace_reuses_the_top_eigenvalues_lanczos_basis():

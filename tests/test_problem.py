@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from conftest import blobs, flat_loss, relu_mlp
 from landscape import Problem
 from landscape.analyses.directions import random_directions
+from landscape.problem.products import pick_engine
 
 
 def flat(d, names):
@@ -80,7 +81,11 @@ def test_auto_keeps_the_graph_only_when_it_fits_half_the_budget():
     settled = Problem(net, X, y, F.cross_entropy, batch_size=15, memory_budget=4 * size)
     assert settled.hvp_mode == "auto"
     settled.settle_hvp()
-    assert settled.hvp_mode in ("graph", "functional") and settled.hvp_timings is not None
+    timings, footprints = settled.hvp_timings, settled.products.footprints
+    assert set(timings) == set(footprints) == {"graph", "forward-over-reverse", "reverse-over-reverse"}
+    assert footprints["graph"] >= size  # the graph it keeps and what a product adds
+    costs = {e: (timings[e], footprints[e]) for e in timings}
+    assert settled.hvp_engine == pick_engine(costs, 4 * size)
 
 
 def test_inplace_and_vmap_strategies_agree():

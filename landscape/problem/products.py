@@ -4,11 +4,11 @@
 ``graph``, double backward through a gradient graph kept at ``theta0`` (Pearlmutter 1994; PyHessian's way: one
 backward pass a product, for evaluation sets of at most ``graph_chunks`` chunks); ``forward-over-reverse`` (``jvp``
 of ``grad``, torch.func) and ``reverse-over-reverse`` (``vjp`` of ``grad``), chunked, at any point. ``auto`` times
-``graph`` against torch.func's at the first product at ``theta0`` and keeps the faster, the graph only when it holds
-at most half the memory budget between products (what it holds counts against the budget:
-:meth:`Products.budget_left`). The generalized Gauss-Newton product ``G v = (1/n) sum_i J_i^T (d^2 l / dz^2) J_i v``
-(Schraudolph 2002) goes through the same chunks. Under ``torchrun`` every product is data-parallel: each rank's
-shard, added by an all-reduce.
+the three at the first product at ``theta0`` and keeps the fastest of those that need at most half the memory budget
+more than the leanest (:func:`pick_engine`), the graph only when it holds at most half the budget between products
+(what it holds counts against the budget: :meth:`Products.budget_left`). The generalized Gauss-Newton product
+``G v = (1/n) sum_i J_i^T (d^2 l / dz^2) J_i v`` (Schraudolph 2002) goes through the same chunks. Under ``torchrun``
+every product is data-parallel: each rank's shard, added by an all-reduce.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 from torch.func import grad, jvp
 
 from ..errors import LandscapeError
+from ..runtime.budget import AddedMemory
 
 if TYPE_CHECKING:
     from .problem import Params, Problem
@@ -34,6 +35,22 @@ def check_hvp_mode(mode: str) -> None:
     """Refuse an HVP engine not in :data:`HVP_MODES`."""
     if mode not in HVP_MODES:
         raise LandscapeError(f"HVP engine {mode!r} is unknown", hint=f"use --hvp {', '.join(HVP_MODES)}")
+
+
+def pick_engine(costs: Mapping[str, tuple[float, float]], budget: float) -> str:
+    """The fastest engine of ``costs`` (engine: seconds a product, bytes it needs) among those that need at most
+    half of ``budget`` more than the leanest: memory an engine could do without is held to the share of the budget
+    an analysis's own holdings get. Ties go to the first.
+
+    >>> costs = {"graph": (0.6, 600e6), "forward-over-reverse": (1.5, 3.4e9), "reverse-over-reverse": (1.0, 640e6)}
+    >>> pick_engine(costs, budget=5e9)
+    'graph'
+    >>> pick_engine({**costs, "graph": (0.6, 3.2e9)}, budget=5e9)
+    'reverse-over-reverse'
+    """
+    lean = min(b for _, b in costs.values())
+    within = {e: s for e, (s, b) in costs.items() if b - lean <= budget / 2}
+    return min(within, key=within.__getitem__)
 
 
 class Products:
@@ -50,7 +67,10 @@ class Products:
         self.functional_mode = hvp_mode if hvp_mode.endswith("reverse") else "forward-over-reverse"
         self.grad_graph: tuple[list[torch.Tensor], tuple[torch.Tensor, ...], torch.Tensor] | None = None
         self.graph_chunks = graph_chunks
+        #: ``auto``'s measurements of each candidate engine: seconds a product, and bytes it added at its peak
+        #: (with the graph it keeps, for ``graph``)
         self.timings: dict[str, float] | None = None
+        self.footprints: dict[str, int] | None = None
         #: bytes the graph engine's gradient graph holds between products (:meth:`_build_graph`); under ``auto``
         #: a graph refused for its size keeps the bytes it was projected to hold
         self.graph_bytes = 0
@@ -174,27 +194,45 @@ class Products:
         return self._choose(v)
 
     def _choose(self, v: Mapping[str, torch.Tensor]) -> Params:
-        """``auto``'s choice: the graph engine is a candidate for evaluation sets of at most ``graph_chunks``
-        chunks whose graph holds at most half the memory budget (:meth:`_build_graph`; a bigger one would leave
-        the analyses too little of it, and torch.func's engines hold nothing between products); each candidate
-        is timed after a warm-up and the faster kept (rank 0's choice on every rank, so that all run the same
-        engine and get the same bits)."""
+        """``auto``'s choice at the first product at theta0. Candidates: the graph engine, for evaluation sets of
+        at most ``graph_chunks`` chunks whose graph holds at most half the memory budget (:meth:`_build_graph`),
+        and both torch.func engines. Each is timed after a warm-up, with the memory it adds at its peak
+        (:class:`~landscape.runtime.budget.AddedMemory`; the graph's own bytes added to the graph engine's), and
+        :func:`pick_engine` keeps the fastest of those within half the budget of the leanest; the torch.func
+        engine for products elsewhere (at other points, and the Gauss-Newton's output-space Hessian) is picked
+        the same way among the two. A forward-over-reverse that the model's ops cannot run is left out. Rank 0's
+        choice holds on every rank, so that all run the same engine and get the same bits."""
         pb = self.problem
-        if len(pb._grad_chunks) > self.graph_chunks or not self._build_graph(pb.memory_budget / 2):
-            self.mode = "functional"
-            return self._functional_hvp(v, None)
-        timings = {}
+        engines = ["forward-over-reverse", "reverse-over-reverse"]
+        if len(pb._grad_chunks) <= self.graph_chunks and self._build_graph(pb.memory_budget / 2):
+            engines.insert(0, "graph")
+        costs: dict[str, tuple[float, int]] = {}
         out: Params = {}
-        for mode, fn in (("graph", lambda: self._graph_hvp(v)), ("functional", lambda: self._functional_hvp(v, None))):
-            fn()  # warm-up
-            t = time.perf_counter()
-            out = fn()
-            timings[mode] = time.perf_counter() - t
-        self.mode = pb.comm.broadcast("graph" if timings["graph"] <= timings["functional"] else "functional")
+        for engine in engines:
+            self.functional_mode = engine if engine != "graph" else self.functional_mode
+            with AddedMemory(pb.device) as added:
+                self.hvp_with(engine, v)  # warm-up
+                t = time.perf_counter()
+                out = self.hvp_with(engine, v)
+                if pb.device.type == "cuda":
+                    torch.cuda.synchronize(pb.device)
+                seconds = time.perf_counter() - t
+            if engine == "graph" or self.functional_mode == engine:  # else it fell back to reverse-over-reverse
+                costs[engine] = (seconds, added.bytes + (self.graph_bytes if engine == "graph" else 0))
+        functional = {e: c for e, c in costs.items() if e != "graph"}
+        choice, self.functional_mode = pb.comm.broadcast((pick_engine(costs, pb.memory_budget),
+                                                          pick_engine(functional, pb.memory_budget)))
+        self.mode = "graph" if choice == "graph" else "functional"
         if self.mode != "graph":
             self.grad_graph = None
-        self.timings = timings
+            self.functional_mode = choice
+        self.timings = {e: c[0] for e, c in costs.items()}
+        self.footprints = {e: c[1] for e, c in costs.items()}
         return out
+
+    def hvp_with(self, engine: str, v: Mapping[str, torch.Tensor]) -> Params:
+        """``H v`` at theta0 by ``graph`` or by torch.func (:attr:`functional_mode`)."""
+        return self._graph_hvp(v) if engine == "graph" else self._functional_hvp(v, None)
 
     def ggn_vp(self, v: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor] | None = None) -> Params:
         """Generalized Gauss-Newton product ``G v = (1/n) sum_i J_i^T (d^2 l / dz^2) J_i v``.
