@@ -78,9 +78,10 @@ OPTIONS: dict[str, Any] = {
              "per-sample gradient chunks, Krylov bases; long vectors that do not fit go to a scratch file), e.g. "
              "512MiB, 4GB (default: a quarter of the available memory).")],
     "hvp": Annotated[str, typer.Option(
-        help="Hessian-vector product engine: auto (the faster of graph and forward-over-reverse, timed at the "
-             "first product), graph (double backward), forward-over-reverse or reverse-over-reverse (torch.func). "
-             "Pin one for runs that must agree to the last bit.")],
+        help="Hessian-vector product engine: auto (the fastest of the three, timed at the first product, among "
+             "those that need at most half the memory budget more than the leanest; graph only when its graph fits "
+             "half the budget), graph (double backward through a kept graph), forward-over-reverse or "
+             "reverse-over-reverse (torch.func). Pin one for runs that must agree to the last bit.")],
 }
 assert set(OPTIONS) == {f.name for f in fields(SpecOptions)}
 
