@@ -104,6 +104,28 @@ def test_the_graph_engines_graph_counts_against_the_budget(tmp_path):
     assert res.top.eigenvalues[0] == pytest.approx(functional.top.eigenvalues[0], rel=1e-9)
 
 
+def test_the_dry_run_counts_the_engine_choice_once_in_the_first_phase_with_products(tmp_path, monkeypatch):
+    """The run pays ``--hvp auto``'s choice (a graph built, each engine timed) once, before its first product; the
+    dry run adds the time its own first product took to the phase that makes the run's first product."""
+    import time
+
+    from landscape.analyses.hessian import CurvatureSettings
+    from landscape.analyses.scan import ScanConfig, estimate
+    from landscape.problem.products import Products
+
+    choose = Products._choose
+
+    def slow(self, v):
+        time.sleep(0.5)
+        return choose(self, v)
+
+    monkeypatch.setattr(Products, "_choose", slow)
+    config = ScanConfig(checkpoint=MLP, steps=(3,), curvature=CurvatureSettings(top_k=1, trace=False),
+                        output=str(tmp_path / "r.h5"))
+    phases = estimate(config).phases
+    assert phases["hessian"]["seconds"] >= 0.5 and phases["slices"]["seconds"] < 0.5
+
+
 MID_MODEL = """
 import torch
 def net():
