@@ -88,8 +88,7 @@ class Products:
     def settle(self) -> None:
         """Pick the engine now if ``auto`` has not yet (one product of a seeded random vector at theta0, its result
         dropped), or build the graph engine's graph, so that what it holds between products (:attr:`held_bytes`)
-        is known before an analysis sizes its vectors to the budget
-        (:meth:`budget_left`)."""
+        is known before an analysis sizes its vectors to the budget (:meth:`budget_left`)."""
         if self.mode == "graph" and self.grad_graph is None:
             self._build_graph()
         elif self.mode == "auto":
@@ -211,9 +210,9 @@ class Products:
         for engine in engines:
             self.functional_mode = engine if engine != "graph" else self.functional_mode
             with AddedMemory(pb.device) as added:
-                self.hvp_with(engine, v)  # warm-up
+                self._hvp_by(engine, v)  # warm-up
                 t = time.perf_counter()
-                out = self.hvp_with(engine, v)
+                out = self._hvp_by(engine, v)
                 if pb.device.type == "cuda":
                     torch.cuda.synchronize(pb.device)
                 seconds = time.perf_counter() - t
@@ -230,7 +229,7 @@ class Products:
         self.footprints = {e: c[1] for e, c in costs.items()}
         return out
 
-    def hvp_with(self, engine: str, v: Mapping[str, torch.Tensor]) -> Params:
+    def _hvp_by(self, engine: str, v: Mapping[str, torch.Tensor]) -> Params:
         """``H v`` at theta0 by ``graph`` or by torch.func (:attr:`functional_mode`)."""
         return self._graph_hvp(v) if engine == "graph" else self._functional_hvp(v, None)
 
