@@ -21,6 +21,7 @@ from torch.func import grad, jvp, vmap
 
 from ..linalg.draws import normal
 from .problem import Problem
+from .products import standalone
 
 
 class PerSampleWarning(UserWarning):
@@ -115,7 +116,7 @@ def sketched_gradients(problem: Problem, X: torch.Tensor, y: torch.Tensor, k: in
     over the group, so memory grows with ``group`` times one forward pass's activations)."""
     names = problem.names
     sizes = [problem.theta0[n].numel() for n in names]
-    p = dict(problem.theta0)
+    p = standalone(problem.theta0)  # primals of a forward-mode product: not views of one vector
 
     def losses(params: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         out = problem.forward(params, xb)
