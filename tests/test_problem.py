@@ -76,7 +76,8 @@ def test_auto_keeps_the_graph_only_when_it_fits_half_the_budget():
         # refused after its first chunk, from that chunk's bytes times three: about the whole graph's
         assert pb.products.graph_bytes == pytest.approx(size, rel=0.1)
         assert (pb.hvp_timings is not None and "graph" in pb.hvp_timings) == kept
-        assert pb.products.held_bytes == (size if pb.hvp_engine == "graph" else 0)
+        # (each build's count may differ by a few bytes: a storage freed while it is built can free its address)
+        assert pb.products.held_bytes == (pb.products.graph_bytes if pb.hvp_engine == "graph" else 0)
         assert pb.budget_left() == budget - pb.products.held_bytes
     settled = Problem(net, X, y, F.cross_entropy, batch_size=15, memory_budget=4 * size)
     assert settled.hvp_mode == "auto"

@@ -142,7 +142,8 @@ class Products:
     def _build_graph(self, limit: float = math.inf) -> bool:
         """Build the gradient graph at theta0 a chunk at a time and count what it holds between products
         (:attr:`graph_bytes`): the leaves and the gradient, and every tensor autograd saved for the backward passes
-        (counted by storage as it is saved), less the inputs and buffers the Problem holds anyway. After the first
+        (counted by storage address as it is saved; an address freed and reused during the build counts once, so two
+        builds may differ by a few bytes), less the inputs and buffers the Problem holds anyway. After the first
         chunk, when the whole graph would hold more than ``limit`` (that chunk's saved tensors once per chunk),
         stop and return False: nothing is kept (rank 0's verdict on every rank)."""
         pb = self.problem
