@@ -217,7 +217,8 @@ class Products:
         costs: dict[str, tuple[float, int]] = {}
         out: Params = {}
         for engine in engines:
-            self.functional_mode = engine if engine != "graph" else self.functional_mode
+            if engine != "graph":
+                self.functional_mode = engine
             with AddedMemory(pb.device) as added:
                 self._hvp_by(engine, v)  # warm-up
                 t = time.perf_counter()
@@ -227,13 +228,14 @@ class Products:
                 seconds = time.perf_counter() - t
             if engine == "graph" or self.functional_mode == engine:  # else it fell back to reverse-over-reverse
                 costs[engine] = (seconds, added.bytes + (self.graph_bytes if engine == "graph" else 0))
-        functional = {e: c for e, c in costs.items() if e != "graph"}
-        choice, self.functional_mode = pb.comm.broadcast((pick_engine(costs, pb.memory_budget),
-                                                          pick_engine(functional, pb.memory_budget)))
+        choice = pick_engine(costs, pb.memory_budget)
+        # the torch.func engine for products away from theta0: the choice itself, or the best of the two
+        elsewhere = (choice if choice != "graph"
+                     else pick_engine({e: c for e, c in costs.items() if e != "graph"}, pb.memory_budget))
+        choice, self.functional_mode = pb.comm.broadcast((choice, elsewhere))
         self.mode = "graph" if choice == "graph" else "functional"
         if self.mode != "graph":
             self.grad_graph = None
-            self.functional_mode = choice
         self.timings = {e: c[0] for e, c in costs.items()}
         self.footprints = {e: c[1] for e, c in costs.items()}
         return out
