@@ -8,9 +8,10 @@ import torch.nn.functional as F
 from conftest import EXAMPLES, blobs, relu_mlp
 from landscape import Problem
 from landscape import coherence
-from landscape.analyses.coherence import CoherenceSettings, GradientStats, analyze_coherence
+from landscape.analyses.coherence import (Batches, CoherenceSettings, GradientStats, analyze_coherence,
+                                         random_batches)
 from landscape.problem.curvature import CurvatureOperator
-from landscape.problem.persample import chunk_size, gradient_matrix, per_sample_gradients
+from landscape.problem.persample import chunk_size, gradient_matrix, gradient_sum, per_sample_gradients
 
 FAST = dict(noise_samples=0, batch_sizes=(4,), batch_repeats=4)
 
@@ -42,9 +43,12 @@ def test_vmap_equals_loop_and_stats_equal_dense_formulas():
     G = gv.numpy()
     full = np.concatenate([t.reshape(-1).numpy() for t in pb.gradient().values()])
     np.testing.assert_allclose(G.mean(0), full, atol=1e-14)  # the mean per-sample gradient is the gradient
-    stats = GradientStats(G.shape[1], y.numpy(), batch_ids={5: np.repeat(np.arange(6), 5)})
-    for s in range(0, 30, 7):  # uneven chunks
-        stats.add(s, torch.as_tensor(G[s:s + 7]))
+    # nested batches of sizes 1, 2 and 5 over a random order of the samples, rows added in that order
+    order = np.random.default_rng(0).permutation(30)
+    batches = Batches(order, {5: 6, 2: 4, 1: 3})
+    stats = GradientStats(G.shape[1], y.numpy(), batches=batches, reference=torch.as_tensor(G.sum(0)))
+    for s in range(0, 30, 7):  # uneven chunks, across the batches' ends
+        stats.add(s, torch.as_tensor(G[order[s:s + 7]]))
     red = stats.reduced()
     met = red.metrics()
     assert met["m_coherence"] == pytest.approx(np.sum(G.sum(0) ** 2) / np.sum(G ** 2), rel=1e-12)
@@ -59,9 +63,40 @@ def test_vmap_equals_loop_and_stats_equal_dense_formulas():
     C = U[a] @ U[a].T
     np.testing.assert_allclose(cls["class_cosine"][0, 0], C[~np.eye(len(C), dtype=bool)].mean(), rtol=1e-10)
     bm = red.batch_metrics()
-    cos = [(G[i * 5:(i + 1) * 5].mean(0) @ G.mean(0)) / np.linalg.norm(G[i * 5:(i + 1) * 5].mean(0))
-           / np.linalg.norm(G.mean(0)) for i in range(6)]
-    np.testing.assert_allclose(bm["batch_cosine"], [np.mean(cos)], rtol=1e-10)
+    assert bm["batch_sizes"].tolist() == [1, 2, 5] and bm["batch_count"].tolist() == [3, 4, 6]
+    for j, (b, r) in enumerate([(1, 3), (2, 4), (5, 6)]):
+        means = [G[order[k * b:(k + 1) * b]].mean(0) for k in range(r)]
+        cos = [(m @ G.mean(0)) / np.linalg.norm(m) / np.linalg.norm(G.mean(0)) for m in means]
+        np.testing.assert_allclose(bm["batch_cosine"][j], np.mean(cos), rtol=1e-10)
+        np.testing.assert_allclose(bm["batch_cosine_std"][j], np.std(cos, ddof=1), rtol=1e-8)
+
+
+def test_batches_kept_whole_equal_the_running_sums_and_rows_out_of_order_are_refused():
+    """Under torchrun each rank holds part of some batches: every batch then keeps its sum to the end, with the
+    same statistics as the running sums a single process closes batch by batch."""
+    G = torch.randn(23, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    labels = np.arange(23) % 3
+    batches = random_batches(23, (1, 4, 8, 64), 3, seed=2)
+    assert batches.counts == {1: 3, 4: 3, 8: 2}
+    ids4, ids8 = batches.ids(4), batches.ids(8)
+    assert all(len(set(ids8[ids4 == k])) == 1 and ids8[ids4 == k][0] >= 0 for k in range(3))  # nested
+    kw = dict(batches=batches, reference=G.sum(0))
+    running, whole = GradientStats(40, labels, **kw), GradientStats(40, labels, **kw, whole_batches=True)
+    for s in (0, 3, 11, 12, 20):
+        e = {0: 3, 3: 11, 11: 12, 12: 20, 20: 23}[s]
+        running.add(s, G[batches.order[s:e]])
+        whole.add(s, G[batches.order[s:e]])
+    a, b = running.reduced().batch_metrics(), whole.reduced().batch_metrics()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-12, err_msg=k)
+    with pytest.raises(ValueError, match="position 0 expected, 3 given"):
+        GradientStats(40, labels, **kw).add(3, G[:2])
+
+
+def test_the_gradient_sum_equals_the_per_sample_gradients_summed():
+    X, y = blobs(37, 4, 3, seed=2)
+    pb = Problem(relu_mlp((4, 8, 3), seed=3), X, y, F.cross_entropy, batch_size=10)
+    torch.testing.assert_close(gradient_sum(pb, X, y), per_sample_gradients(pb, X, y).sum(0), rtol=0, atol=1e-13)
 
 
 def test_b_simple_matches_the_two_batch_estimator_and_b_noise_the_dense_formula():

@@ -15,7 +15,7 @@ from landscape import Problem
 from landscape.io.data import digits, load_data
 from landscape.analyses.directions import random_directions
 from landscape.io.specs import Spec
-from landscape.io.stream import StreamedInputs
+from landscape.io.stream import StreamedInputs, reordered, rows
 
 
 class CountingRows:
@@ -179,3 +179,19 @@ def test_auto_reads_a_legacy_pt_file_whole(tmp_path):
     assert not data.streamed and torch.equal(data.X, X)
     with pytest.raises(Exception, match="cannot read data file"):
         load_data(str(tmp_path / "old.pt"), stream="on")
+
+
+def test_reordered_rows_are_read_in_the_order_asked_with_increasing_indices_at_the_source():
+    """Coherence visits the samples in its random batches' order: a slice of the reordered inputs reads its rows
+    from the source in increasing order (h5py's rule), once each, and hands them back in the order asked."""
+    data = np.arange(40, dtype=np.float32).reshape(20, 2)
+    order = np.random.default_rng(0).permutation(20)
+    src = CountingRows(data)
+    subset = StreamedInputs(src, np.arange(2, 20, 2))  # a --max-samples subset of the source's rows
+    inner = np.random.default_rng(1).permutation(9)
+    for X, want in ((reordered(StreamedInputs(src), order), data[order]), (reordered(subset, inner), data[2::2][inner]),
+                    (reordered(torch.from_numpy(data), order), data[order])):
+        assert len(X) == len(want)
+        for a in (0, 4, 7):
+            np.testing.assert_array_equal(X[a:a + 5].numpy(), want[a:a + 5])
+        np.testing.assert_array_equal(rows(X, 3, 8)[1:3].numpy(), want[4:6])

@@ -39,8 +39,8 @@ from ..problem.curvature import CurvatureOperator
 from ..runtime.distributed import Comm
 from ..errors import LandscapeError
 from ..io.hf import IGNORE_INDEX
-from ..problem.persample import iter_gradients, per_sample_gradients, sketched_gradients
-from ..io.stream import rows
+from ..problem.persample import gradient_sum, iter_gradients, per_sample_gradients, sketched_gradients
+from ..io.stream import StreamedInputs, reordered, rows
 from ..problem.problem import Problem
 from ..io.runfile import encode_attr, link_name, read_attrs
 from ..linalg.vectors import vector_device
@@ -84,19 +84,76 @@ def add_bytes_per_row(width: int) -> int:
     return 16 * min(COLUMN_BLOCK, width)
 
 
-class GradientStats:
-    """Streaming statistics of rows ``g_i`` (dimension ``dim``) arriving in chunks, in sample order, accumulated over
-    the coordinates ``coords = (lo, hi)`` (all by default).
+#: How :func:`random_batches` draws the batches, recorded with a result (a file whose batches were drawn otherwise,
+#: independently per size, does not answer a request now).
+BATCH_DESIGN = "nested"
 
-    ``labels[i]`` is the class of sample ``i`` (all 0 for regression); ``batch_ids[B][i]`` the random batch of
-    size ``B`` that sample ``i`` belongs to (-1: none). Every statistic is a sum over coordinates of products of
-    the accumulators (:meth:`reduced`), so a model too big for ``(2 + 2C + B)`` accumulators of its size is done
-    in passes over coordinate ranges whose :class:`Reduced` parts are merged (:func:`coordinate_ranges`).
+
+@dataclass(frozen=True)
+class Batches:
+    """Nested disjoint random batches: the samples in a seeded random ``order``; batch ``k`` of size ``b`` is
+    ``order[k * b:(k + 1) * b]`` for ``k < counts[b]``, so each batch of size 8 lies inside one of size 32.
+
+    Visited in this order, a size has at most one batch partly seen at any time: its batches' squared norms take
+    one accumulator of the gradient's size (:class:`GradientStats`), however many batches there are.
     """
 
-    def __init__(self, dim: int, labels: np.ndarray, *, batch_ids: Mapping[int, np.ndarray] | None = None,
-                 per_coordinate: bool = True, coords: tuple[int, int] | None = None,
-                 device: torch.device | None = None) -> None:
+    order: np.ndarray
+    counts: Mapping[int, int]
+
+    def sizes(self) -> list[int]:
+        return sorted(self.counts)
+
+    def ids(self, b: int) -> np.ndarray:
+        """Sample -> its batch of size ``b`` (-1: none)."""
+        ids = np.full(len(self.order), -1, dtype=np.int64)
+        r = self.counts[b]
+        ids[self.order[:r * b]] = np.arange(r * b) // b
+        return ids
+
+
+def random_batches(n: int, sizes: tuple[int, ...], repeats: int, seed: int) -> Batches:
+    """For each size ``B <= n``: ``min(repeats, n // B)`` disjoint batches, consecutive blocks of one seeded
+    permutation of the samples (:class:`Batches`).
+
+    >>> random_batches(10, (2, 4, 16), 3, 0).counts
+    {2: 3, 4: 2}
+    """
+    order = np.random.default_rng([seed, 0xBA7C4]).permutation(n)
+    return Batches(order, {b: min(repeats, n // b) for b in sorted(set(sizes)) if 1 <= b <= n})
+
+
+@dataclass(frozen=True)
+class _Span:
+    """The rows of a chunk in batches of one size: ``keep`` (rows in a batch), ``k`` (their batch), the batches
+    touched from ``k0`` on, whether the first continues one begun before the chunk and the last goes on after it."""
+
+    keep: torch.Tensor
+    k: torch.Tensor
+    k0: int
+    touched: int
+    carry: bool
+    last_open: bool
+
+
+class GradientStats:
+    """Streaming statistics of rows ``g_i`` (dimension ``dim``) arriving in chunks in the order of ``batches``
+    (:class:`Batches`; the samples' own order by default), accumulated over the coordinates ``coords = (lo, hi)``
+    (all by default).
+
+    ``labels[i]`` is the class of sample ``i`` (all 0 for regression). Every statistic is a sum over coordinates of
+    products of the accumulators (:meth:`reduced`), so a model too big for its :func:`accumulator_vectors` is done in
+    passes over coordinate ranges whose :class:`Reduced` parts are merged (:func:`coordinate_ranges`). The random
+    batches' dots with ``sum g_i`` come from each row's dot with ``reference`` (that sum, known before the rows: a
+    batch's dot is the sum of its rows'), their squared norms from one running sum per size, closed when the
+    batch's last row arrives; with ``whole_batches`` (ranks each holding part of a batch) every batch keeps its sum
+    to the end instead.
+    """
+
+    def __init__(self, dim: int, labels: np.ndarray, *, batches: Batches | None = None,
+                 reference: torch.Tensor | None = None, per_coordinate: bool = True,
+                 coords: tuple[int, int] | None = None, device: torch.device | None = None,
+                 whole_batches: bool = False) -> None:
         self.n = len(labels)
         self.labels = np.asarray(labels)
         self.n_classes = int(self.labels.max()) + 1 if self.n else 0
@@ -110,26 +167,46 @@ class GradientStats:
         self.class_unit = zeros(self.n_classes, width)
         self.class_sqnorm = np.zeros(self.n_classes)
         self.norms = np.zeros(self.n)
-        self.batch_ids = {b: np.asarray(ids) for b, ids in (batch_ids or {}).items()}
-        self.batch_sum = {b: zeros(int(ids.max()) + 1, width) for b, ids in self.batch_ids.items()}
+        self.batches = batches or Batches(np.arange(self.n), {})
+        if self.batches.counts and reference is None:
+            raise ValueError("the random batches' statistics need the reference sum of the rows")
+        self.reference = None if reference is None else \
+            reference[self.lo:self.hi].to(self.device, torch.float64, copy=True)
+        self.dots = zeros(self.n)
+        self.batch_sq = {b: zeros(r) for b, r in self.batches.counts.items()}
+        self.batch_sum = {b: zeros(r, width) for b, r in self.batches.counts.items()} if whole_batches else {}
+        self.running = {} if whole_batches else {b: zeros(width) for b in self.batches.counts if b > 1}
+        self.next = 0
+
+    def _span(self, b: int, start: int, count: int) -> _Span | None:
+        """How the rows at positions ``start .. start + count - 1`` fall into batches of size ``b``."""
+        k = np.arange(start, start + count) // b
+        keep = np.flatnonzero(k < self.batches.counts[b])
+        if not len(keep):
+            return None
+        last = start + int(keep[-1])
+        as_t = lambda a: torch.as_tensor(a, device=self.device)  # noqa: E731
+        return _Span(as_t(keep), as_t(k[keep] - k[keep[0]]), int(k[keep[0]]), int(k[keep[-1]] - k[keep[0]]) + 1,
+                     carry=start % b != 0, last_open=(last + 1) % b != 0)
 
     def add(self, start: int, rows: torch.Tensor) -> None:
-        """Rows ``start, start + 1, ...`` (whole gradients: their norms are over every coordinate), taken
-        :data:`COLUMN_BLOCK` coordinates at a time in float64 (:meth:`bytes_per_row`), where the accumulators are (on
-        the GPU the rows are never copied to the host). Block by block, no float64 copy of a whole chunk is made:
-        at 11M parameters that copy (2.8 GB for 32 rows) cost more in page faults than the sums."""
+        """Rows at positions ``start, start + 1, ...`` of the order (whole gradients: their norms are over every
+        coordinate), taken :data:`COLUMN_BLOCK` coordinates at a time in float64 (:meth:`bytes_per_row`), where the
+        accumulators are (on the GPU the rows are never copied to the host). Block by block, no float64 copy of a
+        whole chunk is made: at 11M parameters that copy (2.8 GB for 32 rows) cost more in page faults than the
+        sums. The running sums need the positions in order, chunk after chunk."""
+        if self.running and start != self.next:
+            raise ValueError(f"rows must arrive in order: position {self.next} expected, {start} given")
+        self.next = start + len(rows)
         rows = rows.detach().to(self.device)
-        idx = np.arange(start, start + len(rows))
+        idx = self.batches.order[start:start + len(rows)]
         norms = row_norms(rows)
         host_norms = norms.cpu().numpy()
         self.norms[idx] = host_norms
         np.add.at(self.class_sqnorm, self.labels[idx], host_norms ** 2)
         lab = torch.as_tensor(self.labels[idx], dtype=torch.long, device=self.device)
-        members = {}
-        for b, ids in self.batch_ids.items():
-            k = ids[idx]
-            keep = np.flatnonzero(k >= 0)
-            members[b] = (torch.as_tensor(keep, device=self.device), torch.as_tensor(k[keep], device=self.device))
+        at = torch.as_tensor(idx, device=self.device)
+        spans = {b: sp for b in self.batches.counts if (sp := self._span(b, start, len(rows))) is not None}
         inverse = 1 / norms.clamp_min(1e-300).unsqueeze(1)
         for a in range(self.lo, self.hi, COLUMN_BLOCK):
             z = min(self.hi, a + COLUMN_BLOCK)
@@ -139,9 +216,25 @@ class GradientStats:
             if self.sumsq is not None:
                 self.sumsq[cols] += (g * g).sum(0)
             self.class_sum[:, cols].index_add_(0, lab, g)
-            for b, (keep, k) in members.items():
-                self.batch_sum[b][:, cols].index_add_(0, k, g[keep])
             self.class_unit[:, cols].index_add_(0, lab, g * inverse)
+            if self.reference is not None:
+                self.dots.index_add_(0, at, g @ self.reference[cols])
+            for b, sp in spans.items():
+                self._add_batches(b, sp, g, cols)
+
+    def _add_batches(self, b: int, sp: _Span, g: torch.Tensor, cols: slice) -> None:
+        """One column block of a chunk's rows into the batches of size ``b``: kept whole, or summed per batch
+        touched, a closed batch's squared norm added to ``batch_sq`` and an open one carried on."""
+        if self.batch_sum:
+            self.batch_sum[b][:, cols].index_add_(0, sp.k + sp.k0, g[sp.keep])
+            return
+        part = torch.zeros(sp.touched, g.shape[1], dtype=g.dtype, device=g.device).index_add_(0, sp.k, g[sp.keep])
+        if sp.carry:
+            part[0] += self.running[b][cols]
+        closed = sp.touched - sp.last_open
+        self.batch_sq[b][sp.k0:sp.k0 + closed] += (part[:closed] * part[:closed]).sum(1)
+        if sp.last_open:
+            self.running[b][cols] = part[-1]
 
     def bytes_per_row(self) -> int:
         """Memory :meth:`add` takes per row beyond the row itself (:func:`add_bytes_per_row`)."""
@@ -154,8 +247,9 @@ class GradientStats:
             return
         # views of the numpy arrays: reduced in place
         norms, class_sqnorm = torch.from_numpy(self.norms), torch.from_numpy(self.class_sqnorm)
-        comm.all_reduce_([self.sum, self.class_sum, self.class_unit, norms, class_sqnorm,
-                          *self.batch_sum.values(), *([self.sumsq] if self.sumsq is not None else [])])
+        comm.all_reduce_([self.sum, self.class_sum, self.class_unit, norms, class_sqnorm, self.dots,
+                          *self.batch_sum.values(), *self.batch_sq.values(),
+                          *([self.sumsq] if self.sumsq is not None else [])])
 
     def reduced(self) -> "Reduced":
         """This coordinate range's share of every statistic."""
@@ -165,13 +259,16 @@ class GradientStats:
             var = (self.sumsq / self.n - mean * mean).clamp_min(0)
             scale = (self.sumsq / self.n).clamp_min(1e-300)
             gsnr = (mean * mean / var).masked_fill_(var <= 1e-12 * scale, float("nan")).cpu().numpy()
+        dots = self.dots.cpu().numpy()
+        batch_sq = {b: v + (self.batch_sum[b] ** 2).sum(1) if self.batch_sum else v for b, v in self.batch_sq.items()}
         return Reduced(
             n=self.n, labels=self.labels, norms=self.norms, class_sqnorm=self.class_sqnorm,
             sum=self.sum.cpu().numpy(), gsnr=gsnr, total=float(self.sum @ self.sum),
             class_total=(self.class_sum * self.class_sum).sum(1).cpu().numpy(),
             class_dots=(self.class_unit @ self.class_unit.T).cpu().numpy(),
-            batch_sq={b: (s * s).sum(1).cpu().numpy() for b, s in self.batch_sum.items()},
-            batch_dot={b: (s @ self.sum).cpu().numpy() for b, s in self.batch_sum.items()})
+            batch_sq={b: v.cpu().numpy() for b, v in batch_sq.items()},
+            batch_dot={b: np.bincount(np.arange(r * b) // b, weights=dots[self.batches.order[:r * b]], minlength=r)
+                       for b, r in self.batches.counts.items()})
 
 
 @dataclass(frozen=True)
@@ -238,10 +335,13 @@ class Reduced:
                 "batch_cosine_std": np.asarray(cos_std), "batch_count": np.asarray(reps, dtype=np.int64)}
 
 
-def accumulator_vectors(n_classes: int, batch_ids: Mapping[int, np.ndarray], per_coordinate: bool) -> int:
+def accumulator_vectors(n_classes: int, batches: Batches, per_coordinate: bool, whole_batches: bool = False) -> int:
     """Accumulators of :class:`GradientStats`, in vectors of the gradient's size: sum, sum of squares, two per
-    class, one per random batch."""
-    return 1 + per_coordinate + 2 * n_classes + sum(int(ids.max()) + 1 for ids in batch_ids.values())
+    class, and for the random batches the reference sum and a running sum per size above 1 (one per batch with
+    ``whole_batches``)."""
+    counts = batches.counts
+    kept = sum(counts.values()) if whole_batches else sum(b > 1 for b in counts)
+    return 1 + per_coordinate + 2 * n_classes + (1 + kept if counts else 0)
 
 
 def coordinate_ranges(dim: int, vectors: int, budget: float) -> list[tuple[int, int]]:
@@ -279,7 +379,8 @@ class CoherenceResult:
         s = self.settings
         attrs = {**self.metrics, "method": self.method, "sketch": s.sketch,
                  "sketch_rel_error": math.sqrt(2.0 / s.sketch) if s.sketch else 0.0,
-                 "noise_samples": s.noise_samples, "batch_repeats": s.batch_repeats, "control_kind":
+                 "noise_samples": s.noise_samples, "batch_repeats": s.batch_repeats, "batch_design": BATCH_DESIGN,
+                 "control_kind":
                  "shuffled-labels" if s.control else "", "seed": s.seed, "seconds": self.seconds}
         for k, v in attrs.items():
             g.attrs[k] = encode_attr(v)
@@ -293,7 +394,7 @@ class CoherenceResult:
 
 
 #: Attributes that decide whether a stored ``/coherence`` answers the same request.
-SETTING_ATTRS = ("sketch", "noise_samples", "batch_repeats", "control_kind", "seed")
+SETTING_ATTRS = ("sketch", "noise_samples", "batch_repeats", "batch_design", "control_kind", "seed")
 
 
 def same_settings(group: h5py.Group, s: CoherenceSettings) -> bool:
@@ -301,6 +402,7 @@ def same_settings(group: h5py.Group, s: CoherenceSettings) -> bool:
     s = s.resolved()
     a = read_attrs(group)
     want = {"sketch": s.sketch, "noise_samples": s.noise_samples, "batch_repeats": s.batch_repeats,
+            "batch_design": BATCH_DESIGN,
             "control_kind": "shuffled-labels" if s.control else "", "seed": s.seed}
     return all(a.get(k) == v for k, v in want.items()) and \
         group["batch_sizes"][()].tolist() == [b for b in sorted(s.batch_sizes) if b <= a["m"]]
@@ -322,20 +424,6 @@ def sample_labels(problem: Problem, y: torch.Tensor) -> np.ndarray:
     if problem.classification:
         return y.detach().cpu().numpy().astype(np.int64)
     return np.zeros(len(y), dtype=np.int64)
-
-
-def random_batches(n: int, sizes: tuple[int, ...], repeats: int, seed: int) -> dict[int, np.ndarray]:
-    """For each size ``B <= n``: ``min(repeats, n // B)`` disjoint random batches (sample -> batch, -1: none)."""
-    out = {}
-    for b in sorted(set(sizes)):
-        if b > n or b < 1:
-            continue
-        perm = np.random.default_rng([seed, b]).permutation(n)
-        r = min(repeats, n // b)
-        ids = np.full(n, -1, dtype=np.int64)
-        ids[perm[:r * b]] = np.repeat(np.arange(r), b)
-        out[b] = ids
-    return out
 
 
 def el2n(problem: Problem, X: torch.Tensor, y: torch.Tensor) -> np.ndarray:
@@ -390,6 +478,60 @@ def _one_gradient(problem: Problem, y: torch.Tensor, i: int, method: str) -> np.
     return g[0].detach().to("cpu", torch.float64).numpy()
 
 
+def _sketched(problem: Problem, s: CoherenceSettings, labels: np.ndarray, batches: Batches, X: StreamedInputs,
+              y: torch.Tensor) -> Reduced:
+    """The statistics of the sketches ``R g_i`` of the samples in the batches' order (``X``, ``y``), all at once:
+    a rank's shard of them, added across ranks (their reference sum first)."""
+    comm = problem.comm
+    lo, hi = comm.shard(problem.n)  # under torchrun each rank takes its shard of the samples
+    sketches = sketched_gradients(problem, rows(X, lo, hi), y[lo:hi], s.sketch, seed=s.seed)
+    reference = sketches.sum(0, dtype=torch.float64)
+    comm.all_reduce_([reference])
+    stats = GradientStats(s.sketch, labels, batches=batches, reference=reference, per_coordinate=False,
+                          whole_batches=comm.active)
+    stats.add(lo, sketches)
+    stats.all_reduce(comm)
+    return stats.reduced()
+
+
+def _exact(problem: Problem, s: CoherenceSettings, labels: np.ndarray, batches: Batches, X: StreamedInputs,
+           y: torch.Tensor, progress: Callable[[str, int, int], None] | None, label: str
+           ) -> tuple[Reduced, str, int]:
+    """(statistics, ``vmap`` or ``loop``, passes) of the exact per-sample gradients of the samples in the batches'
+    order (``X``, ``y``): half the budget for the accumulators, half for the chunks of gradients; accumulators that
+    do not fit take several passes, each over a range of coordinates. Each pass first sums the gradients of its
+    shard in one batched backward per batch (the batches' reference, :func:`gradient_sum`)."""
+    comm = problem.comm
+    n, dim = problem.n, problem.num_parameters
+    lo, hi = comm.shard(n)  # under torchrun each rank takes its shard of the samples; the sums are all-reduced
+    vectors = accumulator_vectors(int(labels.max()) + 1, batches, True, comm.active)
+    ranges = coordinate_ranges(dim, vectors, s.memory_budget / 2)
+    # on a GPU the accumulators stay there when they fit (the rows then never cross to the host)
+    where = vector_device(problem.device, ranges[0][1] - ranges[0][0], vectors)
+    red, method = None, "vmap"
+    for p, coords in enumerate(ranges):
+        reference = None
+        if batches.counts:
+            reference = gradient_sum(problem, rows(X, lo, hi), y[lo:hi])
+            comm.all_reduce_([reference])
+        stats = GradientStats(dim, labels, batches=batches, reference=reference, coords=coords, device=where,
+                              whole_batches=comm.active)
+        del reference  # the stats hold their range of it
+        what = label if len(ranges) == 1 else f"{label} (pass {p + 1} of {len(ranges)})"
+        for start, g, method in iter_gradients(problem, rows(X, lo, hi), y[lo:hi], memory_budget=s.memory_budget / 2,
+                                               extra_bytes_per_sample=stats.bytes_per_row()):
+            stats.add(lo + start, g)
+            end = start + len(g)
+            del g  # before the next chunk is computed, so that its memory can be reused for it
+            if progress:
+                progress(what, min(end * comm.world, n), n)
+        stats.all_reduce(comm)
+        red = stats.reduced() if red is None else red.merge(stats.reduced())
+        del stats
+    assert red is not None
+    return red, method, len(ranges)
+
+
 def _analyze(problem: Problem, s: CoherenceSettings, y: torch.Tensor,
              progress: Callable[[str, int, int], None] | None, label: str) -> CoherenceResult:
     """Every coherence statistic of ``problem`` with labels ``y`` from one pass over the per-sample gradients
@@ -404,40 +546,15 @@ def _analyze(problem: Problem, s: CoherenceSettings, y: torch.Tensor,
     rng = np.random.default_rng(s.seed)
     keep = np.sort(rng.choice(n, size=min(s.noise_samples, n), replace=False)) if s.noise_samples \
         else np.array([], dtype=np.int64)
-    ids = random_batches(n, s.batch_sizes, s.batch_repeats, s.seed)
-    dim = s.sketch or problem.num_parameters
-    comm = problem.comm
-    lo, hi = comm.shard(n)  # under torchrun each rank takes its shard of the samples; the sums are all-reduced
+    batches = random_batches(n, s.batch_sizes, s.batch_repeats, s.seed)
+    # the samples are visited in the batches' order, so that each size has one batch open at a time
+    X, yo = reordered(problem.X, batches.order), y[torch.as_tensor(batches.order, device=y.device)]
     if s.sketch:
         if progress:
             progress(f"{label}: sketch of {s.sketch} projections", 0, 0)
-        stats = GradientStats(dim, labels, batch_ids=ids, per_coordinate=False)
-        stats.add(lo, sketched_gradients(problem, rows(problem.X, lo, hi), y[lo:hi], s.sketch, seed=s.seed))
-        stats.all_reduce(comm)
-        red, method, passes = stats.reduced(), "sketch", 1
+        red, method, passes = _sketched(problem, s, labels, batches, X, yo), "sketch", 1
     else:
-        # half the budget for the accumulators, half for the chunks of per-sample gradients; a model whose
-        # accumulators do not fit takes several passes, each over a range of coordinates
-        n_classes = int(labels.max()) + 1
-        ranges = coordinate_ranges(dim, accumulator_vectors(n_classes, ids, True), s.memory_budget / 2)
-        passes, method, red = len(ranges), "vmap", None
-        # on a GPU the accumulators stay there when they fit (the rows then never cross to the host)
-        where = vector_device(problem.device, ranges[0][1] - ranges[0][0], accumulator_vectors(n_classes, ids, True))
-        for p, coords in enumerate(ranges):
-            stats = GradientStats(dim, labels, batch_ids=ids, coords=coords, device=where)
-            what = label if passes == 1 else f"{label} (pass {p + 1} of {passes})"
-            for start, g, method in iter_gradients(problem, rows(problem.X, lo, hi), y[lo:hi],
-                                                   memory_budget=s.memory_budget / 2,
-                                                   extra_bytes_per_sample=stats.bytes_per_row()):
-                stats.add(lo + start, g)
-                end = start + len(g)
-                del g  # before the next chunk is computed, so that its memory can be reused for it
-                if progress:
-                    progress(what, min(end * comm.world, n), n)
-            stats.all_reduce(comm)
-            red = stats.reduced() if red is None else red.merge(stats.reduced())
-            del stats
-    assert red is not None
+        red, method, passes = _exact(problem, s, labels, batches, X, yo, progress, label)
     metrics = {**red.metrics(), "coordinate_passes": passes}
     arrays = {**red.class_metrics(), **red.batch_metrics(), "grand": red.norms,
               "el2n": el2n(problem, problem.X, y)}

@@ -20,12 +20,12 @@ import torch
 
 from ..runtime.blas import single_blas_thread
 from ..runtime.budget import AddedMemory
-from .coherence import (CoherenceSettings, GradientStats, accumulator_vectors, add_bytes_per_row, coordinate_ranges,
-                        random_batches, row_norms, sample_labels)
+from .coherence import (Batches, CoherenceSettings, GradientStats, accumulator_vectors, add_bytes_per_row,
+                        coordinate_ranges, random_batches, row_norms, sample_labels)
 from ..linalg.draws import normal, signs
 from .hessian import CurvatureSettings
 from ..linalg.lanczos import basis_size
-from ..problem.persample import chunk_size, iter_gradients, per_sample_gradients
+from ..problem.persample import chunk_size, gradient_sum, iter_gradients, per_sample_gradients
 from ..problem.problem import Problem
 from .sharpness import SharpnessSettings, keeps_draws, work
 from ..io.stream import rows
@@ -187,18 +187,25 @@ def sharpness_seconds(pb: Problem, measures: Sequence[SharpnessSettings], hvp_se
                + w.hvps * hvp_seconds + w.draws * draw_s + w.vector_ops * vector_s for w in works)
 
 
-def _accumulation_seconds(g: torch.Tensor, labels: np.ndarray, batch_ids: dict[int, np.ndarray], width: int,
-                          where: torch.device | None) -> tuple[float, float, float]:
-    """Seconds to add the chunk ``g`` to accumulators ``width`` coordinates wide, to allocate them and to reduce
-    them, as :class:`GradientStats` on ``where`` does: measured on up to 1M coordinates and scaled to ``width``,
-    except the rows' norms, which are over all of a row's coordinates whatever the range."""
+def _accumulation_seconds(g: torch.Tensor, labels: np.ndarray, batches: Batches, width: int,
+                          where: torch.device | None, whole_batches: bool) -> tuple[float, float, float]:
+    """Seconds to add the chunk ``g`` (the first positions of ``batches``) to accumulators ``width`` coordinates
+    wide, to allocate them and to reduce them, as :class:`GradientStats` on ``where`` does: measured on up to 1M
+    coordinates and scaled to ``width``, except the rows' norms, which are over all of a row's coordinates whatever
+    the range."""
     probe = min(width, 1 << 20)
     dev = where or torch.device("cpu")
     norm_s = _seconds(lambda: row_norms(g.to(dev)), dev)
     t = time.perf_counter()
-    stats = GradientStats(g.shape[1], labels, batch_ids=batch_ids, coords=(0, probe), device=where)
+    stats = GradientStats(g.shape[1], labels, batches=batches, reference=torch.ones(probe, device=dev),
+                          coords=(0, probe), device=where, whole_batches=whole_batches)
     alloc_s = (time.perf_counter() - t) * width / probe
-    add_s = _seconds(lambda: stats.add(0, g), dev)
+
+    def add_again() -> None:  # the same chunk at the first positions again (the running sums need the order)
+        stats.next = 0
+        stats.add(0, g)
+
+    add_s = _seconds(add_again, dev)
     reduce_s = _seconds(stats.reduced, dev) * width / probe
     return norm_s + max(0.0, add_s - norm_s) * width / probe, alloc_s, reduce_s
 
@@ -206,16 +213,16 @@ def _accumulation_seconds(g: torch.Tensor, labels: np.ndarray, batch_ids: dict[i
 def coherence_cost(pb: Problem, co: CoherenceSettings, budget: float, hvp_seconds: float, pass_seconds: float
                    ) -> tuple[float, int]:
     """(seconds, bytes added at the peak) of the coherence analysis, as :func:`landscape.analyses.coherence.analyze_coherence`
-    runs it: for each coordinate range, fresh accumulators, every chunk's per-sample gradients (measured on a real
-    chunk) added to them (the rows' norms over all P coordinates, measured, plus the range's share, measured on up
+    runs it: for each coordinate range, fresh accumulators, the gradients' sum (the random batches' reference),
+    every chunk's per-sample gradients (measured on a real chunk) added to them (the rows' norms over all P coordinates, measured, plus the range's share, measured on up
     to 1M coordinates and scaled), and the range's reduction; then ``noise_samples`` one-sample gradients and
     Hessian-vector products for B_noise, EL2N and the model's passes (``pass_seconds`` each); twice with
     ``control``."""
     nparam = pb.num_parameters
     labels = sample_labels(pb, pb.y)
     n_classes = int(labels.max()) + 1
-    ids = random_batches(pb.n, co.batch_sizes, co.batch_repeats, co.seed)
-    vecs = accumulator_vectors(n_classes, ids, not co.sketch)
+    batches = random_batches(pb.n, co.batch_sizes, co.batch_repeats, co.seed)
+    vecs = accumulator_vectors(n_classes, batches, not co.sketch, pb.comm.active)
     ranges = coordinate_ranges(co.sketch or nparam, vecs, budget / 2) if not co.sketch else [(0, co.sketch)]
     width = max(hi - lo for lo, hi in ranges)
     extra = add_bytes_per_row(width)
@@ -229,14 +236,17 @@ def coherence_cost(pb: Problem, co: CoherenceSettings, budget: float, hvp_second
                                          extra_bytes_per_sample=extra))[1])
 
     chunk_s, chunk_extra = measured(pb, one_chunk)
-    add_s, alloc_s, reduce_s = _accumulation_seconds(chunk.pop(), labels[:c], {b: a[:c] for b, a in ids.items()},
-                                                     width, vector_device(pb.device, width, vecs))
+    add_s, alloc_s, reduce_s = _accumulation_seconds(chunk.pop(), labels, batches, width,
+                                                     vector_device(pb.device, width, vecs), pb.comm.active)
+    # each pass first sums the gradients for the batches' reference: measured on the chunk's samples, scaled to n
+    reference_s = measured(pb, lambda: gradient_sum(pb, sample, pb.y[:c]))[0] * pb.n / c \
+        if batches.counts and not co.sketch else 0.0
     one_s = measured(pb, lambda: per_sample_gradients(pb, rows(pb.X, 0, 1), pb.y[:1]))[0]
     host = np.ones(nparam)
     host_op = _seconds(lambda: host - 0.5 * host, torch.device("cpu"))
     noise = min(co.noise_samples, pb.n)
     chunks = math.ceil(pb.n / c)
-    seconds = (len(ranges) * (alloc_s + reduce_s + chunks * (chunk_s + add_s))
+    seconds = (len(ranges) * (alloc_s + reduce_s + reference_s + chunks * (chunk_s + add_s))
                + noise * (one_s + hvp_seconds + 4 * host_op) + (hvp_seconds if noise else 0.0) + 2 * pass_seconds)
     return (1 + co.control) * seconds + pass_seconds, vecs * width * 8 + chunk_extra
 

@@ -116,7 +116,7 @@ class StreamedInputs:
         if self.rows is None:
             return slice(start, stop)
         sel = self.rows[start:stop]
-        if len(sel) and sel[-1] - sel[0] == len(sel) - 1:  # consecutive source rows: one contiguous read
+        if len(sel) and np.all(np.diff(sel) == 1):  # consecutive source rows: one contiguous read
             return slice(int(sel[0]), int(sel[-1]) + 1)
         return sel
 
@@ -127,9 +127,12 @@ class StreamedInputs:
 
     def __getitem__(self, key: slice | torch.Tensor | np.ndarray) -> torch.Tensor:
         if isinstance(key, slice):
-            return self._read(self._source_rows(key))
-        idx = np.asarray(key.cpu() if isinstance(key, torch.Tensor) else key, dtype=np.int64)
-        src = idx if self.rows is None else self.rows[idx]
+            src = self._source_rows(key)
+            if isinstance(src, slice):
+                return self._read(src)
+        else:
+            idx = np.asarray(key.cpu() if isinstance(key, torch.Tensor) else key, dtype=np.int64)
+            src = idx if self.rows is None else self.rows[idx]
         # sources such as h5py read increasing, distinct indices: read those once, then put them in order
         uniq, inverse = np.unique(src, return_inverse=True)
         data = self._read(uniq)
@@ -139,6 +142,17 @@ class StreamedInputs:
         """The inputs in consecutive reads of at most ``size`` rows."""
         for s in range(0, len(self), size):
             yield self[s:s + size]
+
+
+def reordered(X: torch.Tensor | StreamedInputs, order: np.ndarray) -> StreamedInputs:
+    """The rows of ``X`` in the order ``order`` (indices into ``X``), unread: a slice of it reads those rows then
+    (streamed inputs stay streamed; in-memory ones are not copied whole)."""
+    if not isinstance(X, StreamedInputs):
+        return StreamedInputs(X, order, dtype=X.dtype, device=X.device)
+    out = X.to()
+    out.rows = np.asarray(order, dtype=np.int64) if X.rows is None else X.rows[order]
+    out.shape = torch.Size((len(out.rows), *X.shape[1:]))
+    return out
 
 
 def rows(X: torch.Tensor | StreamedInputs, start: int, stop: int) -> torch.Tensor | StreamedInputs:

@@ -103,6 +103,25 @@ def gradient_matrix(problem: Problem, X: torch.Tensor, y: torch.Tensor, *, memor
     return out
 
 
+def per_sample_losses(problem: Problem, params: dict[str, torch.Tensor], X: torch.Tensor, y: torch.Tensor
+                      ) -> torch.Tensor:
+    """``(len(X),)`` losses ``l_i`` at ``params``, from one forward pass of the batch: the Problem's loss applied to
+    each sample's output alone."""
+    out = problem.forward(params, X)
+    return vmap(lambda o, t: problem.loss_fn(o.unsqueeze(0), t.unsqueeze(0)))(out, y)
+
+
+def gradient_sum(problem: Problem, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``sum_i g_i`` over ``(X, y)`` as one float64 vector, without forming any ``g_i``: the gradient of
+    ``sum_i l_i`` (:func:`per_sample_losses`), one batched backward per batch of the Problem's batch size."""
+    total = torch.zeros(problem.num_parameters, dtype=torch.float64, device=problem.device)
+    of_sum = grad(lambda q, xb, yb: per_sample_losses(problem, q, xb, yb).sum())
+    for s in range(0, len(X), problem.batch_size):
+        total += _flat(of_sum(dict(problem.theta0), X[s:s + problem.batch_size], y[s:s + problem.batch_size]),
+                       problem.names, 1)[0]
+    return total
+
+
 def sketch_matrix_rows(problem: Problem, k: int, seed: int, start: int, stop: int) -> torch.Tensor:
     """Rows ``start:stop`` of the seeded ``k x P`` sketch ``R`` (entries N(0, 1/k)): row ``j`` is stream ``j`` of
     ``seed`` (:mod:`landscape.linalg.draws`), drawn on the problem's device, so any block of rows is regenerated alone."""
@@ -117,11 +136,6 @@ def sketched_gradients(problem: Problem, X: torch.Tensor, y: torch.Tensor, k: in
     names = problem.names
     sizes = [problem.theta0[n].numel() for n in names]
     p = standalone(problem.theta0)  # primals of a forward-mode product: not views of one vector
-
-    def losses(params: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        out = problem.forward(params, xb)
-        return vmap(lambda o, t: problem.loss_fn(o.unsqueeze(0), t.unsqueeze(0)))(out, yb)
-
     out = torch.empty(len(X), k, dtype=problem.dtype, device=problem.device)
     for j0 in range(0, k, group):
         R = sketch_matrix_rows(problem, k, seed, j0, min(k, j0 + group))
@@ -129,6 +143,6 @@ def sketched_gradients(problem: Problem, X: torch.Tensor, y: torch.Tensor, k: in
         for s in range(0, len(X), problem.batch_size):
             xb, yb = X[s:s + problem.batch_size], y[s:s + problem.batch_size]
             # the group's tangents batched by vmap: one forward-mode pass for all of them
-            block = vmap(lambda tan: jvp(lambda q: losses(q, xb, yb), (p,), (tan,))[1])(tangents)
+            block = vmap(lambda tan: jvp(lambda q: per_sample_losses(problem, q, xb, yb), (p,), (tan,))[1])(tangents)
             out[s:s + len(xb), j0:j0 + len(R)] = block.T.detach()
     return out
