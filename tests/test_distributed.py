@@ -146,6 +146,9 @@ def test_two_processes_equal_one(tmp_path, mlp_ckpt):
             np.testing.assert_allclose(b["coherence"].attrs[k], a["coherence"].attrs[k], rtol=1e-8, err_msg=k)
         np.testing.assert_allclose(b["coherence/grand"][()], a["coherence/grand"][()], rtol=1e-10)
         np.testing.assert_allclose(b["coherence/class_cosine"][()], a["coherence/class_cosine"][()], rtol=1e-8)
+        # the ranks keep every random batch's sum (a batch crosses their shards); one process closes them in turn
+        for k in ("batch_cosine", "batch_cosine_std"):
+            np.testing.assert_allclose(b[f"coherence/{k}"][()], a[f"coherence/{k}"][()], rtol=1e-8, err_msg=k)
         for g in a["sharpness"]:
             # APGD's worst case is an ascent: round-off in a gradient can move its path a little
             tol = 1e-4 if g.startswith("worst") else 1e-6

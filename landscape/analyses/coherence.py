@@ -15,7 +15,8 @@ For per-sample gradients ``g_1..g_m`` (exact, or sketched ``R g_i``; see :mod:`l
   ``B_simple = tr(Sigma) / ||G||^2`` and ``B_noise = tr(H Sigma) / (G^T H G)``, ``Sigma = Cov_i(g_i)``
   (``1/(m-1)``); ``tr(H Sigma)`` is estimated from ``noise_samples`` random samples, one Hessian-vector product
   each, with a standard error.
-* minibatch alignment: mean (and spread) of ``cos(g_B, G)`` over disjoint random batches of each size ``B``.
+* minibatch alignment: mean (and spread) of ``cos(g_B, G)`` over disjoint random batches of each size ``B``
+  (consecutive blocks of one seeded order of the samples, :class:`Batches`).
 * per-sample scores (Paul et al. 2021, "Deep learning on a data diet"): GraNd ``||g_i||`` and EL2N
   ``||softmax(f(x_i)) - onehot(y_i)||`` (for regression ``||f(x_i) - y_i||``), for every sample in data order.
 
