@@ -102,9 +102,6 @@ class Batches:
     order: np.ndarray
     counts: Mapping[int, int]
 
-    def sizes(self) -> list[int]:
-        return sorted(self.counts)
-
     def ids(self, b: int) -> np.ndarray:
         """Sample -> its batch of size ``b`` (-1: none)."""
         ids = np.full(len(self.order), -1, dtype=np.int64)
@@ -126,8 +123,9 @@ def random_batches(n: int, sizes: tuple[int, ...], repeats: int, seed: int) -> B
 
 @dataclass(frozen=True)
 class _Span:
-    """The rows of a chunk in batches of one size: ``keep`` (rows in a batch), ``k`` (their batch), the batches
-    touched from ``k0`` on, whether the first continues one begun before the chunk and the last goes on after it."""
+    """The rows of a chunk in batches of one size: ``keep`` (rows in a batch), ``k`` (their batch, counted from
+    ``k0``), how many batches they touch, whether the first continues one begun before the chunk and whether the
+    last goes on after it."""
 
     keep: torch.Tensor
     k: torch.Tensor
