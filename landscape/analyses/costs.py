@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..runtime.blas import single_blas_thread
-from ..runtime.budget import AddedMemory
+from ..runtime.budget import measured
 from .coherence import (Batches, CoherenceSettings, GradientStats, accumulator_vectors, add_bytes_per_row,
                         coordinate_ranges, random_batches, row_norms, sample_labels)
 from ..linalg.draws import normal, signs
@@ -31,22 +31,6 @@ from .sharpness import SharpnessSettings, keeps_draws, work
 from ..io.stream import rows
 from ..linalg.trace import probe_block
 from ..linalg.vectors import BLOCK_ROWS, ColumnStore, vector_device
-
-
-def measured(pb: Problem, fn: Callable[[], Any], repeats: int = 1) -> tuple[float, int]:
-    """Mean seconds of ``repeats`` calls of ``fn`` after a first one (which warms up, and picks the HVP engine as a
-    run would) and the memory they added at their peak, the first call's included (:class:`AddedMemory`: on the
-    host, counted from a heap whose free pages were handed back, so that memory an earlier measurement freed is
-    not reused unseen)."""
-    with AddedMemory(pb.device) as added:
-        fn()
-        t = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        if pb.device.type == "cuda":
-            torch.cuda.synchronize(pb.device)
-        seconds = (time.perf_counter() - t) / repeats
-    return seconds, added.bytes
 
 
 @dataclass(frozen=True)
@@ -176,9 +160,9 @@ def sharpness_seconds(pb: Problem, measures: Sequence[SharpnessSettings], hvp_se
     loss_s, grad_s = {}, {}
     for k in sizes:
         idx = torch.arange(k)
-        loss_s[k] = measured(pb, lambda: pb.loss(None, idx))[0]
+        loss_s[k] = measured(pb.device, lambda: pb.loss(None, idx))[0]
         if any(k in w.gradients for w in works):
-            grad_s[k] = measured(pb, lambda: pb.loss_and_gradient(None, idx))[0]
+            grad_s[k] = measured(pb.device, lambda: pb.loss_and_gradient(None, idx))[0]
     w0 = torch.zeros(nparam, dtype=dtype, device=pb.device)
     z = normal(nparam, seed=0, stream=0, device=pb.device).to(dtype)
     vector_s = _seconds(lambda: w0 + 0.5 * z, pb.device)
@@ -235,13 +219,13 @@ def coherence_cost(pb: Problem, co: CoherenceSettings, budget: float, hvp_second
         chunk.append(next(iter_gradients(pb, sample, pb.y[:c], memory_budget=budget / 2,
                                          extra_bytes_per_sample=extra))[1])
 
-    chunk_s, chunk_extra = measured(pb, one_chunk)
+    chunk_s, chunk_extra = measured(pb.device, one_chunk)
     add_s, alloc_s, reduce_s = _accumulation_seconds(chunk.pop(), labels, batches, width,
                                                      vector_device(pb.device, width, vecs), pb.comm.active)
     # each pass first sums the gradients for the batches' reference: measured on the chunk's samples, scaled to n
-    reference_s = measured(pb, lambda: gradient_sum(pb, sample, pb.y[:c]))[0] * pb.n / c \
+    reference_s = measured(pb.device, lambda: gradient_sum(pb, sample, pb.y[:c]))[0] * pb.n / c \
         if batches.counts and not co.sketch else 0.0
-    one_s = measured(pb, lambda: per_sample_gradients(pb, rows(pb.X, 0, 1), pb.y[:1]))[0]
+    one_s = measured(pb.device, lambda: per_sample_gradients(pb, rows(pb.X, 0, 1), pb.y[:1]))[0]
     host = np.ones(nparam)
     host_op = _seconds(lambda: host - 0.5 * host, torch.device("cpu"))
     noise = min(co.noise_samples, pb.n)
@@ -251,4 +235,4 @@ def coherence_cost(pb: Problem, co: CoherenceSettings, budget: float, hvp_second
     return (1 + co.control) * seconds + pass_seconds, vecs * width * 8 + chunk_extra
 
 
-__all__ = ["VectorCosts", "measured", "curvature_seconds", "sharpness_seconds", "coherence_cost"]
+__all__ = ["VectorCosts", "curvature_seconds", "sharpness_seconds", "coherence_cost"]

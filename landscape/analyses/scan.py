@@ -40,8 +40,8 @@ from .directions import check_policy, difference_direction, random_directions
 from .batchsize import check_batch_sizes
 from ..runtime.allocator import release_freed_memory
 from ..runtime.blas import single_blas_thread
-from .costs import VectorCosts, coherence_cost, curvature_seconds, measured, sharpness_seconds
-from ..runtime.budget import analysis_floor, check_fits, process_seconds, resolve_budget, rss
+from .costs import VectorCosts, coherence_cost, curvature_seconds, sharpness_seconds
+from ..runtime.budget import analysis_floor, check_fits, measured, process_seconds, resolve_budget, rss
 from ..errors import LandscapeError
 from .hessian import CurvatureSettings, analyze_curvature, stored_summary
 from ..io.hf import IGNORE_INDEX
@@ -793,7 +793,7 @@ def _slice_costs(pb: Problem, config: ScanConfig, plan: list[SliceSettings]) -> 
     pb.choose_strategy_for(lists, first)
     n = pb.block * pb.workers  # a round of blocks, as the slice evaluates them
     coeffs = np.linspace(-0.5, 0.5, 2 * n).reshape(n, 2)
-    seconds, extra = measured(pb, lambda: pb.evaluate_points(coeffs, lists))
+    seconds, extra = measured(pb.device, lambda: pb.evaluate_points(coeffs, lists))
     tensors = {t.data_ptr(): t for t in [*(t for d in dirs for t in d.values()), *(t for a in lists for t in a)]}
     held = sum(t.numel() * t.element_size() for t in tensors.values())
     return seconds / n, max(extra, pb.strategy_memory) + held
@@ -804,7 +804,7 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
     a block of slice points, a gradient, Hessian-vector products (the engine picked as the run will: its first call,
     the choice, is paid once by the phase that makes the run's first product) and a chunk of
     per-sample gradients with its accumulation, each timed after a warm-up call, with the memory it added at its
-    peak (:func:`landscape.analyses.costs.measured`); the vector work of Lanczos and Hutch++ from
+    peak (:func:`landscape.runtime.budget.measured`); the vector work of Lanczos and Hutch++ from
     :class:`~landscape.analyses.costs.VectorCosts` (:func:`~landscape.analyses.costs.curvature_seconds`); the slice
     phase from :func:`_slice_costs`."""
     st = prepared or setup(config)
@@ -821,7 +821,7 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
     chunks = math.ceil(pb.n / pb.batch_size)
     if plan:
         phases["slices"] = {"seconds": per_point * points / pb.comm.world, "peak_bytes": base + slice_bytes}
-    grad_s, grad_extra = measured(pb, pb.gradient)
+    grad_s, grad_extra = measured(pb.device, pb.gradient)
     curv = config.curvature
     hvp_s = hvp_extra = choice_s = 0.0
     nparam = pb.num_parameters
@@ -833,7 +833,7 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
         # a new vector each time, as in a run (the same one again measured 1.2-1.3x faster at 11M parameters)
         fresh = itertools.cycle([v, -v, 0.5 * v, 2.0 * v])
         started = time.perf_counter()
-        hvp_s, hvp_extra = measured(pb, lambda: op.matvec(next(fresh)), repeats=3)
+        hvp_s, hvp_extra = measured(pb.device, lambda: op.matvec(next(fresh)), repeats=3)
         choice_s = time.perf_counter() - started - 3 * hvp_s  # the first call: the engine's choice, paid once
     budget = pb.budget_left()  # what the run's analyses size their vectors by, beside the HVP engine's graph
     if curv is not None:

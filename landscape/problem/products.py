@@ -14,14 +14,13 @@ every product is data-parallel: each rank's shard, added by an all-reduce.
 from __future__ import annotations
 
 import math
-import time
 from typing import TYPE_CHECKING, Callable, Mapping
 
 import torch
 from torch.func import grad, jvp
 
 from ..errors import LandscapeError
-from ..runtime.budget import AddedMemory
+from ..runtime.budget import measured
 
 if TYPE_CHECKING:
     from .problem import Params, Problem
@@ -215,19 +214,14 @@ class Products:
         if len(pb._grad_chunks) <= self.graph_chunks and self._build_graph(pb.memory_budget / 2):
             engines.insert(0, "graph")
         costs: dict[str, tuple[float, int]] = {}
-        out: Params = {}
+        out: dict[str, Params] = {}
         for engine in engines:
             if engine != "graph":
                 self.functional_mode = engine
-            with AddedMemory(pb.device) as added:
-                self._hvp_by(engine, v)  # warm-up
-                t = time.perf_counter()
-                out = self._hvp_by(engine, v)
-                if pb.device.type == "cuda":
-                    torch.cuda.synchronize(pb.device)
-                seconds = time.perf_counter() - t
+            # a warm-up, then the product timed; the memory added over both
+            seconds, added = measured(pb.device, lambda: out.update(product=self._hvp_by(engine, v)))
             if engine == "graph" or self.functional_mode == engine:  # else it fell back to reverse-over-reverse
-                costs[engine] = (seconds, added.bytes + (self.graph_bytes if engine == "graph" else 0))
+                costs[engine] = (seconds, added + (self.graph_bytes if engine == "graph" else 0))
         choice = pick_engine(costs, pb.memory_budget)
         # the torch.func engine for products away from theta0: the choice itself, or the best of the two
         elsewhere = (choice if choice != "graph"
@@ -238,7 +232,7 @@ class Products:
             self.grad_graph = None
         self.timings = {e: c[0] for e, c in costs.items()}
         self.footprints = {e: c[1] for e, c in costs.items()}
-        return out
+        return out["product"]
 
     def _hvp_by(self, engine: str, v: Mapping[str, torch.Tensor]) -> Params:
         """``H v`` at theta0 by ``graph`` or by torch.func (:attr:`functional_mode`)."""

@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 import shutil
 import threading
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, Callable
 
 from ..errors import LandscapeError
 from .allocator import release_freed_memory
@@ -203,3 +204,21 @@ class AddedMemory:
         else:
             self._peak.__exit__(*exc)
             self.bytes = max(0, self._peak.peak - self._peak.start)
+
+
+def measured(device: "torch.device | None", fn: "Callable[[], object]", repeats: int = 1) -> tuple[float, int]:
+    """Mean seconds of ``repeats`` calls of ``fn`` after a first one (which warms up: on a Problem, it also picks
+    the HVP engine as a run would) and the memory they added at their peak, the first call's included
+    (:class:`AddedMemory`: on the host, counted from a heap whose free pages were handed back, so that memory an
+    earlier measurement freed is not reused unseen)."""
+    with AddedMemory(device) as added:
+        fn()
+        t = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        if added.cuda:
+            import torch
+
+            torch.cuda.synchronize(device)
+        seconds = (time.perf_counter() - t) / repeats
+    return seconds, added.bytes
