@@ -96,7 +96,14 @@ def test_batches_kept_whole_equal_the_running_sums_and_rows_out_of_order_are_ref
 def test_the_gradient_sum_equals_the_per_sample_gradients_summed():
     X, y = blobs(37, 4, 3, seed=2)
     pb = Problem(relu_mlp((4, 8, 3), seed=3), X, y, F.cross_entropy, batch_size=10)
-    torch.testing.assert_close(gradient_sum(pb, X, y), per_sample_gradients(pb, X, y).sum(0), rtol=0, atol=1e-13)
+    want = per_sample_gradients(pb, X, y).sum(0)
+    torch.testing.assert_close(gradient_sum(pb, X, y), want, rtol=0, atol=1e-13)
+
+    def branching(out, target):  # reads a value to branch on: vmap cannot trace it, a loop can
+        return F.cross_entropy(out, target) * (2.0 if target.max().item() > 99 else 1.0)
+
+    pb = Problem(relu_mlp((4, 8, 3), seed=3), X, y, branching, batch_size=10)
+    torch.testing.assert_close(gradient_sum(pb, X, y), want, rtol=0, atol=1e-13)
 
 
 def test_b_simple_matches_the_two_batch_estimator_and_b_noise_the_dense_formula():

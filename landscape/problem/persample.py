@@ -106,9 +106,16 @@ def gradient_matrix(problem: Problem, X: torch.Tensor, y: torch.Tensor, *, memor
 def per_sample_losses(problem: Problem, params: dict[str, torch.Tensor], X: torch.Tensor, y: torch.Tensor
                       ) -> torch.Tensor:
     """``(len(X),)`` losses ``l_i`` at ``params``, from one forward pass of the batch: the Problem's loss applied to
-    each sample's output alone."""
+    each sample's output alone (vmapped; one sample at a time for a loss vmap cannot trace)."""
     out = problem.forward(params, X)
-    return vmap(lambda o, t: problem.loss_fn(o.unsqueeze(0), t.unsqueeze(0)))(out, y)
+
+    def one(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return problem.loss_fn(o.unsqueeze(0), t.unsqueeze(0))
+
+    try:
+        return vmap(one)(out, y)
+    except (RuntimeError, NotImplementedError):  # e.g. a loss that reads a value (.item()) to branch on
+        return torch.stack([one(o, t) for o, t in zip(out, y)])
 
 
 def gradient_sum(problem: Problem, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
