@@ -102,9 +102,13 @@ class StreamedInputs:
 
     def window(self, start: int, stop: int) -> StreamedInputs:
         """Rows ``start:stop`` of these inputs, still unread."""
-        out = self.to()
         rows = self._source_rows(slice(start, stop))
-        out.rows = rows if isinstance(rows, np.ndarray) else np.arange(rows.start, rows.stop)
+        return self._of_source_rows(rows if isinstance(rows, np.ndarray) else np.arange(rows.start, rows.stop))
+
+    def _of_source_rows(self, rows: np.ndarray) -> StreamedInputs:
+        """These inputs restricted to the source's ``rows``, in that order, still unread."""
+        out = self.to()
+        out.rows = np.asarray(rows, dtype=np.int64)
         out.shape = torch.Size((len(out.rows), *self.shape[1:]))
         return out
 
@@ -149,10 +153,7 @@ def reordered(X: torch.Tensor | StreamedInputs, order: np.ndarray) -> StreamedIn
     (streamed inputs stay streamed; in-memory ones are not copied whole)."""
     if not isinstance(X, StreamedInputs):
         return StreamedInputs(X, order, dtype=X.dtype, device=X.device)
-    out = X.to()
-    out.rows = np.asarray(order, dtype=np.int64) if X.rows is None else X.rows[order]
-    out.shape = torch.Size((len(out.rows), *X.shape[1:]))
-    return out
+    return X._of_source_rows(order if X.rows is None else X.rows[order])
 
 
 def rows(X: torch.Tensor | StreamedInputs, start: int, stop: int) -> torch.Tensor | StreamedInputs:
