@@ -198,10 +198,10 @@ def coherence_cost(pb: Problem, co: CoherenceSettings, budget: float, hvp_second
                    ) -> tuple[float, int]:
     """(seconds, bytes added at the peak) of the coherence analysis, as :func:`landscape.analyses.coherence.analyze_coherence`
     runs it: for each coordinate range, fresh accumulators, the gradients' sum (the random batches' reference),
-    every chunk's per-sample gradients (measured on a real chunk) added to them (the rows' norms over all P coordinates, measured, plus the range's share, measured on up
-    to 1M coordinates and scaled), and the range's reduction; then ``noise_samples`` one-sample gradients and
-    Hessian-vector products for B_noise, EL2N and the model's passes (``pass_seconds`` each); twice with
-    ``control``."""
+    every chunk's per-sample gradients (measured on a real chunk) added to them (the rows' norms over all P
+    coordinates, measured, plus the range's share, measured on up to 1M coordinates and scaled), and the range's
+    reduction; then ``noise_samples`` one-sample gradients and Hessian-vector products for B_noise, EL2N and the
+    model's passes (``pass_seconds`` each); twice with ``control``."""
     nparam = pb.num_parameters
     labels = sample_labels(pb, pb.y)
     n_classes = int(labels.max()) + 1
