@@ -392,12 +392,9 @@ class CoherenceResult:
         return g
 
 
-#: Attributes that decide whether a stored ``/coherence`` answers the same request.
-SETTING_ATTRS = ("sketch", "noise_samples", "batch_repeats", "batch_design", "control_kind", "seed")
-
-
 def same_settings(group: h5py.Group, s: CoherenceSettings) -> bool:
-    """Whether ``group`` (``/coherence``) holds a result for exactly ``s``."""
+    """Whether ``group`` (``/coherence``) holds a result for exactly ``s``: the attributes that decide the question,
+    and the batch sizes."""
     s = s.resolved()
     a = read_attrs(group)
     want = {"sketch": s.sketch, "noise_samples": s.noise_samples, "batch_repeats": s.batch_repeats,

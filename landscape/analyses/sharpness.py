@@ -160,18 +160,15 @@ class SharpnessResult:
         return g
 
 
-#: Attributes that decide whether a stored group answers the same question (``rho`` is compared separately).
-SETTING_ATTRS = ("measure", "norm", "adaptive", "m_requested", "steps", "draws", "seed", "parameters", "eta", "eps")
-
-
 def same_settings(group: h5py.Group, settings: SharpnessSettings) -> bool:
-    """Whether ``group`` (a ``/sharpness/<name>`` group) holds a result for exactly ``settings`` (resolved)."""
+    """Whether ``group`` (a ``/sharpness/<name>`` group) holds a result for exactly ``settings`` (resolved): the
+    attributes that decide the question, and ``rho``."""
     stored = read_attrs(group)
     want = {"measure": settings.measure, "norm": settings.norm, "adaptive": settings.adaptive,
             "m_requested": -1 if settings.m is None else settings.m, "steps": settings.steps,
             "draws": settings.draws, "seed": settings.seed, "parameters": list(settings.parameters),
             "eta": settings.eta, "eps": settings.eps}
-    return all(stored.get(k) == want[k] for k in SETTING_ATTRS) and \
+    return all(stored.get(k) == v for k, v in want.items()) and \
         np.array_equal(group["rho"][()], np.asarray(settings.rho, dtype=np.float64))
 
 
