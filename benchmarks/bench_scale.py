@@ -4,6 +4,7 @@
                                      [--steps 11] [--memory-budget auto] [--no-pyhessian] [--no-side-by-side] [--out /tmp/bench_scale]
                                      [--device cuda] [--precisions full,bf16] [--context 64] [--deadline SECONDS]
     python benchmarks/bench_scale.py --growth | --hutchpp [--samples 256] | --engines
+    python benchmarks/bench_scale.py --lanczos-steps 5:40,5:15 [--models resnet18] [--samples 64]
 
 Models from ``benchmarks/scale_models.py`` (built in code, no downloads): an MLP (~1e5 parameters), ResNet-18 (11.2M,
 10 classes), a GPT-2-style transformer (27M, from a ``transformers`` config) and a wide MLP (90M). Inputs are
@@ -23,6 +24,8 @@ error. ``--deadline`` skips what would start after that many seconds (each resul
 float64 and in float32. ``--growth``: only the time per product over an MLP family (1.6e5 to 9e7 parameters, 8 to
 512 samples each) and its fits to a line in parameters x samples and to one in parameters and parameters x samples.
 ``--engines``: only ``--hvp auto``'s choice of engine on ResNet-18 at 64, 256 and 512 samples (:func:`engine_choice`).
+``--lanczos-steps K:M,...``: only the top-``K`` Lanczos's products with an ``M``-column basis on each of ``--models``,
+beside the dry run's count (:func:`lanczos_steps_by_basis`).
 
 Output: markdown tables for RESULTS.md.
 """
@@ -324,6 +327,30 @@ def engine_choice(threads: int, sample_counts: tuple[int, ...], folder: Path) ->
                 del st, pb
 
 
+def lanczos_steps_by_basis(threads: int, name: str, samples: int, context: int, runs: list[tuple[int, int]],
+                           folder: Path) -> None:
+    """Products of the top-``k`` Lanczos (tolerance 1e-6, verification included) on one ladder model at each
+    ``(k, basis columns)`` of ``runs``, beside the dry run's count (:func:`landscape.analyses.costs.lanczos_steps`
+    plus the ``k`` verifying products): the data its fit was made from. Products are timed at the ``auto`` budget,
+    the basis in memory whatever its size."""
+    from landscape import Problem
+    from landscape.analyses.costs import lanczos_steps
+    from landscape.linalg.lanczos import lanczos
+    from landscape.problem.curvature import CurvatureOperator
+    from landscape.runtime.budget import auto_budget
+
+    torch.set_num_threads(threads)
+    _, ck, data = prepare(name, samples, folder / f"{name}_{samples}", context)
+    model, X, y, loss = scale_models.side_by_side(name, str(ck), str(data) if data else None, samples, context)
+    op = CurvatureOperator(Problem(model.eval(), X, y, loss, memory_budget=auto_budget()))
+    print("| model | samples | k | basis | products | counted | seconds | eigenvalues |\n|---|---|---|---|---|---|---|---|")
+    for k, m in runs:
+        t = time.perf_counter()
+        r = lanczos(op, op.n, k=k, tol=1e-6, max_basis=m, max_matvec=2000)
+        print(f"| {name} | {samples} | {k} | {m} | {r.n_matvec} | {lanczos_steps(k, m, 1e-6, 2000) + k} "
+              f"| {time.perf_counter() - t:.1f} | {', '.join(f'{e:.5g}' for e in r.eigenvalues)} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -343,8 +370,15 @@ def main() -> None:
                     help="only Hutch++ against its plain products on ResNet-18 (float64 and float32 blocks)")
     ap.add_argument("--engines", action="store_true",
                     help="only --hvp auto's choice on ResNet-18 at 64, 256 and 512 samples (seconds and memory)")
+    ap.add_argument("--lanczos-steps", default=None, metavar="K:M,...",
+                    help="only the top-k Lanczos's products at each k and basis size, on each of --models")
     ap.add_argument("--out", default=tempfile.mkdtemp(prefix="bench_scale_"))
     a = ap.parse_args()
+    if a.lanczos_steps:
+        runs = [tuple(int(x) for x in r.split(":")) for r in a.lanczos_steps.split(",")]
+        for name in a.models.split(","):
+            lanczos_steps_by_basis(a.threads, name, a.samples, a.context, runs, Path(a.out))
+        return
     if a.engines:
         engine_choice(a.threads, (64, 256, 512), Path(a.out))
         return

@@ -36,6 +36,25 @@ def test_lanczos_outlier_spectrum_is_cheap():
     assert r.n_matvec <= 40
 
 
+@pytest.mark.parametrize("max_basis", [15, 40])
+def test_dry_runs_lanczos_schedule_is_the_one_lanczos_runs(monkeypatch, max_basis):
+    """The cost model's columns swept and restart rewrites (costs.lanczos_sweeps) are what lanczos does, counted by
+    wrapping its Gram-Schmidt and its basis transform, over a run long enough for several restarts."""
+    from landscape.analyses.costs import lanczos_sweeps
+    from landscape.linalg import lanczos as module
+    from landscape.linalg.vectors import ColumnStore
+
+    swept, rewritten = [], []
+    plain, transform = module.orthogonalize, ColumnStore.transform
+    monkeypatch.setattr(module, "orthogonalize", lambda V, w, cols: (swept.append(cols), plain(V, w, cols))[1])
+    monkeypatch.setattr(ColumnStore, "transform",
+                        lambda self, S: (rewritten.append(S.size), transform(self, S))[1])
+    A = with_spectrum(np.linspace(1.0, 2.0, 300))  # no gaps: nothing converges to 1e-14 in 90 products
+    r = lanczos(lambda v: A @ v, 300, k=5, tol=1e-14, max_basis=max_basis, max_matvec=90, verify=False)
+    assert r.n_matvec == 90 and len(rewritten) >= 2
+    assert lanczos_sweeps(90, 5, max_basis) == (sum(swept), sum(rewritten))
+
+
 def test_lanczos_pairs_at_the_rounding_of_a_float32_matvec_count_as_converged():
     """A float32 product cannot verify a residual of 1e-10 relative: such a pair is converged when its residual is
     within 4x the product's measured rounding error, and its eigenvalue is then as accurate as float32 allows. A pair

@@ -76,14 +76,59 @@ class VectorCosts:
                            block=gram / ((cols + 1) ** 2 * n), signs=draw)
 
 
+def lanczos_steps(k: int, m: int, tol: float, max_hvp: int) -> int:
+    """Products a thick-restarted :func:`~landscape.linalg.lanczos.lanczos` run for ``k`` extreme pairs is counted
+    at before its verification, at most ``max_hvp``: ``S(k) t(tol) r(m)``.
+
+    How many it takes depends on the spectrum (the gaps around the ``k``-th eigenvalue), which a dry run cannot know;
+    the three factors are fitted on the ladder's models (``benchmarks/RESULTS.md``, session 26).
+    ``S(k) = 40 sqrt(k)`` to a relative residual of 1e-6 with the default basis: 89 for the top 5, measured 74 on
+    the 1e5-parameter MLP, 76 on ResNet-18, 101 on GPT-2 small's shape and 108 on the 27M GPT-2; 40 for ``k = 1``
+    (34-42), 126 for ``k = 10`` (113 on both the MLP and ResNet-18), 179 for ``k = 20`` (145 on the MLP): within
+    1.25x of each. ``t(tol) = 0.55 + 0.075 log10(1 / tol)``: each decade of tolerance is about 7 of the top 5's
+    steps (at 1e-3: 0.70x on ResNet-18, 0.76x on GPT-2 small, 0.77x on the MLP; 0.775 counted).
+    ``r(m) = (m_0 / m)^0.1`` for a basis of ``m`` columns below the default ``m_0``: a thick restart keeps
+    ``k + (m - k) / 2`` of them, so a small basis costs few extra products (measured 1.09x at ``2k + 5 = 15``
+    columns on ResNet-18, 1.12x on the MLP, 1.13x at 17 on the 27M GPT-2; counted 1.10x and 1.09x). The count
+    used before, ``m + 5 k``, fell as the budget shrank the basis: 42 for that GPT-2 at 17 columns, which took 122.
+
+    >>> lanczos_steps(5, 40, 1e-6, 400), lanczos_steps(5, 15, 1e-6, 400), lanczos_steps(5, 40, 1e-3, 400)
+    (89, 99, 69)
+    """
+    default = basis_size(k, 10 ** 12)
+    accuracy = max(0.25, 0.55 + 0.075 * math.log10(1.0 / tol))
+    return min(max_hvp, round(40 * math.sqrt(k) * accuracy * max(1.0, default / m) ** 0.1))
+
+
+def lanczos_sweeps(steps: int, k: int, m: int) -> tuple[int, int]:
+    """(basis columns swept, multiply-adds per vector entry of the restarts' rewrites) over ``steps`` steps of
+    :func:`~landscape.linalg.lanczos.lanczos` with an ``m``-column basis: a step with ``j`` columns before it
+    orthogonalizes its product against ``j + 1``; at ``j = m`` a thick restart keeps ``p = k + (m - k) // 2`` columns,
+    ``V S`` with ``S`` ``m x p`` (``m p`` multiply-adds per entry), and goes on from ``j = p``.
+
+    >>> lanczos_sweeps(3, 5, 40)
+    (6, 0)
+    >>> lanczos_sweeps(17, 5, 15)  # 15 steps to j = 15, a restart to 10, two steps more
+    (143, 150)
+    """
+    keep = min(m - 1, max(k + (m - k) // 2, k + 1))
+    j, swept, rewritten = 0, 0, 0
+    for _ in range(steps):
+        if j >= m:
+            j, rewritten = keep, rewritten + m * keep
+        swept += j + 1
+        j += 1
+    return swept, rewritten
+
+
 def curvature_seconds(curv: CurvatureSettings, n: int, budget: float, product: float, vec: VectorCosts,
                       sketch_bytes: int = 8) -> tuple[float, float]:
     """(seconds, bytes of vectors held in memory) of a curvature analysis, from the time of one product (with its
     conversions) and the measured vector costs.
 
-    Lanczos is counted at ``m + 5 k`` products per end of the spectrum (``m`` the basis size: 65 for the top 5;
-    measured: 25 on the shipped CNN, 81 on the ResNet-18 of the scale ladder), each storing a vector and sweeping
-    a basis about ``(m + k) / 2`` columns deep; the Lanczos-deflated trace at a third of the budget in products, its
+    Lanczos is counted at :func:`lanczos_steps` products per end of the spectrum, then ``k`` more to verify, each
+    storing a vector and sweeping the basis as deep as it then is, plus the restarts' rewrites of the basis
+    (:func:`lanczos_sweeps`); the Lanczos-deflated trace at a third of the budget in products, its
     probes drawn and swept over the top's basis (kept from its run) a block at a time: a pass's reading shared by
     the block, its multiply-adds not; Hutch++ at its product budget, each storing
     or reading a vector, plus ``3 k`` columns of signs drawn (``S`` once, ``G`` twice) and six ``k x k`` passes of matrix products over
@@ -95,8 +140,9 @@ def curvature_seconds(curv: CurvatureSettings, n: int, budget: float, product: f
     for k in (curv.top_k, curv.bottom_k):
         if k:
             m = basis_size(k, n, budget=budget)
-            steps = min(curv.max_hvp, m + 5 * k)
-            seconds += ((steps + k) * (product + vec.column) + steps * (m + k) / 2 * vec.pass_column
+            steps = lanczos_steps(k, m, curv.tol, curv.max_hvp)
+            swept, rewritten = lanczos_sweeps(steps, k, m)
+            seconds += ((steps + k) * (product + vec.column) + swept * vec.pass_column + rewritten * n * vec.block
                         + (m + 1) * vec.first_column)
             basis = (m + 1) * n * 8
             vectors = k * n * 8 if k * n * 8 <= budget - (basis if basis <= budget else 0) else 0
@@ -235,4 +281,4 @@ def coherence_cost(pb: Problem, co: CoherenceSettings, budget: float, hvp_second
     return (1 + co.control) * seconds + pass_seconds, vecs * width * 8 + chunk_extra
 
 
-__all__ = ["VectorCosts", "curvature_seconds", "sharpness_seconds", "coherence_cost"]
+__all__ = ["VectorCosts", "lanczos_steps", "lanczos_sweeps", "curvature_seconds", "sharpness_seconds", "coherence_cost"]
