@@ -204,6 +204,26 @@ def test_pacbayes_sigma_is_a_standard_deviation_that_moves_with_plain_rescaling(
     assert dev[0] <= 0.1 < dev[1]
 
 
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_pacbayes_search_ends_at_noise_a_thousand_times_the_weights(monkeypatch, adaptive):
+    """An error no noise moves (an untrained net's, here a constant) gives sigma' = inf after the doublings from
+    1/64 up to NOISE_CAP x the weights' RMS (plain) or x each weight (magnitude-aware), not on to 1e6."""
+    import math
+
+    from landscape.analyses import sharpness as module
+
+    pb = relu_net_rescaled(1.0)
+    flat = module._Flat(pb)
+    monkeypatch.setattr(module, "_error", lambda problem, params: 0.5)
+    evals = [0]
+    s = SharpnessSettings(measure="pacbayes", adaptive=adaptive, rho=(0.1,), draws=3)
+    sigma, dev = module._pacbayes_sigma(pb, flat, s, 0.1, evals)
+    rms = float(torch.sqrt((flat.w ** 2).mean()))
+    cap = module.NOISE_CAP * (1.0 if adaptive else rms)
+    assert sigma == float("inf") and dev == 0.0
+    assert evals[0] == 3 * (math.floor(math.log2(64 * cap)) + 1) < 3 * 26
+
+
 def test_batches_are_disjoint_and_seeded():
     bs = batches(10, 3, seed=1)
     assert len(bs) == 3 and len(torch.unique(torch.cat(bs))) == 9

@@ -445,12 +445,21 @@ def _error(problem: Problem, params: Mapping[str, torch.Tensor]) -> float:
     return 1.0 - ev.accuracy if ev.accuracy is not None else ev.loss
 
 
+#: PAC-Bayes's search ends at noise this many times the weights (their RMS, or each weight when magnitude-aware)
+NOISE_CAP = 1e3
+
+
 def _pacbayes_sigma(problem: Problem, flat: _Flat, s: SharpnessSettings, target: float, evals: list[int],
                     iters: int = 30, rtol: float = 1e-3) -> tuple[float, float]:
     """Largest ``sigma`` with ``|mean_k err(w + u_k(sigma)) - err(w)| <= target`` (doubling, then bisection).
 
     ``u_k(sigma) = sigma z_k`` (plain) or ``sqrt(sigma^2 w^2 + eps^2) z_k`` (magnitude-aware), the same standard
-    normal ``z_k`` for every sigma. Returns ``(sigma', deviation at sigma')``.
+    normal ``z_k`` for every sigma. Returns ``(sigma', deviation at sigma')``; ``sigma' = inf`` (``1/sigma'^2 = 0``)
+    when the doubling passes :data:`NOISE_CAP` times the weights' RMS (plain) or times each weight (magnitude-aware)
+    without moving the error by ``target``: the perturbed weights are then the noise's to 0.1% of their direction, and
+    a network of random weights errs alike at any larger scale (ReLU-type and normalized networks exactly, saturating
+    ones nearly). An untrained ResNet-18 used to double on to sigma = 1e6: 26 rounds of draws where 16 now say the
+    same.
     """
     err0 = _error(problem, flat.params(flat.w))
 
@@ -470,11 +479,13 @@ def _pacbayes_sigma(problem: Problem, flat: _Flat, s: SharpnessSettings, target:
         evals[0] += len(errs)
         return abs(float(np.mean(errs)) - err0)
 
+    rms = float(torch.sqrt((flat.w ** 2 * flat.mask).sum() / flat.mask.sum().clamp(min=1)))
+    cap = NOISE_CAP * (1.0 if s.adaptive or rms == 0 else rms)
     lo, hi = 0.0, 1.0 / 64
     dev_lo = 0.0
     while (d := deviation(hi)) <= target:
         lo, dev_lo, hi = hi, d, hi * 2
-        if hi > 1e6:  # no noise level moves the error that much (e.g. an untrained net): 1/sigma'^2 = 0
+        if hi > cap:  # no noise level moves the error that much (e.g. an untrained net): 1/sigma'^2 = 0
             return float("inf"), dev_lo
     for _ in range(iters):
         if hi - lo <= rtol * hi:
