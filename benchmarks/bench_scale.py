@@ -343,7 +343,8 @@ def lanczos_steps_by_basis(threads: int, name: str, samples: int, context: int, 
     _, ck, data = prepare(name, samples, folder / f"{name}_{samples}", context)
     model, X, y, loss = scale_models.side_by_side(name, str(ck), str(data) if data else None, samples, context)
     op = CurvatureOperator(Problem(model.eval(), X, y, loss, memory_budget=auto_budget()))
-    print("| model | samples | k | basis | products | counted | seconds | eigenvalues |\n|---|---|---|---|---|---|---|---|")
+    print("| model | samples | k | basis | products | counted | seconds | eigenvalues |\n"
+          "|---|---|---|---|---|---|---|---|")
     for k, m in runs:
         t = time.perf_counter()
         r = lanczos(op, op.n, k=k, tol=1e-6, max_basis=m, max_matvec=2000)

@@ -24,7 +24,7 @@ from .coherence import (Batches, CoherenceSettings, GradientStats, accumulator_v
                         coordinate_ranges, random_batches, row_norms, sample_labels)
 from ..linalg.draws import normal, signs
 from .hessian import CurvatureSettings
-from ..linalg.lanczos import basis_size
+from ..linalg.lanczos import basis_size, restart_keep
 from ..problem.persample import chunk_size, gradient_sum, iter_gradients, per_sample_gradients
 from ..problem.problem import Problem
 from .sharpness import SharpnessSettings, keeps_draws, work
@@ -103,15 +103,16 @@ def lanczos_steps(k: int, m: int, tol: float, max_hvp: int) -> int:
 def lanczos_sweeps(steps: int, k: int, m: int) -> tuple[int, int]:
     """(basis columns swept, multiply-adds per vector entry of the restarts' rewrites) over ``steps`` steps of
     :func:`~landscape.linalg.lanczos.lanczos` with an ``m``-column basis: a step with ``j`` columns before it
-    orthogonalizes its product against ``j + 1``; at ``j = m`` a thick restart keeps ``p = k + (m - k) // 2`` columns,
-    ``V S`` with ``S`` ``m x p`` (``m p`` multiply-adds per entry), and goes on from ``j = p``.
+    orthogonalizes its product against ``j + 1``; at ``j = m`` a thick restart keeps ``p`` columns
+    (:func:`~landscape.linalg.lanczos.restart_keep`), ``V S`` with ``S`` ``m x p`` (``m p`` multiply-adds per
+    entry), and goes on from ``j = p``.
 
     >>> lanczos_sweeps(3, 5, 40)
     (6, 0)
     >>> lanczos_sweeps(17, 5, 15)  # 15 steps to j = 15, a restart to 10, two steps more
     (143, 150)
     """
-    keep = min(m - 1, max(k + (m - k) // 2, k + 1))
+    keep = restart_keep(k, m)
     j, swept, rewritten = 0, 0, 0
     for _ in range(steps):
         if j >= m:

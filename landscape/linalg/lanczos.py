@@ -118,6 +118,12 @@ def basis_size(k: int, n: int, max_basis: int | None = None, budget: float = flo
     return min(n, m if fit >= m else max(fit, least))
 
 
+def restart_keep(k: int, m: int) -> int:
+    """Ritz vectors a thick restart of an ``m``-column basis keeps for ``k`` wanted pairs: the wanted and half of the
+    rest, ``k + (m - k) // 2``, at least ``k + 1`` and at most ``m - 1``."""
+    return min(m - 1, max(k + (m - k) // 2, k + 1))
+
+
 def basis_device(device: torch.device, k: int, n: int) -> torch.device | None:
     """Where :func:`lanczos` for ``k`` pairs keeps its basis when the products run on ``device``: there, if it is a
     GPU with room for the default basis (:func:`landscape.linalg.vectors.vector_device`), else on the host (None)."""
@@ -174,7 +180,7 @@ def lanczos(matvec: Matvec, n: int, k: int = 5, *, which: str = "LA", tol: float
         if done or j == n or n_mv >= budget_mv:
             break
         if j >= m:  # thick restart: keep the wanted Ritz vectors and a few more
-            keep = order[: min(m - 1, max(k + (m - k) // 2, k + 1))]
+            keep = order[: restart_keep(k, m)]
             basis.transform(S[:, keep])
             T, c, j = np.diag(theta[keep]), c @ S[:, keep], len(keep)
         if rnorm <= 1e-12 * max(np.abs(theta).max(), 1.0):  # invariant subspace: continue from a fresh vector
