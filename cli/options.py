@@ -137,6 +137,9 @@ SaveVectorsOpt = Annotated[Optional[bool], typer.Option(
                                              "directions, Hessian eigenvectors, per-parameter GSNR (default: only "
                                              "for models of at most 1M parameters; Hessian slices' directions are "
                                              "always stored).")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print each phase's predicted time and peak memory, from "
+                                                             "products measured on the real model and batch; "
+                                                             "compute nothing else.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 
@@ -148,18 +151,19 @@ class RunOptions:
     stream: str = "auto"
     output: Optional[str] = None
     save_vectors: Optional[bool] = None
+    dry_run: bool = False
     json_out: bool = False
     debug: bool = False
 
 
 RUN_OPTIONS: dict[str, Any] = {"stream": StreamOpt, "output": OutputOpt, "save_vectors": SaveVectorsOpt,
-                               "json_out": JsonOpt, "debug": DebugOpt}
+                               "dry_run": DryRunOpt, "json_out": JsonOpt, "debug": DebugOpt}
 assert set(RUN_OPTIONS) == {f.name for f in fields(RunOptions)}
 
 
 def run_options(vectors: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Replace a command's ``run: RunOptions`` parameter by ``--stream``, ``--output``, ``--save-vectors`` (unless
-    ``vectors`` is false: the command stores no long vectors), ``--json`` and ``--debug``."""
+    ``vectors`` is false: the command stores no long vectors), ``--dry-run``, ``--json`` and ``--debug``."""
     only = None if vectors else tuple(f.name for f in fields(RunOptions) if f.name != "save_vectors")
     return lambda fn: _expand(fn, "run", RunOptions, RUN_OPTIONS, only=only)
 

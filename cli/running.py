@@ -10,6 +10,7 @@ from typing import Any, Iterator, Optional
 
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, SpinnerColumn, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
+from rich.table import Table
 from rich.text import Text
 
 from landscape.errors import LandscapeError
@@ -164,10 +165,41 @@ def run_and_print(config: Any, st: Any, json_out: bool, *, report: Optional[bool
 
 def run_analysis(checkpoint: str, specs: SpecOptions, run: RunOptions, **analysis: Any) -> Any:
     """Load the checkpoint, run one analysis command's ``analysis`` (a ScanConfig field, e.g.
-    ``curvature=settings``) into the run file without slices, and print its summary; the summary."""
+    ``curvature=settings``) into the run file without slices, and print its summary; the summary. With
+    ``--dry-run``, print its predicted cost instead (None)."""
+    from landscape.analyses.scan import estimate
+
     config = base_config(checkpoint, specs, run.output, slices=False, resume=True, stream=run.stream,
                          save_vectors=run.save_vectors, **analysis)
-    return run_and_print(config, load(config), run.json_out, report=None)
+    st = load(config)
+    if run.dry_run:
+        print_estimate(estimate(config, st), checkpoint, run.json_out)
+        return None
+    return run_and_print(config, st, run.json_out, report=None)
+
+
+def print_estimate(est: Any, checkpoint: str, json_out: bool) -> None:
+    """A dry run's :class:`~landscape.analyses.scan.Estimate`: a table, or JSON on stdout."""
+    if json_out:
+        print(json.dumps(est.to_json(), indent=2))
+        return
+    t = Table(title=f"dry run: {checkpoint}", show_header=False)
+    t.add_row("parameters", f"{est.n_parameters:,}")
+    t.add_row("samples", f"{est.n_samples:,}")
+    if est.points:
+        t.add_row("grid points", f"{est.points:,}")
+        t.add_row("forward passes", f"{est.forward_passes:,}")
+        t.add_row("strategy", est.strategy + (f", {est.workers} blocks at once" if est.workers > 1 else ""))
+        t.add_row("time per point", f"{est.seconds_per_point * 1e3:.2f} ms")
+    ranks = f" ({est.ranks} ranks)" if est.ranks > 1 else ""
+    for phase, p in est.phases.items():
+        products = f", {p['products']:,.0f} products" if p.get("products") else ""
+        t.add_row(f"{phase}", f"{p['seconds']:.1f} s{ranks if phase == 'slices' else ''}, peak "
+                              f"{p['peak_bytes'] / 2**20:,.0f} MiB{products}")
+    t.add_row("estimated time, total", f"{est.total_seconds:.1f} s")
+    t.add_row("peak memory", f"{est.memory_bytes / 2**20:,.0f} MiB ({est.memory_note}; memory budget "
+                             f"{est.memory_budget / 2**20:,.0f} MiB)")
+    out_console.print(t)
 
 
 def load(config: Any) -> Any:

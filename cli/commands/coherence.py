@@ -51,7 +51,7 @@ def coherence(
                                      batch_repeats=batch_repeats, control=control is not None,
                                      seed=specs.seed).resolved()
         summary = run_analysis(checkpoint, specs, run, coherence=settings)
-        if per_class and not run.json_out:
+        if per_class and summary is not None and not run.json_out:
             _print_classes(summary.run_file)
 
 

@@ -19,6 +19,7 @@ from ..running import run_analysis
                     "  landscape hessian ckpt.pt --validity   # how far the quadratic model holds\n\n"
                     "  landscape hessian ckpt.pt --per-class --top-k 3   # each class's spectrum and density\n\n"
                     "  landscape hessian ckpt.pt --batch-sizes 8,32,128   # mini-batch against full-batch λmax\n\n"
+                    "  landscape hessian ckpt.pt --per-class --dry-run   # its time and peak memory first\n\n"
                     "  landscape hessian ckpt.pt --parameters 'layer4.*' --trace-method hutchinson --trace-matvecs 300\n\n"
                     "  landscape hessian ckpt.pt --engine pyhessian --dtype float64   # PyHessian's numbers beside ours")
 @spec_options

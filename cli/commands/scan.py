@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from typing import Optional
 
 import typer
-from rich.table import Table
 
 from landscape.errors import LandscapeError
 
-from ..app import app, command_errors, out_console
-from ..options import (CheckpointArg, DebugOpt, JsonOpt, MetricOpt, OutputOpt, SaveVectorsOpt, SpecOptions, StreamOpt,
-                       parse_range, parse_steps, parse_workers, spec_options)
-from ..running import base_config, default_sharpness, load, run_and_print
+from ..app import app, command_errors
+from ..options import (CheckpointArg, DebugOpt, DryRunOpt, JsonOpt, MetricOpt, OutputOpt, SaveVectorsOpt, SpecOptions,
+                       StreamOpt, parse_range, parse_steps, parse_workers, spec_options)
+from ..running import base_config, default_sharpness, load, print_estimate, run_and_print
 
 
 @app.command(epilog="Examples:\n\n"
@@ -57,7 +55,7 @@ def scan(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run file."),
     save_every: float = typer.Option(30.0, "--save-every", help="Merge finished points into the run file at least "
                                                                 "this often (seconds); they are journaled at once."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print forward passes, time and memory estimates; compute nothing."),
+    dry_run: DryRunOpt = False,
     save_vectors: SaveVectorsOpt = None,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
@@ -89,24 +87,6 @@ def scan(
             coherence=CoherenceSettings(noise_samples=16, seed=specs.seed) if coherence else None)
         st = load(config)
         if dry_run:
-            est = estimate(config, st)
-            if json_out:
-                print(json.dumps(est.to_json(), indent=2))
-                return
-            t = Table(title=f"dry run: {checkpoint}", show_header=False)
-            t.add_row("parameters", f"{est.n_parameters:,}")
-            t.add_row("samples", f"{est.n_samples:,}")
-            t.add_row("grid points", f"{est.points:,}")
-            t.add_row("forward passes", f"{est.forward_passes:,}")
-            t.add_row("strategy", est.strategy + (f", {est.workers} blocks at once" if est.workers > 1 else ""))
-            t.add_row("time per point", f"{est.seconds_per_point * 1e3:.2f} ms")
-            ranks = f" ({est.ranks} ranks)" if est.ranks > 1 else ""
-            for phase, p in est.phases.items():
-                t.add_row(f"{phase}", f"{p['seconds']:.1f} s{ranks if phase == 'slices' else ''}, peak "
-                                      f"{p['peak_bytes'] / 2**20:,.0f} MiB")
-            t.add_row("estimated time, total", f"{est.total_seconds:.1f} s")
-            t.add_row("peak memory", f"{est.memory_bytes / 2**20:,.0f} MiB ({est.memory_note}; memory budget "
-                                     f"{est.memory_budget / 2**20:,.0f} MiB)")
-            out_console.print(t)
+            print_estimate(estimate(config, st), checkpoint, json_out)
             return
         run_and_print(config, st, json_out, report=report)

@@ -10,9 +10,10 @@ depends on the answer (PAC-Bayes's sigma, basin width) are counted at a typical 
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -23,14 +24,17 @@ from ..runtime.budget import measured
 from .coherence import (Batches, CoherenceSettings, GradientStats, accumulator_vectors, add_bytes_per_row,
                         coordinate_ranges, random_batches, row_norms, sample_labels)
 from ..linalg.draws import normal, signs
-from .hessian import CurvatureSettings
-from ..linalg.lanczos import basis_size, restart_keep
+from .batchsize import check_batch_sizes
+from ..problem.curvature import CurvatureOperator, select_parameters
+from .hessian import CurvatureSettings, class_members, class_settings, layer_settings, with_ends
+from ..linalg.lanczos import basis_device, basis_size, restart_keep
 from ..problem.persample import chunk_size, gradient_sum, iter_gradients, per_sample_gradients
 from ..problem.problem import Problem
 from .sharpness import SharpnessSettings, keeps_draws, work
 from ..io.stream import rows
-from ..linalg.trace import probe_block
-from ..linalg.vectors import BLOCK_ROWS, ColumnStore, vector_device
+from ..linalg.trace import probe_block, sketch_dtype
+from .validity import LEVELS, validity_radius
+from ..linalg.vectors import BLOCK_ROWS, ColumnStore, native, vector_device
 
 
 @dataclass(frozen=True)
@@ -75,10 +79,22 @@ class VectorCosts:
         return VectorCosts(column=column, pass_column=sweep / cols, first_column=first,
                            block=gram / ((cols + 1) ** 2 * n), signs=draw)
 
+    def scaled(self, ratio: float) -> "VectorCosts":
+        """The costs for vectors ``ratio`` times as long (a multiply-add's cost stays)."""
+        return VectorCosts(column=self.column * ratio, pass_column=self.pass_column * ratio,
+                           first_column=self.first_column * ratio, block=self.block, signs=self.signs * ratio)
 
-def lanczos_steps(k: int, m: int, tol: float, max_hvp: int) -> int:
+
+#: The Gauss-Newton's top eigenpairs take fewer Lanczos steps than the Hessian's (its outliers stand further from
+#: its bulk): the top 5 took 44 steps on the ladder's MLP (its Hessian's 77) and 18 on ResNet-18 (76), 0.57x and
+#: 0.24x (RESULTS.md, issue 19, session 27); counted at their geometric mean
+GGN_STEPS = 0.37
+
+
+def lanczos_steps(k: int, m: int, tol: float, max_hvp: int, kind: str = "hessian") -> int:
     """Products a thick-restarted :func:`~landscape.linalg.lanczos.lanczos` run for ``k`` extreme pairs is counted
-    at before its verification, at most ``max_hvp``: ``S(k) t(tol) r(m)``.
+    at before its verification, at most ``max_hvp``: ``S(k) t(tol) r(m)``, times :data:`GGN_STEPS` for the
+    Gauss-Newton.
 
     How many it takes depends on the spectrum (the gaps around the ``k``-th eigenvalue), which a dry run cannot know;
     the three factors are fitted on the ladder's models (``benchmarks/RESULTS.md``, session 26).
@@ -97,7 +113,8 @@ def lanczos_steps(k: int, m: int, tol: float, max_hvp: int) -> int:
     """
     default = basis_size(k, 10 ** 12)
     accuracy = max(0.25, 0.55 + 0.075 * math.log10(1.0 / tol))
-    return min(max_hvp, round(40 * math.sqrt(k) * accuracy * max(1.0, default / m) ** 0.1))
+    spectrum = GGN_STEPS if kind == "ggn" else 1.0
+    return min(max_hvp, round(40 * math.sqrt(k) * accuracy * max(1.0, default / m) ** 0.1 * spectrum))
 
 
 def lanczos_sweeps(steps: int, k: int, m: int) -> tuple[int, int]:
@@ -123,31 +140,37 @@ def lanczos_sweeps(steps: int, k: int, m: int) -> tuple[int, int]:
 
 
 def curvature_seconds(curv: CurvatureSettings, n: int, budget: float, product: float, vec: VectorCosts,
-                      sketch_bytes: int = 8) -> tuple[float, float]:
-    """(seconds, bytes of vectors held in memory) of a curvature analysis, from the time of one product (with its
-    conversions) and the measured vector costs.
+                      sketch_bytes: int = 8) -> tuple[float, float, int]:
+    """(seconds, bytes of vectors held in memory, products) of the top/bottom eigenpairs, trace and density of
+    ``curv`` over an operator of length ``n``, from the time of one product (with its conversions) and the measured
+    vector costs; :func:`curvature_cost` adds the optional extras.
 
-    Lanczos is counted at :func:`lanczos_steps` products per end of the spectrum, then ``k`` more to verify, each
+    Lanczos is counted at :func:`lanczos_steps` products per end of the spectrum, then ``k`` more to verify (``2 k``
+    when ``max_hvp`` stops it: a pair that misses ``tol`` gets one more to measure the products' rounding), each
     storing a vector and sweeping the basis as deep as it then is, plus the restarts' rewrites of the basis
     (:func:`lanczos_sweeps`); the Lanczos-deflated trace at a third of the budget in products, its
     probes drawn and swept over the top's basis (kept from its run) a block at a time: a pass's reading shared by
     the block, its multiply-adds not; Hutch++ at its product budget, each storing
-    or reading a vector, plus ``3 k`` columns of signs drawn (``S`` once, ``G`` twice) and six ``k x k`` passes of matrix products over
-    its block (two Gram matrices, two transforms, ``Q^T G`` and ``G - Q C``), the block's first touch and bytes
-    at ``sketch_bytes`` a number (:func:`landscape.linalg.trace.sketch_dtype`); SLQ at ``probes x steps`` products
-    sweeping half its basis on average, a draw per probe."""
+    or reading a vector, plus ``3 k`` columns of signs drawn (``S`` once, ``G`` twice) and six ``k x k`` passes of
+    matrix products over its block (two Gram matrices, two transforms, ``Q^T G`` and ``G - Q C``), the block's first
+    touch and bytes at ``sketch_bytes`` a number (:func:`landscape.linalg.trace.sketch_dtype`); SLQ at
+    ``probes x steps`` products sweeping half its basis on average (``steps + 1`` columns, in memory when they fit
+    ``budget``), a draw per probe."""
     seconds = held = 0.0
+    products = 0
     top_vectors = 0  # the top eigenvectors' bytes in memory, beside which the deflated trace's probes are held
     for k in (curv.top_k, curv.bottom_k):
         if k:
             m = basis_size(k, n, budget=budget)
-            steps = lanczos_steps(k, m, curv.tol, curv.max_hvp)
+            steps = lanczos_steps(k, m, curv.tol, curv.max_hvp, curv.kind)
             swept, rewritten = lanczos_sweeps(steps, k, m)
-            seconds += ((steps + k) * (product + vec.column) + swept * vec.pass_column + rewritten * n * vec.block
-                        + (m + 1) * vec.first_column)
+            verify = k * (2 if steps == curv.max_hvp else 1)  # an unconverged pair's product is checked at 3v too
+            seconds += ((steps + verify) * (product + vec.column) + swept * vec.pass_column
+                        + rewritten * n * vec.block + (m + 1) * vec.first_column)
+            products += steps + verify
             basis = (m + 1) * n * 8
             vectors = k * n * 8 if k * n * 8 <= budget - (basis if basis <= budget else 0) else 0
-            held = max(held, (basis if basis <= budget else BLOCK_ROWS * (m + 1) * 8) + vectors)
+            held = max(held, _in_memory(basis, budget, m + 1) + vectors)
             top_vectors = vectors if k == curv.top_k else top_vectors
     if curv.trace:
         k = max(1, curv.trace_matvecs // 3)
@@ -157,10 +180,12 @@ def curvature_seconds(curv: CurvatureSettings, n: int, budget: float, product: f
             basis = (m + 1) * n * 8
             p = probe_block(n, k, budget - (basis if basis <= budget else 0) - top_vectors)
             seconds += k * (product + vec.signs + m * max(vec.pass_column / p, 3 * n * vec.block))
+            products += k
             held += p * n * 8
         else:
             seconds += curv.trace_matvecs * (product + 2 * vec.column) + k * vec.first_column * (
                 sketch_bytes / 8 if method == "hutch++" else 1)
+            products += curv.trace_matvecs
         if method == "hutch++":
             seconds += 6 * k * k * n * vec.block + 3 * k * vec.signs
             block = k * n * sketch_bytes
@@ -171,11 +196,117 @@ def curvature_seconds(curv: CurvatureSettings, n: int, budget: float, product: f
         steps = curv.density_probes * curv.density_steps
         seconds += (steps * (product + vec.column) + steps * curv.density_steps / 2 * vec.pass_column
                     + curv.density_probes * vec.signs)
-    if curv.per_layer:
-        probes = 0 if not curv.trace else (
-            max(1, curv.trace_matvecs // 3) if curv.trace_estimator == "lanczos-deflated" else curv.trace_matvecs)
-        seconds += (14 + probes) * product  # per tensor, on slices of n
-    return seconds, held + 4 * n * 8  # + the vectors in flight (v, A v, conversions)
+        products += steps
+        held = max(held, _in_memory((curv.density_steps + 1) * n * 8, budget, curv.density_steps + 1))
+    return seconds, held + 4 * n * 8, products  # + the vectors in flight (v, A v, conversions)
+
+
+def _in_memory(nbytes: int, budget: float, columns: int) -> int:
+    """Bytes of a basis of ``columns`` held in memory: all of it when it fits ``budget``, else a block of rows of
+    each column (:class:`~landscape.linalg.vectors.ColumnStore` maps the rest to disk)."""
+    return nbytes if nbytes <= budget else BLOCK_ROWS * columns * 8
+
+
+def validity_evaluations(levels: Sequence[float] = LEVELS, rtol: float = 1e-2) -> int:
+    """Loss evaluations :func:`~landscape.analyses.validity.validity_radius` makes along one direction, counted by
+    running it on a typical curve: the cubic ``s^2 / 2 + b s^3 / 6`` whose radius at the first level is
+    ``r_max / 32`` (the count depends on where the loss leaves its quadratic model, which a dry run cannot know:
+    each halving of that radius adds two evaluations a level).
+
+    >>> validity_evaluations()
+    45
+    """
+    calls = 0
+    b = 3 * levels[0] * 32  # the radius at level tau is 3 tau / |b| (module docstring of validity)
+
+    def change(s: float) -> float:
+        nonlocal calls
+        calls += 1
+        return s * s / 2 + b * s ** 3 / 6
+
+    validity_radius(change, 0.0, 1.0, levels, r_max=1.0, rtol=rtol)
+    return calls
+
+
+def product_seconds(op: CurvatureOperator, device: torch.device | None, repeats: int = 3) -> tuple[float, int, float]:
+    """(mean seconds of ``repeats`` products of ``op``, bytes they added at their peak, seconds of the first call)
+    on float64 vectors on ``device`` (the host when None), as a run's long vectors are placed. The first call pays
+    what is paid once (the HVP engine's choice, a subset's gradient graph); a new vector each time, as in a run
+    (the same one again measured 1.2-1.3x faster at 11M parameters)."""
+    v = native(np.random.default_rng(0).standard_normal(op.n), device)
+    fresh = itertools.cycle([v, -v, 0.5 * v, 2.0 * v])
+    started = time.perf_counter()
+    seconds, added = measured(op.problem.device, lambda: op.matvec(next(fresh)), repeats=repeats)
+    return seconds, added, time.perf_counter() - started - repeats * seconds
+
+
+def _by_samples(pb: Problem, kind: str, names: list[str], sizes: Sequence[int], device: torch.device | None
+                ) -> Callable[[int], tuple[float, float, int]]:
+    """(seconds of a product, seconds its Problem's first call adds, bytes added) of the curvature on ``m`` samples,
+    for per-class and mini-batch curvature: measured on the first ``m`` samples (:meth:`Problem.subset`) at the
+    smallest and the largest of ``sizes`` and interpolated between them (a product costs ``a + b m``: RESULTS.md,
+    issue 19, session 22)."""
+    at = sorted({min(sizes), max(sizes)})
+    got = []
+    for m in at:
+        op = CurvatureOperator(pb.subset(np.arange(m)), kind=kind, parameters=names)
+        seconds, added, first = product_seconds(op, device, repeats=2)
+        got.append((seconds, max(0.0, first - seconds), added))
+    peak = max(g[2] for g in got)
+    return lambda m: (float(np.interp(m, at, [g[0] for g in got])), float(np.interp(m, at, [g[1] for g in got])), peak)
+
+
+def curvature_cost(pb: Problem, curv: CurvatureSettings, budget: float, hvp: tuple[float, int],
+                   gradient_seconds: float, pass_seconds: float) -> tuple[float, int, int]:
+    """(seconds, bytes added at the peak, products) of :func:`~landscape.analyses.hessian.analyze_curvature` with
+    ``curv`` on ``pb``, whose Hessian-vector product over all parameters takes ``hvp`` (seconds, bytes added).
+    ``products`` counts the curvature operators' products, as the run's ``n_matvec`` attributes do (not
+    ``--validity``'s few, which are priced).
+
+    The operator's product is measured as the run makes it (the GGN's, or over ``--parameters``) unless it is that
+    one; the vector work on a :class:`VectorCosts` of its length (:func:`curvature_seconds`). The extras, as the run
+    derives them from ``curv`` (:func:`~landscape.analyses.hessian.with_ends`):
+
+    - ``--validity``: the bottom eigenpair, a gradient, two passes, and per direction (each top eigenvector, the
+      bottom one, the random ones) a Hessian-vector product and :func:`validity_evaluations` passes;
+    - ``--per-layer``: :func:`~landscape.analyses.hessian.layer_settings` over each selected tensor, at the
+      product's time (a product over one tensor still runs the whole model) and vector costs scaled to its size;
+    - ``--per-class``: :func:`~landscape.analyses.hessian.class_settings` on each class's samples, and
+      ``--batch-sizes``: the top and bottom eigenvalue of ``batch_draws`` batches of each size, both at a product's
+      time on that many samples (:func:`_by_samples`), each subset paying its first call."""
+    curv = with_ends(curv)
+    names = select_parameters(pb.names, curv.parameters or None)
+    op = CurvatureOperator(pb, kind=curv.kind, parameters=names)
+    n = op.n
+    device = basis_device(pb.device, max(curv.top_k, curv.bottom_k, 1), n)
+    product, added = hvp if curv.kind == "hessian" and n == pb.num_parameters else product_seconds(op, device)[:2]
+    vec = VectorCosts.measure(n, budget, device)
+    room = budget if device is None else math.inf  # vectors on the GPU are not sized to the host's budget
+    sketch = sketch_dtype(pb.dtype).itemsize
+    seconds, held, products = curvature_seconds(curv, n, room, product, vec, sketch)
+    kept = (curv.top_k + curv.bottom_k) * n * 8  # the eigenvectors, held while the extras run (when they fit)
+    kept = kept if kept <= room else 0
+    if curv.validity:
+        directions = curv.top_k + 1 + curv.validity_random
+        seconds += 2 * pass_seconds + gradient_seconds + directions * (hvp[0] + validity_evaluations() * pass_seconds)
+    for name, size in zip(names, op.sizes) if curv.per_layer else ():
+        s, h, c = curvature_seconds(layer_settings(curv, name), size, room, product, vec.scaled(size / n), sketch)
+        seconds, held, products = seconds + s, max(held, h + kept), products + c
+    groups: list[tuple[int, CurvatureSettings, int]] = []  # (samples, what runs on them, how many times)
+    if curv.per_class:
+        groups += [(len(idx), class_settings(curv), 1) for _, idx in class_members(pb)]
+    if curv.batch_sizes:
+        check_batch_sizes(pb.n, curv.batch_sizes)
+        ends = replace(curv, top_k=1, bottom_k=1, trace=False, density=False)
+        groups += [(b, ends, curv.batch_draws) for b in sorted(set(curv.batch_sizes))]
+    if groups:
+        at = _by_samples(pb, curv.kind, names, [m for m, _, _ in groups], device)
+        for m, sub, times in groups:
+            t, first, extra = at(m)
+            s, h, c = curvature_seconds(sub, n, room, t, vec, sketch)
+            seconds, held, products = seconds + times * (s + first), max(held, h + kept), products + times * c
+            added = max(added, extra)
+    return seconds, int(added + held), products
 
 
 def _seconds(fn: Callable[[], Any], device: torch.device, repeats: int = 3) -> float:
@@ -282,4 +413,5 @@ def coherence_cost(pb: Problem, co: CoherenceSettings, budget: float, hvp_second
     return (1 + co.control) * seconds + pass_seconds, vecs * width * 8 + chunk_extra
 
 
-__all__ = ["VectorCosts", "lanczos_steps", "lanczos_sweeps", "curvature_seconds", "sharpness_seconds", "coherence_cost"]
+__all__ = ["VectorCosts", "lanczos_steps", "lanczos_sweeps", "curvature_seconds", "curvature_cost", "product_seconds",
+           "validity_evaluations", "sharpness_seconds", "coherence_cost"]

@@ -221,13 +221,33 @@ def stored_summary(group: h5py.Group, settings: CurvatureSettings, *, eigenvecto
     return stored["summary"]
 
 
+def with_ends(settings: CurvatureSettings) -> CurvatureSettings:
+    """``settings`` as :func:`analyze_curvature` runs them: ``--validity`` also measures along the bottom
+    eigenvector, and ``--batch-sizes`` compares both ends with the full data's, so they compute them."""
+    if (settings.validity or settings.batch_sizes) and settings.engine == "landscape":
+        return replace(settings, bottom_k=max(1, settings.bottom_k),
+                       top_k=max(1 if settings.batch_sizes else 0, settings.top_k))
+    return settings
+
+
+def layer_settings(settings: CurvatureSettings, name: str) -> CurvatureSettings:
+    """What ``--per-layer`` computes for the parameter ``name``: its top eigenvalue and (as asked) trace."""
+    return replace(settings, parameters=(name,), per_layer=False, bottom_k=0, density=False, top_k=1, validity=False,
+                   batch_sizes=())
+
+
+def class_settings(settings: CurvatureSettings) -> CurvatureSettings:
+    """What ``--per-class`` computes on each class's samples: the top-k and bottom-k (``bottom_k`` or else
+    ``top_k``) eigenvalues and the SLQ density (at least 3 probes, for the negative mass's standard error)."""
+    return replace(settings, per_class=False, per_layer=False, validity=False, batch_sizes=(), trace=False,
+                   density=True, bottom_k=settings.bottom_k or settings.top_k,
+                   density_probes=max(3, settings.density_probes))
+
+
 def analyze_curvature(problem: Problem, settings: CurvatureSettings = CurvatureSettings(),
                       progress: Callable[[str], None] | None = None) -> CurvatureResult:
     """Top/bottom eigenpairs, trace and density of the Hessian (or GGN) over the selected parameters."""
-    if (settings.validity or settings.batch_sizes) and settings.engine == "landscape":
-        # the validity radius is also measured along the bottom eigenvector; batch sizes compare with both ends
-        settings = replace(settings, bottom_k=max(1, settings.bottom_k),
-                           top_k=max(1 if settings.batch_sizes else 0, settings.top_k))
+    settings = with_ends(settings)
     params = list(settings.parameters) or None
     result = _analyze(problem, settings, params, progress)
     if settings.per_class:
@@ -243,10 +263,7 @@ def analyze_curvature(problem: Problem, settings: CurvatureSettings = CurvatureS
         return result
     layers = {}
     for pname in select_parameters(problem.names, settings.parameters or None):
-        sub = CurvatureSettings(**{**settings.__dict__, "parameters": (pname,), "per_layer": False,
-                                   "bottom_k": 0, "density": False, "top_k": 1, "validity": False,
-                                   "batch_sizes": ()})
-        layers[pname] = _analyze(problem, sub, [pname], progress)
+        layers[pname] = _analyze(problem, layer_settings(settings, pname), [pname], progress)
     return CurvatureResult(**{**result.__dict__, "per_layer": layers})
 
 
@@ -263,10 +280,8 @@ def class_members(problem: Problem) -> list[tuple[int, np.ndarray]]:
 
 def _per_class(problem: Problem, settings: CurvatureSettings, progress: Callable[[str], None] | None
                ) -> dict[str, CurvatureResult]:
-    """For each class, the curvature of the loss restricted to its samples: top-k and bottom-k (``bottom_k`` or
-    else ``top_k``) eigenvalues and the SLQ density (at least 3 probes, for the negative mass's standard error)."""
-    sub = replace(settings, per_class=False, per_layer=False, validity=False, batch_sizes=(), trace=False, density=True,
-                  bottom_k=settings.bottom_k or settings.top_k, density_probes=max(3, settings.density_probes))
+    """For each class, the curvature of the loss restricted to its samples (:func:`class_settings`)."""
+    sub = class_settings(settings)
     out = {}
     for cls, idx in class_members(problem):
         note = (lambda msg, c=cls, m=len(idx): progress(f"class {c} ({m} samples): {msg}")) if progress else None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import itertools
 import math
 import os
 import platform
@@ -28,7 +27,6 @@ import torch
 
 from .. import __version__
 from ..linalg import vectors
-from ..linalg.vectors import native
 from ..io.checkpoint import Checkpoint, apply_state_dict, check_finite, load_checkpoint
 from .coherence import CoherenceSettings, analyze_coherence
 from .coherence import same_settings as coherence_same_settings
@@ -40,13 +38,12 @@ from .directions import check_policy, difference_direction, random_directions
 from .batchsize import check_batch_sizes
 from ..runtime.allocator import release_freed_memory
 from ..runtime.blas import single_blas_thread
-from .costs import VectorCosts, coherence_cost, curvature_seconds, sharpness_seconds
+from .costs import coherence_cost, curvature_cost, product_seconds, sharpness_seconds
 from ..runtime.budget import analysis_floor, check_fits, measured, process_seconds, resolve_budget, rss
 from ..errors import LandscapeError
 from .hessian import CurvatureSettings, analyze_curvature, stored_summary
 from ..io.hf import IGNORE_INDEX
 from ..linalg.lanczos import basis_device, lanczos
-from ..linalg.trace import sketch_dtype
 from ..problem.losses import default_loss_name, resolve_loss
 from ..problem.problem import Problem, check_hvp_mode
 from ..io.stream import StreamedInputs
@@ -804,9 +801,10 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
     a block of slice points, a gradient, Hessian-vector products (the engine picked as the run will: its first call,
     the choice, is paid once by the phase that makes the run's first product) and a chunk of
     per-sample gradients with its accumulation, each timed after a warm-up call, with the memory it added at its
-    peak (:func:`landscape.runtime.budget.measured`); the vector work of Lanczos and Hutch++ from
-    :class:`~landscape.analyses.costs.VectorCosts` (:func:`~landscape.analyses.costs.curvature_seconds`); the slice
-    phase from :func:`_slice_costs`."""
+    peak (:func:`landscape.runtime.budget.measured`); the curvature phase, its vector work and its optional extras
+    from :func:`~landscape.analyses.costs.curvature_cost` (the phase also says the products it counted); the slice
+    phase from :func:`_slice_costs`. An analysis command's run has no slice phase: its passes over the data are
+    timed at theta0."""
     st = prepared or setup(config)
     pb = st.problem
     cuda = pb.device.type == "cuda"
@@ -815,32 +813,34 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
     phases: dict[str, dict[str, float]] = {"startup": {"seconds": process_seconds(), "peak_bytes": base}}
     plan = plan_slices(config)
     points = sum(math.prod(len(a) for a in s.axes) for s in plan)
-    per_point, slice_bytes = _slice_costs(pb, config, plan)
-    # gradients and HVPs run one at a time on all threads: a forward pass there costs what one in-place point does
-    per_pass = pb.strategy_timings["inplace"] if pb.workers > 1 else per_point
-    chunks = math.ceil(pb.n / pb.batch_size)
-    if plan:
-        phases["slices"] = {"seconds": per_point * points / pb.comm.world, "peak_bytes": base + slice_bytes}
-    grad_s, grad_extra = measured(pb.device, pb.gradient)
     curv = config.curvature
+    if plan:
+        per_point, slice_bytes = _slice_costs(pb, config, plan)
+        phases["slices"] = {"seconds": per_point * points / pb.comm.world, "peak_bytes": base + slice_bytes}
+        # gradients and HVPs run one at a time on all threads: a pass there costs what one in-place point does
+        per_pass = pb.strategy_timings["inplace"] if pb.workers > 1 else per_point
+    else:  # an analysis command: a pass over the data at theta0 (and --validity's first points choose a strategy)
+        per_point, strategy_s = 0.0, 0.0
+        if curv is not None and curv.validity:
+            started = time.perf_counter()
+            pb.choose_strategy()
+            strategy_s = time.perf_counter() - started
+        per_pass = measured(pb.device, pb.evaluate)[0]
+    chunks = math.ceil(pb.n / pb.batch_size)
+    grad_s, grad_extra = measured(pb.device, pb.gradient)
     hvp_s = hvp_extra = choice_s = 0.0
     nparam = pb.num_parameters
-    # the curvature's long vectors: on the GPU that runs the products when they fit there, as the run places them
-    vec_device = basis_device(pb.device, max(curv.top_k, curv.bottom_k, 1), nparam) if curv is not None else None
-    if curv is not None or config.sharpness or config.coherence is not None:
-        op = CurvatureOperator(pb)
-        v = native(np.random.default_rng(0).standard_normal(op.n), vec_device)
-        # a new vector each time, as in a run (the same one again measured 1.2-1.3x faster at 11M parameters)
-        fresh = itertools.cycle([v, -v, 0.5 * v, 2.0 * v])
-        started = time.perf_counter()
-        hvp_s, hvp_extra = measured(pb.device, lambda: op.matvec(next(fresh)), repeats=3)
-        choice_s = time.perf_counter() - started - 3 * hvp_s  # the first call: the engine's choice, paid once
+    # the run's products at theta0 (and the engine's choice): a Hessian's, --validity's, sharpness's, coherence's
+    if (curv is not None and (curv.kind == "hessian" or curv.validity)) or config.sharpness \
+            or config.coherence is not None:
+        # the long vectors on the GPU that runs the products when they fit there, as the run places them
+        vec_device = basis_device(pb.device, max(curv.top_k, curv.bottom_k, 1), nparam) if curv is not None else None
+        hvp_s, hvp_extra, choice_s = product_seconds(CurvatureOperator(pb), vec_device)  # first: the engine's choice
     budget = pb.budget_left()  # what the run's analyses size their vectors by, beside the HVP engine's graph
     if curv is not None:
-        seconds, held = curvature_seconds(curv, nparam, budget if vec_device is None else float("inf"), hvp_s,
-                                           VectorCosts.measure(nparam, budget, vec_device),
-                                           sketch_dtype(pb.dtype).itemsize)
-        phases["hessian"] = {"seconds": seconds, "peak_bytes": base + hvp_extra + held}
+        seconds, peak, products = curvature_cost(pb, curv, budget, (hvp_s, hvp_extra), grad_s, per_pass)
+        phases["hessian"] = {"seconds": seconds + (0.0 if plan else strategy_s), "peak_bytes": base + peak,
+                             "products": products}
     if config.sharpness:
         phases["sharpness"] = {"seconds": sharpness_seconds(pb, config.sharpness, hvp_s),
                                "peak_bytes": base + max(grad_extra, hvp_extra) + 6 * nparam * 8}

@@ -57,6 +57,17 @@ def release_pages(x: Any) -> None:
         mapping.madvise(mmap.MADV_DONTNEED)
 
 
+def mapped_zeros(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """A zeroed array in an anonymous private mapping of its own rather than in the heap, for a store of long
+    vectors: when it is freed its pages go back to the kernel whole. From the heap (where the CLI has glibc serve
+    every allocation: :mod:`landscape.runtime.allocator`) a freed basis stayed resident, and a smaller block taken
+    from its place left the next basis of the same size no room: ``hessian --batch-sizes`` on ResNet-18 held two
+    3.6 GB Lanczos bases at once, 8.2 GB where 5.3 GB were live (RESULTS.md, issue 19, session 27)."""
+    count = int(np.prod(shape))
+    buffer = mmap.mmap(-1, max(1, count * np.dtype(dtype).itemsize), flags=mmap.MAP_PRIVATE)
+    return np.frombuffer(buffer, dtype=dtype, count=count).reshape(shape)
+
+
 def native(x: Any, device: torch.device | None) -> Vector:
     """``x`` as a float64 vector where a store on ``device`` keeps its columns: a numpy array (``device`` None)
     or a tensor on ``device``."""
@@ -164,7 +175,7 @@ class ColumnStore:
             os.ftruncate(fd, self.nbytes)
             self._fd = fd
         else:
-            self._array = np.zeros((self.n_blocks, self.k, self.rows), dtype=self.dtype)
+            self._array = mapped_zeros((self.n_blocks, self.k, self.rows), self.dtype)
 
     @staticmethod
     def layout(n: int, device: torch.device | None = None) -> tuple[int, int]:
