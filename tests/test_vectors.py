@@ -265,7 +265,7 @@ def test_spilled_eigenvectors_leave_the_resident_set(small_blocks):
 def test_a_freed_store_leaves_no_resident_memory_behind():
     """Under the CLI's allocator hold a store freed into the heap stayed resident, and a smaller block taken from its
     place left the next store of its size no room: two stores' memory for one (ResNet-18's ``--batch-sizes``, 8.2 GB
-    where 5.3 GB were live). A store maps memory of its own, which goes back to the kernel when it is freed."""
+    where 5.3 GB were live). A large store is now made after the heap's free pages are handed back."""
     from landscape.runtime.allocator import reuse_freed_memory
     from landscape.runtime.budget import rss
 

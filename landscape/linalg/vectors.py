@@ -29,6 +29,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from ..runtime.allocator import release_freed_memory
 from ..runtime.budget import check_disk
 
 #: rows of one block: the unit of every pass over a store (a multiple of 4 KiB pages of float64)
@@ -57,15 +58,20 @@ def release_pages(x: Any) -> None:
         mapping.madvise(mmap.MADV_DONTNEED)
 
 
-def mapped_zeros(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    """A zeroed array in an anonymous private mapping of its own rather than in the heap, for a store of long
-    vectors: when it is freed its pages go back to the kernel whole. From the heap (where the CLI has glibc serve
-    every allocation: :mod:`landscape.runtime.allocator`) a freed basis stayed resident, and a smaller block taken
-    from its place left the next basis of the same size no room: ``hessian --batch-sizes`` on ResNet-18 held two
-    3.6 GB Lanczos bases at once, 8.2 GB where 5.3 GB were live (RESULTS.md, issue 19, session 27)."""
-    count = int(np.prod(shape))
-    buffer = mmap.mmap(-1, max(1, count * np.dtype(dtype).itemsize), flags=mmap.MAP_PRIVATE)
-    return np.frombuffer(buffer, dtype=dtype, count=count).reshape(shape)
+#: a store of at least this many bytes is made after the heap's free pages were handed back (:func:`zeros_store`)
+TRIM_BEFORE_BYTES = 32 * 2**20
+
+
+def zeros_store(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """A zeroed array for a store of long vectors, from :data:`TRIM_BEFORE_BYTES` on made after the heap's free
+    pages were handed back (:func:`~landscape.runtime.allocator.release_freed_memory`). Under the CLI's hold
+    (:mod:`landscape.runtime.allocator`: glibc serves every allocation from the heap and keeps what is freed) a
+    freed basis stayed resident, and a smaller block taken from its place left the next basis of its size no room:
+    ``hessian --batch-sizes`` on ResNet-18 held two 3.6 GB Lanczos bases at once, 8.2 GB where 5.3 GB were live
+    (RESULTS.md, issue 19, session 27)."""
+    if int(np.prod(shape)) * np.dtype(dtype).itemsize >= TRIM_BEFORE_BYTES:
+        release_freed_memory()
+    return np.zeros(shape, dtype=dtype)
 
 
 def native(x: Any, device: torch.device | None) -> Vector:
@@ -175,7 +181,7 @@ class ColumnStore:
             os.ftruncate(fd, self.nbytes)
             self._fd = fd
         else:
-            self._array = mapped_zeros((self.n_blocks, self.k, self.rows), self.dtype)
+            self._array = zeros_store((self.n_blocks, self.k, self.rows), self.dtype)
 
     @staticmethod
     def layout(n: int, device: torch.device | None = None) -> tuple[int, int]:
