@@ -29,7 +29,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from ..runtime.allocator import release_freed_memory
+from ..runtime.allocator import holding, release_freed_memory
 from ..runtime.budget import check_disk
 
 #: rows of one block: the unit of every pass over a store (a multiple of 4 KiB pages of float64)
@@ -58,18 +58,20 @@ def release_pages(x: Any) -> None:
         mapping.madvise(mmap.MADV_DONTNEED)
 
 
-#: a store of at least this many bytes is made after the heap's free pages were handed back (:func:`zeros_store`)
+#: under the allocator hold, a store of at least this many bytes is made after the heap's free pages were handed
+#: back (:func:`zeros_store`)
 TRIM_BEFORE_BYTES = 32 * 2**20
 
 
 def zeros_store(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    """A zeroed array for a store of long vectors, from :data:`TRIM_BEFORE_BYTES` on made after the heap's free
-    pages were handed back (:func:`~landscape.runtime.allocator.release_freed_memory`). Under the CLI's hold
-    (:mod:`landscape.runtime.allocator`: glibc serves every allocation from the heap and keeps what is freed) a
-    freed basis stayed resident, and a smaller block taken from its place left the next basis of its size no room:
-    ``hessian --batch-sizes`` on ResNet-18 held two 3.6 GB Lanczos bases at once, 8.2 GB where 5.3 GB were live
-    (RESULTS.md, issue 19, session 27)."""
-    if int(np.prod(shape)) * np.dtype(dtype).itemsize >= TRIM_BEFORE_BYTES:
+    """A zeroed array for a store of long vectors. Under the CLI's hold (:mod:`landscape.runtime.allocator`: glibc
+    serves every allocation from the heap and keeps what is freed) one of :data:`TRIM_BEFORE_BYTES` or more is made
+    after the heap's free pages were handed back (:func:`~landscape.runtime.allocator.release_freed_memory`): a
+    freed basis stayed resident, and a smaller block taken from its place left the next basis of its size no room,
+    so ``hessian --batch-sizes`` on ResNet-18 held two 3.6 GB Lanczos bases at once, 8.2 GB where 5.3 GB were live
+    (RESULTS.md, issue 19, session 27). Outside a hold (a training loop's monitor) the user's heap is left alone:
+    glibc gave the freed basis back already."""
+    if holding() and int(np.prod(shape)) * np.dtype(dtype).itemsize >= TRIM_BEFORE_BYTES:
         release_freed_memory()
     return np.zeros(shape, dtype=dtype)
 

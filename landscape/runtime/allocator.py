@@ -57,6 +57,12 @@ def release_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
+def holding() -> bool:
+    """Whether a :func:`reuse_freed_memory` hold is in force: freed large blocks stay in the heap. Outside one, glibc
+    hands a large block back to the kernel as it is freed."""
+    return _depth > 0
+
+
 @contextmanager
 def reuse_freed_memory() -> Iterator[None]:
     """Large allocations from the heap inside the block, the heap trimmed after it (see the module docstring)."""
