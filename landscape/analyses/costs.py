@@ -189,7 +189,7 @@ def curvature_seconds(curv: CurvatureSettings, n: int, budget: float, product: f
         if method == "hutch++":
             seconds += 6 * k * k * n * vec.block + 3 * k * vec.signs
             block = k * n * sketch_bytes
-            held = max(held, block if block <= budget else BLOCK_ROWS * k * sketch_bytes)
+            held = max(held, _in_memory(block, budget, k, sketch_bytes))
         elif method != "lanczos-deflated":
             seconds += curv.trace_matvecs * vec.signs
     if curv.density:
@@ -201,10 +201,11 @@ def curvature_seconds(curv: CurvatureSettings, n: int, budget: float, product: f
     return seconds, held + 4 * n * 8, products  # + the vectors in flight (v, A v, conversions)
 
 
-def _in_memory(nbytes: int, budget: float, columns: int) -> int:
-    """Bytes of a basis of ``columns`` held in memory: all of it when it fits ``budget``, else a block of rows of
-    each column (:class:`~landscape.linalg.vectors.ColumnStore` maps the rest to disk)."""
-    return nbytes if nbytes <= budget else BLOCK_ROWS * columns * 8
+def _in_memory(nbytes: int, budget: float, columns: int, itemsize: int = 8) -> int:
+    """Bytes of a store of ``columns`` (``itemsize`` bytes a number) held in memory: all of it when it fits
+    ``budget``, else a block of rows of each column (:class:`~landscape.linalg.vectors.ColumnStore` maps the rest to
+    disk)."""
+    return nbytes if nbytes <= budget else BLOCK_ROWS * columns * itemsize
 
 
 def validity_evaluations(levels: Sequence[float] = LEVELS, rtol: float = 1e-2) -> int:

@@ -814,13 +814,14 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
     plan = plan_slices(config)
     points = sum(math.prod(len(a) for a in s.axes) for s in plan)
     curv = config.curvature
+    strategy_s = 0.0  # an analysis command's strategy choice (a scan's is in its slice phase)
     if plan:
         per_point, slice_bytes = _slice_costs(pb, config, plan)
         phases["slices"] = {"seconds": per_point * points / pb.comm.world, "peak_bytes": base + slice_bytes}
         # gradients and HVPs run one at a time on all threads: a pass there costs what one in-place point does
         per_pass = pb.strategy_timings["inplace"] if pb.workers > 1 else per_point
     else:  # an analysis command: a pass over the data at theta0 (and --validity's first points choose a strategy)
-        per_point, strategy_s = 0.0, 0.0
+        per_point = 0.0
         if curv is not None and curv.validity:
             started = time.perf_counter()
             pb.choose_strategy()
@@ -839,7 +840,7 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
     budget = pb.budget_left()  # what the run's analyses size their vectors by, beside the HVP engine's graph
     if curv is not None:
         seconds, peak, products = curvature_cost(pb, curv, budget, (hvp_s, hvp_extra), grad_s, per_pass)
-        phases["hessian"] = {"seconds": seconds + (0.0 if plan else strategy_s), "peak_bytes": base + peak,
+        phases["hessian"] = {"seconds": seconds + strategy_s, "peak_bytes": base + peak,
                              "products": products}
     if config.sharpness:
         phases["sharpness"] = {"seconds": sharpness_seconds(pb, config.sharpness, hvp_s),
