@@ -186,8 +186,10 @@ def print_estimate(est: Any, checkpoint: str, json_out: bool) -> None:
     t = Table(title=f"dry run: {checkpoint}", show_header=False)
     t.add_row("parameters", f"{est.n_parameters:,}")
     t.add_row("samples", f"{est.n_samples:,}")
+    if est.points or est.points_stored:
+        t.add_row("grid points", f"{est.points:,}" + (f" to compute, {est.points_stored:,} stored" if est.points_stored
+                                                      else ""))
     if est.points:
-        t.add_row("grid points", f"{est.points:,}")
         t.add_row("forward passes", f"{est.forward_passes:,}")
         t.add_row("strategy", est.strategy + (f", {est.workers} blocks at once" if est.workers > 1 else ""))
         t.add_row("time per point", f"{est.seconds_per_point * 1e3:.2f} ms")
@@ -196,6 +198,8 @@ def print_estimate(est: Any, checkpoint: str, json_out: bool) -> None:
         products = f", {p['products']:,.0f} products" if p.get("products") else ""
         t.add_row(f"{phase}", f"{p['seconds']:.1f} s{ranks if phase == 'slices' else ''}, peak "
                               f"{p['peak_bytes'] / 2**20:,.0f} MiB{products}")
+    if est.stored:
+        t.add_row("stored", f"{', '.join(est.stored)}: kept from the run file, not computed again")
     t.add_row("estimated time, total", f"{est.total_seconds:.1f} s")
     t.add_row("peak memory", f"{est.memory_bytes / 2**20:,.0f} MiB ({est.memory_note}; memory budget "
                              f"{est.memory_budget / 2**20:,.0f} MiB)")

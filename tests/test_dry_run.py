@@ -72,3 +72,61 @@ def test_analysis_commands_dry_run(tmp_path):
     assert not out.exists()  # nothing computed, nothing written
     res = cli("hessian", MLP, "--batch-sizes", "500", "--dry-run", "--max-samples", "200", "-o", str(out))
     assert res.returncode == 2 and "--batch-sizes 500 not below the 200 evaluation samples" in res.stderr
+
+
+def test_a_resumed_dry_run_prices_only_what_is_left(tmp_path):
+    """What the run keeps from its file (points done, in the file or its journal; analyses stored for the same
+    settings) is not priced, and the points the dry run says are left are the points the resumed run computes."""
+    import h5py
+
+    from landscape.analyses.coherence import CoherenceSettings
+    from landscape.analyses.sharpness import SharpnessSettings
+    from landscape.errors import LandscapeError
+
+    out = tmp_path / "run.h5"
+    sharp = (SharpnessSettings(measure="sam", seed=0), SharpnessSettings(measure="average-case", draws=2, seed=0))
+    config = ScanConfig(checkpoint=MLP, steps=(15,), curvature=CurvatureSettings(**CAPPED), sharpness=sharp,
+                        coherence=CoherenceSettings(noise_samples=2), max_samples=128, output=str(out), device="cpu",
+                        resume=True)
+    fresh = estimate(config)
+    assert fresh.points == 225 and fresh.points_stored == 0 and fresh.stored == ()
+    assert set(fresh.phases) == {"startup", "slices", "hessian", "sharpness", "coherence"}
+    run_scan(config)
+    est = estimate(config)
+    groups = tuple(f"sharpness/{s.resolved().group}" for s in sharp)
+    assert est.points == 0 and est.points_stored == 225 and set(est.phases) == {"startup"}
+    assert est.stored == ("hessian", *groups, "coherence")
+    with h5py.File(out, "a") as f:  # as if killed: two blocks not merged, one of them in the journal; analyses lost
+        g = f["slices/random_2d"]
+        block = int(g.attrs["block"])
+        assert 225 >= 3 * block  # the run computes whole blocks: at least three here
+        mask = g["done"][()]
+        mask.flat[block:3 * block] = False
+        g["done"][...] = mask
+        del f[groups[1]], f["coherence"]
+    journal = out.with_name(out.name + ".journal")
+    index = list(range(2 * block, 3 * block))
+    journal.write_text(json.dumps({"slice": "random_2d", "index": index, "values": {"loss": [0.0] * block}}) + "\n")
+    est = estimate(config)
+    assert (est.points, est.points_stored) == (block, 225 - block) and est.stored == ("hessian", groups[0])
+    assert set(est.phases) == {"startup", "slices", "sharpness", "coherence"}
+    assert run_scan(config).slices[0].computed == est.points
+    for bad in ({"resume": False}, {"max_samples": 100}, {"range": (-2.0, 2.0)}):  # the run would be refused:
+        refused = ScanConfig(**{**config.__dict__, **bad})  # so is its dry run, with the run's message
+        with pytest.raises(LandscapeError) as by_dry_run:
+            estimate(refused)
+        with pytest.raises(LandscapeError) as by_run:
+            run_scan(refused)
+        assert str(by_dry_run.value) == str(by_run.value)
+
+
+def test_an_analysis_commands_dry_run_leaves_out_its_stored_result(tmp_path):
+    out = str(tmp_path / "run.h5")
+    args = ("hessian", MLP, "--top-k", "1", "--no-trace", "--max-samples", "128", "-o", out)
+    assert cli(*args).returncode == 0
+    res = cli(*args, "--dry-run", "--json")
+    assert res.returncode == 0, res.stderr
+    est = json.loads(res.stdout)
+    assert set(est["phases"]) == {"startup"} and est["stored"] == ["hessian"]
+    res = cli(*args, "--dry-run")
+    assert "hessian: kept from the run file" in " ".join(res.stdout.split())

@@ -47,8 +47,8 @@ from ..linalg.lanczos import basis_device, lanczos
 from ..problem.losses import default_loss_name, resolve_loss
 from ..problem.problem import Problem, check_hvp_mode
 from ..io.stream import StreamedInputs
-from ..io.runfile import (RESERVED, RunFile, check_output_path, encode_attr, from_link, link_name, make_parent,
-                      read_attrs)
+from ..io.runfile import (RESERVED, RunFile, check_output_path, encode_attr, exists_error, from_link, link_name,
+                          make_parent, open_run_file, read_attrs, read_journal)
 from .sharpness import SharpnessSettings, same_settings, sharpness, summary_from_group
 from .slices import axis, block_points, compute_slice, grid_coefficients, missing_blocks
 from ..io.specs import Spec, call_spec, resolve
@@ -439,6 +439,24 @@ def _check_identity(stored: Mapping[str, Any], current: Mapping[str, Any], path:
                                  hint="use --overwrite to start again, or -o to write elsewhere")
 
 
+def _check_run_identity(stored: Mapping[str, Any], prov: Mapping[str, Any], path: Path,
+                        plan: Sequence[SliceSettings]) -> None:
+    """Refuse to resume a run file made for another checkpoint, data or setting; slices must match the file's dtype,
+    a curvature-only run records its own dtype in its group."""
+    _check_identity(stored, prov, path, IDENTITY_ATTRS if plan else tuple(k for k in IDENTITY_ATTRS if k != "dtype"))
+
+
+def _check_slice_resumable(s: SliceSettings, attrs: Mapping[str, Any], axes: Sequence[np.ndarray],
+                           config: ScanConfig, path: Path) -> None:
+    """Refuse to resume the stored slice ``s`` (its attributes and axes) under other settings or another grid."""
+    want = _slice_attrs(s, attrs["strategy"], attrs["block"], config)
+    diff = [k for k in want if attrs.get(k, SLICE_ATTR_DEFAULTS.get(k)) != want[k]]
+    if diff or not all(np.array_equal(a, b) for a, b in zip(axes, s.axes)):
+        raise LandscapeError(f"cannot resume slice {s.name!r} of {path}: its settings differ "
+                             f"({', '.join(diff) or 'grid'})",
+                             hint="use --overwrite, another -o, or --name for a new slice")
+
+
 def _slice_attrs(s: SliceSettings, strategy: str, block: int, config: ScanConfig) -> dict[str, Any]:
     return {"kind": s.kind, "dims": s.dims, "norm": s.norm, "ignore": s.ignore, "seed": s.seed,
             "orthogonalize": s.orthogonalize, "bn": config.bn, "strategy": strategy, "block": block,
@@ -514,9 +532,7 @@ def _read_existing(rf: RunFile, prov: Mapping[str, Any], plan: Sequence[SliceSet
                         tuple(g[lab][()] for lab in ("x", "y") if lab in g))
                     for n, g in (f["slices"].items() if "slices" in f else [])}
     if "checkpoint_sha256" in stored:
-        # slices must match the file's dtype; a curvature-only run records its own dtype in its group
-        _check_identity(stored, prov, path, IDENTITY_ATTRS if plan else
-                        tuple(k for k in IDENTITY_ATTRS if k != "dtype"))
+        _check_run_identity(stored, prov, path, plan)
     else:
         with rf.transaction() as f:
             for k, v in prov.items():
@@ -558,7 +574,7 @@ def run_scan(config: ScanConfig, *, progress: ProgressFn | None = None,
         vectors_kept = keeps_vectors(config, pb.num_parameters)
         curvature, curvature_summary = None, None
         if config.curvature is not None:  # on resume, a finished result for the same settings is kept as it is
-            curvature_summary = comm.from_writer(lambda: _stored_curvature(rf, config.curvature, vectors_kept))
+            curvature_summary = comm.from_writer(lambda: _read(rf, _kept_curvature, config.curvature, vectors_kept))
             if curvature_summary is None:
                 # each phase starts from the memory in use: the free pages the CLI's hold keeps in the heap
                 # (landscape.runtime.allocator) go back first, so that what one phase left there, in pieces the
@@ -587,12 +603,7 @@ def _scan_slice(s: SliceSettings, st: Setup, config: ScanConfig, rf: RunFile | N
     t0 = time.perf_counter()
     if s.name in existing:
         attrs, dirs, done, axes = existing[s.name]
-        want = _slice_attrs(s, attrs["strategy"], attrs["block"], config)
-        diff = [k for k in want if attrs.get(k, SLICE_ATTR_DEFAULTS.get(k)) != want[k]]
-        if diff or not all(np.array_equal(a, b) for a, b in zip(axes, s.axes)):
-            raise LandscapeError(f"cannot resume slice {s.name!r} of {path}: its settings differ "
-                                 f"({', '.join(diff) or 'grid'})",
-                                 hint="use --overwrite, another -o, or --name for a new slice")
+        _check_slice_resumable(s, attrs, axes, config, path)
         if dirs is None:  # recomputed from the recipe, and checked
             dirs = comm.broadcast(make_directions(s, st, config) if comm.is_writer else None)
             if directions_sha256(dirs) != attrs.get("directions_sha256"):
@@ -632,10 +643,22 @@ def _scan_slice(s: SliceSettings, st: Setup, config: ScanConfig, rf: RunFile | N
     return comm.from_writer(lambda: _summarize(rf, s, todo, time.perf_counter() - t0))
 
 
-def _stored_curvature(rf: RunFile, settings: CurvatureSettings, vectors_kept: bool) -> dict[str, Any] | None:
-    """The summary of the curvature result already in the file for ``settings``, or None."""
-    with rf.read() as f:
-        return stored_summary(f[settings.group], settings, eigenvectors=vectors_kept) if settings.group in f else None
+def _kept_curvature(f: h5py.File, settings: CurvatureSettings, vectors_kept: bool) -> dict[str, Any] | None:
+    """The summary of the curvature result already in the run file ``f`` for ``settings``, or None."""
+    return stored_summary(f[settings.group], settings, eigenvectors=vectors_kept) if settings.group in f else None
+
+
+def _kept_sharpness(f: h5py.File, s: SharpnessSettings) -> dict[str, Any] | None:
+    """The summary of the sharpness measure already in ``f`` for the resolved settings ``s``, or None."""
+    g = f["sharpness"][s.group] if "sharpness" in f and s.group in f["sharpness"] else None
+    return summary_from_group(g) if g is not None and same_settings(g, s) else None
+
+
+def _kept_coherence(f: h5py.File, settings: CoherenceSettings) -> dict[str, Any] | None:
+    """The summary of the coherence result already in ``f`` for ``settings``, or None."""
+    if "coherence" in f and coherence_same_settings(f["coherence"], settings):
+        return coherence_summary(f["coherence"])
+    return None
 
 
 def _new_slice(rf: RunFile, s: SliceSettings, dirs: Sequence[Mapping[str, torch.Tensor]], keys: Sequence[str],
@@ -671,13 +694,7 @@ def _run_coherence(rf: RunFile | None, config: ScanConfig, st: Setup, progress: 
     assert settings is not None
     comm = st.problem.comm
 
-    def stored() -> dict[str, Any] | None:
-        with rf.read() as f:
-            if "coherence" in f and coherence_same_settings(f["coherence"], settings):
-                return coherence_summary(f["coherence"])
-        return None
-
-    kept = comm.from_writer(stored)
+    kept = comm.from_writer(lambda: _read(rf, _kept_coherence, settings))
     if kept is not None:
         return kept
     settings = replace(settings, memory_budget=st.problem.budget_left())
@@ -686,6 +703,12 @@ def _run_coherence(rf: RunFile | None, config: ScanConfig, st: Setup, progress: 
         res = replace(res, gsnr={})
     comm.from_writer(lambda: _write(rf, res), share=False)
     return res.summary()
+
+
+def _read(rf: RunFile, kept: Callable[..., Any], *args: Any) -> Any:
+    """``kept(f, *args)`` on the run file ``rf`` opened for reading."""
+    with rf.read() as f:
+        return kept(f, *args)
 
 
 def _write(rf: RunFile, result: Any) -> None:
@@ -704,9 +727,9 @@ def _run_sharpness(rf: RunFile | None, config: ScanConfig, st: Setup, progress: 
 
         def stored(s: SharpnessSettings = s) -> tuple[dict[str, Any] | None, list | None]:
             with rf.read() as f:
-                g = f["sharpness"][s.group] if "sharpness" in f and s.group in f["sharpness"] else None
-                if g is not None and same_settings(g, s):
-                    return summary_from_group(g), None
+                kept = _kept_sharpness(f, s)
+                if kept is not None:
+                    return kept, None
                 first = next(iter(f["slices"]), None) if "slices" in f else None
                 return None, (_load_directions(f["slices"][first]) if first and s.measure == "basin-width" else None)
 
@@ -743,13 +766,61 @@ def _summarize(rf: RunFile, s: SliceSettings, computed: int, seconds: float) -> 
 
 
 @dataclass(frozen=True)
+class StoredWork:
+    """What a run of ``config`` finds finished in its run file and keeps (:func:`stored_work`): the points of each
+    planned slice it does not compute again (done in the file's ``done`` mask or in the journal not yet merged into
+    it, and not in a block with a point missing: the run computes whole blocks, :func:`missing_blocks`), and the
+    analyses stored for the same settings (``hessian``, ``sharpness/<group>``, ``coherence``)."""
+
+    slice_points: Mapping[str, int] = field(default_factory=dict)
+    analyses: tuple[str, ...] = ()
+
+
+def stored_work(config: ScanConfig, st: Setup) -> StoredWork:
+    """What the run of ``config`` would keep from its run file, read without changing it: nothing for a new file
+    or ``--overwrite``. A run that would be refused is refused here too, with the run's message: a file that exists
+    without ``--resume`` (an analysis command always resumes), one made for another checkpoint, data or setting, a
+    slice stored with other settings."""
+    path = config.run_path()
+    if config.overwrite or not path.exists():
+        return StoredWork()
+    if not config.resume:
+        raise exists_error(path)
+    plan = plan_slices(config)
+    with open_run_file(path) as f:
+        stored = read_attrs(f)
+        if "checkpoint_sha256" in stored:
+            _check_run_identity(stored, provenance(config, st), path, plan)
+        done, blocks = {}, {}
+        for s in plan:
+            if "slices" in f and s.name in f["slices"]:
+                g = f["slices"][s.name]
+                attrs = read_attrs(g)
+                _check_slice_resumable(s, attrs, tuple(g[lab][()] for lab in ("x", "y") if lab in g), config, path)
+                done[s.name], blocks[s.name] = g["done"][()], int(attrs["block"])
+        vectors_kept = keeps_vectors(config, st.problem.num_parameters)
+        kept = ["hessian"] if config.curvature is not None and _kept_curvature(f, config.curvature, vectors_kept) \
+            else []
+        kept += [f"sharpness/{r.group}" for r in (m.resolved() for m in config.sharpness) if _kept_sharpness(f, r)]
+        if config.coherence is not None and _kept_coherence(f, config.coherence):
+            kept.append("coherence")
+    for rec in read_journal(path.with_name(path.name + ".journal")):
+        if rec["slice"] in done:
+            done[rec["slice"]].flat[np.asarray(rec["index"], dtype=np.int64)] = True
+    return StoredWork({n: m.size - sum(len(b) for b in missing_blocks(m, blocks[n])) for n, m in done.items()},
+                      tuple(kept))
+
+
+@dataclass(frozen=True)
 class Estimate:
     """What ``--dry-run`` prints: the cost of a scan before it runs, phase by phase.
 
     ``phases`` maps each phase (``startup``, ``slices``, ``hessian``, ``sharpness``, ``coherence``; the report
     is not counted) to its predicted
     ``seconds`` and ``peak_bytes``: the process's resident memory at its peak (on CUDA: the device's allocated
-    memory), built from products measured on the real model and batch (see :func:`estimate`).
+    memory), built from products measured on the real model and batch (see :func:`estimate`). Work a resumed run
+    keeps from its file is not priced: ``points`` are the grid points left to compute (``points_stored`` are done),
+    and the analyses in ``stored`` (as :attr:`StoredWork.analyses`) are left out of ``phases``.
     """
 
     points: int
@@ -768,13 +839,15 @@ class Estimate:
     coherence_seconds: float = 0.0
     memory_budget: float = 0.0
     phases: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    points_stored: int = 0
+    stored: tuple[str, ...] = ()
 
     @property
     def total_seconds(self) -> float:
         return sum(p["seconds"] for p in self.phases.values())
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.__dict__, "phases": {k: dict(v) for k, v in self.phases.items()},
+        return {**self.__dict__, "phases": {k: dict(v) for k, v in self.phases.items()}, "stored": list(self.stored),
                 "total_seconds": self.total_seconds}
 
 
@@ -796,6 +869,24 @@ def _slice_costs(pb: Problem, config: ScanConfig, plan: list[SliceSettings]) -> 
     return seconds / n, max(extra, pb.strategy_memory) + held
 
 
+def _pass_costs(pb: Problem, config: ScanConfig, todo: list[SliceSettings], choose: bool
+                ) -> tuple[float, float, float, int]:
+    """Seconds per slice point, per pass over the data at theta0 (what a gradient's or an HVP's loss pass costs), and
+    of the strategy's choice, and the memory the slice phase adds: from the slices with points ``todo``
+    (:func:`_slice_costs`), or without any, a pass over the data at theta0 (with ``choose``, an analysis command's
+    ``--validity``, whose first points choose a strategy; a resumed scan's is the stored slice's)."""
+    if todo:
+        per_point, slice_bytes = _slice_costs(pb, config, todo)
+        # gradients and HVPs run one at a time on all threads: a pass there costs what one in-place point does
+        return per_point, pb.strategy_timings["inplace"] if pb.workers > 1 else per_point, 0.0, slice_bytes
+    strategy_s = 0.0
+    if choose:
+        started = time.perf_counter()
+        pb.choose_strategy()
+        strategy_s = time.perf_counter() - started
+    return 0.0, measured(pb.device, pb.evaluate)[0], strategy_s, 0
+
+
 def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
     """Predict each phase's time and peak memory from products measured on the real model, data and batch size:
     a block of slice points, a gradient, Hessian-vector products (the engine picked as the run will: its first call,
@@ -804,36 +895,32 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
     peak (:func:`landscape.runtime.budget.measured`); the curvature phase, its vector work and its optional extras
     from :func:`~landscape.analyses.costs.curvature_cost` (the phase also says the products it counted); the slice
     phase from :func:`_slice_costs`. An analysis command's run has no slice phase: its passes over the data are
-    timed at theta0."""
+    timed at theta0. What a resumed run keeps from its file (:func:`stored_work`) is left out: the points done, the
+    analyses stored for the same settings."""
     st = prepared or setup(config)
     pb = st.problem
     cuda = pb.device.type == "cuda"
     base = torch.cuda.memory_allocated(pb.device) if cuda else rss()
     # the run pays the same start-up: interpreter, imports, checkpoint, model, data, the check at theta0
     phases: dict[str, dict[str, float]] = {"startup": {"seconds": process_seconds(), "peak_bytes": base}}
+    kept = stored_work(config, st)
     plan = plan_slices(config)
-    points = sum(math.prod(len(a) for a in s.axes) for s in plan)
-    curv = config.curvature
-    strategy_s = 0.0  # an analysis command's strategy choice (a scan's is in its slice phase)
-    if plan:
-        per_point, slice_bytes = _slice_costs(pb, config, plan)
+    points_stored = sum(kept.slice_points.values())
+    points = sum(math.prod(len(a) for a in s.axes) for s in plan) - points_stored
+    curv = config.curvature if "hessian" not in kept.analyses else None
+    sharp = tuple(m for m in config.sharpness if f"sharpness/{m.resolved().group}" not in kept.analyses)
+    coherence = config.coherence if "coherence" not in kept.analyses else None
+    todo = [s for s in plan if kept.slice_points.get(s.name, 0) < math.prod(len(a) for a in s.axes)]
+    per_point, per_pass, strategy_s, slice_bytes = _pass_costs(pb, config, todo,
+                                                               not plan and curv is not None and curv.validity)
+    if todo:
         phases["slices"] = {"seconds": per_point * points / pb.comm.world, "peak_bytes": base + slice_bytes}
-        # gradients and HVPs run one at a time on all threads: a pass there costs what one in-place point does
-        per_pass = pb.strategy_timings["inplace"] if pb.workers > 1 else per_point
-    else:  # an analysis command: a pass over the data at theta0 (and --validity's first points choose a strategy)
-        per_point = 0.0
-        if curv is not None and curv.validity:
-            started = time.perf_counter()
-            pb.choose_strategy()
-            strategy_s = time.perf_counter() - started
-        per_pass = measured(pb.device, pb.evaluate)[0]
     chunks = math.ceil(pb.n / pb.batch_size)
     grad_s, grad_extra = measured(pb.device, pb.gradient)
     hvp_s = hvp_extra = choice_s = 0.0
     nparam = pb.num_parameters
     # the run's products at theta0 (and the engine's choice): a Hessian's, --validity's, sharpness's, coherence's
-    if (curv is not None and (curv.kind == "hessian" or curv.validity)) or config.sharpness \
-            or config.coherence is not None:
+    if (curv is not None and (curv.kind == "hessian" or curv.validity)) or sharp or coherence is not None:
         # the long vectors on the GPU that runs the products when they fit there, as the run places them
         vec_device = basis_device(pb.device, max(curv.top_k, curv.bottom_k, 1), nparam) if curv is not None else None
         hvp_s, hvp_extra, choice_s = product_seconds(CurvatureOperator(pb), vec_device)  # first: the engine's choice
@@ -842,11 +929,11 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
         seconds, peak, products = curvature_cost(pb, curv, budget, (hvp_s, hvp_extra), grad_s, per_pass)
         phases["hessian"] = {"seconds": seconds + strategy_s, "peak_bytes": base + peak,
                              "products": products}
-    if config.sharpness:
-        phases["sharpness"] = {"seconds": sharpness_seconds(pb, config.sharpness, hvp_s),
+    if sharp:
+        phases["sharpness"] = {"seconds": sharpness_seconds(pb, sharp, hvp_s),
                                "peak_bytes": base + max(grad_extra, hvp_extra) + 6 * nparam * 8}
-    if config.coherence is not None:
-        seconds, extra = coherence_cost(pb, config.coherence.resolved(), budget, hvp_s, per_pass)
+    if coherence is not None:
+        seconds, extra = coherence_cost(pb, coherence.resolved(), budget, hvp_s, per_pass)
         phases["coherence"] = {"seconds": seconds, "peak_bytes": base + max(extra, hvp_extra) + 4 * nparam * 8}
     first = next((phases[p] for p in ("hessian", "sharpness", "coherence") if p in phases), None)
     if first is not None:  # the phase that makes the run's first product
@@ -861,8 +948,8 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
                     curvature_seconds=phases.get("hessian", {}).get("seconds", 0.0),
                     sharpness_seconds=phases.get("sharpness", {}).get("seconds", 0.0),
                     coherence_seconds=phases.get("coherence", {}).get("seconds", 0.0),
-                    memory_budget=pb.memory_budget, phases=phases)
+                    memory_budget=pb.memory_budget, phases=phases, points_stored=points_stored, stored=kept.analyses)
 
 
-__all__ = ["ScanConfig", "ScanSummary", "SliceResult", "Setup", "Estimate", "setup", "run_scan", "estimate",
-           "plan_slices"]
+__all__ = ["ScanConfig", "ScanSummary", "SliceResult", "Setup", "Estimate", "StoredWork", "setup", "run_scan",
+           "estimate", "stored_work", "plan_slices"]

@@ -84,6 +84,30 @@ def decode_attr(value: Any) -> Any:
     return value
 
 
+def exists_error(path: Path) -> LandscapeError:
+    """What a run that would start ``path`` afresh is told when the file is there already."""
+    return LandscapeError(f"run file {path} already exists",
+                          hint="add --resume to continue it or --overwrite to start again")
+
+
+def read_journal(path: Path) -> list[dict[str, Any]]:
+    """The records of the journal ``path`` (one per block of finished points; none when there is no journal), up to
+    a torn last line, whose points will be computed again. Only read: a resumed run merges them into its file
+    (:meth:`RunFile.compact`), a dry run counts them as done."""
+    if not path.exists():
+        return []
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return records
+
+
 def replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
     """Make ``path`` by ``write(tmp)`` on a fresh name beside it (this process's, with the umask's permissions),
     then rename it over ``path``: a reader (a browser on a report) sees the old file or the new one, never a
@@ -172,10 +196,8 @@ class RunFile:
     def _open(self, mode: str) -> None:
         for stale in self.path.parent.glob(self.path.name + ".tmp*"):
             stale.unlink()  # a copy left by a writer killed mid-transaction; we hold the lock
-        exists = self.path.exists()
-        if mode == "create" and exists:
-            raise LandscapeError(f"run file {self.path} already exists",
-                                 hint="add --resume to continue it or --overwrite to start again")
+        if mode == "create" and self.path.exists():
+            raise exists_error(self.path)
         if mode == "overwrite":
             for p in (self.path, self.journal_path):
                 if p.exists():
@@ -240,25 +262,11 @@ class RunFile:
             self._pending.clear()
         self._last_flush = time.monotonic()
 
-    def _read_journal(self) -> list[dict[str, Any]]:
-        if not self.journal_path.exists():
-            return []
-        records = []
-        with open(self.journal_path, encoding="utf-8") as f:
-            for line in f:
-                if not line.endswith("\n"):
-                    break  # torn last line: its points will be recomputed
-                try:
-                    records.append(json.loads(line))
-                except ValueError:
-                    continue
-        return records
-
     def compact(self) -> None:
         """Merge the journal into the run file (one atomic transaction), then empty it."""
         if getattr(self, "_journal", None) is not None:
             self.flush_journal()
-        records = self._read_journal()
+        records = read_journal(self.journal_path)
         if records:
             by_slice: dict[str, list[dict[str, Any]]] = {}
             for r in records:
