@@ -211,3 +211,14 @@ def test_outputs_counts_and_labels_that_cannot_be(tmp_path, mlp_ckpt):
     torch.save({"X": torch.randn(20, 64), "y": torch.tensor([0, 1, 99] + [2] * 17)}, bad)
     assert_clean_error(cli("scan", str(mlp_ckpt), "--data", str(bad), "-o", str(tmp_path / "l.h5")),
                        "1 of 20 labels lie outside the model's 10 classes")
+
+
+def test_hessian_commands_tolerance_is_the_analysis_default():
+    """``landscape hessian``'s ``--tol`` and a scan's Hessian (``CurvatureSettings()``) stop Lanczos at the same
+    residual: the CLI module keeps torch out of its imports, so the default is written twice and checked here."""
+    import inspect
+
+    from landscape_cli.commands.hessian import hessian
+    from landscape.analyses.hessian import DEFAULT_TOL, CurvatureSettings
+
+    assert inspect.signature(hessian).parameters["tol"].default.default == DEFAULT_TOL == CurvatureSettings().tol
