@@ -17,11 +17,11 @@ import warnings
 from typing import Iterator
 
 import torch
-from torch.func import grad, jvp, vmap
+from torch.func import grad, vmap
 
 from ..linalg.draws import normal
 from .problem import Problem
-from .products import standalone
+from .products import forward_jvp, standalone
 
 
 class PerSampleWarning(UserWarning):
@@ -150,6 +150,6 @@ def sketched_gradients(problem: Problem, X: torch.Tensor, y: torch.Tensor, k: in
         for s in range(0, len(X), problem.batch_size):
             xb, yb = X[s:s + problem.batch_size], y[s:s + problem.batch_size]
             # the group's tangents batched by vmap: one forward-mode pass for all of them
-            block = vmap(lambda tan: jvp(lambda q: per_sample_losses(problem, q, xb, yb), (p,), (tan,))[1])(tangents)
+            block = vmap(lambda tan: forward_jvp(lambda q: per_sample_losses(problem, q, xb, yb), p, tan)[1])(tangents)
             out[s:s + len(xb), j0:j0 + len(R)] = block.T.detach()
     return out

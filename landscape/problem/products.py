@@ -14,7 +14,7 @@ every product is data-parallel: each rank's shard, added by an all-reduce.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 from torch.func import grad, jvp
@@ -58,6 +58,13 @@ def standalone(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     (see :class:`~landscape.problem.replica.Replica`), cost a whole parameter vector each in ``jvp``: 2.8 GB on
     ResNet-18 (62 tensors of a 45 MB vector) where a copy costs 45 MB."""
     return {n: t.clone() if t._base is not None else t for n, t in params.items()}
+
+
+def forward_jvp(f: Callable[[Any], Any], primal: Any, tangent: Any) -> tuple[Any, Any]:
+    """``torch.func.jvp(f, (primal,), (tangent,))``, a mapping of tensors as ``primal`` taken :func:`standalone`:
+    every forward-mode product of the library goes through here (``tests/test_layout.py`` checks it), so that none
+    pays a view's base as its tangent again (the trap was closed by hand at three call sites before)."""
+    return jvp(f, (standalone(primal) if isinstance(primal, Mapping) else primal,), (tangent,))
 
 
 class Products:
@@ -127,7 +134,7 @@ class Products:
         torch 2.13); the fallback, once needed, is kept."""
         if self.functional_mode == "forward-over-reverse":
             try:
-                return jvp(grad(f), (standalone(x) if isinstance(x, dict) else x,), (v,))[1]
+                return forward_jvp(grad(f), x, v)[1]
             except (RuntimeError, NotImplementedError):
                 self.functional_mode = "reverse-over-reverse"
         return torch.func.vjp(grad(f), x)[1](v)[0]
@@ -250,7 +257,7 @@ class Products:
             def f(q: Params) -> torch.Tensor:
                 return self.problem.forward(q, x)
 
-            z, jv = jvp(f, (standalone(p),), (v,))
+            z, jv = forward_jvp(f, p, v)
             hjv = self.hessian_vector(lambda zz: self.problem.loss_fn(zz, y), z, jv)
             return torch.func.vjp(f, p)[1](hjv)[0]
 
