@@ -19,7 +19,8 @@ from ..running import base_config, default_sharpness, load, print_estimate, run_
                     "  landscape scan ckpt.pt --model pkg.models:Net --model-arg width=64 --data digits --max-samples 500\n\n"
                     "  landscape scan a.pt --interpolate b.pt --dims 1 --steps 101\n\n"
                     "  landscape scan ckpt.pt --data big.h5 --stream on   # inputs read from disk by chunks\n\n"
-                    "  landscape scan ckpt.pt --dry-run")
+                    "  landscape scan ckpt.pt --dry-run\n\n"
+                    "  landscape scan ckpt.pt --resume --dry-run   # what a killed scan has left, priced")
 @spec_options
 def scan(
     checkpoint: CheckpointArg,
