@@ -111,8 +111,11 @@ def test_a_resumed_dry_run_prices_only_what_is_left(tmp_path):
     assert (est.points, est.points_stored) == (block, 225 - block) and est.stored == ("hessian", groups[0])
     assert set(est.phases) == {"startup", "slices", "sharpness", "coherence"}
     assert run_scan(config).slices[0].computed == est.points
-    for bad in ({"resume": False}, {"max_samples": 100}, {"range": (-2.0, 2.0)}):  # the run would be refused:
-        refused = ScanConfig(**{**config.__dict__, **bad})  # so is its dry run, with the run's message
+    corrupt = tmp_path / "corrupt.h5"
+    corrupt.write_bytes(b"not an HDF5 file")
+    for bad in ({"resume": False}, {"max_samples": 100}, {"range": (-2.0, 2.0)}, {"output": str(corrupt)}):
+        refused = ScanConfig(**{**config.__dict__, **bad})  # the run would be refused: so is its dry run, with the
+        # run's message
         with pytest.raises(LandscapeError) as by_dry_run:
             estimate(refused)
         with pytest.raises(LandscapeError) as by_run:

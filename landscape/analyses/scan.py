@@ -47,8 +47,8 @@ from ..linalg.lanczos import basis_device, lanczos
 from ..problem.losses import default_loss_name, resolve_loss
 from ..problem.problem import Problem, check_hvp_mode
 from ..io.stream import StreamedInputs
-from ..io.runfile import (RESERVED, RunFile, check_output_path, encode_attr, exists_error, from_link, link_name,
-                          make_parent, open_run_file, read_attrs, read_journal)
+from ..io.runfile import (RESERVED, RunFile, check_output_path, check_resumable, encode_attr, exists_error, from_link,
+                          link_name, make_parent, read_attrs, read_journal)
 from .sharpness import SharpnessSettings, same_settings, sharpness, summary_from_group
 from .slices import axis, block_points, compute_slice, grid_coefficients, missing_blocks
 from ..io.specs import Spec, call_spec, resolve
@@ -779,15 +779,15 @@ class StoredWork:
 def stored_work(config: ScanConfig, st: Setup) -> StoredWork:
     """What the run of ``config`` would keep from its run file, read without changing it: nothing for a new file
     or ``--overwrite``. A run that would be refused is refused here too, with the run's message: a file that exists
-    without ``--resume`` (an analysis command always resumes), one made for another checkpoint, data or setting, a
-    slice stored with other settings."""
+    without ``--resume`` (an analysis command always resumes), one that is not a readable run file, one made for
+    another checkpoint, data or setting, a slice stored with other settings."""
     path = config.run_path()
     if config.overwrite or not path.exists():
         return StoredWork()
     if not config.resume:
         raise exists_error(path)
     plan = plan_slices(config)
-    with open_run_file(path) as f:
+    with check_resumable(path) as f:
         stored = read_attrs(f)
         if "checkpoint_sha256" in stored:
             _check_run_identity(stored, provenance(config, st), path, plan)

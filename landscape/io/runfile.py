@@ -90,6 +90,22 @@ def exists_error(path: Path) -> LandscapeError:
                           hint="add --resume to continue it or --overwrite to start again")
 
 
+def check_resumable(path: Path) -> h5py.File:
+    """The existing run file ``path`` opened read-only, once it is known to be a readable landscape run file that a
+    run may continue; else the :class:`LandscapeError` a resumed run (and its dry run) is refused with."""
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise LandscapeError(f"{path} is not a readable HDF5 run file ({err})",
+                             hint="use --overwrite to replace it") from err
+    schema = f.attrs.get("schema")
+    if decode_attr(schema) != SCHEMA:
+        f.close()
+        raise LandscapeError(f"{path} is not a landscape run file (schema {schema!r})",
+                             hint="use --overwrite to replace it, or another -o")
+    return f
+
+
 def read_journal(path: Path) -> list[dict[str, Any]]:
     """The records of the journal ``path`` (one per block of finished points; none when there is no journal), up to
     a torn last line, whose points will be computed again. Only read: a resumed run merges them into its file
@@ -205,15 +221,7 @@ class RunFile:
         elif mode not in ("create", "resume"):
             raise ValueError(f"unknown mode {mode!r}")
         if self.path.exists():
-            try:
-                with h5py.File(self.path, "r") as f:
-                    schema = f.attrs.get("schema")
-            except OSError as err:
-                raise LandscapeError(f"{self.path} is not a readable HDF5 run file ({err})",
-                                     hint="use --overwrite to replace it") from err
-            if decode_attr(schema) != SCHEMA:
-                raise LandscapeError(f"{self.path} is not a landscape run file (schema {schema!r})",
-                                     hint="use --overwrite to replace it, or another -o")
+            check_resumable(self.path).close()
             self.compact()
         else:
             with self.transaction() as f:
