@@ -200,6 +200,8 @@ def print_estimate(est: Any, checkpoint: str, json_out: bool) -> None:
                               f"{p['peak_bytes'] / 2**20:,.0f} MiB{products}")
     if est.stored:
         t.add_row("stored", f"{', '.join(est.stored)}: kept from the run file, not computed again")
+    for note in est.notes:
+        t.add_row("note", note)
     t.add_row("estimated time, total", f"{est.total_seconds:.1f} s")
     t.add_row("peak memory", f"{est.memory_bytes / 2**20:,.0f} MiB ({est.memory_note}; memory budget "
                              f"{est.memory_budget / 2**20:,.0f} MiB)")

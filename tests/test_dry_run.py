@@ -63,6 +63,10 @@ def test_analysis_commands_dry_run(tmp_path):
     est = json.loads(res.stdout)
     assert set(est["phases"]) == {"startup", "hessian"} and est["phases"]["hessian"]["products"] > 0
     assert est["total_seconds"] == pytest.approx(sum(p["seconds"] for p in est["phases"].values()), rel=1e-12)
+    assert est["notes"] == []
+    res = cli("hessian", MLP, "--engine", "pyhessian", "--dry-run", "--max-samples", "200", "-o", str(out))
+    assert res.returncode == 0, res.stderr  # PyHessian's stopping rules cannot be counted: the table says so
+    assert "hessian priced as Lanczos would run it" in " ".join(res.stdout.split())
     res = cli("sharpness", MLP, "--dry-run", "--json", "--max-samples", "200", "-o", str(out))
     assert res.returncode == 0, res.stderr
     assert set(json.loads(res.stdout)["phases"]) == {"startup", "sharpness"}

@@ -811,6 +811,12 @@ def stored_work(config: ScanConfig, st: Setup) -> StoredWork:
                       tuple(kept))
 
 
+#: the dry run's word on ``--engine pyhessian``, whose products it cannot count
+PYHESSIAN_NOTE = ("hessian priced as Lanczos would run it: PyHessian's power iteration stops on its eigenvalue's "
+                  "change and its trace on its mean's, which took 13-60 products an eigenvalue and 2-43 probes on "
+                  "the models measured (benchmarks/RESULTS.md)")
+
+
 @dataclass(frozen=True)
 class Estimate:
     """What ``--dry-run`` prints: the cost of a scan before it runs, phase by phase.
@@ -841,6 +847,8 @@ class Estimate:
     phases: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     points_stored: int = 0
     stored: tuple[str, ...] = ()
+    #: what the prediction cannot count, in words (``--engine pyhessian``'s stopping rules)
+    notes: tuple[str, ...] = ()
 
     @property
     def total_seconds(self) -> float:
@@ -848,7 +856,7 @@ class Estimate:
 
     def to_json(self) -> dict[str, Any]:
         return {**self.__dict__, "phases": {k: dict(v) for k, v in self.phases.items()}, "stored": list(self.stored),
-                "total_seconds": self.total_seconds}
+                "notes": list(self.notes), "total_seconds": self.total_seconds}
 
 
 def _slice_costs(pb: Problem, config: ScanConfig, plan: list[SliceSettings]) -> tuple[float, int]:
@@ -948,7 +956,8 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
                     curvature_seconds=phases.get("hessian", {}).get("seconds", 0.0),
                     sharpness_seconds=phases.get("sharpness", {}).get("seconds", 0.0),
                     coherence_seconds=phases.get("coherence", {}).get("seconds", 0.0),
-                    memory_budget=pb.memory_budget, phases=phases, points_stored=points_stored, stored=kept.analyses)
+                    memory_budget=pb.memory_budget, phases=phases, points_stored=points_stored, stored=kept.analyses,
+                    notes=(PYHESSIAN_NOTE,) if curv is not None and curv.engine == "pyhessian" else ())
 
 
 __all__ = ["ScanConfig", "ScanSummary", "SliceResult", "Setup", "Estimate", "StoredWork", "setup", "run_scan",
