@@ -45,9 +45,9 @@ def hessian(
     per_layer: bool = typer.Option(False, "--per-layer", help="Also the top eigenvalue and trace of each parameter."),
     parameters: Optional[list[str]] = typer.Option(None, "--parameters", help="Restrict to these parameter names or "
                                                                               "globs; repeatable."),
-    tol: float = typer.Option(1e-4, help="Relative Ritz residual at which eigenpairs count as converged (or "
-                                                 "at the products' own rounding error, measured); an eigenvalue is then "
-                                                 "within tol of the true one, typically within its square."),
+    tol: float = typer.Option(1e-4, help="Relative Ritz residual at which eigenpairs count as converged (or at the "
+                                          "products' own rounding error, measured): an eigenvalue is then within tol "
+                                          "of the Hessian's, relatively, and typically far closer."),
     max_hvp: int = typer.Option(400, help="Most Hessian-vector products for each Lanczos run (PyHessian: for each "
                                           "eigenvalue's power iteration)."),
     engine: str = typer.Option("landscape", help="landscape, or pyhessian: PyHessian's power iteration and trace as "
