@@ -519,6 +519,11 @@ def _load_directions(g: h5py.Group) -> list[dict[str, torch.Tensor]] | None:
     return [{from_link(n): torch.from_numpy(v[()]) for n, v in dg[str(k)].items()} for k in range(len(dg))]
 
 
+def _slice_state(g: h5py.Group) -> tuple[dict[str, Any], np.ndarray, tuple[np.ndarray, ...]]:
+    """A stored slice's attributes, ``done`` mask and axes (``x``, and ``y`` in 2D)."""
+    return read_attrs(g), g["done"][()], tuple(g[lab][()] for lab in ("x", "y") if lab in g)
+
+
 ProgressFn = Callable[[str, int, int], None]
 
 
@@ -528,9 +533,10 @@ def _read_existing(rf: RunFile, prov: Mapping[str, Any], plan: Sequence[SliceSet
     name -> (attributes, directions, done mask, axes)."""
     with rf.read() as f:
         stored = read_attrs(f)
-        existing = {n: (read_attrs(g), _load_directions(g), g["done"][()],
-                        tuple(g[lab][()] for lab in ("x", "y") if lab in g))
-                    for n, g in (f["slices"].items() if "slices" in f else [])}
+        existing = {}
+        for n, g in (f["slices"].items() if "slices" in f else []):
+            attrs, done, axes = _slice_state(g)
+            existing[n] = (attrs, _load_directions(g), done, axes)
     if "checkpoint_sha256" in stored:
         _check_run_identity(stored, prov, path, plan)
     else:
@@ -770,10 +776,19 @@ class StoredWork:
     """What a run of ``config`` finds finished in its run file and keeps (:func:`stored_work`): the points of each
     planned slice it does not compute again (done in the file's ``done`` mask or in the journal not yet merged into
     it, and not in a block with a point missing: the run computes whole blocks, :func:`missing_blocks`), and the
-    analyses stored for the same settings (``hessian``, ``sharpness/<group>``, ``coherence``)."""
+    analyses stored for the same settings: the curvature's, the sharpness measures' (their groups, in the config's
+    order) and coherence's."""
 
     slice_points: Mapping[str, int] = field(default_factory=dict)
-    analyses: tuple[str, ...] = ()
+    curvature: bool = False
+    sharpness: tuple[str, ...] = ()
+    coherence: bool = False
+
+    @property
+    def analyses(self) -> tuple[str, ...]:
+        """The stored analyses by name: ``hessian``, ``sharpness/<group>``, ``coherence``."""
+        return (("hessian",) * self.curvature + tuple(f"sharpness/{g}" for g in self.sharpness)
+                + ("coherence",) * self.coherence)
 
 
 def stored_work(config: ScanConfig, st: Setup) -> StoredWork:
@@ -794,21 +809,18 @@ def stored_work(config: ScanConfig, st: Setup) -> StoredWork:
         done, blocks = {}, {}
         for s in plan:
             if "slices" in f and s.name in f["slices"]:
-                g = f["slices"][s.name]
-                attrs = read_attrs(g)
-                _check_slice_resumable(s, attrs, tuple(g[lab][()] for lab in ("x", "y") if lab in g), config, path)
-                done[s.name], blocks[s.name] = g["done"][()], int(attrs["block"])
+                attrs, done[s.name], axes = _slice_state(f["slices"][s.name])
+                _check_slice_resumable(s, attrs, axes, config, path)
+                blocks[s.name] = int(attrs["block"])
         vectors_kept = keeps_vectors(config, st.problem.num_parameters)
-        kept = ["hessian"] if config.curvature is not None and _kept_curvature(f, config.curvature, vectors_kept) \
-            else []
-        kept += [f"sharpness/{r.group}" for r in (m.resolved() for m in config.sharpness) if _kept_sharpness(f, r)]
-        if config.coherence is not None and _kept_coherence(f, config.coherence):
-            kept.append("coherence")
+        curvature = config.curvature is not None and _kept_curvature(f, config.curvature, vectors_kept) is not None
+        sharp = tuple(r.group for r in (m.resolved() for m in config.sharpness) if _kept_sharpness(f, r) is not None)
+        coherence = config.coherence is not None and _kept_coherence(f, config.coherence) is not None
     for rec in read_journal(path.with_name(path.name + ".journal")):
         if rec["slice"] in done:
             done[rec["slice"]].flat[np.asarray(rec["index"], dtype=np.int64)] = True
     return StoredWork({n: m.size - sum(len(b) for b in missing_blocks(m, blocks[n])) for n, m in done.items()},
-                      tuple(kept))
+                      curvature, sharp, coherence)
 
 
 #: the dry run's word on ``--engine pyhessian``, whose products it cannot count
@@ -913,12 +925,12 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
     phases: dict[str, dict[str, float]] = {"startup": {"seconds": process_seconds(), "peak_bytes": base}}
     kept = stored_work(config, st)
     plan = plan_slices(config)
-    points_stored = sum(kept.slice_points.values())
-    points = sum(math.prod(len(a) for a in s.axes) for s in plan) - points_stored
-    curv = config.curvature if "hessian" not in kept.analyses else None
-    sharp = tuple(m for m in config.sharpness if f"sharpness/{m.resolved().group}" not in kept.analyses)
-    coherence = config.coherence if "coherence" not in kept.analyses else None
-    todo = [s for s in plan if kept.slice_points.get(s.name, 0) < math.prod(len(a) for a in s.axes)]
+    left = {s.name: math.prod(len(a) for a in s.axes) - kept.slice_points.get(s.name, 0) for s in plan}
+    points, points_stored = sum(left.values()), sum(kept.slice_points.values())
+    curv = None if kept.curvature else config.curvature
+    sharp = tuple(m for m in config.sharpness if m.resolved().group not in kept.sharpness)
+    coherence = None if kept.coherence else config.coherence
+    todo = [s for s in plan if left[s.name]]
     per_point, per_pass, strategy_s, slice_bytes = _pass_costs(pb, config, todo,
                                                                not plan and curv is not None and curv.validity)
     if todo:
