@@ -66,9 +66,10 @@ def test_scan_records_the_precision_and_its_error(tmp_path, mlp_ckpt):
 
 def test_memory_budget_sizes_blocks(mlp_ckpt):
     from landscape.analyses.scan import ScanConfig, setup
+    from landscape.problem.strategy import OUTPUTS_SHARE
 
     st = setup(ScanConfig(checkpoint=str(mlp_ckpt), memory_budget=1e5, strategy="inplace"))
     assert st.problem.memory_budget == 1e5
     st.problem.choose_strategy()
     out_bytes = 10 * 4 * st.problem.n  # 10 logits per sample, float32
-    assert st.problem.block == max(1, int(1e5 // out_bytes))
+    assert st.problem.block == max(1, int(OUTPUTS_SHARE * 1e5 // out_bytes))  # the rest for the input layers

@@ -128,6 +128,34 @@ def test_blocks_on_concurrent_replicas_equal_one_block_at_a_time(bn):
         assert x.tobytes() == z.tobytes() == w.tobytes()
 
 
+def held_by_input_layers(pb):
+    """Bytes the input layers' cached outputs and partial sums hold over all of ``pb``'s replicas (storages counted
+    once)."""
+    storages = {}
+    for r in pb.points._replicas:
+        held = [Z for Z, _ in r.inputs.cache.entries.values()] + [part for _, part in r.inputs._partial.values()]
+        storages.update((t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in held)
+    return sum(storages.values())
+
+
+def test_replicas_share_one_cache_of_input_layer_outputs_within_the_budget():
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(4, 64), nn.ReLU(), nn.Linear(64, 3)).double()
+    X, y = blobs(40)
+    dirs = random_directions(problem(net, X, y).theta0, 2, seed=3, ignore="none")
+    plain = problem(net, X, y, linear_inputs=False).evaluate_points(COEFFS, dirs)["loss"]
+    # Z_0, Z_1, Z_2 of the first layer over 40 samples (3 * 20,480 bytes) and one partial sum per replica, in the
+    # half of the budget that a block's stacked outputs leave
+    for budget, workers, routed in [(164_000, 1, ["0"]), (164_000, 3, []), (246_000, 3, ["0"])]:
+        pb = problem(net, X, y, workers=workers, memory_budget=budget)
+        pb.block = 2
+        loss = pb.evaluate_points(COEFFS, dirs)["loss"]
+        assert len(pb.points._replicas) == workers and pb.linear_input_layers == routed
+        assert all(r.inputs.cache is pb.points._replicas[0].inputs.cache for r in pb.points._replicas)
+        assert 0 < held_by_input_layers(pb) <= budget / 2 if routed else held_by_input_layers(pb) == 0
+        np.testing.assert_allclose(loss, plain, rtol=1e-12)
+
+
 def test_an_error_on_a_replica_reaches_the_caller():
     X, y = blobs(20)
     pb = problem(bn_net(), X, y, workers=2)

@@ -20,14 +20,17 @@ A layer qualifies when it is exactly one of those types (a subclass may override
 and bias as plain parameters of the model (not through a parametrization), and is called on the very tensor the
 model was given (the same memory, shape and strides, e.g. after ``nn.Flatten``); any other call of it runs its own
 ``forward`` (and after one evaluation a layer never called on the inputs is no longer wrapped). The cached
-outputs are dropped when the directions change; a layer whose cache would take more than
-``budget`` bytes over the whole evaluation set is left alone, a decision that depends only on the shapes, so
-in-memory, streamed and distributed evaluations take the same path and give the same bits.
+outputs are dropped when the directions change. They are held once for all the replicas of a Problem's point
+evaluator (:class:`OutputCache`; the replicas evaluate blocks at once in threads), and a layer whose outputs and the
+replicas' partial sums would take more than the budget over the whole evaluation set is left alone, a decision that
+depends only on the shapes and the number of replicas, so in-memory, streamed and distributed evaluations take the
+same path and give the same bits.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -75,19 +78,82 @@ class _Layer:
     module: nn.Module
     weight: int  # index of the weight in the Problem's parameter list
     bias: int | None
-    usable: bool = True  # within the cache budget
     reads_inputs: bool | None = None  # seen called on the raw inputs (False: not in a whole patched evaluation)
 
 
+class OutputCache:
+    """The outputs ``Z_0, Z_1, ..., Z_K`` of the input layers per evaluation chunk, for one direction set and thread
+    count, held once for every replica of a point evaluator (:class:`InputLayers` of each): the replicas share
+    ``theta0`` and the directions, so one copy serves them all, and ``budget`` bounds the outputs together with the
+    replicas' partial sums (each holds one per layer and chunk, see :meth:`InputLayers._routed`). Whether a layer
+    fits is decided on its first chunk from the shapes, :attr:`replicas` and ``budget``. Replicas run in threads:
+    lookups, fills and clears hold one lock."""
+
+    def __init__(self, n: int, budget: float) -> None:
+        self.n = n
+        self.budget = budget
+        self.replicas = 0  # InputLayers sharing this cache
+        self.generation = 0  # counts the clears: a replica's partial sums belong to one generation
+        self.entries: dict[tuple[int, int], tuple[torch.Tensor, Layout]] = {}  # (layer, chunk) -> Z, its input
+        self.refused: set[int] = set()  # layers whose outputs do not fit
+        self._bytes = 0.0
+        self._key: Versions = []
+        self._threads = 0  # torch.get_num_threads() when the outputs were made
+        self._lock = threading.Lock()
+
+    def attach(self) -> None:
+        """One more replica shares the cache: its partial sums change what fits, so the cache starts afresh."""
+        with self._lock:
+            self.replicas += 1
+            self._clear()
+
+    def _clear(self) -> None:
+        self.entries.clear()
+        self.refused.clear()
+        self._bytes = 0.0
+        self.generation += 1
+
+    def use(self, key: Versions, threads: int) -> int:
+        """Hold outputs for the directions ``key`` computed on ``threads`` threads from now on (others are dropped:
+        outputs computed with another number of threads may differ in the last bit, so they are recomputed, and a
+        point's value depends only on its block and the thread count); the cache's :attr:`generation`."""
+        with self._lock:
+            if not same_versions(key, self._key) or threads != self._threads:
+                self._clear()
+                self._key, self._threads = key, threads
+            return self.generation
+
+    def outputs(self, j: int, chunk: int, chunk_size: int, make: Callable[[], torch.Tensor], layout: Layout
+                ) -> tuple[torch.Tensor, Layout] | None:
+        """Layer ``j``'s stacked outputs on chunk ``chunk`` (of ``chunk_size`` samples) and the layout of the input
+        they were made from: cached, or ``make()`` cached, or None when the layer's outputs over the whole evaluation
+        set, ``1 + K`` of them and one partial sum per replica, do not fit the budget."""
+        with self._lock:
+            if j in self.refused:
+                return None
+            hit = self.entries.get((j, chunk))
+            if hit is None:
+                Z = make()
+                if not any(jj == j for jj, _ in self.entries):  # the first chunk decides for the whole evaluation set
+                    projected = Z[0].nbytes * (len(Z) + self.replicas) * self.n / max(1, chunk_size)
+                    if self._bytes + projected > self.budget:
+                        self.refused.add(j)
+                        return None
+                    self._bytes += projected
+                hit = self.entries[(j, chunk)] = (Z, layout)
+            return hit
+
+
 class InputLayers:
-    """The model's linear layers that may read raw inputs, and their cached outputs ``Z_0, Z_1, ..., Z_K``.
+    """The model's linear layers that may read raw inputs, and their outputs ``Z_0, Z_1, ..., Z_K`` from ``cache``
+    (shared with the other replicas of the model).
 
     ``theta0`` and the directions are lists in the order of ``params`` (the live parameters of the model).
     Use :meth:`patched` around a block of in-place evaluations and :meth:`at` before each forward pass.
     """
 
     def __init__(self, model: nn.Module, params: Sequence[torch.Tensor], theta0: Sequence[torch.Tensor],
-                 n: int, budget: float) -> None:
+                 cache: OutputCache) -> None:
         index = {id(p): i for i, p in enumerate(params)}
         self.layers: list[_Layer] = []
         for name, m in model.named_modules():
@@ -97,13 +163,10 @@ class InputLayers:
             if w is not None and id(w) in index and (b is None or id(b) in index):
                 self.layers.append(_Layer(name, m, index[id(w)], None if b is None else index[id(b)]))
         self.theta0 = list(theta0)
-        self.n = n
-        self.budget = budget
-        self._bytes = 0.0
-        self._key: Versions = []
-        self._threads = 0  # torch.get_num_threads() when the cache was made
+        self.cache = cache
+        cache.attach()
+        self._generation = -1  # the cache's generation that the partial sums were made in
         self._dirs: Sequence[Sequence[torch.Tensor]] = ()
-        self._cache: dict[tuple[int, int], tuple[torch.Tensor, Layout]] = {}
         self._partial: dict[tuple[int, int], tuple[tuple[float, ...], torch.Tensor]] = {}  # see _routed
         self._current: tuple[int, torch.Tensor, np.ndarray] | None = None
         self._ran = False  # a forward pass ran inside the current patched evaluation
@@ -111,7 +174,7 @@ class InputLayers:
     @property
     def routed(self) -> list[str]:
         """Names of the layers whose outputs the current directions take from the cache."""
-        return sorted({self.layers[j].name for j, _ in self._cache})
+        return sorted({self.layers[j].name for j, _ in self.cache.entries})
 
     def _direction_key(self, dirs: Sequence[Sequence[torch.Tensor]]) -> Versions:
         idx = [i for lay in self.layers for i in (lay.weight, lay.bias) if i is not None]
@@ -125,16 +188,11 @@ class InputLayers:
         if dirs is None or not self.layers:
             yield
             return
-        key, threads = self._direction_key(dirs), torch.get_num_threads()
-        # outputs computed with another number of threads may differ in the last bit: recomputed, so that a point's
-        # value depends only on its block and the thread count (the same on every replica, see landscape.problem.replica)
-        if not same_versions(key, self._key) or threads != self._threads:
-            self._cache.clear()
+        generation = self.cache.use(self._direction_key(dirs), torch.get_num_threads())
+        if generation != self._generation:
             self._partial.clear()
-            self._bytes = 0.0
-            for lay in self.layers:
-                lay.usable = True
-        self._key, self._dirs, self._threads = key, dirs, threads
+            self._generation = generation
+        self._dirs = dirs
         ran = self._ran = False
         with contextlib.ExitStack() as stack:
             for j, lay in enumerate(self.layers):
@@ -161,15 +219,11 @@ class InputLayers:
             if cur is None or inp.data_ptr() != cur[1].data_ptr():
                 return own(inp)
             lay.reads_inputs = True
-            if not lay.usable:
-                return own(inp)
             chunk, x, coeffs = cur
             layout = (tuple(inp.shape), tuple(inp.stride()), inp.dtype)
-            hit = self._cache.get((j, chunk))
+            hit = self.cache.outputs(j, chunk, x.shape[0], lambda: self._outputs(lay, inp), layout)
             if hit is None:
-                hit = self._outputs(j, chunk, inp, x, layout)
-                if hit is None:
-                    return own(inp)
+                return own(inp)
             Z, seen = hit
             if seen != layout:
                 return own(inp)
@@ -194,20 +248,7 @@ class InputLayers:
             return F.linear(inp, w, b)
         return lay.module._conv_forward(inp, w, b)  # type: ignore[operator]
 
-    def _outputs(self, j: int, chunk: int, inp: torch.Tensor, x: torch.Tensor,
-                 layout: Layout
-                 ) -> tuple[torch.Tensor, Layout] | None:
-        """``Z_0, Z_1, ..., Z_K`` of layer ``j`` on this chunk, stacked and cached (None: over the budget)."""
-        lay = self.layers[j]
-        sets = [self.theta0, *self._dirs]
-        Z = torch.stack([self._apply(lay, inp, s[lay.weight], None if lay.bias is None else s[lay.bias])
-                         for s in sets])
-        if not any(jj == j for jj, _ in self._cache):  # the first chunk decides for the whole evaluation set
-            # Z_0..Z_K and one partial sum (see _routed) per chunk, over the whole evaluation set
-            projected = Z[0].numel() * Z.element_size() * (len(Z) + 1) * self.n / max(1, x.shape[0])
-            if self._bytes + projected > self.budget:
-                lay.usable = False
-                return None
-            self._bytes += projected
-        self._cache[(j, chunk)] = (Z, layout)
-        return self._cache[(j, chunk)]
+    def _outputs(self, lay: _Layer, inp: torch.Tensor) -> torch.Tensor:
+        """``Z_0, Z_1, ..., Z_K`` of layer ``lay`` on the input ``inp``, stacked."""
+        return torch.stack([self._apply(lay, inp, s[lay.weight], None if lay.bias is None else s[lay.bias])
+                            for s in [self.theta0, *self._dirs]])

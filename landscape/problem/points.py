@@ -2,8 +2,8 @@
 
 Points are evaluated in blocks. ``inplace`` writes each point of a block into the private model's parameters and
 runs a forward pass, in which, at full precision, the linear layers that read the raw inputs are evaluated by
-linearity from outputs cached per direction set (:mod:`landscape.problem.inputlayer`: a cache of at most
-``memory_budget`` bytes; ``linear_inputs=False`` turns this off), and a classifier's output layer writes its logits
+linearity from outputs cached per direction set (:mod:`landscape.problem.inputlayer`: one cache for all replicas, of
+at most the share of ``memory_budget`` that a block's stacked outputs leave; ``linear_inputs=False`` turns this off), and a classifier's output layer writes its logits
 transposed straight into the stack the loss is reduced over (:mod:`landscape.problem.outputlayer`;
 ``direct_output=False`` turns this off); on a CPU ``workers`` blocks are evaluated at once, each on its own copy of
 the model with one thread (:mod:`landscape.problem.replica`; ``"auto"``: by measurement). ``vmap`` runs the whole
@@ -30,10 +30,10 @@ from torch.func import vmap
 
 from ..errors import LandscapeError
 from ..io.stream import StreamedInputs
-from .inputlayer import Versions, same_versions, versions
+from .inputlayer import OutputCache, Versions, same_versions, versions
 from .losses import stacked_loss
 from .replica import Replica
-from .strategy import choose
+from .strategy import OUTPUTS_SHARE, choose
 
 if TYPE_CHECKING:
     from .problem import Params, Problem
@@ -79,6 +79,8 @@ class PointEvaluator:
         self.strategy_timings: dict[str, float] = {}
         self.strategy_memory = 0  # bytes the strategy's trials added at their peak (landscape.problem.strategy)
         self._flat_dirs: tuple[Versions, list[torch.Tensor]] = ([], [])
+        # one for all the replicas, beside the blocks' stacked outputs
+        self._inputs_cache = OutputCache(problem.n, (1 - OUTPUTS_SHARE) * problem.memory_budget)
         self._replicas = [self._replica(problem._model)]
         self._pool: tuple[ThreadPoolExecutor, int] | None = None
 
@@ -134,7 +136,7 @@ class PointEvaluator:
 
     def _replica(self, model: torch.nn.Module) -> Replica:
         pb = self.problem
-        return Replica(model, pb._theta0_list, pb._theta0_flat, n=pb.n, memory_budget=pb.memory_budget,
+        return Replica(model, pb._theta0_list, pb._theta0_flat, inputs_cache=self._inputs_cache,
                        loss=self.problem.loss_fn, target=self.problem.y, bn_batches=self.problem._bn_batches)
 
     def _runs(self, coeffs: np.ndarray) -> Iterator[tuple[np.ndarray, list[tuple[int, torch.Tensor]]]]:

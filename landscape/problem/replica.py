@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import LandscapeError
-from .inputlayer import InputLayers
+from .inputlayer import InputLayers, OutputCache
 from .losses import LossFn, class_major
 from .outputlayer import OutputLayer
 
@@ -48,11 +48,11 @@ class Replica:
     replicas and only read.
 
     With ``bn_batches`` (``--bn recompute``) the BatchNorm running statistics are re-estimated on those batches at
-    every point. ``memory_budget`` bounds this replica's cache of input-layer outputs.
+    every point. ``inputs_cache`` holds the input layers' outputs for all the replicas of one model.
     """
 
-    def __init__(self, model: nn.Module, theta0: Sequence[torch.Tensor], theta0_flat: torch.Tensor, *, n: int,
-                 memory_budget: float, loss: LossFn, target: torch.Tensor,
+    def __init__(self, model: nn.Module, theta0: Sequence[torch.Tensor], theta0_flat: torch.Tensor, *,
+                 inputs_cache: OutputCache, loss: LossFn, target: torch.Tensor,
                  bn_batches: Sequence[torch.Tensor] | None = None) -> None:
         self.model = model
         self.live: list[torch.Tensor] = list(model.parameters())
@@ -60,7 +60,7 @@ class Replica:
         for p, view in zip(self.live, views(self.flat, self.live)):
             p.data = view
         self.theta0_flat = theta0_flat
-        self.inputs = InputLayers(model, self.live, theta0, n, memory_budget)
+        self.inputs = InputLayers(model, self.live, theta0, inputs_cache)
         self.output = OutputLayer(model)
         self.loss = loss
         self.target = target[:1]  # what class_major looks at

@@ -6,7 +6,9 @@ memory budget does not hold 8 points' activations), and ``vmap`` also on the lar
 ``block_seconds`` of work whose activations fit ``memory_budget`` (at most ``max_block``) when it is within 1.5x of
 in-place: batching gains grow with the block on a GPU. ``vmap`` is kept when it is at least 20% faster per point (it
 is dropped when it cannot trace the model or runs out of memory), with the block size it was fastest at. For
-``inplace`` the block is what fits the memory budget and about ``block_seconds`` of work. The most memory a trial
+``inplace`` the block is what fits the memory budget and about ``block_seconds`` of work. A block's stacked outputs
+take at most :data:`OUTPUTS_SHARE` of the budget, and the input layers' cached outputs the rest
+(:mod:`landscape.problem.inputlayer`), so that the two together stay within it. The most memory a trial
 added is kept as ``strategy_memory`` (the dry run's slice phase counts it).
 
 On a CPU with ``workers="auto"``, in-place blocks are then also timed ``torch.get_num_threads()`` at a time on as
@@ -34,6 +36,8 @@ if TYPE_CHECKING:
 #: a slice's own blocks are timed on N replicas (2 rounds of N blocks, N threads) only when it has this many times
 #: those 2N blocks: the replicas, should they lose, then run at most a tenth of the slice
 WORKERS_TIMING_SHARE = 10
+#: the share of the memory budget a block's stacked outputs may take; the input layers' cache gets the rest
+OUTPUTS_SHARE = 0.5
 #: a trial stops repeating its timed calls once they have taken this many seconds (:func:`_per_point`)
 TIMING_SECONDS = 1.0
 Values = dict[int, dict[str, np.ndarray]]
@@ -58,7 +62,7 @@ def choose(ev: "PointEvaluator", dirs: Sequence[list[torch.Tensor]] | None,
     with torch.inference_mode():
         first = pb._model(pb.X[s:e])
     out_bytes = first.numel() * first.element_size() * pb.n / (e - s)
-    mem_block = int(max(1, min(ev.max_block, pb.memory_budget // max(out_bytes, 1))))
+    mem_block = int(max(1, min(ev.max_block, OUTPUTS_SHARE * pb.memory_budget // max(out_bytes, 1))))
     candidates = ["inplace", "vmap"] if ev.strategy == "auto" else [ev.strategy]
     timings, vmap_block, ev.strategy_memory = _time_strategies(ev, dirs, candidates, mem_block, repeats)
     # in-place is timed on a trial block smaller than the one it then runs, which favours vmap; vmap has to
