@@ -103,18 +103,19 @@ def lanczos_steps(k: int, m: int, tol: float, max_hvp: int, kind: str = "hessian
     (34-42), 126 for ``k = 10`` (113 on both the MLP and ResNet-18), 179 for ``k = 20`` (145 on the MLP): within
     1.25x of each. ``t(tol) = 0.55 + 0.075 log10(1 / tol)``: each decade of tolerance is about 7 of the top 5's
     steps (at 1e-3: 0.70x on ResNet-18, 0.76x on GPT-2 small, 0.77x on the MLP; 0.775 counted).
-    ``r(m) = (m_0 / m)^0.1`` for a basis of ``m`` columns below the default ``m_0``: a thick restart keeps
-    ``k + (m - k) / 2`` of them, so a small basis costs few extra products (measured 1.09x at ``2k + 5 = 15``
-    columns on ResNet-18, 1.12x on the MLP, 1.13x at 17 on the 27M GPT-2; counted 1.10x and 1.09x). The count
-    used before, ``m + 5 k``, fell as the budget shrank the basis: 42 for that GPT-2 at 17 columns, which took 122.
+    ``r(m) = (m_0 / m)^0.1`` for a basis of ``m`` columns below the ``m_0 = max(2k + 20, 40)`` the fit was made
+    at: a thick restart keeps ``k + (m - k) / 2`` of them, so a small basis costs few extra products (measured 1.09x
+    at ``2k + 5 = 15`` columns on ResNet-18, 1.12x on the MLP, 1.13x at 17 on the 27M GPT-2; counted 1.10x and
+    1.09x; at the default ``2k + 10 = 20``, 1.03-1.06x, counted 1.07x). The count used before, ``m + 5 k``, fell as
+    the budget shrank the basis: 42 for that GPT-2 at 17 columns, which took 122.
 
     >>> lanczos_steps(5, 40, 1e-6, 400), lanczos_steps(5, 15, 1e-6, 400), lanczos_steps(5, 40, 1e-3, 400)
     (89, 99, 69)
     """
-    default = basis_size(k, 10 ** 12)
+    fitted = max(2 * k + 20, 40)
     accuracy = max(0.25, 0.55 + 0.075 * math.log10(1.0 / tol))
     spectrum = GGN_STEPS if kind == "ggn" else 1.0
-    return min(max_hvp, round(40 * math.sqrt(k) * accuracy * max(1.0, default / m) ** 0.1 * spectrum))
+    return min(max_hvp, round(40 * math.sqrt(k) * accuracy * max(1.0, fitted / m) ** 0.1 * spectrum))
 
 
 def lanczos_sweeps(steps: int, k: int, m: int) -> tuple[int, int]:

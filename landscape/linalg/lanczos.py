@@ -106,13 +106,19 @@ def orthogonalize(V: ColumnStore, w: Vector, cols: int) -> tuple[Vector, np.ndar
 
 
 def basis_size(k: int, n: int, max_basis: int | None = None, budget: float = float("inf")) -> int:
-    """Columns of the restarted basis unless given: ``max(2k + 20, 40)`` when they fit ``budget`` bytes with the
+    """Columns of the restarted basis unless given: ``max(2k + 10, 20)`` when they fit ``budget`` bytes with the
     three vectors a step holds beside them (the residual's column, the step's vector and its product); else as many
     as fit, if that is at least ``2k + 5`` (in memory: restarts come sooner, so convergence takes more products);
-    else ``2k + 5`` on disk, where every step reads it. At most ``n``."""
+    else ``2k + 5`` on disk, where every step reads it. At most ``n``.
+
+    Each step sweeps the basis twice, so its columns cost time as well as memory. A thick restart keeps the wanted
+    Ritz vectors and half the rest, so a smaller basis costs few products: the top 5 of ResNet-18 (256 samples, tol
+    1e-4) took 64 products with 20 columns and 62 with 41, in 58.1 s against 71.8 s and with 1.9 GB less memory, the
+    same eigenvalues to 7 digits and the deflated trace's error bar unchanged (``benchmarks/RESULTS.md``, issue 19,
+    session 29; session 26: 1.03-1.06x the products at 20 columns over the ladder's models)."""
     if max_basis:
         return min(n, max_basis)
-    m, least = max(2 * k + 20, 40), 2 * k + 5
+    m, least = max(2 * k + 10, 20), 2 * k + 5
     rows, blocks = ColumnStore.layout(n)
     fit = int(budget // (8 * rows * blocks)) - 3 if budget != float("inf") else m
     return min(n, m if fit >= m else max(fit, least))
@@ -140,7 +146,7 @@ def lanczos(matvec: Matvec, n: int, k: int = 5, *, which: str = "LA", tol: float
     ``budget`` (bytes) bounds the basis (``(m + 1) n`` float64 numbers, and the two long vectors a step holds
     beside it: :func:`basis_size`) and the eigenvectors (``k n``) held in memory; what does not fit is kept on disk
     (:class:`landscape.linalg.vectors.ColumnStore`) with the same results.
-    With ``device``, the basis lives in that device's memory (the caller has checked that ``max(2k + 20, 40) + 1``
+    With ``device``, the basis lives in that device's memory (the caller has checked that ``max(2k + 10, 20) + 1``
     vectors fit there), ``matvec`` gets and returns float64 tensors on it, and ``budget`` bounds only the
     eigenvectors, which are returned on the host. With ``keep_basis`` the final basis is handed back open
     (``krylov``, a :class:`KrylovBasis`) instead of freed: the caller closes it.
