@@ -9,7 +9,7 @@ import pytest
 from conftest import EXAMPLES, cli
 from landscape.analyses.costs import VectorCosts, curvature_seconds
 from landscape.analyses.hessian import CurvatureSettings
-from landscape.analyses.scan import ScanConfig, estimate, run_scan
+from landscape.analyses.scan import LANCZOS_NOTE, ScanConfig, estimate, run_scan
 
 MLP = str(EXAMPLES / "mlp_sgd_s2000.pt")
 
@@ -63,7 +63,10 @@ def test_analysis_commands_dry_run(tmp_path):
     est = json.loads(res.stdout)
     assert set(est["phases"]) == {"startup", "hessian"} and est["phases"]["hessian"]["products"] > 0
     assert est["total_seconds"] == pytest.approx(sum(p["seconds"] for p in est["phases"].values()), rel=1e-12)
-    assert est["notes"] == []
+    assert est["notes"] == [LANCZOS_NOTE]  # the spectrum sets Lanczos's count: the estimate says so
+    res = cli("hessian", MLP, "--top-k", "0", "--dry-run", "--json", "--max-samples", "200", "-o", str(out))
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["notes"] == []  # the trace alone: its probes are counted
     res = cli("hessian", MLP, "--engine", "pyhessian", "--dry-run", "--max-samples", "200", "-o", str(out))
     assert res.returncode == 0, res.stderr  # PyHessian's stopping rules cannot be counted: the table says so
     assert "hessian priced as Lanczos would run it" in " ".join(res.stdout.split())

@@ -827,6 +827,20 @@ def stored_work(config: ScanConfig, st: Setup) -> StoredWork:
 PYHESSIAN_NOTE = ("hessian priced as Lanczos would run it: PyHessian's power iteration stops on its eigenvalue's "
                   "change and its trace on its mean's, which took 13-60 products an eigenvalue and 2-43 probes on "
                   "the models measured (benchmarks/RESULTS.md)")
+#: the dry run's word on Lanczos's count (:func:`landscape.analyses.costs.lanczos_steps`), which the spectrum sets
+LANCZOS_NOTE = ("hessian's Lanczos products counted for typical eigenvalue gaps, which a dry run cannot see: the "
+                "models measured took 0.25x (small trained models, well-separated top eigenvalues) to 2.4x (top "
+                "eigenvalues within 1% of each other) the count (benchmarks/RESULTS.md)")
+
+
+def estimate_notes(curv: CurvatureSettings | None) -> tuple[str, ...]:
+    """What the dry run of a Hessian phase with ``curv`` (None: none) cannot count: PyHessian's stopping rules
+    (:data:`PYHESSIAN_NOTE`), or how many products Lanczos takes (:data:`LANCZOS_NOTE`)."""
+    if curv is None:
+        return ()
+    if curv.engine == "pyhessian":
+        return (PYHESSIAN_NOTE,)
+    return (LANCZOS_NOTE,) if curv.top_k or curv.bottom_k else ()
 
 
 @dataclass(frozen=True)
@@ -969,7 +983,7 @@ def estimate(config: ScanConfig, prepared: Setup | None = None) -> Estimate:
                     sharpness_seconds=phases.get("sharpness", {}).get("seconds", 0.0),
                     coherence_seconds=phases.get("coherence", {}).get("seconds", 0.0),
                     memory_budget=pb.memory_budget, phases=phases, points_stored=points_stored, stored=kept.analyses,
-                    notes=(PYHESSIAN_NOTE,) if curv is not None and curv.engine == "pyhessian" else ())
+                    notes=estimate_notes(curv))
 
 
 __all__ = ["ScanConfig", "ScanSummary", "SliceResult", "Setup", "Estimate", "StoredWork", "setup", "run_scan",
