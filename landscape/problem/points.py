@@ -4,13 +4,14 @@ Points are evaluated in blocks. ``inplace`` writes each point of a block into th
 runs a forward pass, in which, at full precision, the linear layers that read the raw inputs are evaluated by
 linearity from outputs cached per direction set (:mod:`landscape.problem.inputlayer`: one cache for all replicas, of
 at most the share of ``memory_budget`` that a block's stacked outputs leave; ``linear_inputs=False`` turns this
-off), and a classifier's output layer writes its logits transposed straight into the stack the loss is reduced
-over (:mod:`landscape.problem.outputlayer`; ``direct_output=False`` turns this off); on a CPU ``workers`` blocks are
+off), and a classifier's output layer writes its logits transposed straight into the stack the loss is reduced over
+(:mod:`landscape.problem.outputlayer`; ``direct_output=False`` turns this off); on a CPU ``workers`` blocks are
 evaluated at once, each on its own copy of the model with one thread (:mod:`landscape.problem.replica`; ``"auto"``:
-by measurement). ``vmap`` runs the whole block in one batched forward with ``torch.func.vmap`` over ``functional_call``. Either way the block's outputs are
-stacked and the loss and accuracy of all its points are reduced at once, which matters for small models where a
-cross-entropy costs half a forward pass. ``auto`` times both on the actual model and data and keeps the faster; the
-block size follows from a memory budget and the measured time per point (:mod:`landscape.problem.strategy`).
+by measurement). ``vmap`` runs the whole block in one batched forward with ``torch.func.vmap`` over
+``functional_call``. Either way the block's outputs are stacked and the loss and accuracy of all its points are
+reduced at once, which matters for small models where a cross-entropy costs half a forward pass. ``auto`` times both
+on the actual model and data and keeps the faster; the block size follows from a memory budget and the measured time
+per point (:mod:`landscape.problem.strategy`).
 
 Precision (slice points only): ``full`` evaluates at the Problem's dtype; ``bf16`` runs the forward passes under
 bfloat16 autocast and ``tf32`` with TensorFloat-32 matmuls (CUDA only); losses are reduced at full precision either
