@@ -269,9 +269,10 @@ def test_strategy_timing_raises_what_fails_in_place_and_drops_only_vmap():
 
 
 def test_vmap_trials_are_bounded_by_the_budget_and_by_a_block_of_work(monkeypatch):
-    """vmap's trial block holds at most what the memory budget holds of the in-place trial's memory (and vmap is
-    not tried under two points); its second, larger block is at most ``block_seconds`` of work and what the budget
-    holds at the memory per point its trial took; the most memory a trial added is kept for the dry run."""
+    """vmap's trial block holds at most what the memory budget holds of the in-place trial's memory and a copy of the
+    parameters a point (and vmap is not tried under two points); its second, larger block is at most
+    ``block_seconds`` of work and what the budget holds at the memory per point its trial took; the most memory a
+    trial added is kept for the dry run."""
     from landscape.problem import strategy
 
     calls = []
@@ -279,11 +280,12 @@ def test_vmap_trials_are_bounded_by_the_budget_and_by_a_block_of_work(monkeypatc
     def fake(ev, fn, dirs, k, repeats, beat):  # seconds per point and bytes added, by strategy and block
         name = "vmap" if fn == ev._evaluate_vmap else "inplace"
         calls.append((name, k))
-        return (1e-3, 100) if name == "inplace" else (1.2e-3 if k <= 8 else 0.5e-3, 10 * k)
+        return (1e-3, 100) if name == "inplace" else (1.2e-3 if k <= 8 else 0.5e-3, 60 * k)
 
     monkeypatch.setattr(strategy, "_per_point", fake)
     net, (X, y) = relu_mlp(), blobs(16)
     ev = Problem(net, X, y, F.cross_entropy).points
+    point = 100 + ev.problem.parameter_bytes  # a vmap trial point: the in-place trial's memory and the parameters
 
     def trials(budget, block_seconds=0.5, mem_block=32):
         calls.clear()
@@ -291,15 +293,15 @@ def test_vmap_trials_are_bounded_by_the_budget_and_by_a_block_of_work(monkeypatc
         timings, block, peak = strategy._time_strategies(ev, [], ["inplace", "vmap"], mem_block, 3)
         return list(calls), timings, block, peak
 
-    got, timings, block, peak = trials(budget=150)  # one in-place point's memory: no room for two at once
+    got, timings, block, peak = trials(budget=point + 50)  # no room for two points at once
     assert got == [("inplace", 8)] and timings["vmap"] == float("inf") and peak == 100
-    got, timings, block, peak = trials(budget=450)  # 4 points at the in-place trial's 100 bytes
-    assert got == [("inplace", 8), ("vmap", 4), ("vmap", 32)] and block == 32 and peak == 320
+    got, timings, block, peak = trials(budget=4 * point + 50)  # 4 points
+    assert got == [("inplace", 8), ("vmap", 4), ("vmap", 32)] and block == 32 and peak == 60 * 32
     assert timings["vmap"] == 0.5e-3
-    got, _, block, _ = trials(budget=250)  # 2 points; 25 at vmap's 10 bytes a point
-    assert got == [("inplace", 8), ("vmap", 2), ("vmap", 25)] and block == 25
+    got, _, block, _ = trials(budget=2 * point + 50)  # 2 points; then as many as the budget holds at 60 bytes a point
+    assert got == [("inplace", 8), ("vmap", 2), ("vmap", (2 * point + 50) // 60)] and block == (2 * point + 50) // 60
     got, timings, block, peak = trials(budget=1e9, block_seconds=0.006)  # 5 points of 1.2 ms: not above the trial
-    assert got == [("inplace", 8), ("vmap", 8)] and block == 8 and timings["vmap"] == 1.2e-3 and peak == 100
+    assert got == [("inplace", 8), ("vmap", 8)] and block == 8 and timings["vmap"] == 1.2e-3 and peak == 60 * 8
 
 
 def test_a_strategy_trial_stops_repeating_once_its_calls_took_long_enough(monkeypatch):

@@ -98,9 +98,9 @@ def _time_strategies(ev: "PointEvaluator", dirs: Sequence[list[torch.Tensor]], c
     """Seconds per point of each candidate strategy on a trial block (of at most 8 points), the block ``vmap`` was
     fastest at, and the most memory a trial added (:class:`landscape.runtime.budget.AddedMemory`).
 
-    ``vmap`` holds the activations of all its points at once: under ``auto`` its trial block is at most as many
-    points as the memory budget holds of what the in-place trial added (one point's activations at a time), and it
-    is not tried when that is under two. Its cost per point falls with the block on a GPU (4x from 8 to 32 points
+    ``vmap`` holds the activations of all its points at once, and a copy of the parameters for each: under ``auto``
+    its trial block is at most as many points as the memory budget holds of what the in-place trial added (one
+    point's activations at a time) plus the parameters' bytes, and it is not tried when that is under two. Its cost per point falls with the block on a GPU (4x from 8 to 32 points
     on an H100, RESULTS.md), so when it is within 1.5x of in-place at the trial block it is timed again at the
     largest block that is about ``block_seconds`` of work (as an in-place block is) and fits the budget at the
     memory per point its trial took. (Without those two bounds it was timed at 32 points on a ResNet-18 with 256
@@ -123,7 +123,7 @@ def _time_strategies(ev: "PointEvaluator", dirs: Sequence[list[torch.Tensor]], c
     vmap_block = trial
     for name in candidates:
         if name == "vmap" and "inplace" in added:
-            vmap_block = int(min(trial, budget // max(added["inplace"], 1)))
+            vmap_block = int(min(trial, budget // (added["inplace"] + ev.problem.parameter_bytes)))
             if vmap_block < 2:
                 timings[name] = float("inf")
                 continue
