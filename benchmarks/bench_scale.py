@@ -7,7 +7,8 @@
     python benchmarks/bench_scale.py --lanczos-steps 5:40,5:15 [--models resnet18] [--samples 64]
 
 Models from ``benchmarks/scale_models.py`` (built in code, no downloads): an MLP (~1e5 parameters), ResNet-18 (11.2M,
-10 classes), a GPT-2-style transformer (27M, from a ``transformers`` config) and a wide MLP (90M). Inputs are
+10 classes), a GPT-2-style transformer (27M, from a ``transformers`` config) and a wide MLP (90M); ``vit_tiny`` (5.4M,
+a ``transformers`` ViT saved as a ``save_pretrained`` folder) on request. Inputs are
 CIFAR-shaped Gaussian images with random labels, or generated tokens for GPT-2; ``--samples`` of them.
 
 For each model, in separate processes: ``landscape scan`` (defaults, ``--steps`` x ``--steps``, no report),
@@ -172,9 +173,12 @@ def prepare(name: str, n: int, folder: Path, context: int) -> tuple[list[str], P
         args = [str(folder / "ckpt"), "--data", "tokens", "--data-arg", f"n={n}", "--data-arg",
                 f"vocab={cfg['vocab_size']}", "--data-arg", f"context={context}"]
         return args, folder / "ckpt", None
-    model = getattr(scale_models, name)()
-    torch.save(model.state_dict(), folder / "ckpt.pt")
+    model = scale_models.build(name)
     torch.save({"X": torch.randn(n, 3, 32, 32), "y": torch.randint(0, 10, (n,))}, folder / "data.pt")
+    if name.startswith("vit"):  # a save_pretrained folder: no model flags
+        model.save_pretrained(folder / "ckpt")
+        return [str(folder / "ckpt"), "--data", str(folder / "data.pt")], folder / "ckpt", folder / "data.pt"
+    torch.save(model.state_dict(), folder / "ckpt.pt")
     args = [str(folder / "ckpt.pt"), "--model", f"{HERE / 'scale_models.py'}:{name}", "--data",
             str(folder / "data.pt")]
     return args, folder / "ckpt.pt", folder / "data.pt"
@@ -414,8 +418,7 @@ def main() -> None:
     for name in a.models.split(","):
         folder = Path(a.out) / name
         common, ck, data = prepare(name, a.samples, folder, a.context)
-        nparam = sum(p.numel() for p in (scale_models.gpt2(name.split("_")[1]) if name.startswith("gpt2")
-                                         else getattr(scale_models, name)()).parameters())
+        nparam = sum(p.numel() for p in scale_models.build(name).parameters())
         ck_file = ck / "model.safetensors" if ck.is_dir() else ck
         row = {"model": name, "parameters": nparam, "samples": a.samples, "device": a.device,
                "checkpoint_mib": ck_file.stat().st_size / 2**20}

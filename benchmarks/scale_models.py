@@ -6,6 +6,8 @@
   ``resnet18(num_classes=10)``;
 * ``gpt2_25m``: a ``transformers`` GPT-2 built from a config (6 layers, width 512, vocabulary 16,384: 27.4M);
   ``gpt2_124m`` GPT-2 small's shape (12 layers, width 768, vocabulary 50,257: 124.4M).
+* ``vit_tiny``: a ``transformers`` ViT-Tiny (Touvron et al. 2021: 12 layers, width 192, 3 heads, MLP 768) on 32x32
+  images in 4x4 patches (64 patches and the class token), 10 classes: 5,362,762 parameters.
 
 :func:`side_by_side` gives a saved entry as a model, inputs, targets and loss for tools run in-process (PyHessian).
 """
@@ -86,6 +88,31 @@ def gpt2(size: str = "25m") -> nn.Module:
     return transformers.GPT2LMHeadModel(transformers.GPT2Config(bos_token_id=0, eos_token_id=0, **gpt2_config(size)))
 
 
+def vit_tiny() -> nn.Module:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    return transformers.ViTForImageClassification(transformers.ViTConfig(
+        image_size=32, patch_size=4, hidden_size=192, num_hidden_layers=12, num_attention_heads=3,
+        intermediate_size=768, num_labels=10))
+
+
+def build(name: str) -> nn.Module:
+    """A ladder entry by name, freshly initialised."""
+    return gpt2(name.split("_")[1]) if name.startswith("gpt2") else globals()[name]()
+
+
+class Logits(nn.Module):
+    """A ``transformers`` classifier's ``logits``, for tools that want a tensor out (PyHessian)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).logits
+
+
 class NextToken(nn.Module):
     """A causal LM as a classifier of the next token: ``ids (n, T) -> logits (n, T - 1, vocab)``; with
     :func:`next_token_loss` the loss ``landscape`` computes for the model's folder (PyHessian needs such a pair)."""
@@ -113,7 +140,12 @@ def side_by_side(name: str, checkpoint: str, data: str | None, samples: int, con
         lm = transformers.GPT2LMHeadModel.from_pretrained(checkpoint, attn_implementation="eager")
         ids, _ = tokens(n=samples, vocab=gpt2_config(name.split("_")[1])["vocab_size"], context=context)
         return NextToken(lm), ids, ids[:, 1:], next_token_loss
+    d = torch.load(data, weights_only=True)
+    if name.startswith("vit"):
+        import transformers
+
+        vit = transformers.ViTForImageClassification.from_pretrained(checkpoint, attn_implementation="eager")
+        return Logits(vit), d["X"], d["y"], nn.functional.cross_entropy
     model = globals()[name]()
     model.load_state_dict(torch.load(checkpoint, weights_only=True))
-    d = torch.load(data, weights_only=True)
     return model, d["X"], d["y"], nn.functional.cross_entropy

@@ -191,3 +191,71 @@ def test_every_analysis_runs_on_a_gpt2_folder(tmp_path):
             "-o", str(tmp_path / "traj"), "--json", timeout=600)
     assert r.returncode == 0, r.stderr
     assert [(c["checkpoint"], c["step"]) for c in json.loads(r.stdout)["checkpoints"]] == [("b", 100), ("a", 200)]
+
+
+def tiny_vit(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = transformers.ViTConfig(**{**dict(image_size=8, patch_size=4, num_channels=3, hidden_size=8,
+                                           num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+                                           num_labels=3), **kw})
+    return transformers.ViTForImageClassification(cfg).eval()
+
+
+def test_vit_image_classifier_folder_scanned_with_no_model_flags(tmp_path):
+    """A vision transformer as ``save_pretrained`` writes it, with an image file: the run's loss is the model's own
+    ``labels=`` loss and its top eigenvalues are the dense Hessian's (attention, LayerNorm and GELU included)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from landscape.analyses.scan import build_model
+    from landscape.io.checkpoint import load_checkpoint
+
+    model = tiny_vit()
+    folder = save(model, tmp_path / "vit")
+    g = torch.Generator().manual_seed(1)
+    X, y = torch.randn(12, 3, 8, 8, generator=g), torch.randint(0, 3, (12,), generator=g)
+    torch.save({"X": X, "y": y}, tmp_path / "images.pt")
+    r = cli("hessian", str(folder), "--data", str(tmp_path / "images.pt"), "--dtype", "float64", "--top-k", "3",
+            "--tol", "1e-8", "-o", str(tmp_path / "run.h5"), "--json", timeout=600)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)["curvature"]
+    with torch.no_grad():
+        ref = model.double()(X.double(), labels=y).loss.item()
+    with h5py.File(tmp_path / "run.h5") as f:
+        assert f.attrs["checkpoint_format"] == "huggingface" and f.attrs["loss"] == "cross_entropy"
+        assert f.attrs["classification"]
+    built, _, _ = build_model(load_checkpoint(folder), None)
+    names = [n for n, _ in built.named_parameters()]
+    params = dict(built.double().named_parameters())
+    theta = torch.cat([params[n].detach().reshape(-1) for n in names])
+    assert theta.numel() < 1500 and summary["n_parameters"] == theta.numel()
+
+    def loss(vec):
+        p, i = {}, 0
+        for n in names:
+            p[n], i = vec[i:i + params[n].numel()].reshape(params[n].shape), i + params[n].numel()
+        return torch.nn.functional.cross_entropy(torch.func.functional_call(built, p, (X.double(),)).logits, y)
+
+    np.testing.assert_allclose(loss(theta).item(), ref, rtol=1e-12)
+    with sdpa_kernel([SDPBackend.MATH]):  # the fused kernels have no second derivative
+        exact = np.linalg.eigvalsh(torch.autograd.functional.hessian(loss, theta).numpy())[::-1][:3]
+    np.testing.assert_allclose(summary["eigenvalues"], exact, rtol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["vit", "dinov2-swiglu"])
+def test_folders_load_as_from_pretrained_loads_them(tmp_path, arch):
+    """transformers 5 renames a ViT's modules and splits DINOv2's fused SwiGLU weights when it loads a folder, whose
+    files keep the old layout: the checkpoint's tensors are those ``from_pretrained`` gives the model."""
+    from landscape.io.checkpoint import load_checkpoint
+
+    if arch == "vit":
+        model = tiny_vit()
+    else:
+        cfg = transformers.Dinov2Config(image_size=8, patch_size=4, hidden_size=8, num_hidden_layers=1,
+                                        num_attention_heads=2, mlp_ratio=2, use_swiglu_ffn=True, num_labels=3)
+        model = transformers.Dinov2ForImageClassification(cfg).eval()
+    folder = save(model, tmp_path / arch)
+    loaded = load_checkpoint(folder).state_dict
+    ref = type(model).from_pretrained(folder).state_dict()
+    assert set(loaded) == set(ref)
+    for k, v in ref.items():
+        torch.testing.assert_close(loaded[k], v, rtol=0, atol=0)

@@ -45,6 +45,30 @@ def test_every_hvp_engine_matches_the_dense_hessian(mode):
     assert mode == "auto" or pb.hvp_engine == mode
 
 
+@pytest.mark.parametrize("mode", ["graph", "forward-over-reverse", "reverse-over-reverse"])
+def test_every_hvp_engine_gives_zeros_for_parameters_the_loss_does_not_use(mode):
+    """Real models carry parameters a forward pass may not touch (a ViT's mask token, a pooler): their rows and
+    columns of the Hessian are zero, and the used block is the model's without them, whatever the engine."""
+    class WithUnused(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = relu_mlp()
+            self.mask_token = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
+
+        def forward(self, x):
+            return self.net(x)
+
+    model, (X, y) = WithUnused(), blobs(41)
+    H, _ = dense_hessian(model.net, X, y)
+    pb = Problem(model, X, y, F.cross_entropy, batch_size=15, hvp_mode=mode)
+    v = {n: torch.randn(p.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+         for n, p in model.named_parameters()}
+    hv = pb.hvp(v)
+    used = [n for n in pb.names if n != "mask_token"]
+    torch.testing.assert_close(flat(hv, used), H @ flat(v, used), rtol=1e-10, atol=1e-12)
+    assert torch.equal(hv["mask_token"], torch.zeros(5, dtype=torch.float64)) and pb.hvp_engine == mode
+
+
 def test_graph_bytes_are_the_leaves_gradient_and_per_sample_activations():
     """What the graph engine holds grows by the same bytes with every sample (the tensors autograd saved for a
     sample: at least the hidden layer's activations) above a constant of about the leaves and the gradient."""

@@ -10,7 +10,9 @@ tokens.pt`` needs no model flags.
 
 The model is built from ``config.json`` alone: the class in its ``architectures`` list, looked up in the
 ``transformers`` package (never ``trust_remote_code``), initialised from the config and then given the folder's
-weights. Tied weights (GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``) are stored once by
+weights, converted as transformers converts them when it loads the folder (:func:`model_names`: a ViT's modules
+have new names in transformers 5, its saved keys the old ones). Tied weights (GPT-2's ``lm_head.weight`` is
+``transformer.wte.weight``) are stored once by
 ``save_pretrained``; a key missing from the file whose model tensor is another key's is tied, not missing
 (:func:`landscape.io.checkpoint.apply_state_dict`).
 
@@ -35,6 +37,7 @@ tokens (no padding) or the evaluation set fits one ``--batch-size``.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -135,6 +138,7 @@ def load_folder(path: Path) -> Any:
     cfg = _config(path)
     arch = architecture(cfg, path / CONFIG)
     state, files = _weights(path)
+    state = model_names(state, path)
     sha = hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
     manifest = {"model": {"target": "landscape.hf:from_config", "args": {"path": str(path.resolve())}},
                 "loss": loss_for(cfg), "architecture": arch}
@@ -160,13 +164,10 @@ def _transformers() -> Any:
     return transformers
 
 
-def from_config(path: str) -> torch.nn.Module:
-    """The model a ``save_pretrained`` folder's ``config.json`` describes, with fresh weights (the checkpoint's
-    are loaded next), in eval mode, its key/value cache off, taking packed token inputs (:func:`token_forward`)."""
+def _build(folder: Path) -> torch.nn.Module:
+    """The model a folder's ``config.json`` describes, with fresh weights (on the current default device)."""
     transformers = _transformers()
-    folder = Path(path)
-    cfg = _config(folder)
-    arch = architecture(cfg, folder / CONFIG)
+    arch = architecture(_config(folder), folder / CONFIG)
     cls = getattr(transformers, arch, None)
     if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
         raise LandscapeError(f"{folder / CONFIG} names {arch}, which transformers {transformers.__version__} does "
@@ -174,9 +175,50 @@ def from_config(path: str) -> torch.nn.Module:
     config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
     if hasattr(config, "use_cache"):
         config.use_cache = False  # no past key/values: each forward pass is the whole sequence
-    model = cls(config)
+    return cls(config)
+
+
+def from_config(path: str) -> torch.nn.Module:
+    """The model a ``save_pretrained`` folder's ``config.json`` describes, with fresh weights (the checkpoint's
+    are loaded next), in eval mode, its key/value cache off, taking packed token inputs (:func:`token_forward`)."""
+    model = _build(Path(path))
     model.eval()
     return token_forward(model)
+
+
+def model_names(state: dict[str, torch.Tensor], folder: Path) -> dict[str, torch.Tensor]:
+    """``state``, a folder's tensors, as the model built from its ``config.json`` names and shapes them.
+
+    transformers 5 renamed the modules of some architectures (a ViT's ``encoder.layer.0.attention.attention.key`` is
+    ``layers.0.attention.k_proj``; old ``LayerNorm.gamma`` is ``LayerNorm.weight``) and changed the layout of others
+    (DINOv2's fused SwiGLU ``weights_in`` is ``gate_proj`` and ``up_proj``). Its ``from_pretrained`` converts a
+    folder's tensors as it loads them (the checkpoint conversion mapping), while ``save_pretrained`` still writes the
+    old layout. The same conversion is applied here, with transformers' own transforms, before the strict key and
+    shape checks of :func:`landscape.io.checkpoint.apply_state_dict`: the result equals ``from_pretrained``'s
+    ``state_dict()`` (``tests/test_hf.py``). transformers 4 has no mapping: the keys are the modules' names."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+    except ImportError:
+        return state
+    with torch.device("meta"):  # the module names and shapes, no memory
+        model = _build(folder)
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    expected = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    pending: dict[str, Any] = {}  # first target name -> a converter collecting its source tensors
+    for key in sorted(state, key=dot_natural_key):
+        name, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, expected)
+        if pattern is None:
+            out[name] = state[key]
+        else:
+            pending.setdefault(name, copy.deepcopy(by_pattern[pattern])).add_tensor(name, key, pattern, state[key])
+    for name, converter in pending.items():
+        out.update(converter.convert(name, model=model, config=model.config))
+    return out
 
 
 def _unpack_tokens(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]

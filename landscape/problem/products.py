@@ -169,7 +169,9 @@ class Products:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             for i, (s, e) in enumerate(pb._grad_chunks):
                 loss = pb._chunk_loss(leaves, pb.X[s:e], pb.y[s:e]) * ((e - s) / pb.n)
-                g = torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
+                # a parameter the loss does not use (a ViT's mask token) has a zero gradient, as torch.func gives
+                g = torch.autograd.grad(loss, list(leaves.values()), create_graph=True, allow_unused=True,
+                                        materialize_grads=True)
                 grads = tuple(a + b for a, b in zip(grads, g)) if grads else g
                 value = value + loss.detach()
                 self.graph_bytes = fixed + sum(b for p, b in saved.items() if p not in own)
@@ -188,8 +190,11 @@ class Products:
         if self.grad_graph is None:
             self._build_graph()
         leaves, grads, _ = self.grad_graph
-        hv = torch.autograd.grad(grads, leaves, grad_outputs=[v[n].to(pb.device, pb.dtype) for n in pb.names],
-                                 retain_graph=True)
+        # a gradient that does not depend on the parameters (an unused one's zeros) has no second derivative
+        live = [i for i, g in enumerate(grads) if g.requires_grad]
+        hv = torch.autograd.grad([grads[i] for i in live], leaves,
+                                 grad_outputs=[v[pb.names[i]].to(pb.device, pb.dtype) for i in live],
+                                 retain_graph=True, allow_unused=True, materialize_grads=True)
         out = {n: h.detach() for n, h in zip(pb.names, hv)}
         pb.comm.all_reduce_(list(out.values()))
         return out
