@@ -47,7 +47,7 @@ def test_every_hvp_engine_matches_the_dense_hessian(mode):
 
 @pytest.mark.parametrize("mode", ["graph", "forward-over-reverse", "reverse-over-reverse"])
 def test_every_hvp_engine_gives_zeros_for_parameters_the_loss_does_not_use(mode):
-    """Real models carry parameters a forward pass may not touch (a ViT's mask token, a pooler): their rows and
+    """Real models carry parameters a forward pass may not touch (DINOv2's mask token, a pooler): their rows and
     columns of the Hessian are zero, and the used block is the model's without them, whatever the engine."""
     class WithUnused(torch.nn.Module):
         def __init__(self):

@@ -169,7 +169,7 @@ class Products:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             for i, (s, e) in enumerate(pb._grad_chunks):
                 loss = pb._chunk_loss(leaves, pb.X[s:e], pb.y[s:e]) * ((e - s) / pb.n)
-                # a parameter the loss does not use (a ViT's mask token) has a zero gradient, as torch.func gives
+                # a parameter the loss does not use (DINOv2's mask token) has a zero gradient, as torch.func gives
                 g = torch.autograd.grad(loss, list(leaves.values()), create_graph=True, allow_unused=True,
                                         materialize_grads=True)
                 grads = tuple(a + b for a, b in zip(grads, g)) if grads else g
