@@ -178,17 +178,27 @@ def test_hessian_command_writes_the_run_file(tmp_path):
 
 
 def test_hvp_engine_pinned(tmp_path, mlp_ckpt):
-    """``--hvp`` picks the engine instead of timing them; the run file says which ran, and the engines agree."""
+    """``--hvp`` picks the engine instead of timing them; the run file says which ran, and the engines agree. Under
+    ``auto`` the file keeps the trial the choice was made from: the chosen engine is the fastest of the trial (the
+    budget holds every engine's memory here)."""
     found = {}
-    for mode in ("graph", "reverse-over-reverse"):
+    for mode in ("graph", "reverse-over-reverse", "auto"):
         out = tmp_path / f"{mode}.h5"
         res = cli("hessian", str(mlp_ckpt), "--hvp", mode, "--dtype", "float64", "--top-k", "2", "--no-trace",
                   "--max-samples", "128", "-o", str(out))
         assert res.returncode == 0, res.stderr
         with h5py.File(out) as f:
-            assert f["hessian"].attrs["hvp_mode"] == mode
+            attrs = f["hessian"].attrs
+            trials = json.loads(attrs["hvp_trials"])
+            if mode == "auto":
+                assert set(trials) == {"graph", "forward-over-reverse", "reverse-over-reverse"}
+                assert all(t["seconds"] > 0 and t["bytes"] >= 0 for t in trials.values())
+                assert attrs["hvp_mode"] == min(trials, key=lambda e: trials[e]["seconds"])
+            else:
+                assert attrs["hvp_mode"] == mode and trials == {}
             found[mode] = f["hessian/eigenvalues"][()]
     np.testing.assert_allclose(found["graph"], found["reverse-over-reverse"], rtol=1e-9)
+    np.testing.assert_allclose(found["auto"], found["graph"], rtol=1e-9)
 
 
 def test_outputs_counts_and_labels_that_cannot_be(tmp_path, mlp_ckpt):

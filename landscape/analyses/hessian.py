@@ -117,6 +117,9 @@ class CurvatureResult:
     #: bytes the HVP engine held between products (the graph engine's gradient graph; 0 for torch.func's), which
     #: the vectors' budget left out (:meth:`Products.budget_left <landscape.problem.products.Products.budget_left>`)
     hvp_held_bytes: int = 0
+    #: ``--hvp auto``'s trial, engine by engine: ``seconds`` a product and ``bytes`` it needed (empty when the engine
+    #: was given, or chosen by an earlier analysis of the same run)
+    hvp_trials: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     per_layer: Mapping[str, "CurvatureResult"] = field(default_factory=dict)
     validity: ValidityResult | None = None
     per_class: Mapping[str, "CurvatureResult"] = field(default_factory=dict)
@@ -171,7 +174,8 @@ class CurvatureResult:
                      "trace_method": self.trace.method if self.trace is not None else s.trace_method,
                      "trace_stderr_target": s.trace_stderr if s.trace_stderr is not None else float("nan"),
                      "seed": s.seed, "parameters": list(s.parameters), "hvp_mode": self.hvp_mode, "engine": s.engine,
-                     "hvp_held_bytes": self.hvp_held_bytes, "dtype": self.dtype, "vector_storage": self.vector_storage,
+                     "hvp_held_bytes": self.hvp_held_bytes, "hvp_trials": dict(self.hvp_trials), "dtype": self.dtype,
+                     "vector_storage": self.vector_storage,
                      "settings": asdict(s), "summary": self.summary()}.items():
             g.attrs[k] = encode_attr(v)
         if self.top is not None:
@@ -357,7 +361,7 @@ def _analyze(problem: Problem, s: CurvatureSettings, params: list[str] | None,
     return CurvatureResult(settings=s, n_parameters=op.n, top=top, bottom=bottom, trace=trace, density=density,
                            n_matvec=op.n_matvec, hvp_mode=problem.hvp_engine,
                            hvp_held_bytes=problem.products.held_bytes, dtype=str(problem.dtype).replace("torch.", ""),
-                           validity=validity)
+                           hvp_trials=problem.products.trials(), validity=validity)
 
 
 def _validity_directions(problem: Problem, op: CurvatureOperator, s: CurvatureSettings, params: list[str] | None,

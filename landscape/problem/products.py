@@ -110,6 +110,12 @@ class Products:
             self.hvp({n: torch.randn(t.shape, generator=gen, device=t.device, dtype=t.dtype)
                       for n, t in self.problem.theta0.items()})
 
+    def trials(self) -> dict[str, dict[str, float]]:
+        """``auto``'s trial (:meth:`_choose`): each engine's ``seconds`` a product and the ``bytes`` it needed; empty
+        when no trial ran."""
+        return {e: {"seconds": t, "bytes": float((self.footprints or {}).get(e, 0))}
+                for e, t in (self.timings or {}).items()}
+
     @property
     def engine(self) -> str:
         """The engine that computes HVPs now: ``graph``, ``forward-over-reverse`` or ``reverse-over-reverse``."""
