@@ -69,6 +69,16 @@ def test_every_hvp_engine_gives_zeros_for_parameters_the_loss_does_not_use(mode)
     assert torch.equal(hv["mask_token"], torch.zeros(5, dtype=torch.float64)) and pb.hvp_engine == mode
 
 
+def test_the_graph_engine_of_a_loss_linear_in_its_parameters_is_zero():
+    """Every gradient is then a constant with no graph to differentiate again: the product is zero, as torch.func's."""
+    X, y = torch.randn(10, 3, dtype=torch.float64), torch.zeros(10, dtype=torch.float64)
+    model = torch.nn.Linear(3, 1, bias=False).double()
+    for mode in ("graph", "reverse-over-reverse"):
+        pb = Problem(model, X, y, lambda out, t: (out[:, 0] - t).mean(), hvp_mode=mode)
+        assert torch.equal(pb.hvp({"weight": torch.ones(1, 3, dtype=torch.float64)})["weight"],
+                           torch.zeros(1, 3, dtype=torch.float64))
+
+
 def test_graph_bytes_are_the_leaves_gradient_and_per_sample_activations():
     """What the graph engine holds grows by the same bytes with every sample (the tensors autograd saved for a
     sample: at least the hidden layer's activations) above a constant of about the leaves and the gradient."""

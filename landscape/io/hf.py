@@ -12,9 +12,8 @@ The model is built from ``config.json`` alone: the class in its ``architectures`
 ``transformers`` package (never ``trust_remote_code``), initialised from the config and then given the folder's
 weights, converted as transformers converts them when it loads the folder (:func:`model_names`: a ViT's modules
 have new names in transformers 5, its saved keys the old ones). Tied weights (GPT-2's ``lm_head.weight`` is
-``transformer.wte.weight``) are stored once by
-``save_pretrained``; a key missing from the file whose model tensor is another key's is tied, not missing
-(:func:`landscape.io.checkpoint.apply_state_dict`).
+``transformer.wte.weight``) are stored once by ``save_pretrained``; a key missing from the file whose model tensor is
+another key's is tied, not missing (:func:`landscape.io.checkpoint.apply_state_dict`).
 
 Inputs. A token data file holds ``input_ids`` ``(n, T)`` and optionally ``attention_mask`` ``(n, T)`` and
 ``labels`` (``(n, T)`` tokens for a language model, ``(n,)`` classes for a sequence classifier). With a mask, the

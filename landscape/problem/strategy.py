@@ -100,10 +100,10 @@ def _time_strategies(ev: "PointEvaluator", dirs: Sequence[list[torch.Tensor]], c
 
     ``vmap`` holds the activations of all its points at once, and a copy of the parameters for each: under ``auto``
     its trial block is at most as many points as the memory budget holds of what the in-place trial added (one
-    point's activations at a time) plus the parameters' bytes, and it is not tried when that is under two. Its cost per point falls with the block on a GPU (4x from 8 to 32 points
-    on an H100, RESULTS.md), so when it is within 1.5x of in-place at the trial block it is timed again at the
-    largest block that is about ``block_seconds`` of work (as an in-place block is) and fits the budget at the
-    memory per point its trial took. (Without those two bounds it was timed at 32 points on a ResNet-18 with 256
+    point's activations at a time) plus the parameters' bytes, and it is not tried when that is under two. Its cost
+    per point falls with the block on a GPU (4x from 8 to 32 points on an H100, RESULTS.md), so when it is within
+    1.5x of in-place at the trial block it is timed again at the largest block that is about ``block_seconds`` of
+    work (as an in-place block is) and fits the budget at the memory per point its trial took. (Without those two bounds it was timed at 32 points on a ResNet-18 with 256
     samples whenever the VM's noise put it within 1.5x: 5.4 GB and ~20 s of the slice phase, or neither.)"""
     budget = ev.problem.memory_budget
     trial = max(1, min(mem_block, 8))
