@@ -113,8 +113,7 @@ class Products:
     def trials(self) -> dict[str, dict[str, float]]:
         """``auto``'s trial (:meth:`_choose`): each engine's ``seconds`` a product and the ``bytes`` it needed; empty
         when no trial ran."""
-        return {e: {"seconds": t, "bytes": float((self.footprints or {}).get(e, 0))}
-                for e, t in (self.timings or {}).items()}
+        return {e: {"seconds": t, "bytes": float(self.footprints[e])} for e, t in (self.timings or {}).items()}
 
     @property
     def engine(self) -> str:
